@@ -1,0 +1,104 @@
+"""The interface every inference engine implements.
+
+A backend lives inside the worker child process and serves one loaded model at a time. It knows nothing about
+MQTT, HTTP or queues: it loads a file, generates text pieces for one request at a time, counts tokens and closes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from appliance.catalog import ModelEntry
+from appliance.protocol import Message, SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What every backend needs from the ``[worker]`` config section."""
+
+    threads: int
+    context_size: int
+    batch_size: int
+    mmap: bool = True
+
+
+@dataclass(frozen=True)
+class GenerationTask:
+    """One request, as the engine sees it: text or messages, and resolved sampling settings."""
+
+    prompt: str | None
+    messages: tuple[Message, ...] | None
+    params: SamplingParams  # max_tokens already resolved (never None here)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A piece of generated text, ready to send (never splits a UTF-8 character or a stop sequence)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class PromptProgress:
+    """Prompt evaluation advanced; lets the parent tell a long prompt from a stuck worker."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    context_size: int
+    chat_template: str  # "embedded" or the catalog's named template
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+GenerationEvent = Piece | PromptProgress | Finished
+
+
+class Backend(ABC):
+    """An inference engine. Implementations import their engine lazily, in :meth:`load`."""
+
+    #: registry name, used in catalog entries (``backend = "llama_cpp"``)
+    name: str = ""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    def load(self, entry: ModelEntry) -> ModelInfo:
+        """Load the model file (already digest-checked). Raises ModelError with a reason."""
+
+    @abstractmethod
+    def generate(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        """Yield pieces, then exactly one :class:`Finished`.
+
+        ``should_stop`` is polled between prompt batches and between tokens; when it returns True the generator
+        ends early without a Finished event. Raises TooLong when the prompt does not fit the context.
+        """
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens ``text`` takes in the loaded model's vocabulary."""
+
+    def close(self) -> None:  # noqa: B027 - a backend with nothing to release need not override it
+        """Release the model. Idempotent."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,211 @@
+"""GGUF models (Q4_0, Q4_K_M, Q8_0, ...) through llama.cpp, by way of llama-cpp-python.
+
+Generation follows ``Llama.create_completion`` exactly (same tokenisation, same sampler chain and defaults, same
+stop and length rules), so the appliance's text is token-identical to calling llama-cpp-python directly. Two things
+are added around it: the prompt is evaluated batch by batch so a cancel or timeout is noticed during a long prompt,
+and text is released only when it can no longer turn into a stop sequence or the middle of a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+import time
+from collections.abc import Callable, Iterator
+
+from appliance import templates
+from appliance.backends.base import (
+    Backend,
+    EngineSettings,
+    Finished,
+    GenerationEvent,
+    GenerationTask,
+    ModelInfo,
+    Piece,
+    PromptProgress,
+)
+from appliance.catalog import ModelEntry
+from appliance.errors import ModelError, TooLong
+from appliance.protocol import Message
+
+_FALLBACK_TEMPLATE = "chatml"  # what llama-server uses for a GGUF without a template and no catalog entry
+
+
+class LlamaCppBackend(Backend):
+    name = "llama_cpp"
+
+    def __init__(self, settings: EngineSettings) -> None:
+        super().__init__(settings)
+        self._llm = None
+        self._entry: ModelEntry | None = None
+        self._jinja = None  # a Jinja2ChatFormatter when the GGUF embeds a chat template
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def load(self, entry: ModelEntry) -> ModelInfo:
+        import llama_cpp  # lazy: the engine is only imported inside the worker process
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.close()
+        threads = self.settings.threads
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(entry.path), n_ctx=self.settings.context_size, n_batch=self.settings.batch_size,
+                n_threads=threads, n_threads_batch=threads, use_mmap=self.settings.mmap, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelError(f"model '{entry.id}': llama.cpp could not load {entry.path}: {exc}") from None
+        self._entry = entry
+        embedded = self._llm.metadata.get("tokenizer.chat_template")
+        if embedded and entry.template is None:
+            self._jinja = Jinja2ChatFormatter(template=embedded, eos_token=self._token_text(self._llm.token_eos()),
+                                              bos_token=self._token_text(self._llm.token_bos()))
+        meta = {k: v for k, v in self._llm.metadata.items() if not k.startswith("tokenizer.")}
+        return ModelInfo(id=entry.id, context_size=self._llm.n_ctx(),
+                         chat_template="embedded" if self._jinja else (entry.template or _FALLBACK_TEMPLATE),
+                         metadata=meta)
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+        self._llm, self._entry, self._jinja = None, None, None
+
+    # -- tokens ------------------------------------------------------------------------------------------------
+
+    def _token_text(self, token: int) -> str:
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="ignore") if token >= 0 else ""
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def _prompt_tokens(self, task: GenerationTask) -> tuple[list[int], tuple[str, ...]]:
+        """Token ids of the prompt and the template's stop sequences."""
+        if task.messages is None:
+            # create_completion: BOS (when the vocabulary asks for it) + the text, special tokens parsed
+            return self._llm.tokenize(task.prompt.encode("utf-8"), add_bos=True, special=True), ()
+        if self._jinja is not None:
+            rendered = self._jinja(messages=[_as_dict(m) for m in task.messages])
+            # the template writes BOS itself, exactly as create_chat_completion tokenises it
+            tokens = self._llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+            return tokens, tuple(rendered.stop or ())
+        rendered = templates.render(self._entry.template or _FALLBACK_TEMPLATE, task.messages)
+        return self._llm.tokenize(rendered.text.encode("utf-8"), add_bos=True, special=True), rendered.stop
+
+    def _is_end_of_generation(self, token: int) -> bool:
+        import llama_cpp
+        # pinned llama-cpp-python 0.3.x: the vocab handle lives on the private model wrapper
+        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
+
+    # -- generation --------------------------------------------------------------------------------------------
+
+    def _prefill(self, tokens: list[int], should_stop: Callable[[], bool]) -> Iterator[PromptProgress]:
+        """Evaluate the prompt batch by batch, reusing the cached prefix as ``Llama.generate`` would.
+
+        Afterwards ``generate`` finds the whole prompt cached and samples at once; the batches are the same ones it
+        would have evaluated, so results do not change.
+        """
+        llm = self._llm
+        cached = llm.input_ids[: llm.n_tokens].tolist()
+        common = 0
+        for a, b in zip(cached, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common == len(tokens) == len(cached):
+            return  # exact prompt already evaluated (generate decides whether it can sample right away)
+        if common == len(tokens):
+            common -= 1  # re-evaluate the last prompt token to refresh its logits
+        if common == 0 or getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False):
+            llm.reset()  # recurrent state cannot be truncated to a prefix
+        else:
+            llm.n_tokens = common  # eval() drops the cache cells past n_tokens
+        step = llm.n_batch
+        for start in range(llm.n_tokens, len(tokens), step):
+            if should_stop():
+                return
+            llm.eval(tokens[start:start + step])
+            yield PromptProgress(done=min(start + step, len(tokens)), total=len(tokens))
+
+    def generate(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        if self._llm is None:
+            raise ModelError("no model is loaded")
+        llm, params = self._llm, task.params
+        try:
+            prompt_tokens, template_stop = self._prompt_tokens(task)
+        except (ValueError, TypeError) as exc:  # a chat template that raises on these messages
+            raise ModelError(f"the chat template could not render these messages: {exc}") from None
+        n_ctx = llm.n_ctx()
+        if len(prompt_tokens) >= n_ctx:
+            raise TooLong(f"prompt is {len(prompt_tokens)} tokens; the context window is {n_ctx} tokens "
+                          f"(worker.context_size)", param="prompt" if task.messages is None else "messages")
+        max_tokens = min(params.max_tokens, n_ctx - len(prompt_tokens))
+        stops = tuple(dict.fromkeys(params.stop + template_stop))
+        llm.set_seed(params.seed if params.seed is not None else random.SystemRandom().randint(0, 2**32 - 1))
+
+        started = time.perf_counter()
+        try:
+            yield from self._prefill(prompt_tokens, should_stop)
+            if should_stop():
+                return
+            sampler = {"temp": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                       "repeat_penalty": params.repeat_penalty}  # the rest stay at create_completion's defaults
+            yield from self._sample(prompt_tokens, sampler, max_tokens, stops, should_stop, started)
+        except RuntimeError as exc:  # llama_decode failures surface as RuntimeError
+            raise ModelError(f"llama.cpp failed while generating: {exc}") from None
+
+    def _sample(self, prompt_tokens: list[int], sampler: dict, max_tokens: int, stops: tuple[str, ...],
+                should_stop: Callable[[], bool], started: float) -> Iterator[GenerationEvent]:
+        llm = self._llm
+        sampling_started = time.perf_counter()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        text, sent, n_generated, first_token_at = "", 0, 0, None
+        finish_reason, stopped_by_sequence = "length", False
+        longest_stop = max((len(s) for s in stops), default=0)
+        for token in llm.generate(prompt_tokens, **sampler):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            if self._is_end_of_generation(token):
+                finish_reason = "stop"
+                break
+            n_generated += 1
+            text += decoder.decode(llm.detokenize([token]))
+            if decoder.getstate()[0]:
+                # like create_completion: never stop inside a multi-byte character
+                continue
+            if stops:
+                window = max(0, sent - longest_stop)
+                hits = [i for i in (text.find(s, window) for s in stops) if i >= 0]
+                if hits:
+                    text, finish_reason, stopped_by_sequence = text[:min(hits)], "stop", True
+                    break
+            if n_generated >= max_tokens:
+                break
+            ready = len(text) - _held_back(text, stops)
+            if ready > sent:
+                yield Piece(text[sent:ready])
+                sent = ready
+            if should_stop():
+                return
+        if not stopped_by_sequence:
+            text += decoder.decode(b"", final=True)
+        if len(text) > sent:
+            yield Piece(text[sent:])
+        ended = time.perf_counter()
+        first_token_at = first_token_at or ended
+        yield Finished(text=text, finish_reason=finish_reason, prompt_tokens=len(prompt_tokens),
+                       completion_tokens=n_generated, ttft_ms=(first_token_at - started) * 1000.0,
+                       tokens_per_s=n_generated / max(ended - sampling_started, 1e-9))
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of ``text`` that could still grow into a stop sequence."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return hold
+
+
+def _as_dict(message: Message) -> dict:
+    return {"role": message.role, "content": message.content}

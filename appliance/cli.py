@@ -1,0 +1,197 @@
+"""The `appliance` command. Errors become one clear message and an exit code (2: bad config or usage, 1: failure);
+set APPLIANCE_DEBUG=1 to see the traceback instead."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from appliance import __version__
+from appliance.config import Config, ConfigError, load_config, read_secret, reference_markdown
+from appliance.errors import ApplianceError
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance import logs
+    from appliance.service import Service, direct_model_config, load_catalog
+
+    config = _config(args)
+    logs.setup(config.logging)
+    if args.model:
+        config, catalog = direct_model_config(config, Path(args.model))
+    else:
+        catalog = load_catalog(config)
+    service = Service(config, catalog)
+    service.start()
+    service.run_until_stopped()
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from appliance import client
+
+    config = _config(args)
+    body: dict = {"stream": args.stream, "max_tokens": args.max_tokens}
+    if args.model:
+        body["model"] = args.model
+    if args.temperature is not None:
+        body["temperature"] = args.temperature
+    if args.raw:
+        body["prompt"] = args.prompt
+    else:
+        body["messages"] = [{"role": "user", "content": args.prompt}]
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    if args.mqtt is not None:
+        host, port = client.parse_host_port(args.mqtt or f"{config.mqtt.host or '127.0.0.1'}:{config.mqtt.port}")
+        prefix = config.mqtt.topic_prefix
+        topic = f"{prefix}/{args.device}/generate" if args.device else f"{prefix}/fleet/generate"
+        password = read_secret(config.mqtt.password_file) if config.mqtt.password_file else None
+        answer = client.ask_mqtt(host, port, topic, body, protocol=args.protocol, username=config.mqtt.username or None,
+                                 password=password, reply_prefix=f"{prefix}/client", on_delta=show,
+                                 timeout=args.timeout)
+    else:
+        url = args.http or f"http://{_client_host(config.http.bind)}:{config.http.port}"
+        api_key = read_secret(config.http.api_key_file) if config.http.api_key_file else None
+        if args.api_key_file:
+            api_key = read_secret(Path(args.api_key_file))
+        answer = client.ask_http(url, body, chat=not args.raw, api_key=api_key, on_delta=show, timeout=args.timeout)
+    if answer.error:
+        if args.stream and answer.text:
+            sys.stdout.write("\n")
+        print(f"error: {answer.error.get('code')}: {answer.error.get('message')}", file=sys.stderr)
+        return 1
+    print("" if args.stream else answer.text)
+    if args.verbose:
+        print(json.dumps({"finish_reason": answer.finish_reason, "usage": answer.usage, "timings": answer.timings}),
+              file=sys.stderr)
+    return 0
+
+
+def _client_host(bind: str) -> str:
+    return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from appliance import catalog as catalog_mod
+    from appliance.service import load_catalog
+
+    config = _config(args)
+    catalog = load_catalog(config)
+    if args.action == "list":
+        if args.json:
+            print(json.dumps([e.describe() for e in catalog], indent=2))
+            return 0
+        print(f"catalog: {catalog.origin}")
+        for e in catalog:
+            present = "present" if e.path.is_file() else "MISSING"
+            default = " (default)" if e.id == config.models.default else ""
+            print(f"{e.id}{default}\n  file: {e.path} [{present}]\n  family: {e.family}  template: "
+                  f"{e.template or 'from GGUF'}  backend: {e.backend}\n  licence: {e.licence}")
+        return 0
+    failures = 0
+    for e in catalog:
+        if args.ids and e.id not in args.ids:
+            continue
+        try:
+            catalog_mod.verify(e)
+            print(f"ok       {e.id}  {e.path}")
+        except ApplianceError as exc:
+            failures += 1
+            print(f"FAILED   {e.id}  {exc.message}")
+    unknown = set(args.ids) - set(catalog.ids)
+    for model_id in sorted(unknown):
+        failures += 1
+        print(f"FAILED   {model_id}  not in the catalog")
+    return 1 if failures else 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "reference":
+        print(reference_markdown())
+        return 0
+    load_config(args.file)  # raises ConfigError listing every problem
+    print(f"{args.file}: ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Offline LLM appliance: serve a quantized model "
+                                     "over MQTT and HTTP, and talk to it.")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service")
+    serve.add_argument("-c", "--config", help="TOML config file (default: built-in defaults + APPLIANCE_* env)")
+    serve.add_argument("--model", metavar="FILE.gguf", help="serve this GGUF file directly, no catalog entry needed")
+    serve.set_defaults(func=cmd_serve)
+
+    ask = sub.add_parser("ask", help="send one prompt and print the answer")
+    ask.add_argument("prompt")
+    ask.add_argument("-c", "--config", help="read broker/HTTP addresses and secrets from this config")
+    where = ask.add_mutually_exclusive_group()
+    where.add_argument("--mqtt", nargs="?", const="", metavar="HOST:PORT",
+                       help="ask over MQTT (default address from the config)")
+    where.add_argument("--http", metavar="URL", help="ask over HTTP (the default; URL from the config)")
+    ask.add_argument("--device", help="MQTT: this device's topic instead of the fleet topic")
+    ask.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT protocol version")
+    ask.add_argument("--model", help="model id from the catalog")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--raw", action="store_true", help="send a plain completion prompt instead of a chat message")
+    ask.add_argument("--max-tokens", type=int, default=128)
+    ask.add_argument("--temperature", type=float)
+    ask.add_argument("--api-key-file", help="HTTP API key file")
+    ask.add_argument("--timeout", type=float, default=600)
+    ask.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
+    ask.set_defaults(func=cmd_ask)
+
+    models = sub.add_parser("models", help="the model catalog")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    for name, text in (("list", "list catalog entries"), ("verify", "check files and sha256 digests")):
+        p = models_sub.add_parser(name, help=text)
+        p.add_argument("-c", "--config")
+        if name == "list":
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("ids", nargs="*", help="only these model ids")
+    models.set_defaults(func=cmd_models)
+
+    config = sub.add_parser("config", help="check a config file, or print the reference")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    check = config_sub.add_parser("check", help="validate a config file and print every problem")
+    check.add_argument("file")
+    config_sub.add_parser("reference", help="print the config reference (Markdown)")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        if os.environ.get("APPLIANCE_DEBUG"):
+            raise
+        print(exc.message, file=sys.stderr)
+        return 2
+    except ApplianceError as exc:
+        if os.environ.get("APPLIANCE_DEBUG"):
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""The wire format, in one place: request validation and the JSON of chunks, results and errors.
+
+Both transports build a :class:`GenerateRequest` here and serialise what the scheduler hands back with the
+``*_payload`` functions, so MQTT and HTTP accept the same fields with the same limits and report the same codes.
+See docs/protocol.md for the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.errors import ApplianceError, BadRequest
+
+ROLES = ("system", "user", "assistant")
+MAX_ID_LENGTH = 256
+MAX_STOP_SEQUENCES = 8
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Generation settings; the defaults are llama-cpp-python's own, so results match it."""
+
+    max_tokens: int | None = None  # None: the configured default
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A validated generation request, independent of the transport that carried it."""
+
+    id: str | int
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    model: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
+    #: MQTT 3.1.1 fallback for the v5 Response Topic
+    reply_to: str | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The outcome of one finished generation."""
+
+    text: str
+    finish_reason: str  # "stop" (end of text or a stop sequence) or "length" (max_tokens / context full)
+    usage: Usage
+    ttft_ms: float
+    tokens_per_s: float
+    model: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation
+
+_FIELDS = {"id", "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "repeat_penalty",
+           "stop", "seed", "stream", "reply_to"}
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, *, integer: bool = False) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise BadRequest(f"'{name}' must be {kind}, got {type(value).__name__}", param=name)
+    if not low <= value <= high:
+        raise BadRequest(f"'{name}' must be between {low} and {high}, got {value}", param=name)
+    return value if integer else float(value)
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise BadRequest("'stop' must be a string or a list of strings", param="stop")
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise BadRequest(f"'stop' may hold at most {MAX_STOP_SEQUENCES} sequences", param="stop")
+    if any(s == "" for s in stop):
+        raise BadRequest("'stop' sequences must not be empty", param="stop")
+    return tuple(stop)
+
+
+def _messages(value: Any) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, item in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"'{where}' must be an object with 'role' and 'content'", param=where)
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise BadRequest(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", param=f"{where}.role")
+        if isinstance(content, list):  # OpenAI content parts: only text parts are meaningful here
+            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+                raise BadRequest(f"'{where}.content' parts must all be text", param=f"{where}.content")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise BadRequest(f"'{where}.content' must be a string", param=f"{where}.content")
+        out.append(Message(role, content))
+    return tuple(out)
+
+
+def request_id(body: dict) -> str | int | None:
+    """The request's id if it has a usable one, so even a rejected request can be answered by id."""
+    rid = body.get("id") if isinstance(body, dict) else None
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return None
+    if isinstance(rid, str) and not 0 < len(rid) <= MAX_ID_LENGTH:
+        return None
+    return rid
+
+
+def parse_generate(body: Any, *, strict: bool = True) -> GenerateRequest:
+    """Validate a generate request body (already JSON-decoded).
+
+    ``strict`` rejects unknown fields (MQTT: a typo such as ``max_token`` should not pass silently); the HTTP
+    layer maps OpenAI fields first and passes ``strict=False``.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest(f"request must be a JSON object, got {type(body).__name__}")
+    if strict:
+        unknown = sorted(set(body) - _FIELDS)
+        if unknown:
+            raise BadRequest(f"unknown field '{unknown[0]}'", param=unknown[0])
+    rid = body.get("id")
+    if rid is None:
+        rid = uuid.uuid4().hex
+    elif request_id(body) is None:
+        raise BadRequest(f"'id' must be a string of 1-{MAX_ID_LENGTH} characters or an integer", param="id")
+
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if (prompt is None) == (messages is None):
+        raise BadRequest("exactly one of 'prompt' or 'messages' is required",
+                         param="prompt" if prompt is None else "messages")
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRequest(f"'prompt' must be a string, got {type(prompt).__name__}", param="prompt")
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise BadRequest("'model' must be a non-empty string", param="model")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false", param="stream")
+    reply_to = body.get("reply_to")
+    if reply_to is not None and (not isinstance(reply_to, str) or not reply_to or any(c in reply_to for c in "+#")):
+        raise BadRequest("'reply_to' must be an MQTT topic without wildcards", param="reply_to")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None:
+        max_tokens = _number(body, "max_tokens", 0, 1, 1 << 20, integer=True)
+    seed = body.get("seed")
+    if seed is not None:
+        seed = _number(body, "seed", 0, -1, 0xFFFFFFFF, integer=True)
+        seed = None if seed == -1 else seed
+
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.8, 0.0, 5.0),
+        top_p=_number(body, "top_p", 0.95, 0.0, 1.0),
+        top_k=_number(body, "top_k", 40, 0, 1 << 20, integer=True),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.0, 10.0),
+        stop=_stop(body),
+        seed=seed,
+    )
+    return GenerateRequest(id=rid, prompt=prompt, messages=_messages(messages) if messages is not None else None,
+                           model=model, params=params, stream=stream, reply_to=reply_to)
+
+
+def decode_json(payload: bytes | str, *, limit: int) -> Any:
+    """Decode a request payload; every failure is a :class:`BadRequest` that says what was wrong."""
+    if len(payload) > limit:
+        raise BadRequest(f"payload is {len(payload)} bytes, larger than the limit of {limit}")
+    try:
+        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
+        return json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"payload is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# replies
+
+def chunk_payload(rid: str | int, seq: int, delta: str) -> dict:
+    return {"type": "chunk", "id": rid, "seq": seq, "delta": delta}
+
+
+def result_payload(rid: str | int, completion: Completion) -> dict:
+    usage = completion.usage
+    return {
+        "type": "result",
+        "id": rid,
+        "model": completion.model,
+        "text": completion.text,
+        "finish_reason": completion.finish_reason,
+        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                  "total_tokens": usage.total_tokens},
+        "timings": {"ttft_ms": round(completion.ttft_ms, 2), "tokens_per_s": round(completion.tokens_per_s, 2)},
+    }
+
+
+def error_payload(rid: str | int | None, error: ApplianceError) -> dict:
+    return {"type": "error", "id": rid, "error": error.to_dict()}
+
+
+def dumps(payload: dict) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,153 @@
+"""`appliance serve`: wires the pieces together and owns the order of start-up and shutdown.
+
+Start-up: catalog and default model -> status and metrics -> scheduler (spawns the worker, loads the model in the
+background) -> MQTT (a private broker first when none is configured) -> HTTP. Requests are accepted as soon as
+the transports are up; they wait in the queue while the model loads.
+
+Shutdown: stop taking MQTT requests (they stay unacked, so the broker keeps them for the next start) -> stop the
+scheduler and worker -> stop HTTP -> publish ``offline`` and disconnect -> stop the private broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from appliance import default_model
+from appliance.broker import BrokerError, Mosquitto, free_port, port_is_free
+from appliance.catalog import Catalog
+from appliance.config import Config, ConfigError, read_secret
+from appliance.errors import ApplianceError
+from appliance.metrics import Metrics
+from appliance.scheduler import Scheduler
+from appliance.status import StatusBoard
+from appliance.transports.http import HttpServer, create_app
+from appliance.transports.mqtt import MqttTransport
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(ApplianceError):
+    """A transport could not start (port in use, broker unreachable at start-up ...)."""
+
+
+def load_catalog(config: Config) -> Catalog:
+    """The configured catalog file, or the built-in one (the embedded default model) when there is none."""
+    if config.catalog_path.is_file():
+        catalog = Catalog.load(config.catalog_path)
+    else:
+        catalog = default_model.builtin_catalog(config.device.state_dir / "models")
+    if config.models.default not in catalog:
+        raise ConfigError([f"models.default = {config.models.default!r}: not in the catalog {catalog.origin} "
+                           f"(available: {', '.join(catalog.ids) or 'none'})"])
+    return catalog
+
+
+class Service:
+    def __init__(self, config: Config, catalog: Catalog) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.status = StatusBoard(config.device.id)
+        self.metrics = Metrics()
+        self.status.subscribe(self.metrics.on_status)
+        self.scheduler = Scheduler(catalog, config, self.status, self.metrics)
+        self.broker: Mosquitto | None = None
+        self.mqtt: MqttTransport | None = None
+        self.http: HttpServer | None = None
+        self.mqtt_address: tuple[str, int] | None = None
+        self._stop = threading.Event()
+        self._closed = False
+
+    def start(self) -> None:
+        """Start everything; on any failure, stop what was started and raise."""
+        try:
+            self._prepare_default_model()
+            self.scheduler.start()
+            if self.config.http.enabled:
+                self._start_http()
+            if self.config.mqtt.enabled:
+                self._start_mqtt()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_http(self) -> None:
+        h, w = self.config.http, self.config.worker
+        api_key = read_secret(h.api_key_file) if h.api_key_file else None
+        app = create_app(self.scheduler, self.status, self.metrics, api_key, max_body=self.config.mqtt.max_payload,
+                         result_wait=w.request_timeout + w.cancel_grace + 30)
+        try:
+            self.http = HttpServer(app, h.bind, h.port, h.threads)
+        except OSError as exc:
+            raise StartupError(f"HTTP: cannot listen on {h.bind}:{h.port}: {exc.strerror} "
+                               f"(set http.port or APPLIANCE_HTTP_PORT)") from None
+        self.http.start()
+
+    def _prepare_default_model(self) -> None:
+        entry = self.catalog.get(self.config.models.default)
+        if self.catalog.origin == "built-in" and not entry.path.is_file():
+            try:
+                default_model.ensure(entry.path.parent)
+            except ApplianceError as exc:
+                log.error("%s", exc.message)  # the load will fail with the same reason and the status says so
+
+    def _start_mqtt(self) -> None:
+        m = self.config.mqtt
+        host, port = m.host, m.port
+        if not host:
+            if not m.private_broker:
+                log.warning("MQTT: no broker configured (mqtt.host is empty) and mqtt.private_broker is false; "
+                            "serving HTTP only")
+                return
+            if not port_is_free("127.0.0.1", port):
+                port = free_port()
+                log.info("MQTT: port %d is taken; the private broker uses %d", m.port, port)
+            self.broker = Mosquitto(self.config.device.state_dir / "broker", port)
+            try:
+                self.broker.start()
+            except BrokerError as exc:
+                log.warning("MQTT: could not start a private broker (%s); serving HTTP only", exc)
+                self.broker = None
+                return
+            host = "127.0.0.1"
+        self.mqtt_address = (host, port)
+        self.mqtt = MqttTransport(self.config, self.scheduler, self.status, self.metrics)
+        self.mqtt.start(host, port)
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run_until_stopped(self) -> None:
+        """Block until SIGTERM or SIGINT (systemd stop, Ctrl-C), then shut down."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        log.info("shutting down")
+        if self.mqtt is not None:
+            self.mqtt.stop_accepting()
+        self.scheduler.close()
+        if self.http is not None:
+            self.http.close()
+        self.status.set("offline", reason="shut down")
+        if self.mqtt is not None:
+            self.mqtt.close()
+        if self.broker is not None:
+            self.broker.stop()
+        log.info("stopped")
+
+
+def direct_model_config(config: Config, model_file: Path) -> tuple[Config, Catalog]:
+    """`serve --model FILE.gguf`: serve one file with no catalog entry, as `llama-server -m` does."""
+    catalog = Catalog.single_file(model_file)
+    return config.replace("models", default=catalog.ids[0], switch=False, verify=False), catalog

@@ -1,0 +1,205 @@
+"""HTTP transport: an OpenAI-compatible API plus health, readiness, status and Prometheus metrics (Flask).
+
+Served by waitress, which streams each server-sent event as it is yielded and tells the app when a client has gone
+away, so an abandoned stream frees the worker at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+
+from flask import Flask, Response, request
+from waitress import create_server
+from werkzeug.exceptions import HTTPException
+
+from appliance import __version__
+from appliance.errors import ApplianceError, BadRequest, Cancelled, Internal, Unauthorized
+from appliance.protocol import Completion, decode_json
+from appliance.scheduler import Job, Scheduler
+from appliance.status import SERVING, StatusBoard
+from appliance.transports import openai
+
+log = logging.getLogger(__name__)
+
+PUBLIC_ROUTES = ("/healthz",)
+POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is still there
+
+
+class QueueSink:
+    """Hands a job's output from the scheduler thread to the HTTP thread serving the request."""
+
+    def __init__(self) -> None:
+        self.items: queue.SimpleQueue = queue.SimpleQueue()
+
+    def on_piece(self, job: Job, seq: int, text: str) -> None:
+        self.items.put(("piece", text))
+
+    def on_result(self, job: Job, completion: Completion) -> None:
+        self.items.put(("result", completion))
+
+    def on_error(self, job: Job, error: ApplianceError) -> None:
+        self.items.put(("error", error))
+
+    def on_abandon(self, job: Job) -> None:
+        self.items.put(("error", Cancelled("the appliance is shutting down")))
+
+
+def _sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str | None, *,
+               max_body: int = 1 << 20, result_wait: float = 3600.0) -> Flask:
+    app = Flask("appliance")
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+
+    def error_response(error: ApplianceError, transport_counted: bool = False) -> Response:
+        if not transport_counted:
+            scheduler.record_error("http", error)
+        headers = {"Retry-After": "2"} if error.code == "busy" else {}
+        return Response(json.dumps(openai.error_body(error)), status=int(error.http_status),
+                        mimetype="application/json", headers=headers)
+
+    @app.errorhandler(ApplianceError)
+    def _appliance_error(error: ApplianceError):
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException):
+        mapped = BadRequest(f"{error.code} {error.name}: {error.description}")
+        mapped.http_status = error.code
+        return error_response(mapped)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        log.exception("HTTP handler failed")
+        return error_response(Internal(f"internal error ({type(error).__name__})"))
+
+    @app.before_request
+    def _authorize():
+        if api_key is None or request.path in PUBLIC_ROUTES:
+            return None
+        header = request.headers.get("Authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer <key>')")
+        return None
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz")
+    def readyz():
+        current = status.current
+        body = {"status": current.state, "model": current.model, "reason": current.reason}
+        return body, 200 if current.state in SERVING else 503
+
+    @app.get("/status")
+    def status_route():
+        return {**status.current.to_dict(), "outstanding": scheduler.outstanding, "worker_pid": scheduler.worker.pid}
+
+    @app.get("/metrics")
+    def metrics_route():
+        return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    def models():
+        ids = scheduler.catalog.ids if scheduler.config.models.switch else [scheduler.default_model]
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "appliance"}
+                                           for i in ids]}
+
+    def body_json() -> object:
+        return decode_json(request.get_data(cache=False), limit=max_body)
+
+    @app.post("/v1/completions")
+    def completions():
+        body = body_json()
+        return serve(openai.completion_request(body), body, "text")
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        body = body_json()
+        return serve(openai.chat_request(body), body, "chat")
+
+    def serve(generate_request, body: dict, kind: str) -> Response:
+        sink = QueueSink()
+        job = scheduler.submit(generate_request, sink, "http")
+        shaper = openai.ResponseShaper(generate_request, job.model_id, kind)
+        if not generate_request.stream:
+            return wait_for_result(job, sink, shaper)
+        disconnected = request.environ.get("waitress.client_disconnected", lambda: False)
+        stream = stream_events(job, sink, shaper, openai.wants_usage_in_stream(body), disconnected)
+        return Response(stream, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def wait_for_result(job: Job, sink: QueueSink, shaper: openai.ResponseShaper) -> Response:
+        while True:
+            try:
+                kind, value = sink.items.get(timeout=result_wait)
+            except queue.Empty:
+                scheduler.cancel_job(job)
+                return error_response(Internal("no reply from the scheduler"))
+            if kind == "result":
+                return Response(json.dumps(shaper.full(value), ensure_ascii=False), mimetype="application/json")
+            if kind == "error":
+                return error_response(value, transport_counted=True)
+
+    def stream_events(job: Job, sink: QueueSink, shaper: openai.ResponseShaper, include_usage: bool,
+                      disconnected) -> Iterator[bytes]:
+        try:
+            first = shaper.first_chunk()
+            if first is not None:
+                yield _sse(first)
+            while True:
+                try:
+                    kind, value = sink.items.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    if disconnected():
+                        return
+                    continue
+                if kind == "piece":
+                    yield _sse(shaper.delta_chunk(value))
+                elif kind == "result":
+                    for chunk in shaper.final_chunks(value, include_usage):
+                        yield _sse(chunk)
+                    yield _sse("[DONE]")
+                    return
+                else:
+                    yield _sse(openai.error_body(value))
+                    yield _sse("[DONE]")
+                    return
+        finally:
+            if not job.finished:  # the client went away mid-stream: free the worker
+                scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))
+
+    return app
+
+
+class HttpServer:
+    """waitress in a background thread; ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(self, app: Flask, host: str, port: int, threads: int) -> None:
+        self._server = create_server(app, host=host, port=port, threads=threads, ident="appliance",
+                                     clear_untrusted_proxy_headers=True)
+        self.port = int(self._server.effective_port)
+        self.host = host
+        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        self._closed = False
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("HTTP: listening on http://%s:%d", self.host, self.port)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._server.close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,290 @@
+"""MQTT transport: requests in, streamed chunks and final replies out, status retained (paho-mqtt 2.x).
+
+Topics (``<p>`` = ``mqtt.topic_prefix``, ``<d>`` = ``device.id``)::
+
+    <p>/<d>/generate        requests for this device
+    <p>/fleet/generate      requests for any device (joined as $share/<group>/<p>/fleet/generate)
+    <p>/<d>/cancel          {"id": ...}          <p>/fleet/cancel  the same, for every device
+    <p>/<d>/status          retained state; the Last Will sets "offline"
+    <p>/<d>/reply           replies to requests that name no reply topic
+
+Replies go to the v5 Response Topic with the Correlation Data echoed byte for byte, else to the request's
+``reply_to`` (3.1.1), else to ``<p>/<d>/reply``. paho's network thread only parses and hands over; it never
+waits for inference. Every callback is guarded so an exception is logged and counted, never lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from appliance.config import Config
+from appliance.errors import ApplianceError, BadRequest, Busy
+from appliance.metrics import Metrics
+from appliance.protocol import (
+    Completion,
+    chunk_payload,
+    decode_json,
+    dumps,
+    error_payload,
+    parse_generate,
+    request_id,
+    result_payload,
+)
+from appliance.scheduler import Job, Scheduler
+from appliance.status import Status, StatusBoard
+from appliance.transports.mqtt_acks import AckBook
+from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client
+
+log = logging.getLogger(__name__)
+
+
+class MqttReply:
+    """The sink of one MQTT job: publishes chunks, then the result or error, then releases the request's ack."""
+
+    def __init__(self, transport: MqttTransport, topic: str, correlation: bytes | None, key: object,
+                 stream: bool, fleet: bool) -> None:
+        self.transport, self.topic, self.correlation, self.key = transport, topic, correlation, key
+        self.stream, self.fleet = stream, fleet
+
+    def on_piece(self, job: Job, seq: int, text: str) -> None:
+        if self.stream:
+            self.transport.publish(self.topic, chunk_payload(job.request.id, seq, text), self.correlation,
+                                   expiry=self.transport.config.mqtt.reply_expiry)
+
+    def on_result(self, job: Job, completion: Completion) -> None:
+        self.transport.answer(self, result_payload(job.request.id, completion))
+
+    def on_error(self, job: Job, error: ApplianceError) -> None:
+        self.refuse(job.request.id, error)
+
+    def refuse(self, rid: str | int | None, error: ApplianceError) -> None:
+        self.transport.answer(self, error_payload(rid, error))
+
+    def on_abandon(self, job: Job) -> None:
+        self.abandon(job.request.id)
+
+    def abandon(self, rid: str | int | None) -> None:
+        """The appliance is stopping before it could answer."""
+        if self.fleet and self.transport.config.mqtt.fleet_session_expiry == 0:
+            # the fleet session ends with this connection, so the broker will not deliver it again: say so
+            self.refuse(rid, Busy("this device is shutting down; send the request again"))
+        else:
+            self.transport.acks.forget(self.key)  # unacked: the broker delivers it again after the restart
+
+
+class MqttTransport:
+    def __init__(self, config: Config, scheduler: Scheduler, status: StatusBoard, metrics: Metrics) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.topics = Topics(config.mqtt.topic_prefix, config.device.id, config.mqtt.fleet_group)
+        self.acks = AckBook()
+        self._v5 = config.mqtt.protocol == "5"
+        self._accepting = True
+        self._closed = False
+        self.connected = threading.Event()
+        self._status = status
+        self.client = make_client(config, config.mqtt_client_id, persistent=True)
+        offline = dumps({**status.current.to_dict(), "state": "offline", "reason": "connection lost"})
+        self.client.will_set(self.topics.status, offline, qos=1, retain=True)
+        self.fleet_client = None
+        if config.mqtt.fleet:
+            self.fleet_client = make_client(config, f"{config.mqtt_client_id}-fleet",
+                                            persistent=config.mqtt.fleet_session_expiry > 0)
+        for client in filter(None, (self.client, self.fleet_client)):
+            client.on_connect = self._on_connect
+            client.on_disconnect = self._on_disconnect
+            client.on_message = self._on_message
+            client.on_publish = self._on_publish
+            client.on_subscribe = self._on_subscribe
+        status.subscribe(self._publish_status)
+        logging.getLogger("paho").addFilter(self._quiet_after_close)
+
+    def _quiet_after_close(self, record: logging.LogRecord) -> bool:
+        # paho 2.2's network thread may run once more after a clean disconnect and log "Client is not connected"
+        # at ERROR; after our own close() that is expected, not an error.
+        return not (self._closed and record.getMessage().startswith("Client is not connected"))
+
+    def start(self, host: str, port: int) -> None:
+        log.info("MQTT: connecting to %s:%d as %s (MQTT %s)", host, port, self.config.mqtt_client_id,
+                 self.config.mqtt.protocol)
+        connect_async(self.client, self.config, host, port, session_expiry=self.config.mqtt.session_expiry)
+        if self.fleet_client is not None:
+            connect_async(self.fleet_client, self.config, host, port,
+                          session_expiry=self.config.mqtt.fleet_session_expiry)
+
+    def stop_accepting(self) -> None:
+        """New requests are left unacked from now on, so the broker redelivers them after the restart."""
+        self._accepting = False
+
+    def close(self) -> None:
+        """Publish ``offline``, disconnect cleanly, stop the network thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._accepting = False
+        if self.connected.is_set():
+            info = self.publish(self.topics.status, {**self._status.current.to_dict(), "state": "offline",
+                                                     "reason": "shut down"}, retain=True)
+            with contextlib.suppress(ValueError, RuntimeError):
+                info.wait_for_publish(timeout=3)
+        for client in filter(None, (self.fleet_client, self.client)):
+            client.disconnect()
+            client.loop_stop()
+
+    # -- callbacks (paho's network thread) ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _guard(self, where: str):
+        try:
+            yield
+        except Exception:
+            self.metrics.callback_errors.inc()
+            log.exception("MQTT %s callback failed", where)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._guard("on_connect"):
+            which = "fleet" if client is self.fleet_client else "device"
+            if reason_code.is_failure:
+                log.error("MQTT (%s session): broker refused the connection: %s", which, reason_code)
+                return
+            log.info("MQTT (%s session): connected (session present: %s)", which, flags.session_present)
+            disable_nagle(client)
+            # Subscribe every time: Debian's mosquitto 2.0.11 does not restore $share subscriptions of durable
+            # sessions, and a session may have expired. No retained requests: they would rerun on every reconnect.
+            options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND) if self._v5 else 1
+            if client is self.fleet_client:
+                topics = [self.topics.fleet_share, self.topics.fleet_cancel]
+            else:
+                topics = [self.topics.generate, self.topics.cancel]
+            client.subscribe([(t, options) for t in topics])
+            if client is self.client:
+                self.publish(self.topics.status, self._status.current.to_dict(), retain=True)
+                self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._guard("on_disconnect"):
+            if client is self.client:
+                self.connected.clear()
+            if not self._closed:
+                log.warning("MQTT: disconnected (%s); reconnecting", reason_code)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._guard("on_subscribe"):
+            for code in reason_codes:
+                if code.is_failure:
+                    log.error("MQTT: broker refused a subscription: %s", code)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._guard("on_publish"):
+            if reason_code.is_failure:
+                log.error("MQTT: broker refused a publish (mid %d): %s", mid, reason_code)
+            self._ack(self.acks.puback(mid))
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        with self._guard("on_message"):
+            if msg.retain:  # a retained request would be answered again on every reconnect
+                log.warning("MQTT: ignoring a retained message on %s", msg.topic)
+                self._ack({(client, msg.mid, msg.qos)})
+            elif msg.topic in (self.topics.generate, self.topics.fleet_generate):
+                self._on_generate(client, msg)
+            elif msg.topic in (self.topics.cancel, self.topics.fleet_cancel):
+                self._on_cancel(msg)
+                self._ack({(client, msg.mid, msg.qos)})
+            else:
+                self._ack({(client, msg.mid, msg.qos)})
+
+    def _on_generate(self, client: paho.Client, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None) if self._v5 else None
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        body, problem = None, None
+        try:
+            body = decode_json(msg.payload, limit=self.config.mqtt.max_payload)
+        except BadRequest as exc:
+            problem = exc
+        rid = request_id(body) if isinstance(body, dict) else None
+        reply_to = body.get("reply_to") if isinstance(body, dict) else None
+        topic = response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None) \
+            or self.topics.reply
+        if correlation is not None:
+            key = (topic, "cd", bytes(correlation))
+        elif rid is not None:
+            key = (topic, "id", rid)
+        else:  # no id at all: only a broker redelivery (dup flag) counts as the same request
+            key = (topic, "sha", hashlib.sha256(msg.payload).hexdigest(), None if msg.dup else object())
+        seen = self.acks.begin(key, (client, msg.mid, msg.qos))
+        if seen != "new":
+            log.info("MQTT: duplicate delivery of request %r (%s)", rid, seen.replace("_", " "))
+            if seen == "answered":
+                self._ack({(client, msg.mid, msg.qos)})
+            return
+        reply = MqttReply(self, topic, correlation, key, stream=bool(isinstance(body, dict) and body.get("stream")),
+                          fleet=client is self.fleet_client)
+        if not self._accepting:
+            reply.abandon(rid)
+            return
+        try:
+            if problem is not None:
+                raise problem
+            request = parse_generate(body)
+            self.scheduler.submit(request, reply, "mqtt")
+        except ApplianceError as exc:
+            self.scheduler.record_error("mqtt", exc)
+            log.info("MQTT: request %r refused: %s", rid, exc.code)
+            reply.refuse(rid, exc)
+
+    def _on_cancel(self, msg: paho.MQTTMessage) -> None:
+        try:
+            body = decode_json(msg.payload, limit=4096)
+        except BadRequest as exc:
+            log.warning("MQTT: ignoring a cancel: %s", exc.message)
+            return
+        rid = request_id(body) if isinstance(body, dict) else None
+        if rid is None:
+            log.warning("MQTT: ignoring a cancel without a valid 'id'")
+            return
+        self.scheduler.cancel(rid)
+
+    # -- publishing (any thread) -------------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: dict, correlation: bytes | None = None, *, retain: bool = False,
+                expiry: int = 0) -> paho.MQTTMessageInfo:
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "application/json"
+            if correlation is not None:
+                props.CorrelationData = correlation
+            if expiry:
+                props.MessageExpiryInterval = expiry
+        return self.client.publish(topic, dumps(payload), qos=1, retain=retain, properties=props)
+
+    def answer(self, reply: MqttReply, payload: dict) -> None:
+        """Publish a final reply; the request is acked once the broker has the reply."""
+        info = self.publish(reply.topic, payload, reply.correlation, expiry=self.config.mqtt.reply_expiry)
+        self._ack(self.acks.reply_sent(reply.key, info.mid))
+
+    @staticmethod
+    def _ack(acks: set[tuple[paho.Client, int, int]]) -> None:
+        """Acknowledge requests, each on the connection that delivered it."""
+        for client, mid, qos in acks:
+            if qos > 0:
+                client.ack(mid, qos)
+
+    def _publish_status(self, status: Status) -> None:
+        if not self._closed:
+            self.publish(self.topics.status, status.to_dict(), retain=True)
+
+
+def _valid_topic(topic: str) -> bool:
+    return bool(topic) and "+" not in topic and "#" not in topic and "\0" not in topic and len(topic) < 65536
+

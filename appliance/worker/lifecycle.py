@@ -1,0 +1,186 @@
+"""The worker's life as the scheduler sees it: spawn, load, generate, crash, back off, restart.
+
+:class:`WorkerSlot` wraps the current :class:`WorkerProcess` and turns its raw messages into a few outcomes
+(``piece``, ``done``, ``failed``, ``cancelled``, ``crashed``, ``load_failed``). It is used only from the scheduler
+thread; raw events reach it through the scheduler's inbox, tagged with the process generation so that messages
+from a process that was already replaced are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from appliance.backends.base import EngineSettings, GenerationTask, ModelInfo
+from appliance.catalog import ModelEntry
+from appliance.config import Config
+from appliance.metrics import Metrics
+from appliance.worker.handle import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+LOAD_CRASHES_BEFORE_GIVING_UP = 3
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown exit"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class WorkerSlot:
+    def __init__(self, settings: EngineSettings, config: Config, metrics: Metrics,
+                 post: Callable[[tuple], None]) -> None:
+        self.settings = settings
+        self.config = config
+        self.metrics = metrics
+        self._post = post
+        self._process: WorkerProcess | None = None
+        self._generation = 0
+        self._state = "down"  # down | starting | idle | loading | generating
+        self.loaded: str | None = None
+        self.info: ModelInfo | None = None
+        self._loading: ModelEntry | None = None
+        self._load_deadline = 0.0
+        self._job_key: int | None = None
+        self._restart_at: float | None = None
+        self._backoff = BACKOFF_FIRST
+        self._load_crashes: dict[str, int] = {}
+        self._last_crash = ""
+        self._closing = False
+
+    # -- commands ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._generation += 1
+        generation = self._generation
+        self._state = "starting"
+        self._restart_at = None
+        self._process = WorkerProcess(
+            self.settings, verify=self.config.models.verify, log_level=logging.getLogger("appliance").level,
+            on_event=lambda event: self._post((generation, event)), generation=generation)
+        log.info("worker process %s started", self._process.pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def idle(self) -> bool:
+        return self._state == "idle"
+
+    def load(self, entry: ModelEntry) -> None:
+        log.info("loading model %s (%s)", entry.id, entry.path.name)
+        self._state, self._loading, self.loaded, self.info = "loading", entry, None, None
+        self._load_deadline = time.monotonic() + self.config.worker.load_timeout
+        self._process.send(("load", entry))
+
+    def generate(self, key: int, task: GenerationTask) -> None:
+        self._state, self._job_key = "generating", key
+        self._process.send(("generate", key, task))
+
+    def cancel(self, key: int) -> None:
+        if self._process is not None and self._job_key == key:
+            self._process.send(("cancel", key))
+
+    def kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+
+    # -- timers ------------------------------------------------------------------------------------------------
+
+    def timers(self) -> list[float]:
+        out = [self._restart_at] if self._restart_at is not None else []
+        if self._state == "loading":
+            out.append(self._load_deadline)
+        return out
+
+    def check_timers(self, now: float) -> None:
+        if self._state == "down" and self._restart_at is not None and now >= self._restart_at:
+            self.start()
+        elif self._state == "loading" and now >= self._load_deadline:
+            log.error("model load took longer than worker.load_timeout; killing the worker")
+            self.kill()
+
+    # -- events ------------------------------------------------------------------------------------------------
+
+    def on_event(self, tagged: tuple) -> tuple | None:
+        generation, event = tagged
+        if generation != self._generation or self._closing:
+            return None
+        kind = event[0]
+        if kind == "ready":
+            self._state = "idle"
+        elif kind == "loaded":
+            self._state, self.info = "idle", event[1]
+            self.loaded, self._loading = self.info.id, None
+            self._backoff = BACKOFF_FIRST
+            self._load_crashes.pop(self.loaded, None)
+            self._last_crash = ""
+            log.info("model %s loaded (context %d, chat template: %s)", self.info.id, self.info.context_size,
+                     self.info.chat_template)
+        elif kind == "load_failed":
+            entry, self._loading, self._state = self._loading, None, "idle"
+            log.error("model %s failed to load: %s", entry.id, event[2])
+            return ("load_failed", entry.id, event[2])
+        elif kind in ("piece", "progress", "done", "failed", "cancelled"):
+            if event[1] != self._job_key:
+                return None
+            if kind == "piece":
+                return ("piece", event[2])
+            if kind == "progress":
+                return ("progress",)
+            self._state, self._job_key = "idle", None
+            if kind == "done":
+                return ("done", event[2])
+            if kind == "failed":
+                return ("failed", (event[2], event[3], event[4]))
+            return ("cancelled",)
+        elif kind == "exited":
+            return self._on_exit(event[1])
+        return None
+
+    def _on_exit(self, code: int | None) -> tuple | None:
+        how = describe_exit(code)
+        was, loading = self._state, self._loading
+        log.error("worker process exited (%s) while %s", how, was)
+        self._process, self._state, self.loaded, self.info, self._loading = None, "down", None, None, None
+        self._job_key = None
+        self._last_crash = how
+        self.metrics.worker_restarts.inc()
+        self._restart_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        if was == "generating":
+            return ("crashed", how)
+        if was == "loading" and loading is not None:
+            crashes = self._load_crashes.get(loading.id, 0) + 1
+            self._load_crashes[loading.id] = crashes
+            if crashes >= LOAD_CRASHES_BEFORE_GIVING_UP:
+                return ("load_failed", loading.id,
+                        f"model '{loading.id}': the worker died {crashes} times while loading it (last: {how})")
+        return None
+
+    def describe(self) -> tuple[str, str | None, str]:
+        """(state, model, reason) for the status board; the scheduler adds 'busy' and failures."""
+        if self._state == "loading":
+            return "loading", self._loading.id if self._loading else None, ""
+        if self._state in ("down", "starting") and self._last_crash:
+            return "degraded", None, f"inference worker restarting after it died ({self._last_crash})"
+        if self.loaded is not None:
+            return "ready", self.loaded, ""
+        return "idle", None, ""

@@ -1,0 +1,107 @@
+"""Shared fixtures: a real mosquitto on a free loopback port, tiny real GGUF models, the appliance as a process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from appliance.broker import Mosquitto, free_port, mosquitto_binary
+from appliance.catalog import sha256_file
+from tests.support import tiny_models
+from tests.support.harness import MqttClient, new_appliance
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _entry(model_id: str, path: Path, **extra: str) -> str:
+    lines = ['[[models]]', f'id = "{model_id}"', f'file = "{path.name}"',
+             f'sha256 = "{extra.pop("sha256", None) or sha256_file(path)}"', f"size = {path.stat().st_size}",
+             'family = "test"', 'licence = "none (random weights)"']
+    lines += [f'{k} = "{v}"' for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """tiny (Q4_0, fast), tiny-f32, tiny-chat (embeds a Jinja chat template), slow (16 MB, ~400 tok/s here,
+    4096 context: keeps the worker busy long enough to queue behind it), corrupt (wrong sha256)."""
+    d = tmp_path_factory.mktemp("models")
+    f32 = tiny_models.write_llama(d / "tiny-f32.gguf")
+    q4 = tiny_models.quantize(f32, d / "tiny-q4_0.gguf", "q4_0")
+    chat = tiny_models.write_llama(d / "tiny-chat.gguf", seed=1, chat_template=CHAT_TEMPLATE)
+    slow = tiny_models.write_llama(d / "slow.gguf", n_embd=256, n_layer=4, n_ff=1024, n_head=8, n_head_kv=4,
+                                   context=4096, seed=2)
+    catalog = (_entry("tiny", q4, template="chatml") + "\n" + _entry("tiny-f32", f32, template="alpaca") + "\n"
+               + _entry("tiny-chat", chat) + "\n" + _entry("slow", slow, template="chatml") + "\n"
+               + _entry("corrupt", q4, sha256="0" * 64, template="chatml"))
+    (d / "catalog.toml").write_text(catalog)
+    return d
+
+
+@pytest.fixture(scope="session")
+def catalog_path(models_dir) -> Path:
+    return models_dir / "catalog.toml"
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    if mosquitto_binary() is None:
+        pytest.fail("mosquitto is required for the integration tests (apt install mosquitto); .ci/run installs it")
+    data = tmp_path_factory.mktemp("broker")
+    os.chmod(data, 0o777)
+    instance = Mosquitto(data, free_port(), persistence=False)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def appliance_factory(tmp_path, broker, catalog_path):
+    """Start appliances: ``factory(default="tiny", overrides={...}, mqtt=True)``; all are stopped afterwards."""
+    started = []
+
+    def factory(default: str = "tiny", overrides: dict | None = None, *, mqtt: bool = True, start: bool = True,
+                env: dict | None = None):
+        instance = new_appliance(tmp_path, broker.port if mqtt else None, catalog_path, default, overrides, env)
+        started.append(instance)
+        return instance.start() if start else instance
+
+    yield factory
+    for instance in started:
+        instance.kill()
+    for instance in started:
+        _assert_no_swallowed_errors(instance)
+
+
+#: log lines that mean an exception was caught and logged somewhere it should never happen
+SWALLOWED = ("callback failed", "scheduler error", "reply sink failed", "status listener failed",
+             "HTTP handler failed", "Traceback")
+
+
+def _assert_no_swallowed_errors(instance) -> None:
+    """Home Assistant's trick: a test fails when the service logged an exception it caught (a guarded MQTT
+    callback, the scheduler loop, a sink), even if the test's own checks passed."""
+    bad = [line for line in instance.log_text().splitlines() if any(s in line for s in SWALLOWED)]
+    assert not bad, f"{instance.device} logged caught exceptions:\n" + "\n".join(bad[:20])
+
+
+@pytest.fixture
+def appliance(appliance_factory):
+    return appliance_factory()
+
+
+@pytest.fixture
+def mqtt_client(broker):
+    clients = []
+
+    def factory(protocol: str = "5") -> MqttClient:
+        c = MqttClient(broker.host, broker.port, protocol=protocol)
+        clients.append(c)
+        return c
+
+    yield factory
+    for c in clients:
+        c.close()

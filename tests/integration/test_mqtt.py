@@ -1,0 +1,171 @@
+"""MQTT round trips against a real mosquitto and the real appliance process on a tiny real GGUF model."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+
+def _final(replies: list[dict]) -> dict:
+    assert replies, "no reply"
+    return replies[-1]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_round_trip(appliance, mqtt_client, protocol, stream):
+    client = mqtt_client(protocol)
+    replies = client.request(appliance.topic("generate"),
+                             {"prompt": "the cat is", "max_tokens": 12, "temperature": 0, "stream": stream})
+    final = _final(replies)
+    assert final["type"] == "result", final
+    assert final["finish_reason"] == "length"
+    assert final["usage"]["completion_tokens"] == 12
+    assert final["usage"]["prompt_tokens"] > 0
+    assert final["usage"]["total_tokens"] == final["usage"]["prompt_tokens"] + 12
+    assert final["timings"]["ttft_ms"] > 0 and final["timings"]["tokens_per_s"] > 0
+    assert final["model"] == "tiny"
+    assert final["text"]
+    chunks = replies[:-1]
+    if stream:
+        assert chunks, "a streamed request gets chunks before its result"
+        assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
+        assert "".join(c["delta"] for c in chunks) == final["text"]
+        assert all(c["type"] == "chunk" and c["id"] == final["id"] for c in chunks)
+    else:
+        assert chunks == []
+
+
+def test_correlation_data_is_echoed_byte_for_byte(appliance, mqtt_client):
+    client = mqtt_client()
+    correlation = bytes(range(256))  # not UTF-8, includes NUL
+    reply_topic = f"test/{uuid.uuid4().hex}"
+    client.subscribe(reply_topic)
+    client.publish(appliance.topic("generate"), {"prompt": "x", "max_tokens": 2, "stream": True},
+                   response_topic=reply_topic, correlation=correlation)
+    client.wait_for(lambda m: m.topic == reply_topic and json.loads(m.payload)["type"] == "result")
+    received = [m for m in client.messages if m.topic == reply_topic]
+    assert len(received) >= 2
+    assert all(m.properties.CorrelationData == correlation for m in received)
+
+
+def test_id_is_echoed_and_default_reply_topic(appliance, mqtt_client):
+    """MQTT 3.1.1 without reply_to: the reply goes to <prefix>/<device>/reply with the request's id."""
+    client = mqtt_client("3.1.1")
+    client.subscribe(appliance.topic("reply"))
+    client.publish(appliance.topic("generate"), {"id": 42, "prompt": "x", "max_tokens": 3})
+    (msg,) = client.wait_for(lambda m: m.topic == appliance.topic("reply"))
+    reply = json.loads(msg.payload)
+    assert reply["id"] == 42 and reply["type"] == "result"
+
+
+def test_chat_messages(appliance, mqtt_client):
+    client = mqtt_client()
+    final = _final(client.request(appliance.topic("generate"), {
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        "max_tokens": 5, "temperature": 0}))
+    assert final["type"] == "result" and final["usage"]["completion_tokens"] <= 5
+
+
+@pytest.mark.parametrize("payload, code, param", [
+    (b"{not json", "bad_request", None),
+    (b"\xff\xfe", "bad_request", None),
+    (b"[1, 2]", "bad_request", None),
+    (json.dumps({"prompt": 5}).encode(), "bad_request", "prompt"),
+    (json.dumps({"prompt": "x", "max_tokens": "many"}).encode(), "bad_request", "max_tokens"),
+    (json.dumps({"prompt": "x", "temperature": -1}).encode(), "bad_request", "temperature"),
+    (json.dumps({"prompt": "x", "messages": []}).encode(), "bad_request", "messages"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), "bad_request", "messages[0].role"),
+    (json.dumps({"prompt": "x", "max_token": 3}).encode(), "bad_request", "max_token"),
+    (json.dumps({"prompt": "x", "model": "nope"}).encode(), "unknown_model", "model"),
+    (json.dumps({"prompt": "word " * 600}).encode(), "too_long", "prompt"),
+])
+def test_bad_input_gets_a_structured_error_and_the_service_keeps_serving(appliance, mqtt_client, payload, code,
+                                                                          param):
+    client = mqtt_client()
+    final = _final(client.request(appliance.topic("generate"), payload))
+    assert final["type"] == "error", final
+    assert final["error"]["code"] == code
+    assert final["error"]["message"]
+    assert final["error"].get("param") == param
+    ok = _final(client.request(appliance.topic("generate"), {"prompt": "still there?", "max_tokens": 2}))
+    assert ok["type"] == "result"
+
+
+def test_error_names_the_request_id(appliance, mqtt_client):
+    client = mqtt_client("3.1.1")
+    final = _final(client.request(appliance.topic("generate"), {"id": "abc-1", "prompt": 1}))
+    assert final["id"] == "abc-1" and final["error"]["code"] == "bad_request"
+
+
+def test_retained_status_and_clean_shutdown(appliance, mqtt_client):
+    client = mqtt_client()
+    client.subscribe(appliance.topic("status"))
+    (msg,) = client.wait_for(lambda m: m.topic == appliance.topic("status") and m.retain)
+    status = json.loads(msg.payload)
+    assert status["state"] == "ready" and status["model"] == "tiny" and status["device"] == appliance.device
+    assert status["version"]
+    assert appliance.stop() == 0
+    client.wait_for(lambda m: m.topic == appliance.topic("status") and json.loads(m.payload)["state"] == "offline")
+    late = mqtt_client()
+    late.subscribe(appliance.topic("status"))
+    (msg,) = late.wait_for(lambda m: m.topic == appliance.topic("status"))
+    assert msg.retain and json.loads(msg.payload)["state"] == "offline"
+
+
+def test_last_will_marks_a_killed_appliance_offline(appliance, mqtt_client):
+    client = mqtt_client()
+    client.subscribe(appliance.topic("status"))
+    client.wait_for(lambda m: m.topic == appliance.topic("status") and json.loads(m.payload)["state"] == "ready")
+    appliance.kill()  # SIGKILL: no goodbye; keepalive is 5 s, the broker gives up after 1.5x
+    (msg,) = client.wait_for(lambda m: m.topic == appliance.topic("status")
+                             and json.loads(m.payload)["state"] == "offline", timeout=20)
+    assert json.loads(msg.payload)["reason"] == "connection lost"
+
+
+def test_queue_full_gets_busy_at_once_and_cancel_frees_the_worker(appliance_factory, mqtt_client):
+    app = appliance_factory("slow", {"worker": {"max_queue": 1, "context_size": 4096}})
+    client = mqtt_client()
+    topic = app.topic("generate")
+    client.subscribe("test/q/#")
+    long = {"prompt": "a", "max_tokens": 4000, "stream": True}
+    client.publish(topic, {**long, "id": "long"}, response_topic="test/q/long", correlation=b"long")
+    client.wait_for(lambda m: m.topic == "test/q/long")  # generating now
+    client.publish(topic, {**long, "id": "waiting"}, response_topic="test/q/waiting", correlation=b"w")
+    started = time.monotonic()
+    refused = client.request(topic, {"id": "third", "prompt": "a", "max_tokens": 4}, reply_topic="test/q/third")
+    assert time.monotonic() - started < 5, "busy must be immediate, not a wait"
+    assert _final(refused)["error"]["code"] == "busy"
+    client.publish(app.topic("cancel"), {"id": "long"})
+    final = _final(client.replies("test/q/long", timeout=20))
+    assert final["error"]["code"] == "cancelled"
+    client.publish(app.topic("cancel"), {"id": "waiting"})
+    assert _final(client.replies("test/q/waiting", timeout=20))["error"]["code"] == "cancelled"
+    ok = _final(client.request(topic, {"prompt": "a", "max_tokens": 3}))
+    assert ok["type"] == "result"
+
+
+def test_request_timeout(appliance_factory, mqtt_client):
+    app = appliance_factory("slow", {"worker": {"request_timeout": 1.5, "context_size": 4096}})
+    client = mqtt_client()
+    started = time.monotonic()
+    final = _final(client.request(app.topic("generate"), {"prompt": "a", "max_tokens": 4000}, timeout=30))
+    assert final["error"]["code"] == "timeout"
+    assert time.monotonic() - started < 10
+    assert _final(client.request(app.topic("generate"), {"prompt": "a", "max_tokens": 3}))["type"] == "result"
+
+
+def test_duplicate_deliveries_are_answered_once(appliance, mqtt_client):
+    client = mqtt_client()
+    reply_topic = f"test/dup/{uuid.uuid4().hex}"
+    client.subscribe(reply_topic)
+    body = {"id": "same", "prompt": "a", "max_tokens": 3}
+    for _ in range(3):
+        client.publish(appliance.topic("generate"), body, response_topic=reply_topic, correlation=b"c1")
+    client.wait_for(lambda m: m.topic == reply_topic)
+    time.sleep(1.5)
+    finals = [json.loads(m.payload) for m in client.messages if m.topic == reply_topic]
+    assert len(finals) == 1 and finals[0]["type"] == "result"

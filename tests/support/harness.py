@@ -1,0 +1,259 @@
+"""Run the real appliance as a subprocess (`python -m appliance serve`) against a real broker, and talk to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from appliance.broker import free_port
+from appliance.transports.mqtt_session import disable_nagle
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def toml_text(data: dict) -> str:
+    """Enough TOML for our configs: tables of scalars."""
+    def scalar(value):
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return str(value)
+        return json.dumps(str(value))
+    out = []
+    for section, values in data.items():
+        out.append(f"[{section}]")
+        out.extend(f"{k} = {scalar(v)}" for k, v in values.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    result = {k: dict(v) for k, v in base.items()}
+    for section, values in extra.items():
+        result.setdefault(section, {}).update(values)
+    return result
+
+
+def http_get(url: str, *, headers: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_post(url: str, body: dict | bytes, *, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+@dataclass
+class Appliance:
+    """One `appliance serve` process. ``device`` is unique per instance, so tests sharing a broker don't mix."""
+
+    workdir: Path
+    config: dict
+    env_extra: dict = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def device(self) -> str:
+        return self.config["device"]["id"]
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['http']['port']}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.device}.log"
+
+    def topic(self, leaf: str) -> str:
+        prefix = self.config.get("mqtt", {}).get("topic_prefix", "appliance")
+        return f"{prefix}/{self.device}/{leaf}"
+
+    def start(self, *, wait: bool = True, timeout: float = 60) -> Appliance:
+        config_path = self.workdir / f"{self.device}.toml"
+        config_path.write_text(toml_text(self.config))
+        env = {**os.environ, **self.env_extra}
+        env.pop("APPLIANCE_DEBUG", None)
+        env["PYTHONPATH"] = str(REPO)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "-c", str(config_path)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"appliance exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                status, _ = http_get(self.http_url + "/readyz", timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"appliance not ready within {timeout} s:\n{self.log_text()[-3000:]}")
+
+    def status(self) -> dict:
+        return json.loads(http_get(self.http_url + "/status")[1])
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def new_appliance(workdir: Path, broker_port: int | None, catalog: Path, default: str, overrides: dict | None = None,
+                  env: dict | None = None) -> Appliance:
+    device = f"t{uuid.uuid4().hex[:8]}"
+    base = {
+        "device": {"id": device, "state_dir": str(workdir / device)},
+        "mqtt": {"host": "127.0.0.1", "port": broker_port or 1, "keepalive": 5, "enabled": broker_port is not None},
+        "http": {"port": free_port()},
+        "models": {"catalog": str(catalog), "default": default},
+        "worker": {"threads": 2, "context_size": 512, "max_queue": 4, "request_timeout": 60},
+        "logging": {"level": "info"},
+    }
+    return Appliance(workdir, merge(base, overrides or {}), env or {})
+
+
+class MqttClient:
+    """A paho client for tests that records everything it receives."""
+
+    def __init__(self, host: str, port: int, *, protocol: str = "5", client_id: str | None = None) -> None:
+        self.v5 = protocol == "5"
+        self.client_id = client_id or f"test-{uuid.uuid4().hex[:10]}"
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                  protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311)
+        self.messages: list[paho.MQTTMessage] = []
+        self._cond = threading.Condition()
+        self._connected, self._subacks = threading.Event(), set()
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+        if not self._connected.wait(10):
+            raise TimeoutError("test MQTT client could not connect")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        disable_nagle(client)
+        self._connected.set()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._cond:
+            self.messages.append(msg)
+            self._cond.notify_all()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._cond:
+            self._subacks.add(mid)
+            self._cond.notify_all()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        result, mid = self.client.subscribe(topic, qos=qos)
+        with self._cond:
+            if not self._cond.wait_for(lambda: mid in self._subacks, timeout=10):
+                raise TimeoutError(f"no SUBACK for {topic}")
+
+    def publish(self, topic: str, payload: bytes | str | dict, *, response_topic: str | None = None,
+                correlation: bytes | None = None, qos: int = 1, retain: bool = False) -> None:
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        props = None
+        if self.v5 and (response_topic or correlation is not None):
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation is not None:
+                props.CorrelationData = correlation
+        self.client.publish(topic, payload, qos=qos, retain=retain, properties=props).wait_for_publish(10)
+
+    def wait_for(self, predicate, timeout: float = 30, count: int = 1) -> list[paho.MQTTMessage]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for m in self.messages if predicate(m)]
+                if len(found) >= count:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"only {len(found)} of {count} expected messages within {timeout} s; "
+                                       f"received: {[(m.topic, m.payload[:200]) for m in self.messages][-10:]}")
+                self._cond.wait(remaining)
+
+    def replies(self, topic: str, *, correlation: bytes | None = None, rid=None, timeout: float = 30) -> list[dict]:
+        """All replies for one request up to and including its final one (result or error)."""
+        def mine(m) -> bool:
+            if m.topic != topic:
+                return False
+            props = getattr(m, "properties", None)
+            if correlation is not None and getattr(props, "CorrelationData", None) != correlation:
+                return False
+            return rid is None or json.loads(m.payload).get("id") == rid
+
+        def final(m) -> bool:
+            return mine(m) and json.loads(m.payload).get("type") in ("result", "error")
+
+        self.wait_for(final, timeout)
+        return [json.loads(m.payload) for m in self.messages if mine(m)]
+
+    def request(self, topic: str, body: dict | bytes, *, timeout: float = 60, correlation: bytes | None = None,
+                reply_topic: str | None = None) -> list[dict]:
+        """Send one request and return every reply to it (chunks then the final one)."""
+        reply_topic = reply_topic or f"test/{self.client_id}/{uuid.uuid4().hex[:8]}"
+        self.subscribe(reply_topic)
+        if self.v5:
+            correlation = correlation if correlation is not None else uuid.uuid4().bytes
+            self.publish(topic, body, response_topic=reply_topic, correlation=correlation)
+            return self.replies(reply_topic, correlation=correlation, timeout=timeout)
+        body = dict(body)
+        body.setdefault("id", uuid.uuid4().hex)
+        body["reply_to"] = reply_topic
+        self.publish(topic, body)
+        return self.replies(reply_topic, rid=body["id"], timeout=timeout)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,106 @@
+"""Tiny but real models for the tests: GGUF files written with the ``gguf`` package, random weights.
+
+The llama-architecture model has a 300-token SentencePiece-style vocabulary (3 control tokens, the 256 byte tokens
+and 41 ASCII pieces). The output rows of the control tokens and of every byte outside printable ASCII are zero, so
+greedy decoding only ever produces printable ASCII and never ends early: outputs are deterministic, readable in a
+failure message, and as long as ``max_tokens`` asks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PIECES = ["▁", "▁the", "▁a", "e", "t", "a", "o", "i", "n", "s", "r", "h", "l", "d", "c", "u", "m", "▁of", "▁and",
+          "▁to", "▁in", "▁is", "er", "th", "he", "in", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te",
+          "ed", "is", "it", "al", "ar"]
+N_SPECIAL = 3  # <unk>, <s>, </s>
+VOCAB_SIZE = N_SPECIAL + 256 + len(PIECES)
+
+# gguf token types
+_NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
+
+
+def _vocab() -> tuple[list[str], list[float], list[int]]:
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + PIECES
+    scores = [0.0] * (N_SPECIAL + 256) + [-float(i) for i in range(len(PIECES))]
+    types = [_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE] * 256 + [_NORMAL] * len(PIECES)
+    return tokens, scores, types
+
+
+def write_llama(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
+                n_ff: int = 128, context: int = 512, seed: int = 0, chat_template: str | None = None,
+                name: str = "tiny-llama") -> Path:
+    """Write a random llama-architecture GGUF (F32) and return its path."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    head_dim = n_embd // n_head
+    tokens, scores, types = _vocab()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_context_length(context)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+
+    def normal(*shape: int, scale: float) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    output = normal(VOCAB_SIZE, n_embd, scale=1.0)
+    printable = [N_SPECIAL + b for b in range(0x20, 0x7F)] + [N_SPECIAL + 0x0A]
+    silenced = np.ones(VOCAB_SIZE, dtype=bool)
+    silenced[printable] = False
+    silenced[N_SPECIAL + 256:] = False
+    output[silenced] = 0.0
+
+    writer.add_tensor("token_embd.weight", normal(VOCAB_SIZE, n_embd, scale=1.0))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    writer.add_tensor("output.weight", output)
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", normal(n_embd, n_embd, scale=0.1))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", normal(n_head_kv * head_dim, n_embd, scale=0.1))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", normal(n_head_kv * head_dim, n_embd, scale=0.1))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", normal(n_embd, n_embd, scale=0.1))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", normal(n_ff, n_embd, scale=0.1))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", normal(n_ff, n_embd, scale=0.1))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", normal(n_embd, n_ff, scale=0.1))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+QUANT_TYPES = {"q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17}  # llama_ftype values
+
+
+def quantize(source: Path, target: Path, kind: str = "q4_0") -> Path:
+    """Quantize a GGUF with llama.cpp's own quantizer."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[kind]
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize returned {rc}")
+    return target

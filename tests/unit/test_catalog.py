@@ -1,0 +1,59 @@
+"""The model catalog: parsing, helpful errors, digest checks."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from appliance.catalog import Catalog, verify
+from appliance.errors import ChecksumMismatch, ConfigError, ModelError, UnknownModel
+
+
+def test_load_resolves_relative_files(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 60)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    (tmp_path / "catalog.toml").write_text(
+        f'[[models]]\nid = "m"\nfile = "m.gguf"\nsha256 = "{digest.upper()}"\nsize = 64\nfamily = "llama"\n'
+        f'template = "alpaca"\nlicence = "MIT"\n')
+    catalog = Catalog.load(tmp_path / "catalog.toml")
+    entry = catalog.get("m")
+    assert entry.path == model and entry.sha256 == digest and entry.backend == "llama_cpp"
+    verify(entry)
+    with pytest.raises(UnknownModel, match="available: m"):
+        catalog.get("other")
+
+
+def test_catalog_errors_name_entry_and_key(tmp_path):
+    (tmp_path / "catalog.toml").write_text(
+        '[[models]]\nid = "a"\nfile = "a.gguf"\nsha256 = "xyz"\ntemplate = "nope"\n\n'
+        '[[models]]\nfile = "b.bin"\nsha256 = 5\ncolour = "red"\n')
+    with pytest.raises(ConfigError) as err:
+        Catalog.load(tmp_path / "catalog.toml")
+    text = "\n".join(err.value.problems)
+    assert "catalog.toml: models[0].sha256 = 'xyz': must be 64 hex characters" in text
+    assert "models[0].template = 'nope': unknown template" in text
+    assert "models[1].colour: unknown key" in text
+    assert "models[1].id: missing" in text
+    assert "models[1].sha256 = 5: must be a string" in text
+
+
+def test_digest_mismatch_names_file_and_both_digests(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"abc")
+    (tmp_path / "catalog.toml").write_text(f'[[models]]\nid = "m"\nfile = "m.gguf"\nsha256 = "{"1" * 64}"\n')
+    with pytest.raises(ChecksumMismatch) as err:
+        verify(Catalog.load(tmp_path / "catalog.toml").get("m"))
+    assert str(model) in err.value.message and "1" * 64 in err.value.message
+    assert hashlib.sha256(b"abc").hexdigest() in err.value.message
+    model.unlink()
+    with pytest.raises(ModelError, match="not found"):
+        verify(Catalog.load(tmp_path / "catalog.toml").get("m"))
+
+
+def test_single_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        Catalog.single_file(tmp_path / "x.gguf")
+    with pytest.raises(ConfigError, match="unsupported file type"):
+        Catalog.single_file(tmp_path / "x.bin")

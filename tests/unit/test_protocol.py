@@ -1,0 +1,69 @@
+"""Request validation shared by both transports."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.errors import BadRequest
+from appliance.protocol import Message, decode_json, parse_generate
+
+
+def test_minimal_request_gets_an_id_and_defaults():
+    request = parse_generate({"prompt": "hi"})
+    assert isinstance(request.id, str) and len(request.id) == 32
+    assert request.params.max_tokens is None and request.params.temperature == 0.8
+    assert request.stream is False and request.messages is None
+
+
+def test_full_request():
+    request = parse_generate({"id": 7, "model": "m", "messages": [{"role": "user", "content": "x"}],
+                              "max_tokens": 9, "temperature": 0, "top_p": 0.5, "top_k": 3, "repeat_penalty": 1.1,
+                              "stop": "END", "seed": 42, "stream": True, "reply_to": "a/b"})
+    assert request.id == 7 and request.messages == (Message("user", "x"),)
+    assert request.params.stop == ("END",) and request.params.seed == 42 and request.params.temperature == 0.0
+    assert request.reply_to == "a/b"
+
+
+def test_openai_content_parts_are_joined():
+    request = parse_generate({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                         {"type": "text", "text": "b"}]}]})
+    assert request.messages[0].content == "ab"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "prompt"),
+    ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "messages"),
+    ({"prompt": "a", "stream": "yes"}, "stream"),
+    ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 1.5}, "max_tokens"),
+    ({"prompt": "a", "top_p": 2}, "top_p"),
+    ({"prompt": "a", "top_k": -1}, "top_k"),
+    ({"prompt": "a", "seed": "x"}, "seed"),
+    ({"prompt": "a", "stop": [""]}, "stop"),
+    ({"prompt": "a", "stop": ["a"] * 9}, "stop"),
+    ({"prompt": "a", "stop": 3}, "stop"),
+    ({"prompt": "a", "id": ""}, "id"),
+    ({"prompt": "a", "id": {"x": 1}}, "id"),
+    ({"prompt": "a", "model": ""}, "model"),
+    ({"prompt": "a", "reply_to": "a/#"}, "reply_to"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"prompt": "a", "temprature": 1}, "temprature"),
+])
+def test_invalid_requests_name_the_field(body, param):
+    with pytest.raises(BadRequest) as err:
+        parse_generate(body)
+    assert err.value.param == param and err.value.message
+
+
+def test_non_strict_ignores_unknown_fields():
+    assert parse_generate({"prompt": "a", "extra": 1}, strict=False).prompt == "a"
+
+
+def test_decode_json_errors_say_what_is_wrong():
+    with pytest.raises(BadRequest, match="not valid JSON: Expecting"):
+        decode_json(b'{"a":', limit=100)
+    with pytest.raises(BadRequest, match="not UTF-8"):
+        decode_json(b"\xff", limit=100)
+    with pytest.raises(BadRequest, match="larger than the limit of 10"):
+        decode_json(b"x" * 11, limit=10)
