@@ -115,7 +115,8 @@ class Scheduler:
             params = replace(params, max_tokens=self.config.worker.default_max_tokens)
         now = time.monotonic()
         job = Job(key=next(self._keys), request=request, model_id=model_id,
-                  task=GenerationTask(prompt=request.prompt, messages=request.messages, params=params),
+                  task=GenerationTask(prompt=request.prompt, messages=request.messages, params=params,
+                                      stream=request.stream),
                   sink=sink, transport=transport, accepted=now, deadline=now + self.config.worker.request_timeout)
         self._inbox.put(("submit", job))
         return job

@@ -203,7 +203,9 @@ def report(result: dict, args: argparse.Namespace, model: Path) -> str:
         low, high = result["ratio_range"][name]
         lines.append(f"| {name} | {speed:.1f} | {result['ratio'][name]:.3f} ({low:.3f}-{high:.3f}) "
                      f"| {result['one_token_ms'][name]:.1f} | {result['overhead_ms'][name]:+.1f} |")
-    lines += ["", "Targets (issue: core appliance): generation >= 0.98x raw on both paths, ahead of the peer "
+    lines += ["", "The min-max column is the spread of the per-round ratios: it shows how much a single "
+              "measurement moves on this machine, so read differences smaller than that spread as noise.", "",
+              "Targets (issue: core appliance): generation >= 0.98x raw on both paths, ahead of the peer "
               "server, per-request overhead <= 5 ms.", ""]
     for name in ("appliance via MQTT", "appliance via HTTP"):
         ratio, overhead = result["ratio"][name], result["overhead_ms"][name]

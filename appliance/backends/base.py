@@ -31,6 +31,7 @@ class GenerationTask:
     prompt: str | None
     messages: tuple[Message, ...] | None
     params: SamplingParams  # max_tokens already resolved (never None here)
+    stream: bool = True  # False: nobody reads pieces before the end, so the worker need not send them
 
 
 @dataclass(frozen=True)

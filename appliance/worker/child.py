@@ -5,7 +5,8 @@ HTTP down. It talks to the parent over a pipe in small tuples:
 
 parent -> child   ("load", entry) | ("generate", job_key, task) | ("cancel", job_key) | ("shutdown",)
 child -> parent   ("ready", pid) | ("loaded", info) | ("load_failed", code, message)
-                  | ("progress", job_key, done, total) | ("piece", job_key, text)
+                  | ("progress", job_key, done, total) (prompt batches; total 0: tokens generated so far)
+                  | ("piece", job_key, text) (streamed requests only)
                   | ("done", job_key, finished) | ("failed", job_key, code, message, param)
                   | ("cancelled", job_key)
 
@@ -19,6 +20,7 @@ import faulthandler
 import logging
 import os
 import signal
+import time
 from collections import deque
 from multiprocessing.connection import Connection
 
@@ -27,6 +29,8 @@ from appliance.backends.base import Backend, EngineSettings, Finished, Piece, Pr
 from appliance.errors import ApplianceError, Internal
 
 log = logging.getLogger("appliance.worker")
+
+PROGRESS_EVERY = 1.0  # seconds between liveness reports of a non-streamed generation
 
 
 class _Child:
@@ -89,11 +93,18 @@ class _Child:
         if self.backend is None:
             self.conn.send(("failed", key, "model_error", "no model is loaded", None))
             return
-        finished = False
+        finished, pieces, last_report = False, 0, time.monotonic()
         try:
             for event in self.backend.generate(task, lambda: self._should_stop(key)):
                 if isinstance(event, Piece):
-                    self.conn.send(("piece", key, event.text))
+                    pieces += 1
+                    if task.stream:
+                        self.conn.send(("piece", key, event.text))
+                    elif time.monotonic() - last_report >= PROGRESS_EVERY:
+                        # Without a stream, one small message a second is enough to show the worker is alive;
+                        # a message per token would cost the parent CPU that the engine's threads need.
+                        last_report = time.monotonic()
+                        self.conn.send(("progress", key, pieces, 0))
                 elif isinstance(event, PromptProgress):
                     self.conn.send(("progress", key, event.done, event.total))
                 elif isinstance(event, Finished):
