@@ -72,6 +72,21 @@ class Service:
         except BaseException:
             self.close()
             raise
+        self._announce()
+
+    def _announce(self) -> None:
+        """One line that tells a person where to send requests."""
+        parts = [f"model {self.config.models.default}"]
+        if self.mqtt_address:
+            host, port = self.mqtt_address
+            prefix = self.config.mqtt.topic_prefix
+            parts.append(f"MQTT {host}:{port} topics {prefix}/{self.config.device.id}/generate and "
+                         f"{prefix}/fleet/generate")
+        else:
+            parts.append("no MQTT")
+        if self.http is not None:
+            parts.append(f"HTTP http://{self.http.host}:{self.http.port}/v1")
+        log.info("serving %s", "; ".join(parts))
 
     def _start_http(self) -> None:
         h, w = self.config.http, self.config.worker

@@ -11,6 +11,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 from flask import Flask, Response, request
@@ -132,20 +133,26 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
         sink = QueueSink()
         job = scheduler.submit(generate_request, sink, "http")
         shaper = openai.ResponseShaper(generate_request, job.model_id, kind)
-        if not generate_request.stream:
-            return wait_for_result(job, sink, shaper)
         disconnected = request.environ.get("waitress.client_disconnected", lambda: False)
+        if not generate_request.stream:
+            return wait_for_result(job, sink, shaper, disconnected)
         stream = stream_events(job, sink, shaper, openai.wants_usage_in_stream(body), disconnected)
         return Response(stream, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def wait_for_result(job: Job, sink: QueueSink, shaper: openai.ResponseShaper) -> Response:
+    def wait_for_result(job: Job, sink: QueueSink, shaper: openai.ResponseShaper, disconnected) -> Response:
+        deadline = time.monotonic() + result_wait
         while True:
             try:
-                kind, value = sink.items.get(timeout=result_wait)
+                kind, value = sink.items.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                scheduler.cancel_job(job)
-                return error_response(Internal("no reply from the scheduler"))
+                if disconnected():
+                    scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))
+                    return error_response(Cancelled("the HTTP client disconnected"), transport_counted=True)
+                if time.monotonic() > deadline:
+                    scheduler.cancel_job(job)
+                    return error_response(Internal("no reply from the scheduler"))
+                continue
             if kind == "result":
                 return Response(json.dumps(shaper.full(value), ensure_ascii=False), mimetype="application/json")
             if kind == "error":
@@ -186,8 +193,10 @@ class HttpServer:
     """waitress in a background thread; ``port`` is the bound port (useful with port 0)."""
 
     def __init__(self, app: Flask, host: str, port: int, threads: int) -> None:
+        # channel_request_lookahead keeps connections readable while a request runs, which is how waitress
+        # notices a client that went away (waitress.client_disconnected) before a reply is written
         self._server = create_server(app, host=host, port=port, threads=threads, ident="appliance",
-                                     clear_untrusted_proxy_headers=True)
+                                     clear_untrusted_proxy_headers=True, channel_request_lookahead=5)
         self.port = int(self._server.effective_port)
         self.host = host
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)

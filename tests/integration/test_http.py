@@ -219,3 +219,48 @@ def test_concurrent_requests_are_all_answered(appliance):
     for t in threads:
         t.join()
     assert sorted(results) == [200] * 5  # max_queue 4 + 1 running
+
+
+def test_client_disconnect_cancels_a_non_streamed_request_too(appliance_factory):
+    app = appliance_factory("slow", {"worker": {"context_size": 4096}})
+    parsed = urlparse(app.http_url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "a", "max_tokens": 4000}),
+                 {"Content-Type": "application/json"})
+    time.sleep(0.5)
+    conn.close()  # gone before the answer
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if 'appliance_errors_total{code="cancelled"} 1.0' in http_get(app.http_url + "/metrics")[1].decode():
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the generation of a vanished client was not cancelled")
+    status, _ = http_post(app.http_url + "/v1/completions", {"prompt": "a", "max_tokens": 2})
+    assert status == 200
+
+
+def test_readyz_is_503_while_the_model_loads(appliance_factory, tmp_path):
+    """A 1 GiB model file takes seconds to digest-check: the status is `loading` and /readyz says 503 until then."""
+    big = tmp_path / "big.gguf"
+    with big.open("wb") as fh:
+        fh.truncate(1 << 30)  # sparse: no disk space used
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[[models]]\nid = "big"\nfile = "{big}"\nsha256 = "{"1" * 64}"\n')
+    app = appliance_factory("big", {"models": {"catalog": str(catalog)}}, start=False).start(wait=False)
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            status, body = http_get(app.http_url + "/readyz")
+        except OSError:
+            time.sleep(0.05)
+            continue
+        state = json.loads(body)["status"]
+        assert status == 503, "never ready: the file is not a model"
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if state == "degraded":
+            break
+        time.sleep(0.05)
+    assert "loading" in seen and seen[-1] == "degraded", seen

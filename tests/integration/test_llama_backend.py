@@ -130,3 +130,17 @@ def test_held_back_tail():
     assert _held_back("abc<|im", ("<|im_end|>",)) == 4
     assert _held_back("abc", ("<|im_end|>",)) == 0
     assert _held_back("x###", ("### Instruction:", "##")) == 3
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q8_0", "q4_k_m"])
+def test_quantized_files_load_and_match_llama_cpp_python(tmp_path, kind):
+    from tests.support import tiny_models
+    f32 = tiny_models.write_llama(tmp_path / "f32.gguf", n_embd=256, n_head=8, n_head_kv=4, n_ff=512, seed=3)
+    path = tiny_models.quantize(f32, tmp_path / f"{kind}.gguf", kind)
+    assert path.stat().st_size < f32.stat().st_size / 2
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=16, n_threads=2, verbose=False)
+    expected = llm.create_completion("the cat", max_tokens=20, temperature=0)["choices"][0]["text"]
+    llm.close()
+    with LlamaCppBackend(SETTINGS) as b:
+        b.load(Catalog.single_file(path).get(kind))
+        assert run(b, "the cat", max_tokens=20, temperature=0)[2].text == expected

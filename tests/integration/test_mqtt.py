@@ -169,3 +169,22 @@ def test_duplicate_deliveries_are_answered_once(appliance, mqtt_client):
     time.sleep(1.5)
     finals = [json.loads(m.payload) for m in client.messages if m.topic == reply_topic]
     assert len(finals) == 1 and finals[0]["type"] == "result"
+
+
+def test_mosquitto_command_line_clients(appliance, broker):
+    """The stock mosquitto_pub/mosquitto_sub, MQTT v5 request/response with correlation data."""
+    import shutil
+    import subprocess
+    if not (shutil.which("mosquitto_pub") and shutil.which("mosquitto_sub")):
+        pytest.fail("mosquitto-clients is required (apt install mosquitto-clients); .ci/run installs it")
+    port = str(broker.port)
+    reply_topic = f"cli/{uuid.uuid4().hex}"
+    sub = subprocess.Popen(["mosquitto_sub", "-p", port, "-V", "mqttv5", "-t", reply_topic, "-C", "1", "-W", "30"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    subprocess.run(["mosquitto_pub", "-p", port, "-V", "mqttv5", "-t", appliance.topic("generate"),
+                    "-D", "publish", "response-topic", reply_topic, "-D", "publish", "correlation-data", "c1",
+                    "-m", json.dumps({"prompt": "hello", "max_tokens": 4})], check=True)
+    out, _ = sub.communicate(timeout=40)
+    reply = json.loads(out)
+    assert reply["type"] == "result" and reply["usage"]["completion_tokens"] == 4
