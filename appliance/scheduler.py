@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from appliance.backends.base import EngineSettings, Finished, GenerationTask
+from appliance.backends.base import EngineSettings, GenerationTask
 from appliance.catalog import Catalog
 from appliance.config import Config
 from appliance.errors import (
@@ -33,7 +33,7 @@ from appliance.errors import (
     error_from_code,
 )
 from appliance.metrics import Metrics
-from appliance.protocol import Completion, GenerateRequest, Usage
+from appliance.protocol import Completion, GenerateRequest
 from appliance.status import StatusBoard
 from appliance.worker.lifecycle import WorkerSlot
 
@@ -218,7 +218,7 @@ class Scheduler:
             job.seq += 1
             self._call(job.sink.on_piece, job, job.seq, outcome[1])
         elif what == "done":
-            self._finish(job, result=self._completion(job, outcome[1]))
+            self._finish(job, result=outcome[1])
         elif what == "failed":
             self._finish(job, error=outcome[1])
         elif what == "cancelled":
@@ -268,11 +268,6 @@ class Scheduler:
         job.stop_reason = error
         job.stop_deadline = time.monotonic() + self.config.worker.cancel_grace
         self.worker.cancel(job.key)
-
-    def _completion(self, job: Job, finished: Finished) -> Completion:
-        return Completion(text=finished.text, finish_reason=finished.finish_reason,
-                          usage=Usage(finished.prompt_tokens, finished.completion_tokens),
-                          ttft_ms=finished.ttft_ms, tokens_per_s=finished.tokens_per_s, model=job.model_id)
 
     def _fail_queued(self, job: Job, error: ApplianceError) -> None:
         self._queue.remove(job)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from appliance.catalog import ModelEntry
-from appliance.protocol import Message, SamplingParams
+from appliance.protocol import Completion, Message, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -50,16 +50,6 @@ class PromptProgress:
 
 
 @dataclass(frozen=True)
-class Finished:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_ms: float
-    tokens_per_s: float
-
-
-@dataclass(frozen=True)
 class ModelInfo:
     id: str
     context_size: int
@@ -67,7 +57,7 @@ class ModelInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-GenerationEvent = Piece | PromptProgress | Finished
+GenerationEvent = Piece | PromptProgress | Completion
 
 
 class Backend(ABC):
@@ -85,10 +75,10 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
-        """Yield pieces, then exactly one :class:`Finished`.
+        """Yield pieces, then exactly one :class:`~appliance.protocol.Completion`.
 
         ``should_stop`` is polled between prompt batches and between tokens; when it returns True the generator
-        ends early without a Finished event. Raises TooLong when the prompt does not fit the context.
+        ends early without a Completion. Raises TooLong when the prompt does not fit the context.
         """
 
     @abstractmethod

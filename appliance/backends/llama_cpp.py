@@ -17,7 +17,6 @@ from appliance import templates
 from appliance.backends.base import (
     Backend,
     EngineSettings,
-    Finished,
     GenerationEvent,
     GenerationTask,
     ModelInfo,
@@ -26,7 +25,7 @@ from appliance.backends.base import (
 )
 from appliance.catalog import ModelEntry
 from appliance.errors import ModelError, TooLong
-from appliance.protocol import Message
+from appliance.protocol import Completion, Message, Usage
 
 _FALLBACK_TEMPLATE = "chatml"  # what llama-server uses for a GGUF without a template and no catalog entry
 
@@ -191,9 +190,9 @@ class LlamaCppBackend(Backend):
             yield Piece(text[sent:])
         ended = time.perf_counter()
         first_token_at = first_token_at or ended
-        yield Finished(text=text, finish_reason=finish_reason, prompt_tokens=len(prompt_tokens),
-                       completion_tokens=n_generated, ttft_ms=(first_token_at - started) * 1000.0,
-                       tokens_per_s=n_generated / max(ended - sampling_started, 1e-9))
+        yield Completion(text=text, finish_reason=finish_reason, usage=Usage(len(prompt_tokens), n_generated),
+                         ttft_ms=(first_token_at - started) * 1000.0,
+                         tokens_per_s=n_generated / max(ended - sampling_started, 1e-9), model=self._entry.id)
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -25,8 +25,9 @@ from collections import deque
 from multiprocessing.connection import Connection
 
 from appliance import backends, catalog
-from appliance.backends.base import Backend, EngineSettings, Finished, Piece, PromptProgress
+from appliance.backends.base import Backend, EngineSettings, Piece, PromptProgress
 from appliance.errors import ApplianceError, Internal
+from appliance.protocol import Completion
 
 log = logging.getLogger("appliance.worker")
 
@@ -107,7 +108,7 @@ class _Child:
                         self.conn.send(("progress", key, pieces, 0))
                 elif isinstance(event, PromptProgress):
                     self.conn.send(("progress", key, event.done, event.total))
-                elif isinstance(event, Finished):
+                elif isinstance(event, Completion):
                     finished = True
                     self.conn.send(("done", key, event))
         except ApplianceError as exc:

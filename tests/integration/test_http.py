@@ -143,18 +143,9 @@ def test_models_health_and_metrics(appliance):
 
 def test_readyz_is_503_with_the_reason_when_the_model_cannot_load(appliance_factory):
     app = appliance_factory("corrupt", start=False).start(wait=False)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            status, body = http_get(app.http_url + "/readyz")
-        except OSError:
-            time.sleep(0.1)
-            continue
-        if json.loads(body)["status"] == "degraded":
-            break
-        time.sleep(0.1)
+    status, body = app.readyz_until("degraded")[-1]
     assert status == 503
-    reason = json.loads(body)["reason"]
+    reason = body["reason"]
     assert "sha256 mismatch" in reason and "0" * 64 in reason and "tiny-q4_0.gguf" in reason
     status, body = http_post(app.http_url + "/v1/completions", {"prompt": "a", "max_tokens": 2})
     assert status == 500 and body["error"]["code"] == "model_error" and "sha256" in body["error"]["message"]
@@ -167,14 +158,7 @@ def test_api_key(appliance_factory, tmp_path):
     key_file.write_text("s3cret\n")
     app = appliance_factory(overrides={"http": {"api_key_file": str(key_file)}}, start=False)
     app.start(wait=False)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if http_get(app.http_url + "/readyz", headers={"Authorization": "Bearer s3cret"})[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.1)
+    app.readyz_until("ready", headers={"Authorization": "Bearer s3cret"})
     assert http_get(app.http_url + "/healthz")[0] == 200
     status, body = http_post(app.http_url + "/v1/completions", {"prompt": "a", "max_tokens": 2})
     assert status == 401 and body["error"]["code"] == "unauthorized"
@@ -248,19 +232,6 @@ def test_readyz_is_503_while_the_model_loads(appliance_factory, tmp_path):
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(f'[[models]]\nid = "big"\nfile = "{big}"\nsha256 = "{"1" * 64}"\n')
     app = appliance_factory("big", {"models": {"catalog": str(catalog)}}, start=False).start(wait=False)
-    seen = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            status, body = http_get(app.http_url + "/readyz")
-        except OSError:
-            time.sleep(0.05)
-            continue
-        state = json.loads(body)["status"]
-        assert status == 503, "never ready: the file is not a model"
-        if not seen or seen[-1] != state:
-            seen.append(state)
-        if state == "degraded":
-            break
-        time.sleep(0.05)
-    assert "loading" in seen and seen[-1] == "degraded", seen
+    seen = app.readyz_until("degraded")
+    assert all(status == 503 for status, _ in seen), "never ready: the file is not a model"
+    assert "loading" in [body["status"] for _, body in seen], seen

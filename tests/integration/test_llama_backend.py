@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.backends.base import EngineSettings, Finished, GenerationTask, Piece, PromptProgress
+from appliance.backends.base import EngineSettings, GenerationTask, Piece, PromptProgress
 from appliance.backends.llama_cpp import LlamaCppBackend, _held_back
 from appliance.catalog import Catalog
 from appliance.errors import TooLong
-from appliance.protocol import Message, SamplingParams
+from appliance.protocol import Completion, Message, SamplingParams
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -33,7 +33,7 @@ def run(backend, prompt=None, messages=None, should_stop=lambda: False, **params
     params.setdefault("max_tokens", 32)
     task = GenerationTask(prompt=prompt, messages=messages, params=SamplingParams(**params))
     events = list(backend.generate(task, should_stop))
-    finished = [e for e in events if isinstance(e, Finished)]
+    finished = [e for e in events if isinstance(e, Completion)]
     pieces = [e.text for e in events if isinstance(e, Piece)]
     return events, pieces, (finished[0] if finished else None)
 
@@ -48,8 +48,8 @@ def test_token_identical_to_llama_cpp_python_at_temperature_zero(backend, refere
     assert finished.text == expected["choices"][0]["text"]
     assert "".join(pieces) == finished.text
     assert finished.finish_reason == expected["choices"][0]["finish_reason"]
-    assert finished.prompt_tokens == expected["usage"]["prompt_tokens"]
-    assert finished.completion_tokens == expected["usage"]["completion_tokens"]
+    assert finished.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+    assert finished.usage.completion_tokens == expected["usage"]["completion_tokens"]
 
 
 @pytest.mark.parametrize("seed", [1, 7, 12345])
@@ -90,7 +90,7 @@ def test_long_prompt_reports_progress_and_can_be_cancelled_between_batches(backe
     assert finished is None and pieces == []
     assert len([e for e in events if isinstance(e, PromptProgress)]) == 3
     # the backend is usable afterwards and still exact
-    assert run(backend, "the cat is on the", max_tokens=5, temperature=0)[2].completion_tokens == 5
+    assert run(backend, "the cat is on the", max_tokens=5, temperature=0)[2].usage.completion_tokens == 5
 
 
 def test_prompt_longer_than_the_context_is_too_long(backend):
@@ -101,7 +101,7 @@ def test_prompt_longer_than_the_context_is_too_long(backend):
 
 def test_max_tokens_is_clamped_to_the_context(backend):
     _, _, finished = run(backend, "in " * 200, max_tokens=5000, temperature=0)
-    assert finished.prompt_tokens + finished.completion_tokens == 512
+    assert finished.usage.prompt_tokens + finished.usage.completion_tokens == 512
     assert finished.finish_reason == "length"
 
 

@@ -111,18 +111,28 @@ class Appliance:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_ready(self, timeout: float = 60) -> None:
+        self.readyz_until("ready", timeout=timeout)
+
+    def readyz_until(self, state: str, *, timeout: float = 60, headers: dict | None = None) -> list[tuple[int, dict]]:
+        """Poll /readyz until it reports ``state``; returns every distinct (HTTP status, body) seen on the way."""
+        seen: list[tuple[int, dict]] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"appliance exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                status, _ = http_get(self.http_url + "/readyz", timeout=2)
-                if status == 200:
-                    return
+                status, body = http_get(self.http_url + "/readyz", headers=headers, timeout=2)
             except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"appliance not ready within {timeout} s:\n{self.log_text()[-3000:]}")
+                time.sleep(0.05)
+                continue
+            observed = (status, json.loads(body))
+            if not seen or seen[-1] != observed:
+                seen.append(observed)
+            if observed[1].get("status") == state:
+                return seen
+            time.sleep(0.05)
+        raise TimeoutError(f"/readyz never said {state!r} within {timeout} s (saw {seen}):\n"
+                           f"{self.log_text()[-3000:]}")
 
     def status(self) -> dict:
         return json.loads(http_get(self.http_url + "/status")[1])
