@@ -88,6 +88,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     config = _config(args)
     catalog = load_catalog(config)
+    if args.action == "fit":
+        return _models_fit(config, catalog)
     if args.action == "list":
         if args.json:
             print(json.dumps([e.describe() for e in catalog], indent=2))
@@ -114,6 +116,53 @@ def cmd_models(args: argparse.Namespace) -> int:
         failures += 1
         print(f"FAILED   {model_id}  not in the catalog")
     return 1 if failures else 0
+
+
+def _models_fit(config: Config, catalog) -> int:
+    """The memory estimate of each model against what this machine has now."""
+    from appliance import admission
+    from appliance.sensors import MiB, Sensors
+
+    reading = Sensors(config.memory, config.thermal, config.gpio).memory()
+    if config.memory.budget_mib:
+        available, source = config.memory.budget_mib * MiB, "memory.budget_mib"
+    elif reading is not None:
+        available, source = reading.available, f"MemAvailable in {config.memory.meminfo_path}"
+    else:
+        available, source = None, "unknown"
+    shown = "?" if available is None else f"{available / MiB:.0f} MiB"
+    print(f"available: {shown} ({source}); context {config.worker.context_size}, batch {config.worker.batch_size}")
+    misfits = 0
+    for entry in catalog:
+        try:
+            footprint = admission.estimate(entry, config)
+        except ApplianceError as exc:
+            print(f"?        {entry.id}: {exc.message}")
+            continue
+        if footprint is None:
+            print(f"?        {entry.id}: no estimate for {entry.path.suffix} files")
+            continue
+        fits = available is None or footprint.total <= available
+        misfits += not fits
+        print(f"{'fits' if fits else 'TOO BIG':8} {entry.id}: {footprint.describe()}")
+    return 1 if misfits else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from appliance import client
+
+    config = _config(args)
+    url = args.http or f"http://{_client_host(config.http.bind)}:{config.http.port}"
+    api_key = read_secret(config.http.api_key_file) if config.http.api_key_file else None
+    status = client.get_status(url, api_key=api_key)
+    if "error" in status and "state" not in status:
+        print(f"error: {status['error'].get('message')}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(client.format_status(status))
+    return 0 if status.get("state") in ("ready", "busy") else 3
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -157,14 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="the model catalog")
     models_sub = models.add_subparsers(dest="action", required=True)
-    for name, text in (("list", "list catalog entries"), ("verify", "check files and sha256 digests")):
+    for name, text in (("list", "list catalog entries"), ("verify", "check files and sha256 digests"),
+                       ("fit", "estimate each model's memory and compare with this machine's")):
         p = models_sub.add_parser(name, help=text)
         p.add_argument("-c", "--config")
         if name == "list":
             p.add_argument("--json", action="store_true")
-        else:
+        elif name == "verify":
             p.add_argument("ids", nargs="*", help="only these model ids")
     models.set_defaults(func=cmd_models)
+
+    status = sub.add_parser("status", help="state, model, temperature, memory and throttle flags of a running "
+                            "appliance (exit 0 when serving, 3 otherwise)")
+    status.add_argument("-c", "--config", help="read the HTTP address and API key from this config")
+    status.add_argument("--http", metavar="URL", help="the appliance's HTTP address")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
 
     config = sub.add_parser("config", help="check a config file, or print the reference")
     config_sub = config.add_subparsers(dest="action", required=True)

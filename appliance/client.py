@@ -80,6 +80,46 @@ def ask_http(base_url: str, body: dict, *, chat: bool, api_key: str | None = Non
     return answer
 
 
+def get_status(base_url: str, *, api_key: str | None = None, timeout: float = 10) -> dict:
+    """GET /status; on failure a dict with an "error" key."""
+    if not base_url.startswith(("http://", "https://")):
+        return {"error": {"message": f"not an http(s) URL: {base_url}"}}
+    req = urllib.request.Request(base_url.rstrip("/") + "/status")  # noqa: S310 - scheme checked above
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return {"error": {"message": f"HTTP {exc.code}"}}
+    except (urllib.error.URLError, OSError) as exc:
+        return {"error": {"message": f"cannot reach {base_url}: {getattr(exc, 'reason', exc)}"}}
+
+
+def format_status(status: dict) -> str:
+    """A few lines for a person."""
+    t = status.get("telemetry") or {}
+    lines = [f"{status.get('device')}: {status.get('state')}"
+             + (f" ({status['reason']})" if status.get("reason") else "")
+             + f", model {status.get('model') or '-'}, appliance {status.get('version')}"]
+    lines += [f"  warning: {w}" for w in status.get("warnings", [])]
+    if t.get("temperature_c") is not None:
+        lines.append(f"  temperature {t['temperature_c']:.1f} °C ({t.get('thermal')})")
+    if t.get("throttle"):
+        lines.append(f"  throttle flags {t['throttle']['raw']}: {', '.join(t['throttle']['flags']) or 'none'}")
+    memory = t.get("memory")
+    if memory:
+        psi = "" if memory.get("psi_some_avg10") is None else \
+            f", PSI some {memory['psi_some_avg10']}% full {memory['psi_full_avg10']}%"
+        lines.append(f"  memory {memory['available_mib']:.0f} of {memory['total_mib']:.0f} MiB available "
+                     f"({memory['level']}{psi})")
+    if t.get("worker_rss_mib") is not None:
+        lines.append(f"  worker RSS {t['worker_rss_mib']:.0f} MiB, {t['worker']['threads']} threads"
+                     + (f", {t['worker']['token_delay_s']} s between tokens" if t['worker']['token_delay_s'] else ""))
+    lines.append(f"  requests outstanding {status.get('outstanding', 0)}, last {t.get('tokens_per_s', 0)} tok/s")
+    return "\n".join(lines)
+
+
 def ask_mqtt(host: str, port: int, topic: str, body: dict, *, protocol: str = "5", username: str | None = None,
              password: str | None = None, reply_prefix: str = "appliance/client",
              on_delta: Callable[[str], None] = lambda s: None, timeout: float = 600) -> Answer:

@@ -110,6 +110,20 @@ class WorkerCrashed(ApplianceError):
     http_status = HTTPStatus.BAD_GATEWAY
 
 
+class InsufficientMemory(ApplianceError):
+    """Not enough memory: a model load was refused, or memory ran critically low and the generation was stopped."""
+
+    code = "memory"
+    http_status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class Overheated(ApplianceError):
+    """The board is above its hard temperature limit; new requests are refused until it cools down."""
+
+    code = "thermal"
+    http_status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
 class Internal(ApplianceError):
     """An unexpected failure inside the appliance; the message never contains request text."""
 
@@ -118,13 +132,12 @@ class Internal(ApplianceError):
 ERROR_CODES: dict[str, str] = {
     cls.code: (cls.__doc__ or "").strip().splitlines()[0]
     for cls in (BadRequest, Unauthorized, UnknownModel, Busy, TooLong, RequestTimeout, Cancelled, ModelError,
-                WorkerCrashed, Internal)
+                WorkerCrashed, InsufficientMemory, Overheated, Internal)
 }
 
 _BY_CODE: dict[str, type[ApplianceError]] = {
-    "bad_request": BadRequest, "unauthorized": Unauthorized, "unknown_model": UnknownModel, "busy": Busy,
-    "too_long": TooLong, "timeout": RequestTimeout, "cancelled": Cancelled, "model_error": ModelError,
-    "worker_crashed": WorkerCrashed, "internal": Internal,
+    cls.code: cls for cls in (BadRequest, Unauthorized, UnknownModel, Busy, TooLong, RequestTimeout, Cancelled,
+                              ModelError, WorkerCrashed, InsufficientMemory, Overheated, Internal)
 }
 
 

@@ -30,6 +30,16 @@ class Metrics:
         self.model_loaded = Gauge("appliance_model_loaded", "1 for the model that is loaded.", ["model"], registry=r)
         self.state = Gauge("appliance_state", "1 for the current state.", ["state"], registry=r)
         self.worker_restarts = Counter("appliance_worker_restarts", "Inference worker restarts.", registry=r)
+        self.temperature = Gauge("appliance_cpu_temperature_celsius", "CPU temperature.", registry=r)
+        self.mem_available = Gauge("appliance_memory_available_bytes", "MemAvailable.", registry=r)
+        self.swap_free = Gauge("appliance_swap_free_bytes", "SwapFree.", registry=r)
+        self.memory_pressure = Gauge("appliance_memory_pressure_avg10", "PSI memory stall, % of the last 10 s.",
+                                     ["kind"], registry=r)
+        self.worker_rss = Gauge("appliance_worker_rss_bytes", "Resident memory of the inference worker.", registry=r)
+        self.throttle_flags = Gauge("appliance_throttle", "Raspberry Pi firmware flags now (vcgencmd).", ["flag"],
+                                    registry=r)
+        self.condition = Gauge("appliance_condition", "1 for the current memory and thermal level.",
+                               ["kind", "level"], registry=r)
         self.callback_errors = Counter("appliance_callback_errors", "Exceptions caught in MQTT callbacks.",
                                        registry=r)
         for state in STATES:

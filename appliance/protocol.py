@@ -50,6 +50,8 @@ class GenerateRequest:
     stream: bool = False
     #: MQTT 3.1.1 fallback for the v5 Response Topic
     reply_to: str | None = None
+    #: "low" requests are the first refused when memory runs low
+    priority: str = "normal"
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class Completion:
 # validation
 
 _FIELDS = {"id", "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "repeat_penalty",
-           "stop", "seed", "stream", "reply_to"}
+           "stop", "seed", "stream", "reply_to", "priority"}
+PRIORITIES = ("normal", "low")
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, *, integer: bool = False) -> Any:
@@ -173,6 +176,9 @@ def parse_generate(body: Any, *, strict: bool = True) -> GenerateRequest:
     reply_to = body.get("reply_to")
     if reply_to is not None and (not isinstance(reply_to, str) or not reply_to or any(c in reply_to for c in "+#")):
         raise BadRequest("'reply_to' must be an MQTT topic without wildcards", param="reply_to")
+    priority = body.get("priority", "normal")
+    if priority not in PRIORITIES:
+        raise BadRequest(f"'priority' must be one of {', '.join(PRIORITIES)}", param="priority")
     max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         max_tokens = _number(body, "max_tokens", 0, 1, 1 << 20, integer=True)
@@ -191,7 +197,7 @@ def parse_generate(body: Any, *, strict: bool = True) -> GenerateRequest:
         seed=seed,
     )
     return GenerateRequest(id=rid, prompt=prompt, messages=_messages(messages) if messages is not None else None,
-                           model=model, params=params, stream=stream, reply_to=reply_to)
+                           model=model, params=params, stream=stream, reply_to=reply_to, priority=priority)
 
 
 def decode_json(payload: bytes | str, *, limit: int) -> Any:

@@ -1,11 +1,11 @@
 """The request queue between the transports and the inference worker.
 
 Transports call :meth:`Scheduler.submit` from their own threads; it answers at once (accepted, ``busy``,
-``unknown_model``, ``model_error``) and never blocks. Everything else happens on one scheduler thread that owns the
-queue and the worker: it starts and restarts the child process, loads models, runs one generation at a time, enforces
-timeouts and cancellations, and hands pieces and results to each job's sink. Nothing else touches that state, so
-there are no locks around it; the only shared numbers (how many jobs are outstanding, which models failed) sit
-behind one small lock.
+``unknown_model``, ``model_error``, ``memory``, ``thermal``) and never blocks. Everything else happens on one
+scheduler thread that owns the queue and the worker: it starts and restarts the child process, admits and loads
+models, runs one generation at a time, enforces timeouts, stalls and cancellations, applies the supervisor's
+conditions (pause, throttle, unload) and hands pieces and results to each job's sink. Nothing else touches that
+state, so there are no locks around it; the few numbers read from other threads sit behind one small lock.
 """
 
 from __future__ import annotations
@@ -16,65 +16,44 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import replace
 
 from appliance.backends.base import EngineSettings, GenerationTask
 from appliance.catalog import Catalog
-from appliance.config import Config
+from appliance.config.schema import Config
 from appliance.errors import (
     ApplianceError,
     Busy,
     Cancelled,
+    InsufficientMemory,
     ModelError,
     RequestTimeout,
     UnknownModel,
     WorkerCrashed,
     error_from_code,
 )
+from appliance.guard import Guard
+from appliance.jobs import Job, Reporter, Sink
 from appliance.metrics import Metrics
+from appliance.policies import Conditions
 from appliance.protocol import Completion, GenerateRequest
 from appliance.status import StatusBoard
 from appliance.worker.lifecycle import WorkerSlot
 
 log = logging.getLogger(__name__)
 
-
-class Sink(Protocol):
-    """Where a job's output goes. Called on the scheduler thread; must not block."""
-
-    def on_piece(self, job: Job, seq: int, text: str) -> None: ...
-    def on_result(self, job: Job, completion: Completion) -> None: ...
-    def on_error(self, job: Job, error: ApplianceError) -> None: ...
-    def on_abandon(self, job: Job) -> None:
-        """The appliance is shutting down before the job finished (MQTT leaves it unacked for redelivery)."""
-
-
-@dataclass(eq=False)
-class Job:
-    key: int
-    request: GenerateRequest
-    model_id: str
-    task: GenerationTask
-    sink: Sink
-    transport: str
-    accepted: float
-    deadline: float
-    seq: int = 0
-    started: float | None = None
-    last_progress: float = 0.0
-    stop_reason: ApplianceError | None = None  # set when a running job is being cancelled or timed out
-    stop_deadline: float = 0.0
-    finished: bool = False
-    extra: dict = field(default_factory=dict)  # transport bookkeeping (e.g. MQTT message ids to ack)
+__all__ = ["Job", "Scheduler", "Sink"]
 
 
 class Scheduler:
-    def __init__(self, catalog: Catalog, config: Config, status: StatusBoard, metrics: Metrics) -> None:
+    def __init__(self, catalog: Catalog, config: Config, status: StatusBoard, metrics: Metrics,
+                 guard: Guard | None = None) -> None:
         self.catalog = catalog
         self.config = config
         self.status = status
         self.metrics = metrics
+        self.guard = guard or Guard(config, lambda: None)
+        self.reporter = Reporter(config, metrics)
         self.default_model = config.models.default
         self._capacity = config.worker.max_queue + 1  # waiting + the one being generated
         self._lock = threading.Lock()
@@ -85,10 +64,12 @@ class Scheduler:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queue: deque[Job] = deque()
         self._running: Job | None = None
-        settings = EngineSettings(threads=_threads(config.worker.threads), context_size=config.worker.context_size,
+        self._admission_problem = ""  # why the default model was refused, while it is
+        self.heartbeat = time.monotonic()  # the watchdog checks that this loop keeps turning
+        self.threads = _threads(config.worker.threads)
+        settings = EngineSettings(threads=self.threads, context_size=config.worker.context_size,
                                   batch_size=config.worker.batch_size, mmap=config.worker.mmap)
-        self.worker = WorkerSlot(settings, config, metrics,
-                                 post=lambda event: self._inbox.put(("worker", event)))
+        self.worker = WorkerSlot(settings, config, metrics, post=lambda event: self._inbox.put(("worker", event)))
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
     # -- any thread --------------------------------------------------------------------------------------------
@@ -96,12 +77,21 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def submit(self, request: GenerateRequest, sink: Sink, transport: str) -> Job:
         """Accept a request or raise at once; never waits for room in the queue."""
         model_id = request.model or self.default_model
         if model_id not in self.catalog or (model_id != self.default_model and not self.config.models.switch):
             available = self.catalog.ids if self.config.models.switch else [self.default_model]
             raise UnknownModel(f"unknown model '{model_id}' (available: {', '.join(available)})", param="model")
+        refusal = self.guard.refusal(request, model_id)
+        if refusal is not None:
+            raise refusal
+        if self.worker.failure:
+            raise WorkerCrashed(self.worker.failure)
         with self._lock:
             if not self._accepting:
                 raise Busy("the appliance is shutting down")
@@ -129,6 +119,13 @@ class Scheduler:
         """Cancel one job (an HTTP client went away)."""
         self._inbox.put(("cancel_job", job, error or Cancelled("the client cancelled the request")))
 
+    def set_conditions(self, conditions: Conditions) -> None:
+        """The supervisor's view of memory and temperature changed."""
+        self._inbox.put(("conditions", conditions))
+
+    def record_error(self, transport: str, error: ApplianceError) -> None:
+        self.reporter.record_error(transport, error)
+
     @property
     def outstanding(self) -> int:
         return self._outstanding
@@ -149,6 +146,7 @@ class Scheduler:
     def _run(self) -> None:
         self.worker.start()
         while True:
+            self.heartbeat = time.monotonic()
             try:
                 event = self._inbox.get(timeout=self._next_wakeup())
             except queue.Empty:
@@ -164,15 +162,20 @@ class Scheduler:
             except Exception:  # the scheduler must survive its own bugs; each one is logged with a traceback
                 log.exception("scheduler error")
         for job in [*self._queue, *([self._running] if self._running else [])]:
-            self._abandon(job)
+            self.reporter.abandon(job)
         self._queue.clear()
         self._running = None
 
     def _next_wakeup(self) -> float:
         deadlines = [j.deadline for j in self._queue]
-        if self._running is not None:
-            deadlines.append(self._running.stop_deadline or self._running.deadline)
+        job = self._running
+        if job is not None:
+            deadlines.append(job.stop_deadline or job.deadline)
+            if not self.guard.paused:
+                deadlines.append(job.last_progress + self.config.worker.stall_timeout)
         deadlines.extend(self.worker.timers())
+        if self.guard.refused_until(self.default_model):
+            deadlines.append(self.guard.refused_until(self.default_model))
         if not deadlines:
             return 1.0
         return min(max(min(deadlines) - time.monotonic(), 0.005), 1.0)
@@ -193,8 +196,20 @@ class Scheduler:
                 self._fail_queued(job, error)
             elif job is self._running:
                 self._stop_running(error)
+        elif kind == "conditions":
+            self._apply_conditions(event[1])
         elif kind == "worker":
             self._on_worker_event(event[1])
+
+    def _apply_conditions(self, conditions: Conditions) -> None:
+        old = self.guard.update(conditions)
+        if conditions.memory == "critical" and old.memory != "critical" and self._running is not None:
+            self._stop_running(InsufficientMemory(f"{conditions.memory_reason}; the generation was stopped and "
+                                                  f"the model unloaded until memory recovers"))
+        if self.guard.paused != (old.thermal == "hard") and self._running is not None:
+            self._running.last_progress = time.monotonic()  # a pause is not a stall
+        self.worker.pause(self.guard.paused)
+        self.worker.throttle(*self.guard.throttle(self.threads))
 
     def _on_worker_event(self, event: tuple) -> None:
         outcome = self.worker.on_event(event)
@@ -206,26 +221,30 @@ class Scheduler:
             model_id, message = outcome[1], outcome[2]
             with self._lock:
                 self._failed_models[model_id] = message
-            for queued in [j for j in self._queue if j.model_id == model_id]:
-                self._fail_queued(queued, ModelError(message))
-            return
-        if job is None:
-            return
-        if what == "progress":
+            self._fail_queued_for(model_id, ModelError(message))
+        elif job is None:
+            pass
+        elif what == "progress":
             job.last_progress = time.monotonic()
         elif what == "piece":
             job.last_progress = time.monotonic()
             job.seq += 1
-            self._call(job.sink.on_piece, job, job.seq, outcome[1])
+            try:
+                job.sink.on_piece(job, job.seq, outcome[1])
+            except Exception:
+                log.exception("reply sink failed")
         elif what == "done":
             self._finish(job, result=outcome[1])
         elif what == "failed":
-            self._finish(job, error=outcome[1])
+            self._finish(job, error=error_from_code(*outcome[1]))
         elif what == "cancelled":
             self._finish(job, error=job.stop_reason or Cancelled("the request was cancelled"))
         elif what == "crashed":
             self._finish(job, error=job.stop_reason or WorkerCrashed(
                 f"the inference worker died ({outcome[1]}) while generating this request"))
+        if self.worker.failure:
+            for queued in list(self._queue):
+                self._fail_queued(queued, WorkerCrashed(self.worker.failure))
 
     def _check_timers(self) -> None:
         now = time.monotonic()
@@ -235,9 +254,16 @@ class Scheduler:
                                                   f"the request was still queued"))
         job = self._running
         if job is not None:
+            stall = self.config.worker.stall_timeout
             if job.stop_reason is None and job.deadline <= now:
                 self._stop_running(RequestTimeout(f"no result within {now - job.accepted:.0f} s "
                                                   f"(worker.request_timeout)"))
+            elif job.stop_reason is None and not self.guard.paused and now - job.last_progress > stall:
+                log.error("no progress for %.0f s: the worker is stuck; killing it", now - job.last_progress)
+                job.stop_reason = RequestTimeout(f"the worker made no progress for {stall:g} s "
+                                                 f"(worker.stall_timeout) and was restarted")
+                job.stop_deadline = now
+                self.worker.kill()
             elif job.stop_reason is not None and job.stop_deadline <= now:
                 log.warning("request did not stop within worker.cancel_grace; restarting the worker")
                 self.worker.kill()
@@ -246,20 +272,50 @@ class Scheduler:
     def _dispatch(self) -> None:
         if self._running is not None or not self.worker.idle:
             return
-        if not self._queue:
-            if self.worker.loaded is None and self.default_model not in self._failed_models:
-                self.worker.load(self.catalog.get(self.default_model))
+        if self.guard.hold is not None:
+            if self.guard.conditions.memory == "critical" and self.worker.loaded is not None:
+                self.worker.unload()
             return
-        job = self._queue[0]
-        if job.model_id != self.worker.loaded:
-            self.worker.load(self.catalog.get(job.model_id))
+        if self._queue:
+            target = self._queue[0].model_id
+        elif self.worker.loaded is None and self.default_model not in self._failed_models:
+            target = self.default_model
+            if self.guard.refused_until(target) > time.monotonic():
+                return
+        else:
             return
-        self._queue.popleft()
+        if target != self.worker.loaded:
+            self._load(target)
+            return
+        job = self._queue.popleft()
         self.metrics.queue_depth.set(len(self._queue))
+        capped = self.guard.max_tokens(job.task.params.max_tokens)
+        if capped != job.task.params.max_tokens:
+            job.task = replace(job.task, params=replace(job.task.params, max_tokens=capped))
         job.started = job.last_progress = time.monotonic()
         self._running = job
         self.metrics.running.set(1)
         self.worker.generate(job.key, job.task)
+
+    def _load(self, model_id: str) -> None:
+        entry = self.catalog.get(model_id)
+        try:
+            self.guard.admit(entry, self.worker.loaded_entry)
+        except InsufficientMemory as exc:  # may fit later: tried again after a while or a change of memory level
+            log.error("%s", exc.message)
+            if model_id == self.default_model:
+                self._admission_problem = exc.message
+            self._fail_queued_for(model_id, exc)
+            return
+        except ModelError as exc:  # not a readable GGUF: it will not get better by itself
+            log.error("%s", exc.message)
+            with self._lock:
+                self._failed_models[model_id] = exc.message
+            self._fail_queued_for(model_id, exc)
+            return
+        if model_id == self.default_model:
+            self._admission_problem = ""
+        self.worker.load(entry)
 
     def _stop_running(self, error: ApplianceError) -> None:
         job = self._running
@@ -269,6 +325,10 @@ class Scheduler:
         job.stop_deadline = time.monotonic() + self.config.worker.cancel_grace
         self.worker.cancel(job.key)
 
+    def _fail_queued_for(self, model_id: str, error: ApplianceError) -> None:
+        for job in [j for j in self._queue if j.model_id == model_id]:
+            self._fail_queued(job, error)
+
     def _fail_queued(self, job: Job, error: ApplianceError) -> None:
         self._queue.remove(job)
         self.metrics.queue_depth.set(len(self._queue))
@@ -277,63 +337,34 @@ class Scheduler:
     def _finish(self, job: Job, *, result: Completion | None = None, error: ApplianceError | None = None) -> None:
         if job.finished:
             return
-        job.finished = True
         if job is self._running:
             self._running = None
             self.metrics.running.set(0)
         with self._lock:
             self._outstanding -= 1
-        elapsed = time.monotonic() - job.accepted
-        self.metrics.duration.observe(elapsed)
-        if result is not None:
-            self.metrics.requests.labels(job.transport, "ok").inc()
-            self.metrics.prompt_tokens.inc(result.usage.prompt_tokens)
-            self.metrics.completion_tokens.inc(result.usage.completion_tokens)
-            self.metrics.ttft.observe(result.ttft_ms / 1000.0)
-            self.metrics.tokens_per_second.set(result.tokens_per_s)
-            log.info("request %r done in %.2f s: %d prompt + %d completion tokens, ttft %.0f ms, %.1f tok/s, %s",
-                     job.request.id, elapsed, result.usage.prompt_tokens, result.usage.completion_tokens,
-                     result.ttft_ms, result.tokens_per_s, result.finish_reason)
-            if self.config.logging.log_prompts:
-                log.debug("request %r prompt=%r messages=%r completion=%r", job.request.id, job.request.prompt,
-                          job.request.messages, result.text)
-            self._call(job.sink.on_result, job, result)
-        else:
-            error = error if isinstance(error, ApplianceError) else error_from_code(*error)
-            self.record_error(job.transport, error)
-            log.info("request %r failed after %.2f s: %s", job.request.id, elapsed, error.code)
-            self._call(job.sink.on_error, job, error)
-
-    def record_error(self, transport: str, error: ApplianceError) -> None:
-        """Count an error reply (also used by transports for errors raised before a job exists)."""
-        self.metrics.requests.labels(transport, error.code).inc()
-        self.metrics.errors.labels(error.code).inc()
-
-    def _abandon(self, job: Job) -> None:
-        if not job.finished:
-            job.finished = True
-            self._call(job.sink.on_abandon, job)
-
-    @staticmethod
-    def _call(fn, *args) -> None:
-        try:
-            fn(*args)
-        except Exception:
-            log.exception("reply sink failed")
+        self.reporter.finish(job, result, error)
 
     def _publish_status(self) -> None:
         if not self._accepting:
             return
         state, model, reason = self.worker.describe()
-        if state == "ready":
+        c = self.guard.conditions
+        warnings = list(c.warnings)
+        if c.memory == "low":
+            warnings.append(c.memory_reason)
+        if c.thermal == "soft":
+            warnings.append(c.thermal_reason)
+        if state != "error" and self.guard.hold is not None:
+            state, reason = "degraded", self.guard.hold
+        elif state == "ready":
             with self._lock:
                 full = self._outstanding >= self._capacity
             if full:
                 state, reason = "busy", f"queue full ({self._capacity - 1} waiting)"
         elif state == "idle":
-            failed = self._failed_models.get(self.default_model)
-            state, reason = ("degraded", failed) if failed else ("starting", "")
-        self.status.set(state, model=model, reason=reason)
+            problem = self._failed_models.get(self.default_model) or self._admission_problem
+            state, reason = ("degraded", problem) if problem else ("starting", "")
+        self.status.set(state, model=model, reason=reason, warnings=tuple(warnings))
 
 
 def _threads(configured: int) -> int:

@@ -20,9 +20,14 @@ from appliance.broker import BrokerError, Mosquitto, free_port, port_is_free
 from appliance.catalog import Catalog
 from appliance.config import Config, ConfigError, read_secret
 from appliance.errors import ApplianceError
+from appliance.guard import Guard
+from appliance.indicators import Indicators
 from appliance.metrics import Metrics
 from appliance.scheduler import Scheduler
+from appliance.sensors import Sensors
 from appliance.status import StatusBoard
+from appliance.supervisor import Supervisor
+from appliance.systemd import Notifier
 from appliance.transports.http import HttpServer, create_app
 from appliance.transports.mqtt import MqttTransport
 
@@ -52,7 +57,14 @@ class Service:
         self.status = StatusBoard(config.device.id)
         self.metrics = Metrics()
         self.status.subscribe(self.metrics.on_status)
-        self.scheduler = Scheduler(catalog, config, self.status, self.metrics)
+        self.sensors = Sensors(config.memory, config.thermal, config.gpio)
+        self.scheduler = Scheduler(catalog, config, self.status, self.metrics,
+                                   Guard(config, self.sensors.memory))
+        self.notifier = Notifier()
+        self.indicators = Indicators(config.gpio)
+        self.supervisor = Supervisor(config, self.scheduler, self.status, self.metrics, self.sensors, self.notifier,
+                                     self.indicators, publish_telemetry=self._publish_telemetry,
+                                     extra_health=lambda: self.http is None or self.http.alive)
         self.broker: Mosquitto | None = None
         self.mqtt: MqttTransport | None = None
         self.http: HttpServer | None = None
@@ -64,6 +76,7 @@ class Service:
         """Start everything; on any failure, stop what was started and raise."""
         try:
             self._prepare_default_model()
+            self.supervisor.start()  # first reading before the first request or model load
             self.scheduler.start()
             if self.config.http.enabled:
                 self._start_http()
@@ -92,7 +105,8 @@ class Service:
         h, w = self.config.http, self.config.worker
         api_key = read_secret(h.api_key_file) if h.api_key_file else None
         app = create_app(self.scheduler, self.status, self.metrics, api_key, max_body=self.config.mqtt.max_payload,
-                         result_wait=w.request_timeout + w.cancel_grace + 30)
+                         result_wait=w.request_timeout + w.cancel_grace + 30,
+                         telemetry=lambda: self.supervisor.telemetry)
         try:
             self.http = HttpServer(app, h.bind, h.port, h.threads)
         except OSError as exc:
@@ -131,6 +145,10 @@ class Service:
         self.mqtt = MqttTransport(self.config, self.scheduler, self.status, self.metrics)
         self.mqtt.start(host, port)
 
+    def _publish_telemetry(self, payload: dict) -> None:
+        if self.mqtt is not None:
+            self.mqtt.publish_telemetry(payload)
+
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
@@ -149,6 +167,8 @@ class Service:
             return
         self._closed = True
         log.info("shutting down")
+        self.notifier.stopping()
+        self.supervisor.close()
         if self.mqtt is not None:
             self.mqtt.stop_accepting()
         self.scheduler.close()
@@ -157,6 +177,7 @@ class Service:
         self.status.set("offline", reason="shut down")
         if self.mqtt is not None:
             self.mqtt.close()
+        self.indicators.close()
         if self.broker is not None:
             self.broker.stop()
         log.info("stopped")

@@ -28,9 +28,12 @@ class Status:
     device: str = ""
     version: str = __version__
     since: float = 0.0  # wall-clock time of the last state change
+    warnings: tuple[str, ...] = ()  # serving, but: under-voltage, warm, memory low ...
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        body = asdict(self)
+        body["warnings"] = list(self.warnings)
+        return body
 
 
 Listener = Callable[[Status], None]
@@ -50,20 +53,24 @@ class StatusBoard:
         with self._lock:
             self._listeners.append(listener)
 
-    def set(self, state: str, *, model: str | None | type = ..., reason: str = "") -> None:
+    def set(self, state: str, *, model: str | None | type = ..., reason: str = "",
+            warnings: tuple[str, ...] | None = None) -> None:
         """Change the state; listeners run only when something visible changed."""
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
         with self._lock:
             old = self._status
-            new = replace(old, state=state, reason=reason, model=old.model if model is ... else model)
-            if (new.state, new.model, new.reason) == (old.state, old.model, old.reason):
+            new = replace(old, state=state, reason=reason, model=old.model if model is ... else model,
+                          warnings=old.warnings if warnings is None else warnings)
+            if (new.state, new.model, new.reason, new.warnings) == (old.state, old.model, old.reason, old.warnings):
                 return
             new = replace(new, since=time.time())
             self._status = new
             listeners = list(self._listeners)
         if new.state != old.state:
             log.info("status %s -> %s%s", old.state, new.state, f" ({reason})" if reason else "")
+        for warning in set(new.warnings) - set(old.warnings):
+            log.warning("%s", warning)
         for listener in listeners:
             try:
                 listener(new)

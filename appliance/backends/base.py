@@ -85,6 +85,9 @@ class Backend(ABC):
     def count_tokens(self, text: str) -> int:
         """Number of tokens ``text`` takes in the loaded model's vocabulary."""
 
+    def set_threads(self, threads: int) -> None:  # noqa: B027 - engines without a thread knob ignore it
+        """Use this many threads from the next token on (the supervisor slows a hot board down)."""
+
     def close(self) -> None:  # noqa: B027 - a backend with nothing to release need not override it
         """Release the model. Idempotent."""
 

@@ -63,6 +63,11 @@ class LlamaCppBackend(Backend):
                          chat_template="embedded" if self._jinja else (entry.template or _FALLBACK_TEMPLATE),
                          metadata=meta)
 
+    def set_threads(self, threads: int) -> None:
+        import llama_cpp
+        if self._llm is not None:
+            llama_cpp.llama_set_n_threads(self._llm.ctx, threads, threads)
+
     def close(self) -> None:
         if self._llm is not None:
             self._llm.close()

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask import Flask, Response, request
 from waitress import create_server
@@ -56,7 +56,8 @@ def _sse(payload: dict | str) -> bytes:
 
 
 def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str | None, *,
-               max_body: int = 1 << 20, result_wait: float = 3600.0) -> Flask:
+               max_body: int = 1 << 20, result_wait: float = 3600.0,
+               telemetry: Callable[[], dict] = dict) -> Flask:
     app = Flask("appliance")
     app.config["MAX_CONTENT_LENGTH"] = max_body
 
@@ -104,7 +105,8 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
 
     @app.get("/status")
     def status_route():
-        return {**status.current.to_dict(), "outstanding": scheduler.outstanding, "worker_pid": scheduler.worker.pid}
+        return {**status.current.to_dict(), "outstanding": scheduler.outstanding, "worker_pid": scheduler.worker.pid,
+                "telemetry": telemetry()}
 
     @app.get("/metrics")
     def metrics_route():
@@ -205,6 +207,10 @@ class HttpServer:
     def start(self) -> None:
         self._thread.start()
         log.info("HTTP: listening on http://%s:%d", self.host, self.port)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def close(self) -> None:
         if self._closed:

@@ -280,6 +280,10 @@ class MqttTransport:
             if qos > 0:
                 client.ack(mid, qos)
 
+    def publish_telemetry(self, payload: dict) -> None:
+        if not self._closed:
+            self.publish(self.topics.telemetry, payload, retain=True)
+
     def _publish_status(self, status: Status) -> None:
         if not self._closed:
             self.publish(self.topics.status, status.to_dict(), retain=True)

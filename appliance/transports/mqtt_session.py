@@ -44,6 +44,10 @@ class Topics:
         return f"{self.prefix}/{self.device}/status"
 
     @property
+    def telemetry(self) -> str:
+        return f"{self.prefix}/{self.device}/telemetry"
+
+    @property
     def reply(self) -> str:
         return f"{self.prefix}/{self.device}/reply"
 

@@ -15,7 +15,8 @@ from typing import Any
 from appliance.errors import ApplianceError, BadRequest
 from appliance.protocol import Completion, GenerateRequest, parse_generate
 
-_COMMON = ("model", "max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "stop", "seed", "stream")
+_COMMON = ("model", "max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "stop", "seed", "stream",
+           "priority")
 # accepted for compatibility; their neutral values change nothing
 _NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "suffix": None,
             "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None, "tool_choice": None,

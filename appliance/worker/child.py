@@ -3,8 +3,9 @@
 It runs apart from the transports so that a crash, an abort or an OOM kill inside the engine cannot take MQTT or
 HTTP down. It talks to the parent over a pipe in small tuples:
 
-parent -> child   ("load", entry) | ("generate", job_key, task) | ("cancel", job_key) | ("shutdown",)
-child -> parent   ("ready", pid) | ("loaded", info) | ("load_failed", code, message)
+parent -> child   ("load", entry) | ("unload",) | ("generate", job_key, task) | ("cancel", job_key)
+                  | ("pause",) | ("resume",) | ("throttle", threads, seconds_between_tokens) | ("shutdown",)
+child -> parent   ("ready", pid) | ("loaded", info) | ("load_failed", code, message) | ("unloaded",)
                   | ("progress", job_key, done, total) (prompt batches; total 0: tokens generated so far)
                   | ("piece", job_key, text) (streamed requests only)
                   | ("done", job_key, finished) | ("failed", job_key, code, message, param)
@@ -23,6 +24,7 @@ import signal
 import time
 from collections import deque
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from appliance import backends, catalog
 from appliance.backends.base import Backend, EngineSettings, Piece, PromptProgress
@@ -31,6 +33,7 @@ from appliance.protocol import Completion
 
 log = logging.getLogger("appliance.worker")
 
+OOM_SCORE_ADJ = 800
 PROGRESS_EVERY = 1.0  # seconds between liveness reports of a non-streamed generation
 
 
@@ -42,6 +45,9 @@ class _Child:
         self.backend: Backend | None = None
         self.backlog: deque = deque()  # messages that arrived while generating
         self.stopping = False
+        self.paused = False
+        self.threads = settings.threads
+        self.token_delay = 0.0
 
     def run(self) -> None:
         self.conn.send(("ready", os.getpid()))
@@ -52,11 +58,34 @@ class _Child:
                 self._load(message[1])
             elif op == "generate":
                 self._generate(message[1], message[2])
+            elif op == "unload":
+                self._close_backend()
+                self.conn.send(("unloaded",))
             elif op == "shutdown":
                 self.stopping = True
-            # a "cancel" for a job that is no longer running needs nothing
+            else:
+                self._control(message)  # a "cancel" for a job that is no longer running needs nothing
+        self._close_backend()
+
+    def _close_backend(self) -> None:
         if self.backend is not None:
             self.backend.close()
+            self.backend = None
+
+    def _control(self, message: tuple) -> bool:
+        """Apply a pause, resume or throttle message; False for anything else."""
+        op = message[0]
+        if op == "pause":
+            self.paused = True
+        elif op == "resume":
+            self.paused = False
+        elif op == "throttle":
+            self.threads, self.token_delay = message[1], message[2]
+            if self.backend is not None:
+                self.backend.set_threads(self.threads)
+        else:
+            return False
+        return True
 
     def _load(self, entry: catalog.ModelEntry) -> None:
         try:
@@ -67,6 +96,8 @@ class _Child:
                 catalog.verify(entry)
             backend = backends.create(entry.backend, self.settings)
             info = backend.load(entry)
+            if self.threads != self.settings.threads:
+                backend.set_threads(self.threads)
         except ApplianceError as exc:
             self.conn.send(("load_failed", exc.code, exc.message))
             return
@@ -78,15 +109,27 @@ class _Child:
         self.conn.send(("loaded", info))
 
     def _should_stop(self, key: int) -> bool:
-        """Polled by the backend between batches and tokens: has the parent cancelled this job?"""
-        while self.conn.poll():
-            message = self.conn.recv()
+        """Polled by the backend between batches and tokens: has the parent cancelled this job? Also where the
+        generation pauses while the board is too hot, and rests ``token_delay`` while it is warm."""
+        if self._drain(key):
+            return True
+        if self.token_delay:
+            deadline = time.monotonic() + self.token_delay
+            while (left := deadline - time.monotonic()) > 0:
+                if self.conn.poll(left) and self._drain(key):  # a cancel or a pause arrived during the rest
+                    return True
+        return False
+
+    def _drain(self, key: int) -> bool:
+        """Handle the messages waiting (and block while paused); True when this job must stop."""
+        while self.paused or self.conn.poll():
+            message = self.conn.recv()  # blocks while paused: nothing runs until resume, cancel or shutdown
             if message[0] == "cancel" and message[1] == key:
                 return True
             if message[0] == "shutdown":
                 self.stopping = True
                 return True
-            if message[0] != "cancel":
+            if not self._control(message) and message[0] != "cancel":
                 self.backlog.append(message)
         return False
 
@@ -127,6 +170,10 @@ def main(conn: Connection, settings: EngineSettings, verify: bool, log_level: in
     # The parent owns shutdown: Ctrl-C in a terminal reaches the whole process group, so ignore it here and
     # wait for the parent's "shutdown" message (or its death, which closes the pipe).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # When memory runs out, the kernel should kill this process (the service restarts it), not the one holding
+    # the MQTT session and the HTTP server. Raising one's own score needs no privilege.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
     faulthandler.enable()  # a segfault in the engine leaves a traceback on stderr for the journal
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):  # the parent went away

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 
 from appliance.backends.base import EngineSettings, GenerationTask, ModelInfo
@@ -46,7 +47,7 @@ class WorkerSlot:
         self._post = post
         self._process: WorkerProcess | None = None
         self._generation = 0
-        self._state = "down"  # down | starting | idle | loading | generating
+        self._state = "down"  # down | starting | idle | loading | unloading | generating | failed
         self.loaded: str | None = None
         self.info: ModelInfo | None = None
         self._loading: ModelEntry | None = None
@@ -56,7 +57,12 @@ class WorkerSlot:
         self._backoff = BACKOFF_FIRST
         self._load_crashes: dict[str, int] = {}
         self._last_crash = ""
+        self._crashes: deque[float] = deque()
+        self.failure = ""  # set when the worker crashed too often and stays down
         self._closing = False
+        self.loaded_entry: ModelEntry | None = None
+        self._throttle = (settings.threads, 0.0)
+        self._paused = False
 
     # -- commands ----------------------------------------------------------------------------------------------
 
@@ -80,9 +86,32 @@ class WorkerSlot:
 
     def load(self, entry: ModelEntry) -> None:
         log.info("loading model %s (%s)", entry.id, entry.path.name)
-        self._state, self._loading, self.loaded, self.info = "loading", entry, None, None
+        self._state, self._loading, self.loaded, self.info, self.loaded_entry = "loading", entry, None, None, None
         self._load_deadline = time.monotonic() + self.config.worker.load_timeout
         self._process.send(("load", entry))
+
+    def unload(self) -> None:
+        log.info("unloading model %s", self.loaded)
+        self._state = "unloading"
+        self._process.send(("unload",))
+
+    def pause(self, paused: bool) -> None:
+        """Hold (or release) the running generation between tokens; also applies to later ones."""
+        if paused != self._paused:
+            self._paused = paused
+            if self._process is not None:
+                self._process.send(("pause",) if paused else ("resume",))
+
+    def throttle(self, threads: int, token_delay: float) -> None:
+        if (threads, token_delay) != self._throttle:
+            log.info("worker throttle: %d threads, %.3f s between tokens", threads, token_delay)
+            self._throttle = (threads, token_delay)
+            if self._process is not None:
+                self._process.send(("throttle", threads, token_delay))
+
+    @property
+    def throttled(self) -> tuple[int, float]:
+        return self._throttle
 
     def generate(self, key: int, task: GenerationTask) -> None:
         self._state, self._job_key = "generating", key
@@ -126,9 +155,16 @@ class WorkerSlot:
         kind = event[0]
         if kind == "ready":
             self._state = "idle"
+            # a restarted process starts unthrottled and running: tell it the current settings
+            if self._throttle != (self.settings.threads, 0.0):
+                self._process.send(("throttle", *self._throttle))
+            if self._paused:
+                self._process.send(("pause",))
+        elif kind == "unloaded":
+            self._state, self.loaded, self.info, self.loaded_entry = "idle", None, None, None
         elif kind == "loaded":
             self._state, self.info = "idle", event[1]
-            self.loaded, self._loading = self.info.id, None
+            self.loaded, self.loaded_entry, self._loading = self.info.id, self._loading, None
             self._backoff = BACKOFF_FIRST
             self._load_crashes.pop(self.loaded, None)
             self._last_crash = ""
@@ -160,11 +196,23 @@ class WorkerSlot:
         was, loading = self._state, self._loading
         log.error("worker process exited (%s) while %s", how, was)
         self._process, self._state, self.loaded, self.info, self._loading = None, "down", None, None, None
-        self._job_key = None
+        self.loaded_entry, self._job_key = None, None
         self._last_crash = how
-        self.metrics.worker_restarts.inc()
-        self._restart_at = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        now = time.monotonic()
+        self._crashes.append(now)
+        window = self.config.worker.restart_window
+        while self._crashes and self._crashes[0] < now - window:
+            self._crashes.popleft()
+        if len(self._crashes) > self.config.worker.max_restarts:
+            self._state, self._restart_at = "failed", None
+            self.failure = (f"the inference worker died {len(self._crashes)} times within {window:g} s "
+                            f"(worker.max_restarts = {self.config.worker.max_restarts}; last: {how}); not "
+                            f"restarting it")
+            log.error("%s", self.failure)
+        else:
+            self.metrics.worker_restarts.inc()
+            self._restart_at = now + self._backoff
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
         if was == "generating":
             return ("crashed", how)
         if was == "loading" and loading is not None:
@@ -177,6 +225,8 @@ class WorkerSlot:
 
     def describe(self) -> tuple[str, str | None, str]:
         """(state, model, reason) for the status board; the scheduler adds 'busy' and failures."""
+        if self._state == "failed":
+            return "error", None, self.failure
         if self._state == "loading":
             return "loading", self._loading.id if self._loading else None, ""
         if self._state in ("down", "starting") and self._last_crash:

@@ -67,3 +67,17 @@ def test_status_names_the_default_model_and_its_digest_is_checked(gemma_app):
     assert status["state"] == "ready" and status["model"] == default_model.MODEL_ID
     log = gemma_app.log_text()
     assert "assembling the default model" in log
+
+
+def test_memory_estimate_bounds_the_worker(gemma_app):
+    """The admission estimate is an upper bound of what the loaded Gemma worker really holds."""
+    from appliance import admission
+    from appliance.catalog import Catalog
+    from appliance.config import load_config
+    from appliance.sensors import MiB
+    path = gemma_app.workdir / gemma_app.device / "models" / default_model.FILE_NAME
+    config = load_config(None, env={"APPLIANCE_WORKER_CONTEXT_SIZE": str(CONTEXT),
+                                    "APPLIANCE_WORKER_BATCH_SIZE": str(BATCH)})
+    footprint = admission.estimate(Catalog.single_file(path).get(path.stem), config)
+    rss_mib = gemma_app.wait_status(lambda s: s["telemetry"].get("worker_rss_mib"))["telemetry"]["worker_rss_mib"]
+    assert footprint.weights / MiB < rss_mib < footprint.total / MiB, (rss_mib, footprint.describe())

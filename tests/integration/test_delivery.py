@@ -76,17 +76,10 @@ def test_fleet_topic_shares_requests_and_answers_each_once(appliance_factory, mq
     finals = _finals(client, prefix)
     assert sorted(finals) == sorted(ids)
     assert all(len(v) == 1 and v[0]["type"] == "result" for v in finals.values()), finals
-    served = [int(_metric(app, 'appliance_requests_total{outcome="ok",transport="mqtt"}')) for app in (first, second)]
+    served = [int(app.metric('appliance_requests_total{outcome="ok",transport="mqtt"}') or 0)
+              for app in (first, second)]
     assert sum(served) == len(ids)
     assert min(served) > 0, f"both devices should take a share, got {served}"
-
-
-def _metric(app, name: str) -> float:
-    from tests.support.harness import http_get
-    for line in http_get(app.http_url + "/metrics")[1].decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def _worker_pid(app) -> int:

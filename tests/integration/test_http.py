@@ -225,10 +225,11 @@ def test_client_disconnect_cancels_a_non_streamed_request_too(appliance_factory)
 
 
 def test_readyz_is_503_while_the_model_loads(appliance_factory, tmp_path):
-    """A 1 GiB model file takes seconds to digest-check: the status is `loading` and /readyz says 503 until then."""
-    big = tmp_path / "big.gguf"
-    with big.open("wb") as fh:
-        fh.truncate(1 << 30)  # sparse: no disk space used
+    """A 1 GiB model file takes a while to digest-check: the status is `loading` and /readyz says 503 until then."""
+    from tests.support import tiny_models
+    big = tiny_models.write_llama(tmp_path / "big.gguf")
+    with big.open("r+b") as fh:
+        fh.truncate(1 << 30)  # a real GGUF header, then sparse zeros: no disk space used
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(f'[[models]]\nid = "big"\nfile = "{big}"\nsha256 = "{"1" * 64}"\n')
     app = appliance_factory("big", {"models": {"catalog": str(catalog)}}, start=False).start(wait=False)

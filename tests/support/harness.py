@@ -137,6 +137,23 @@ class Appliance:
     def status(self) -> dict:
         return json.loads(http_get(self.http_url + "/status")[1])
 
+    def wait_status(self, predicate, timeout: float = 20) -> dict:
+        """Poll /status until ``predicate(status)`` holds; returns that status."""
+        deadline = time.monotonic() + timeout
+        status: dict = {}
+        while time.monotonic() < deadline:
+            status = self.status()
+            if predicate(status):
+                return status
+            time.sleep(0.1)
+        raise TimeoutError(f"status never matched within {timeout} s; last: {status}")
+
+    def metric(self, line_start: str) -> float | None:
+        for line in http_get(self.http_url + "/metrics")[1].decode().splitlines():
+            if line.startswith(line_start + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
     def stop(self, timeout: float = 30) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
@@ -267,3 +284,53 @@ class MqttClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class FakeBoard:
+    """Fake /proc/meminfo, /proc/pressure/memory, thermal zone and `vcgencmd` for the supervisor to read."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.meminfo, self.psi, self.temp = directory / "meminfo", directory / "psi", directory / "temp"
+        self.throttled = directory / "throttled"
+        self.bin = directory / "bin"
+        self.bin.mkdir(exist_ok=True)
+        vcgencmd = self.bin / "vcgencmd"  # found on PATH, as on a Pi
+        vcgencmd.write_text(f'#!/bin/sh\n[ "$1" = get_throttled ] || exit 2\n'
+                            f'echo "throttled=$(cat {self.throttled})"\n')
+        vcgencmd.chmod(0o755)
+        self.set_memory(4096)
+        self.set_temperature(45.0)
+        self.set_throttled(0)
+
+    def set_memory(self, available_mib: float, *, total_mib: int = 8192, psi_some: float = 0.0,
+                   psi_full: float = 0.0) -> None:
+        kb = int(available_mib * 1024)
+        self._write(self.meminfo, f"MemTotal:       {total_mib * 1024} kB\nMemFree:        {kb // 2} kB\n"
+                                  f"MemAvailable:   {kb} kB\nSwapTotal:      1048576 kB\nSwapFree:       1000000 kB\n")
+        self._write(self.psi, f"some avg10={psi_some:.2f} avg60=0.00 avg300=0.00 total=0\n"
+                              f"full avg10={psi_full:.2f} avg60=0.00 avg300=0.00 total=0\n")
+
+    def set_temperature(self, celsius: float) -> None:
+        self._write(self.temp, f"{int(celsius * 1000)}\n")
+
+    def set_throttled(self, value: int) -> None:
+        self._write(self.throttled, f"{value:#x}\n")
+
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # readers never see half a file
+
+    def overrides(self) -> dict:
+        return {
+            "memory": {"meminfo_path": str(self.meminfo), "psi_path": str(self.psi)},
+            "thermal": {"sensor_file": str(self.temp), "throttle_interval": 0.2},
+            "supervisor": {"interval": 0.2, "telemetry_interval": 1.0},
+            "gpio": {"pin_factory": "mock"},
+        }
+
+    def env(self) -> dict:
+        return {"PATH": f"{self.bin}:{os.environ.get('PATH', '')}"}

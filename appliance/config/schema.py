@@ -1,26 +1,19 @@
-"""The appliance's configuration: one TOML file, overridable key by key from the environment.
+"""The configuration schema: one frozen dataclass per TOML section.
 
-Each section is a frozen dataclass; each field carries its documentation and its check in ``field(metadata=...)``,
-so the config reference (``appliance config reference``) is generated from the same place that validates.
-Any key can be overridden by ``APPLIANCE_<SECTION>_<KEY>`` (``APPLIANCE_MQTT_PORT=1884``), which is how systemd
-drop-ins and the tests set single values. Loading collects every problem before failing, and each problem names
-the key and the bad value.
+Each field carries its documentation and its check in ``field(metadata=...)``, so the reference
+(``appliance config reference``, docs/config.md) and the validation come from the same place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import socket
-import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from appliance.errors import ConfigError
 
 ENV_PREFIX = "APPLIANCE_"
 _TOPIC_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -146,6 +139,89 @@ class WorkerConfig:
                                "process is killed and restarted.", 5.0, check=_between(0.1, 600))
     load_timeout: float = _opt("Seconds a model load may take before the worker is considered stuck.", 600.0,
                                check=_between(1, 86400))
+    stall_timeout: float = _opt("Seconds a running generation may go without progress (a prompt batch or a token) "
+                                "before the worker is killed and restarted; its requester gets `timeout`.", 120.0,
+                                check=_between(1, 86400))
+    max_restarts: int = _opt("Worker restarts allowed within `restart_window`; one more and the status becomes "
+                             "`error` and the worker stays down.", 5, check=_between(1, 1000))
+    restart_window: float = _opt("Seconds over which `max_restarts` counts.", 300.0, check=_between(1, 86400))
+
+
+def _fan_curve(v: str) -> str | None:
+    try:
+        points = [tuple(float(x) for x in p.split(":")) for p in v.split(",") if p.strip()]
+    except ValueError:
+        return "must be comma-separated celsius:speed pairs, e.g. \"50:0.3,60:0.5,75:1.0\""
+    if any(len(p) != 2 or not 0 <= p[1] <= 1 for p in points) or points != sorted(points):
+        return "must be celsius:speed pairs in rising order, speeds between 0 and 1"
+    return None
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    admission: bool = _opt("Estimate each model's memory (weights + KV cache + compute buffers + margin, from the "
+                           "GGUF) before loading it, and refuse the load when it does not fit.", True)
+    budget_mib: int = _opt("Memory a model may use, in MiB; 0 means what the kernel reports available "
+                           "(MemAvailable). Set it to override the measurement.", 0, check=_between(0, 1 << 24))
+    margin_mib: int = _opt("Added to every estimate: the worker process itself and allocator slack.", 128,
+                           check=_between(0, 1 << 20))
+    low_mib: int = _opt("MemAvailable below this: low-priority requests get `busy`.", 256, check=_between(0, 1 << 24))
+    critical_mib: int = _opt("MemAvailable below this: the running generation is stopped (`memory`) and the model "
+                             "unloaded until memory recovers.", 96, check=_between(0, 1 << 24))
+    hysteresis_mib: int = _opt("A state is left only once MemAvailable is this far back above its threshold.", 64,
+                               check=_between(0, 1 << 20))
+    psi_low: float = _opt("PSI memory `some` avg10 (%) above this also means low.", 40.0, check=_between(0, 100))
+    psi_critical: float = _opt("PSI memory `full` avg10 (%) above this also means critical.", 30.0,
+                               check=_between(0, 100))
+    psi_hysteresis: float = _opt("How far PSI must fall below a threshold to leave its state.", 10.0,
+                                 check=_between(0, 100))
+    meminfo_path: Path = _opt("Where MemAvailable and swap are read.", Path("/proc/meminfo"))
+    psi_path: Path = _opt("Memory pressure (PSI); ignored when missing (Pi kernels need `psi=1`).",
+                          Path("/proc/pressure/memory"))
+
+
+@dataclass(frozen=True)
+class ThermalConfig:
+    sensor_file: Path = _opt("CPU temperature in millidegrees (read through gpiozero's CPUTemperature); ignored when "
+                             "missing.", Path("/sys/class/thermal/thermal_zone0/temp"))
+    soft_limit: float = _opt("°C. Above it the worker slows down: fewer threads, a pause between tokens, "
+                             "shorter answers.", 75.0, check=_between(30, 120))
+    hard_limit: float = _opt("°C. Above it generation pauses until the board cools below `hard_limit - hysteresis` "
+                             "and new requests get `thermal`.", 82.0, check=_between(30, 120))
+    hysteresis: float = _opt("°C below a limit before its state is left.", 5.0, check=_between(0.5, 50))
+    soft_threads: int = _opt("Inference threads above the soft limit; 0 means half of worker.threads.", 0,
+                             check=_between(0, 256))
+    soft_token_delay: float = _opt("Seconds of pause after each token above the soft limit.", 0.05,
+                                   check=_between(0, 10))
+    soft_max_tokens: int = _opt("max_tokens cap for requests started above the soft limit.", 128,
+                                check=_between(1, 131072))
+    vcgencmd: str = _opt("Command that prints the Raspberry Pi throttle flags (`vcgencmd get_throttled`); empty "
+                         "to disable. Under-voltage and throttling are reported as status warnings.", "vcgencmd")
+    throttle_interval: float = _opt("Seconds between runs of vcgencmd.", 5.0, check=_between(0.1, 3600))
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    interval: float = _opt("Seconds between readings of memory, temperature and throttle flags.", 1.0,
+                           check=_between(0.1, 60))
+    telemetry_interval: float = _opt("Seconds between retained `<prefix>/<device>/telemetry` messages; 0 for none.",
+                                     30.0, check=_between(0, 86400))
+
+
+@dataclass(frozen=True)
+class GpioConfig:
+    enabled: str = _opt("`auto`: use GPIO when the board has it, silently not otherwise; `true`: fail when it is "
+                        "missing; `false`: never.", "auto", choices=("auto", "true", "false"))
+    pin_factory: str = _opt("gpiozero pin factory (`lgpio`, `rpigpio`, `mock` for tests); empty for gpiozero's "
+                            "own choice.", "")
+    status_led: str = _opt("Pin of the status LED (e.g. `GPIO17`); empty for none. Patterns: loading fast blink, "
+                           "ready on, busy slow blink, hot short flash, degraded blink, error flicker.", "")
+    fan_pin: str = _opt("PWM pin of a fan; empty for none.", "")
+    fan_curve: str = _opt("Fan speed by temperature, `celsius:speed` pairs (speeds 0-1); off below the first.",
+                          "50:0.3,60:0.5,67.5:0.7,75:1.0", check=_fan_curve)
+    shutdown_button: str = _opt("Pin of a shutdown button (to ground); empty for none.", "")
+    shutdown_hold: float = _opt("Seconds the button must be held.", 3.0, check=_between(0.1, 60))
+    shutdown_command: str = _opt("Command run when the button is held.", "systemctl poweroff")
 
 
 @dataclass(frozen=True)
@@ -164,6 +240,10 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    thermal: ThermalConfig = field(default_factory=ThermalConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    gpio: GpioConfig = field(default_factory=GpioConfig)
 
     @property
     def catalog_path(self) -> Path:
@@ -179,183 +259,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"device": DeviceConfig, "mqtt": MqttConfig, "http": HttpConfig,
-                             "models": ModelsConfig, "worker": WorkerConfig, "logging": LoggingConfig}
+                             "models": ModelsConfig, "worker": WorkerConfig, "logging": LoggingConfig,
+                             "memory": MemoryConfig, "thermal": ThermalConfig, "supervisor": SupervisorConfig,
+                             "gpio": GpioConfig}
 
 
-def _field_kind(f: dataclasses.Field) -> tuple[type, bool]:
-    """(base type, optional?) from the annotation string, e.g. ``'Path | None'`` -> (Path, True)."""
-    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    optional = text.endswith("| None")
-    base = text.replace("| None", "").strip()
-    return {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}[base], optional
-
-
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", Path: "a path", bool: "true or false"}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _coerce(value: Any, kind: type, optional: bool, from_env: bool) -> Any:
-    """Convert a TOML or environment value to ``kind``; raises ValueError with a reason."""
-    if optional and (value is None or value == ""):
-        return None
-    if from_env:
-        if kind is bool:
-            low = value.strip().lower()
-            if low in _TRUE | _FALSE:
-                return low in _TRUE
-            raise ValueError("must be one of true/false/1/0/yes/no/on/off")
-        if kind is int:
-            return int(value.strip())
-        if kind is float:
-            return float(value.strip())
-        return Path(value).expanduser() if kind is Path else value
-    if kind is bool and not isinstance(value, bool):
-        raise ValueError(f"must be true or false, not {type(value).__name__}")
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"must be an integer, not {type(value).__name__}")
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a number, not {type(value).__name__}")
-        return float(value)
-    if kind in (str, Path) and not isinstance(value, str):
-        raise ValueError(f"must be a string, not {type(value).__name__}")
-    return Path(value).expanduser() if kind is Path else value
-
-
-def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Read ``path`` (optional), apply ``APPLIANCE_*`` overrides from ``env`` and validate everything.
-
-    Raises :class:`ConfigError` listing every problem, each naming its key and value.
-    """
-    env = os.environ if env is None else env
-    problems: list[str] = []
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError([f"{path}: file not found"]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-
-    for name, value in data.items():
-        if name not in SECTIONS:
-            problems.append(f"[{name}]: unknown section{_suggest(name, list(SECTIONS))}")
-        elif not isinstance(value, dict):
-            problems.append(f"{name}: must be a table ([{name}]), not {type(value).__name__}")
-
-    sections: dict[str, Any] = {}
-    for section, cls in SECTIONS.items():
-        raw = data.get(section) if isinstance(data.get(section), dict) else {}
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in raw:
-            if key not in names:
-                problems.append(f"{section}.{key}: unknown key{_suggest(key, names)}")
-        env_prefix = f"{ENV_PREFIX}{section.upper()}_"
-        for var in env:
-            if var.startswith(env_prefix) and var[len(env_prefix):].lower() not in names:
-                problems.append(f"{var}: no such key {section}.{var[len(env_prefix):].lower()}"
-                                f"{_suggest(var[len(env_prefix):].lower(), names)}")
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            kind, optional = _field_kind(f)
-            env_var = f"{env_prefix}{f.name.upper()}"
-            if env_var in env:
-                source, value, from_env = env_var, env[env_var], True
-            elif f.name in raw:
-                source, value, from_env = f"{section}.{f.name}", raw[f.name], False
-            else:
-                continue
-            try:
-                value = _coerce(value, kind, optional, from_env)
-            except ValueError as exc:
-                reason = str(exc) if from_env is False or kind is bool else f"must be {_KIND_NAMES[kind]}"
-                problems.append(f"{source} = {value!r}: {reason}")
-                continue
-            choices, check = f.metadata.get("choices"), f.metadata.get("check")
-            if choices and value not in choices:
-                problems.append(f"{source} = {value!r}: must be one of {', '.join(choices)}")
-                continue
-            if check and value is not None and (reason := check(value)):
-                problems.append(f"{source} = {value!r}: {reason}")
-                continue
-            values[f.name] = value
-        sections[section] = cls(**values)
-
-    config = Config(**sections)
-    problems.extend(_cross_checks(config))
-    if problems:
-        raise ConfigError(problems)
-    return config
-
-
-def _cross_checks(config: Config) -> list[str]:
-    problems = []
-    m = config.mqtt
-    if m.password_file and not m.username:
-        problems.append("mqtt.password_file is set but mqtt.username is empty")
-    for key in ("password_file", "ca_file", "cert_file", "key_file"):
-        path = getattr(m, key)
-        if path is not None and not path.is_file():
-            problems.append(f"mqtt.{key} = '{path}': file not found")
-    if (m.cert_file is None) != (m.key_file is None):
-        problems.append("mqtt.cert_file and mqtt.key_file must be set together")
-    if (m.ca_file or m.cert_file) and not m.tls:
-        problems.append("mqtt.ca_file/cert_file are set but mqtt.tls is false")
-    key_file = config.http.api_key_file
-    if key_file is not None:
-        if not key_file.is_file():
-            problems.append(f"http.api_key_file = '{key_file}': file not found")
-        elif not key_file.read_text().strip():
-            problems.append(f"http.api_key_file = '{key_file}': file is empty")
-    if config.models.catalog is not None and not config.models.catalog.is_file():
-        problems.append(f"models.catalog = '{config.models.catalog}': file not found")
-    if config.worker.default_max_tokens > config.worker.context_size:
-        problems.append(f"worker.default_max_tokens = {config.worker.default_max_tokens}: must not exceed "
-                        f"worker.context_size ({config.worker.context_size})")
-    return problems
-
-
-def read_secret(path: Path) -> str:
-    """First line of a secret file, stripped."""
-    text = path.read_text().strip()
-    return text.splitlines()[0].strip() if text else ""
-
-
-def _toml_literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f'"{value}"' if isinstance(value, str) else str(value)
-
-
-def reference_markdown() -> str:
-    """The config reference (docs/config.md), generated from the dataclasses above."""
-    lines = ["# Configuration reference", "",
-             "One TOML file (`appliance serve -c FILE`); every key is optional. Any key can be overridden by the "
-             "environment variable `APPLIANCE_<SECTION>_<KEY>`, e.g. `APPLIANCE_MQTT_PORT=1884`. "
-             "`appliance config check FILE` validates a file and prints every problem.", "",
-             "Generated by `appliance config reference`; do not edit by hand.", ""]
-    for section, cls in SECTIONS.items():
-        lines += [f"## [{section}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            kind, optional = _field_kind(f)
-            if f.default is dataclasses.MISSING:
-                default = {"id": "host name", "state_dir": "`$STATE_DIRECTORY` or `~/.local/share/appliance`"}[f.name]
-            elif f.default is None:
-                default = "(unset)"
-            else:
-                default = "`" + _toml_literal(f.default) + "`"
-            type_name = kind.__name__ + (" (optional)" if optional else "")
-            doc = f.metadata["doc"]
-            if f.metadata.get("choices"):
-                doc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
-            lines.append(f"| `{f.name}` | {type_name} | {default} | {doc} |")
-        lines.append("")
-    return "\n".join(lines)

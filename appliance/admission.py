@@ -1,0 +1,72 @@
+"""Memory admission: will a model fit before we load it?
+
+A llama.cpp model needs its weights (the file, memory-mapped), a KV cache for the configured context (f16 keys and
+values for every layer), compute buffers and the logits buffer. The compute buffer is the largest of the logits of
+one micro-batch (``n_vocab x n_ubatch`` floats: 256 MiB for Gemma-3's 262k vocabulary at a batch of 256) and the
+attention scores (``n_ctx x n_ubatch x n_head`` floats), plus the feed-forward activations. The formula matches what
+llama.cpp 0.3.36 reports for the test models and Gemma-3 within a few percent, erring high; ``memory.margin_mib``
+covers the worker process itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from appliance.catalog import ModelEntry
+from appliance.config.schema import Config
+from appliance.errors import InsufficientMemory
+from appliance.gguf_meta import Architecture, read_metadata
+from appliance.sensors import MiB
+
+F16 = 2
+F32 = 4
+MAX_UBATCH = 512  # llama-cpp-python's default n_ubatch; the micro-batch is min(n_batch, this)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    model_id: str
+    weights: int
+    kv_cache: int
+    compute: int
+    margin: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.margin
+
+    @property
+    def anonymous(self) -> int:
+        """What is not the memory-mapped file: freed when the model is unloaded, not reclaimable before."""
+        return self.kv_cache + self.compute
+
+    def describe(self) -> str:
+        parts = (("weights", self.weights), ("KV cache", self.kv_cache), ("compute", self.compute),
+                 ("margin", self.margin))
+        return " + ".join(f"{name} {size / MiB:.0f}" for name, size in parts) + f" = {self.total / MiB:.0f} MiB"
+
+
+def estimate(entry: ModelEntry, config: Config) -> Footprint | None:
+    """Memory the model needs with this config's context and batch size; None for files that are not GGUF."""
+    if entry.path.suffix.lower() != ".gguf":
+        return None
+    arch = Architecture.from_metadata(read_metadata(entry.path), entry.path)
+    n_ctx = config.worker.context_size
+    n_ubatch = min(config.worker.batch_size, MAX_UBATCH)
+    kv = arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
+    compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32
+               + n_ubatch * (8 * arch.n_embd + 3 * arch.n_ff) * F32
+               + arch.n_vocab * F32)  # the output (logits) buffer
+    return Footprint(model_id=entry.id, weights=entry.path.stat().st_size, kv_cache=kv, compute=compute,
+                     margin=config.memory.margin_mib * MiB)
+
+
+def check(footprint: Footprint, available: int, *, budget_set: bool) -> None:
+    """Raise InsufficientMemory, naming needed and available MiB and the keys that change the outcome."""
+    if footprint.total <= available:
+        return
+    source = "memory.budget_mib" if budget_set else "MemAvailable"
+    raise InsufficientMemory(
+        f"model '{footprint.model_id}' needs about {footprint.total / MiB:.0f} MiB ({footprint.describe()}) but "
+        f"{available / MiB:.0f} MiB are available ({source}); lower worker.context_size or worker.batch_size, or "
+        f"override with memory.budget_mib (or memory.admission = false)")

@@ -1,0 +1,112 @@
+"""Status LED, fan and shutdown button through gpiozero's MockFactory, driven by a real service in this process
+(real worker, real model, fake sensor files)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from appliance.broker import free_port
+from appliance.config import load_config
+from appliance.config.schema import GpioConfig
+from appliance.indicators import LED_PATTERNS, Indicators
+from appliance.service import Service, load_catalog
+from tests.support.harness import FakeBoard, merge, toml_text
+
+import gpiozero  # noqa: E402,F401 - a core dependency: a missing one fails here
+
+
+def _wait(predicate, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError("condition not reached")
+
+
+def _blink_timing(pin, seconds: float = 2.5) -> tuple[float, float]:
+    """(median on time, median off time) of a mock pin over a while. A MockPin records each change with the time
+    since the previous one, that is, how long the previous state lasted."""
+    start = len(pin.states)
+    time.sleep(seconds)
+    changes = pin.states[start:]
+    pairs = list(zip(changes, changes[1:], strict=False))
+    on = [after.timestamp for before, after in pairs if before.state]
+    off = [after.timestamp for before, after in pairs if not before.state]
+    assert on and off, f"the LED did not blink: {changes}"
+    return sorted(on)[len(on) // 2], sorted(off)[len(off) // 2]
+
+
+def test_led_fan_and_button_follow_the_service(tmp_path, catalog_path):
+    board = FakeBoard(tmp_path / "board")
+    config_file = tmp_path / "appliance.toml"
+    config_file.write_text(toml_text(merge(board.overrides(), {
+        "device": {"id": "gpio-test", "state_dir": str(tmp_path / "state")},
+        "mqtt": {"enabled": False},
+        "http": {"port": free_port()},
+        "models": {"catalog": str(catalog_path), "default": "tiny"},
+        "worker": {"threads": 2, "context_size": 512},
+        "thermal": {"soft_limit": 70, "hard_limit": 80, "vcgencmd": ""},
+        "gpio": {"status_led": "GPIO17", "fan_pin": "GPIO18", "shutdown_button": "GPIO27", "shutdown_hold": 0.3,
+                 "shutdown_command": f"touch {tmp_path / 'powered-off'}"},
+    })))
+    config = load_config(config_file, env={})
+    service = Service(config, load_catalog(config))
+    try:
+        service.start()
+        factory = service.indicators.factory
+        led, fan, button = factory.pin("GPIO17"), factory.pin("GPIO18"), factory.pin("GPIO27")
+        _wait(lambda: service.indicators.pattern == "ready")
+        assert led.state == 1, "ready: steady on"
+        assert fan.state == 0, "45 °C: fan off"
+
+        board.set_temperature(62)  # warmer, still below the soft limit: fan on the 60 °C step, LED unchanged
+        _wait(lambda: fan.state == pytest.approx(0.5))
+        assert service.indicators.pattern == "ready"
+
+        board.set_temperature(75)  # above the soft limit
+        _wait(lambda: service.indicators.pattern == "hot")
+        on, off = _blink_timing(led)
+        assert on == pytest.approx(LED_PATTERNS["hot"][0], abs=0.05)
+        assert off == pytest.approx(LED_PATTERNS["hot"][1], abs=0.1)
+        assert fan.state == pytest.approx(1.0)
+
+        board.set_temperature(45)
+        _wait(lambda: service.indicators.pattern == "ready" and fan.state == 0)
+        assert led.state == 1
+
+        button.drive_low()  # pressed (it pulls the pin to ground) and held
+        _wait(lambda: (tmp_path / "powered-off").exists(), timeout=5)
+        button.drive_high()
+    finally:
+        service.close()
+    assert led.state == 0, "offline: off"
+
+
+def test_patterns_for_every_state():
+    from gpiozero.pins.mock import MockFactory, MockPWMPin
+    factory = MockFactory(pin_class=MockPWMPin)
+    indicators = Indicators(GpioConfig(status_led="GPIO5", enabled="true"), pin_factory=factory)
+    led = factory.pin("GPIO5")
+    indicators.show("ready", hot=False)
+    assert led.state == 1
+    for state in ("loading", "busy", "degraded", "error"):
+        indicators.show(state, hot=False)
+        on, off = _blink_timing(led, seconds=max(1.2, 4 * sum(LED_PATTERNS[state])))
+        assert on == pytest.approx(LED_PATTERNS[state][0], abs=0.05), state
+        assert off == pytest.approx(LED_PATTERNS[state][1], abs=0.05), state
+    indicators.show("error", hot=True)
+    assert indicators.pattern == "error", "error wins over hot"
+    indicators.show("offline", hot=False)
+    assert led.state == 0
+    indicators.close()
+
+
+def test_no_gpio_here_means_no_gpio_features():
+    indicators = Indicators(GpioConfig(status_led="GPIO17", fan_pin="GPIO18"))
+    assert not indicators.active  # x86: no pin library, no error
+    indicators.show("ready", hot=False)
+    indicators.set_temperature(90)
+    indicators.close()
