@@ -14,8 +14,6 @@ from appliance.indicators import LED_PATTERNS, Indicators
 from appliance.service import Service, load_catalog
 from tests.support.harness import FakeBoard, merge, toml_text
 
-import gpiozero  # noqa: E402,F401 - a core dependency: a missing one fails here
-
 
 def _wait(predicate, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
