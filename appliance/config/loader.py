@@ -159,6 +159,9 @@ def _cross_checks(config: Config) -> list[str]:
     mem, thermal = config.memory, config.thermal
     if mem.critical_mib >= mem.low_mib and mem.low_mib > 0:
         problems.append(f"memory.critical_mib = {mem.critical_mib}: must be below memory.low_mib ({mem.low_mib})")
+    if thermal.soft_token_delay * 4 > config.worker.stall_timeout:
+        problems.append(f"thermal.soft_token_delay = {thermal.soft_token_delay}: must be well below "
+                        f"worker.stall_timeout ({config.worker.stall_timeout}), or a warm board looks stuck")
     if thermal.hard_limit <= thermal.soft_limit:
         problems.append(f"thermal.hard_limit = {thermal.hard_limit}: must be above thermal.soft_limit "
                         f"({thermal.soft_limit})")

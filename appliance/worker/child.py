@@ -34,7 +34,7 @@ from appliance.protocol import Completion
 log = logging.getLogger("appliance.worker")
 
 OOM_SCORE_ADJ = 800
-PROGRESS_EVERY = 1.0  # seconds between liveness reports of a non-streamed generation
+PROGRESS_EVERY = 0.5  # seconds between liveness reports of a non-streamed generation
 
 
 class _Child:

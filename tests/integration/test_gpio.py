@@ -7,12 +7,9 @@ import time
 
 import pytest
 
-from appliance.broker import free_port
-from appliance.config import load_config
 from appliance.config.schema import GpioConfig
 from appliance.indicators import LED_PATTERNS, Indicators
-from appliance.service import Service, load_catalog
-from tests.support.harness import FakeBoard, merge, toml_text
+from tests.support.harness import FakeBoard, in_process_service, merge
 
 
 def _wait(predicate, timeout: float = 20) -> None:
@@ -39,19 +36,11 @@ def _blink_timing(pin, seconds: float = 2.5) -> tuple[float, float]:
 
 def test_led_fan_and_button_follow_the_service(tmp_path, catalog_path):
     board = FakeBoard(tmp_path / "board")
-    config_file = tmp_path / "appliance.toml"
-    config_file.write_text(toml_text(merge(board.overrides(), {
-        "device": {"id": "gpio-test", "state_dir": str(tmp_path / "state")},
-        "mqtt": {"enabled": False},
-        "http": {"port": free_port()},
-        "models": {"catalog": str(catalog_path), "default": "tiny"},
-        "worker": {"threads": 2, "context_size": 512},
+    service = in_process_service(tmp_path, catalog_path, merge(board.overrides(), {
         "thermal": {"soft_limit": 70, "hard_limit": 80, "vcgencmd": ""},
         "gpio": {"status_led": "GPIO17", "fan_pin": "GPIO18", "shutdown_button": "GPIO27", "shutdown_hold": 0.3,
                  "shutdown_command": f"touch {tmp_path / 'powered-off'}"},
-    })))
-    config = load_config(config_file, env={})
-    service = Service(config, load_catalog(config))
+    }))
     try:
         service.start()
         factory = service.indicators.factory

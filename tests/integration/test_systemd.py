@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -98,3 +99,61 @@ def test_unit_is_hardened(units):
                     "ProtectSystem=strict", "StateDirectory=appliance", "NoNewPrivileges=yes", "PrivateTmp=yes",
                     "RestrictAddressFamilies=", "SystemCallFilter=@system-service", "SupplementaryGroups=gpio"):
         assert setting in text, setting
+
+
+def test_watchdog_pings_stop_when_the_scheduler_hangs(tmp_path, catalog_path, monkeypatch):
+    """A sink that never returns hangs the scheduler loop: the watchdog pings stop, so systemd would restart us."""
+    import threading
+
+    from appliance import supervisor as supervisor_module
+    from appliance.protocol import parse_generate
+    from appliance.systemd import Notifier
+    from tests.support.harness import in_process_service
+
+    monkeypatch.setattr(supervisor_module, "HEARTBEAT_LIMIT", 1.0)
+    address = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(address)
+    server.settimeout(0.5)
+    service = in_process_service(tmp_path, catalog_path, {"supervisor": {"interval": 0.1}})
+    service.notifier = service.supervisor.notifier = Notifier({"NOTIFY_SOCKET": address})
+
+    def pings(seconds: float) -> int:
+        """WATCHDOG=1 messages sent during the next ``seconds`` (older ones waiting in the socket are dropped)."""
+        server.setblocking(False)
+        while True:
+            try:
+                server.recv(4096)
+            except BlockingIOError:
+                break
+        server.settimeout(0.5)
+        count, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                count += server.recv(4096).decode().count("WATCHDOG=1")
+        return count
+
+    release = threading.Event()
+
+    class StuckSink:
+        def on_piece(self, job, seq, text): ...
+        def on_result(self, job, completion):
+            release.wait(30)  # a bug that blocks the scheduler thread
+        def on_error(self, job, error): ...
+        def on_abandon(self, job): ...
+
+    try:
+        service.start()
+        deadline = time.monotonic() + 30
+        while service.status.current.state != "ready" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pings(1.0) >= 5
+        service.scheduler.submit(parse_generate({"prompt": "a", "max_tokens": 2}), StuckSink(), "test")
+        time.sleep(1.5)  # the heartbeat goes stale
+        assert pings(1.0) == 0, "no watchdog pings while the scheduler loop is stuck"
+        release.set()
+        assert pings(1.5) >= 5, "pings resume once the loop turns again"
+    finally:
+        release.set()
+        service.close()
+        server.close()

@@ -188,7 +188,8 @@ def new_appliance(workdir: Path, broker_port: int | None, catalog: Path, default
 class MqttClient:
     """A paho client for tests that records everything it receives."""
 
-    def __init__(self, host: str, port: int, *, protocol: str = "5", client_id: str | None = None) -> None:
+    def __init__(self, host: str, port: int, *, protocol: str = "5", client_id: str | None = None,
+                 username: str | None = None, password: str | None = None) -> None:
         self.v5 = protocol == "5"
         self.client_id = client_id or f"test-{uuid.uuid4().hex[:10]}"
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
@@ -199,12 +200,18 @@ class MqttClient:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        if username:
+            self.client.username_pw_set(username, password)
+        self._refused = None
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
-        if not self._connected.wait(10):
-            raise TimeoutError("test MQTT client could not connect")
+        if not self._connected.wait(10) or self._refused:
+            self.client.loop_stop()
+            raise ConnectionRefusedError(f"test MQTT client could not connect: {self._refused}")
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
         disable_nagle(client)
         self._connected.set()
 
@@ -334,3 +341,17 @@ class FakeBoard:
 
     def env(self) -> dict:
         return {"PATH": f"{self.bin}:{os.environ.get('PATH', '')}"}
+
+
+def in_process_service(workdir: Path, catalog: Path, overrides: dict):
+    """A Service built in this process (to reach its mock pins or its notifier), HTTP only, model `tiny`."""
+    from appliance.config import load_config
+    from appliance.service import Service, load_catalog
+    config_file = workdir / "in-process.toml"
+    config_file.write_text(toml_text(merge({
+        "device": {"id": f"p{uuid.uuid4().hex[:8]}", "state_dir": str(workdir / "state")},
+        "mqtt": {"enabled": False}, "http": {"port": free_port()},
+        "models": {"catalog": str(catalog), "default": "tiny"}, "worker": {"threads": 2, "context_size": 512},
+    }, overrides)))
+    config = load_config(config_file, env={})
+    return Service(config, load_catalog(config))
