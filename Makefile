@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-EXTRAS ?= llama,default-model,dev
+EXTRAS ?= llama,default-model,onnx,dev
 CONFIG ?=
 PYTEST_ARGS ?=
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from appliance.backends.llama_archs import check_architecture
 from appliance.catalog import ModelEntry
 from appliance.config.schema import Config
 from appliance.errors import InsufficientMemory
@@ -50,6 +51,7 @@ def estimate(entry: ModelEntry, config: Config) -> Footprint | None:
     """Memory the model needs with this config's context and batch size; None for files that are not GGUF."""
     if entry.path.suffix.lower() != ".gguf":
         return None
+    check_architecture(entry.path)  # an architecture llama.cpp cannot run is refused as such, not as a size
     arch = Architecture.from_metadata(read_metadata(entry.path), entry.path)
     n_ctx = config.worker.context_size
     n_ubatch = min(config.worker.batch_size, MAX_UBATCH)

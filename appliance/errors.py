@@ -99,6 +99,13 @@ class ChecksumMismatch(ModelError):
     """A model file's sha256 differs from its catalog entry."""
 
 
+class UnsupportedArchitecture(ModelError):
+    """The model's architecture is not one the engine can run (OPT, for one, is not in llama.cpp)."""
+
+    code = "unsupported_architecture"
+    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
 class BackendUnavailable(ModelError, ImportError):
     """The inference engine a model needs is not installed (for example the ``llama`` extra)."""
 
@@ -132,12 +139,13 @@ class Internal(ApplianceError):
 ERROR_CODES: dict[str, str] = {
     cls.code: (cls.__doc__ or "").strip().splitlines()[0]
     for cls in (BadRequest, Unauthorized, UnknownModel, Busy, TooLong, RequestTimeout, Cancelled, ModelError,
-                WorkerCrashed, InsufficientMemory, Overheated, Internal)
+                UnsupportedArchitecture, WorkerCrashed, InsufficientMemory, Overheated, Internal)
 }
 
 _BY_CODE: dict[str, type[ApplianceError]] = {
     cls.code: cls for cls in (BadRequest, Unauthorized, UnknownModel, Busy, TooLong, RequestTimeout, Cancelled,
-                              ModelError, WorkerCrashed, InsufficientMemory, Overheated, Internal)
+                              ModelError, UnsupportedArchitecture, WorkerCrashed, InsufficientMemory, Overheated,
+                              Internal)
 }
 
 

@@ -19,10 +19,11 @@ from collections import deque
 from dataclasses import replace
 
 from appliance.backends.base import EngineSettings, GenerationTask
-from appliance.catalog import Catalog
+from appliance.catalog import Catalog, licence_problem
 from appliance.config.schema import Config
 from appliance.errors import (
     ApplianceError,
+    BadRequest,
     Busy,
     Cancelled,
     InsufficientMemory,
@@ -58,7 +59,7 @@ class Scheduler:
         self._capacity = config.worker.max_queue + 1  # waiting + the one being generated
         self._lock = threading.Lock()
         self._outstanding = 0
-        self._failed_models: dict[str, str] = {}
+        self._failed_models: dict[str, ApplianceError] = {}  # models that will not load until a restart
         self._accepting = True
         self._keys = itertools.count(1)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -87,6 +88,13 @@ class Scheduler:
         if model_id not in self.catalog or (model_id != self.default_model and not self.config.models.switch):
             available = self.catalog.ids if self.config.models.switch else [self.default_model]
             raise UnknownModel(f"unknown model '{model_id}' (available: {', '.join(available)})", param="model")
+        entry = self.catalog.get(model_id)
+        if not entry.generates_text:
+            raise BadRequest(f"model '{model_id}' is a {entry.backend} model: send it tensors on the infer topic or "
+                             f"POST /v1/infer/{model_id}", param="model")
+        problem = licence_problem(entry, self.config.models.allow_noncommercial)
+        if problem:
+            raise ModelError(problem, param="model")
         refusal = self.guard.refusal(request, model_id)
         if refusal is not None:
             raise refusal
@@ -96,7 +104,7 @@ class Scheduler:
             if not self._accepting:
                 raise Busy("the appliance is shutting down")
             if model_id in self._failed_models:
-                raise ModelError(self._failed_models[model_id])
+                raise self._failed_models[model_id]
             if self._outstanding >= self._capacity:
                 raise Busy(f"the queue is full ({self._capacity - 1} waiting); try again later")
             self._outstanding += 1
@@ -218,10 +226,7 @@ class Scheduler:
         what = outcome[0]
         job = self._running
         if what == "load_failed":
-            model_id, message = outcome[1], outcome[2]
-            with self._lock:
-                self._failed_models[model_id] = message
-            self._fail_queued_for(model_id, ModelError(message))
+            self._model_failed(outcome[1], error_from_code(outcome[2], outcome[3], "model"))
         elif job is None:
             pass
         elif what == "progress":
@@ -299,6 +304,10 @@ class Scheduler:
 
     def _load(self, model_id: str) -> None:
         entry = self.catalog.get(model_id)
+        problem = licence_problem(entry, self.config.models.allow_noncommercial)
+        if problem:
+            self._model_failed(model_id, ModelError(problem, param="model"))
+            return
         try:
             self.guard.admit(entry, self.worker.loaded_entry)
         except InsufficientMemory as exc:  # may fit later: tried again after a while or a change of memory level
@@ -308,14 +317,18 @@ class Scheduler:
             self._fail_queued_for(model_id, exc)
             return
         except ModelError as exc:  # not a readable GGUF: it will not get better by itself
-            log.error("%s", exc.message)
-            with self._lock:
-                self._failed_models[model_id] = exc.message
-            self._fail_queued_for(model_id, exc)
+            self._model_failed(model_id, exc)
             return
         if model_id == self.default_model:
             self._admission_problem = ""
         self.worker.load(entry)
+
+    def _model_failed(self, model_id: str, error: ApplianceError) -> None:
+        """The model cannot be loaded (bad file, licence, architecture): refuse it until the service restarts."""
+        log.error("%s", error.message)
+        with self._lock:
+            self._failed_models[model_id] = error
+        self._fail_queued_for(model_id, error)
 
     def _stop_running(self, error: ApplianceError) -> None:
         job = self._running
@@ -362,7 +375,8 @@ class Scheduler:
             if full:
                 state, reason = "busy", f"queue full ({self._capacity - 1} waiting)"
         elif state == "idle":
-            problem = self._failed_models.get(self.default_model) or self._admission_problem
+            failed = self._failed_models.get(self.default_model)
+            problem = failed.message if failed else self._admission_problem
             state, reason = ("degraded", problem) if problem else ("starting", "")
         self.status.set(state, model=model, reason=reason, warnings=tuple(warnings))
 

@@ -22,6 +22,7 @@ from appliance.config import Config, ConfigError, read_secret
 from appliance.errors import ApplianceError
 from appliance.guard import Guard
 from appliance.indicators import Indicators
+from appliance.infer.pool import InferencePool
 from appliance.metrics import Metrics
 from appliance.scheduler import Scheduler
 from appliance.sensors import Sensors
@@ -47,6 +48,10 @@ def load_catalog(config: Config) -> Catalog:
     if config.models.default not in catalog:
         raise ConfigError([f"models.default = {config.models.default!r}: not in the catalog {catalog.origin} "
                            f"(available: {', '.join(catalog.ids) or 'none'})"])
+    if not catalog.get(config.models.default).generates_text:
+        raise ConfigError([f"models.default = {config.models.default!r}: a "
+                           f"{catalog.get(config.models.default).backend} model cannot be the default (it does not "
+                           f"generate text)"])
     return catalog
 
 
@@ -62,6 +67,7 @@ class Service:
                                    Guard(config, self.sensors.memory))
         self.notifier = Notifier()
         self.indicators = Indicators(config.gpio)
+        self.infer = InferencePool(catalog, config, self.scheduler.reporter, self.scheduler.guard)
         self.supervisor = Supervisor(config, self.scheduler, self.status, self.metrics, self.sensors, self.notifier,
                                      self.indicators, publish_telemetry=self._publish_telemetry,
                                      extra_health=lambda: self.http is None or self.http.alive)
@@ -78,6 +84,7 @@ class Service:
             self._prepare_default_model()
             self.supervisor.start()  # first reading before the first request or model load
             self.scheduler.start()
+            self.infer.start()
             if self.config.http.enabled:
                 self._start_http()
             if self.config.mqtt.enabled:
@@ -106,7 +113,7 @@ class Service:
         api_key = read_secret(h.api_key_file) if h.api_key_file else None
         app = create_app(self.scheduler, self.status, self.metrics, api_key, max_body=self.config.mqtt.max_payload,
                          result_wait=w.request_timeout + w.cancel_grace + 30,
-                         telemetry=lambda: self.supervisor.telemetry)
+                         telemetry=lambda: self.supervisor.telemetry, infer=self.infer)
         try:
             self.http = HttpServer(app, h.bind, h.port, h.threads)
         except OSError as exc:
@@ -142,7 +149,7 @@ class Service:
                 return
             host = "127.0.0.1"
         self.mqtt_address = (host, port)
-        self.mqtt = MqttTransport(self.config, self.scheduler, self.status, self.metrics)
+        self.mqtt = MqttTransport(self.config, self.scheduler, self.status, self.metrics, self.infer)
         self.mqtt.start(host, port)
 
     def _publish_telemetry(self, payload: dict) -> None:
@@ -172,6 +179,7 @@ class Service:
         if self.mqtt is not None:
             self.mqtt.stop_accepting()
         self.scheduler.close()
+        self.infer.close()
         if self.http is not None:
             self.http.close()
         self.status.set("offline", reason="shut down")

@@ -69,6 +69,9 @@ class Backend(ABC):
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
 
+    def check(self, entry: ModelEntry) -> None:  # noqa: B027 - nothing to check is a fine default
+        """Refuse a model that cannot work, cheaply and before anything is unloaded (e.g. its architecture)."""
+
     @abstractmethod
     def load(self, entry: ModelEntry) -> ModelInfo:
         """Load the model file (already digest-checked). Raises ModelError with a reason."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from appliance import templates
+from appliance.backends import llama_seq2seq
 from appliance.backends.base import (
     Backend,
     EngineSettings,
@@ -23,6 +24,7 @@ from appliance.backends.base import (
     Piece,
     PromptProgress,
 )
+from appliance.backends.llama_archs import check_architecture
 from appliance.catalog import ModelEntry
 from appliance.errors import ModelError, TooLong
 from appliance.protocol import Completion, Message, Usage
@@ -38,6 +40,7 @@ class LlamaCppBackend(Backend):
         self._llm = None
         self._entry: ModelEntry | None = None
         self._jinja = None  # a Jinja2ChatFormatter when the GGUF embeds a chat template
+        self._encoder_decoder = False  # T5: the prompt goes through the encoder (llama_seq2seq)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -46,14 +49,18 @@ class LlamaCppBackend(Backend):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.close()
+        self.check(entry)
         threads = self.settings.threads
+        lora = {"lora_path": str(entry.lora), "lora_scale": entry.lora_scale} if entry.lora else {}
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(entry.path), n_ctx=self.settings.context_size, n_batch=self.settings.batch_size,
-                n_threads=threads, n_threads_batch=threads, use_mmap=self.settings.mmap, verbose=False)
+                n_threads=threads, n_threads_batch=threads, use_mmap=self.settings.mmap, verbose=False, **lora)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelError(f"model '{entry.id}': llama.cpp could not load {entry.path}: {exc}") from None
+            raise ModelError(f"model '{entry.id}': llama.cpp could not load {entry.path}"
+                             f"{' with LoRA ' + entry.lora.name if entry.lora else ''}: {exc}") from None
         self._entry = entry
+        self._encoder_decoder = bool(llama_cpp.llama_model_has_encoder(self._llm.model))
         embedded = self._llm.metadata.get("tokenizer.chat_template")
         if embedded and entry.template is None:
             self._jinja = Jinja2ChatFormatter(template=embedded, eos_token=self._token_text(self._llm.token_eos()),
@@ -67,6 +74,9 @@ class LlamaCppBackend(Backend):
         import llama_cpp
         if self._llm is not None:
             llama_cpp.llama_set_n_threads(self._llm.ctx, threads, threads)
+
+    def check(self, entry: ModelEntry) -> None:
+        check_architecture(entry.path)  # refuse what llama.cpp cannot run before it sees the file
 
     def close(self) -> None:
         if self._llm is not None:
@@ -143,28 +153,33 @@ class LlamaCppBackend(Backend):
                           f"(worker.context_size)", param="prompt" if task.messages is None else "messages")
         max_tokens = min(params.max_tokens, n_ctx - len(prompt_tokens))
         stops = tuple(dict.fromkeys(params.stop + template_stop))
-        llm.set_seed(params.seed if params.seed is not None else random.SystemRandom().randint(0, 2**32 - 1))
+        seed = params.seed if params.seed is not None else random.SystemRandom().randint(0, 2**32 - 1)
+        llm.set_seed(seed)
 
         started = time.perf_counter()
         try:
-            yield from self._prefill(prompt_tokens, should_stop)
+            if self._encoder_decoder:
+                token_stream = llama_seq2seq.tokens(llm, prompt_tokens, params, seed)
+            else:
+                yield from self._prefill(prompt_tokens, should_stop)
+                # the rest of create_completion's sampler settings stay at their defaults
+                token_stream = llm.generate(prompt_tokens, temp=params.temperature, top_p=params.top_p,
+                                            top_k=params.top_k, repeat_penalty=params.repeat_penalty)
             if should_stop():
                 return
-            sampler = {"temp": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-                       "repeat_penalty": params.repeat_penalty}  # the rest stay at create_completion's defaults
-            yield from self._sample(prompt_tokens, sampler, max_tokens, stops, should_stop, started)
+            yield from self._sample(token_stream, prompt_tokens, max_tokens, stops, should_stop, started)
         except RuntimeError as exc:  # llama_decode failures surface as RuntimeError
             raise ModelError(f"llama.cpp failed while generating: {exc}") from None
 
-    def _sample(self, prompt_tokens: list[int], sampler: dict, max_tokens: int, stops: tuple[str, ...],
-                should_stop: Callable[[], bool], started: float) -> Iterator[GenerationEvent]:
+    def _sample(self, token_stream: Iterator[int], prompt_tokens: list[int], max_tokens: int,
+                stops: tuple[str, ...], should_stop: Callable[[], bool], started: float) -> Iterator[GenerationEvent]:
         llm = self._llm
         sampling_started = time.perf_counter()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         text, sent, n_generated, first_token_at = "", 0, 0, None
         finish_reason, stopped_by_sequence = "length", False
         longest_stop = max((len(s) for s in stops), default=0)
-        for token in llm.generate(prompt_tokens, **sampler):
+        for token in token_stream:
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             if self._is_end_of_generation(token):

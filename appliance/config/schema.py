@@ -121,6 +121,9 @@ class ModelsConfig:
     verify: bool = _opt("Check each model file's sha256 against the catalog before loading it.", True)
     switch: bool = _opt("Let a request name another catalog model; the worker then swaps models (one model is "
                         "resident at a time). When false such requests get `unknown_model`.", True)
+    allow_noncommercial: bool = _opt("Load models whose catalog entry says `commercial_use = false` (research-only "
+                                     "licences such as LLaMA-1 derivatives: Alpaca, Vicuna, Koala, Baize). Off, such "
+                                     "a model is refused with an error naming its licence.", False)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,16 @@ from waitress import create_server
 from werkzeug.exceptions import HTTPException
 
 from appliance import __version__
-from appliance.errors import ApplianceError, BadRequest, Cancelled, Internal, Unauthorized
+from appliance.errors import (
+    ApplianceError,
+    BadRequest,
+    Cancelled,
+    Internal,
+    Unauthorized,
+    UnknownModel,
+    error_from_code,
+)
+from appliance.infer.pool import InferencePool
 from appliance.protocol import Completion, decode_json
 from appliance.scheduler import Job, Scheduler
 from appliance.status import SERVING, StatusBoard
@@ -57,7 +66,7 @@ def _sse(payload: dict | str) -> bytes:
 
 def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str | None, *,
                max_body: int = 1 << 20, result_wait: float = 3600.0,
-               telemetry: Callable[[], dict] = dict) -> Flask:
+               telemetry: Callable[[], dict] = dict, infer: InferencePool | None = None) -> Flask:
     app = Flask("appliance")
     app.config["MAX_CONTENT_LENGTH"] = max_body
 
@@ -114,7 +123,10 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
 
     @app.get("/v1/models")
     def models():
-        ids = scheduler.catalog.ids if scheduler.config.models.switch else [scheduler.default_model]
+        if scheduler.config.models.switch:
+            ids = [e.id for e in scheduler.catalog if e.generates_text]
+        else:
+            ids = [scheduler.default_model]
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "appliance"}
                                            for i in ids]}
 
@@ -130,6 +142,23 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
     def chat_completions():
         body = body_json()
         return serve(openai.chat_request(body), body, "chat")
+
+    @app.post("/v1/infer/<model_id>")
+    def infer_route(model_id: str):
+        """A tensor model (ONNX): {"inputs": {name: nested list}} -> outputs with labels and scores."""
+        if infer is None or not infer.models:
+            raise UnknownModel(f"unknown tensor model '{model_id}' (available: none)", param="model")
+        answers: queue.SimpleQueue = queue.SimpleQueue()
+        infer.submit(model_id, body_json(), answers.put, "http")
+        try:
+            payload = answers.get(timeout=result_wait)
+        except queue.Empty:
+            return error_response(Internal("no reply from the inference worker"))
+        if payload["type"] == "error":
+            error = error_from_code(payload["error"]["code"], payload["error"]["message"],
+                                    payload["error"].get("param"))
+            return error_response(error, transport_counted=True)
+        return payload
 
     def serve(generate_request, body: dict, kind: str) -> Response:
         sink = QueueSink()

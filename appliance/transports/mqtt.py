@@ -27,6 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.config import Config
 from appliance.errors import ApplianceError, BadRequest, Busy
+from appliance.infer.pool import InferencePool
 from appliance.metrics import Metrics
 from appliance.protocol import (
     Completion,
@@ -81,7 +82,9 @@ class MqttReply:
 
 
 class MqttTransport:
-    def __init__(self, config: Config, scheduler: Scheduler, status: StatusBoard, metrics: Metrics) -> None:
+    def __init__(self, config: Config, scheduler: Scheduler, status: StatusBoard, metrics: Metrics,
+                 infer: InferencePool | None = None) -> None:
+        self.infer = infer
         self.config = config
         self.scheduler = scheduler
         self.metrics = metrics
@@ -165,6 +168,8 @@ class MqttTransport:
                 topics = [self.topics.fleet_share, self.topics.fleet_cancel]
             else:
                 topics = [self.topics.generate, self.topics.cancel]
+                if self.infer is not None and self.infer.models:
+                    topics.append(self.topics.infer_prefix + "+")
             client.subscribe([(t, options) for t in topics])
             if client is self.client:
                 self.publish(self.topics.status, self._status.current.to_dict(), retain=True)
@@ -195,14 +200,22 @@ class MqttTransport:
                 log.warning("MQTT: ignoring a retained message on %s", msg.topic)
                 self._ack({(client, msg.mid, msg.qos)})
             elif msg.topic in (self.topics.generate, self.topics.fleet_generate):
-                self._on_generate(client, msg)
+                self._on_request(client, msg, self._generate)
+            elif msg.topic.startswith(self.topics.infer_prefix) and self.infer is not None:
+                model_id = msg.topic[len(self.topics.infer_prefix):]
+                self._on_request(client, msg, lambda body, reply: self.infer.submit(
+                    model_id, body, lambda payload: self.answer(reply, payload), "mqtt"))
             elif msg.topic in (self.topics.cancel, self.topics.fleet_cancel):
                 self._on_cancel(msg)
                 self._ack({(client, msg.mid, msg.qos)})
             else:
                 self._ack({(client, msg.mid, msg.qos)})
 
-    def _on_generate(self, client: paho.Client, msg: paho.MQTTMessage) -> None:
+    def _generate(self, body: object, reply: MqttReply) -> None:
+        self.scheduler.submit(parse_generate(body), reply, "mqtt")
+
+    def _on_request(self, client: paho.Client, msg: paho.MQTTMessage, handle) -> None:
+        """Decode, deduplicate and hand over one request; ``handle(body, reply)`` submits it or raises."""
         props = getattr(msg, "properties", None) if self._v5 else None
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
@@ -235,8 +248,7 @@ class MqttTransport:
         try:
             if problem is not None:
                 raise problem
-            request = parse_generate(body)
-            self.scheduler.submit(request, reply, "mqtt")
+            handle(body, reply)
         except ApplianceError as exc:
             self.scheduler.record_error("mqtt", exc)
             log.info("MQTT: request %r refused: %s", rid, exc.code)

@@ -44,6 +44,11 @@ class Topics:
         return f"{self.prefix}/{self.device}/status"
 
     @property
+    def infer_prefix(self) -> str:
+        """``<prefix>/<device>/infer/`` + a tensor model's id."""
+        return f"{self.prefix}/{self.device}/infer/"
+
+    @property
     def telemetry(self) -> str:
         return f"{self.prefix}/{self.device}/telemetry"
 

@@ -5,7 +5,8 @@ HTTP down. It talks to the parent over a pipe in small tuples:
 
 parent -> child   ("load", entry) | ("unload",) | ("generate", job_key, task) | ("cancel", job_key)
                   | ("pause",) | ("resume",) | ("throttle", threads, seconds_between_tokens) | ("shutdown",)
-child -> parent   ("ready", pid) | ("loaded", info) | ("load_failed", code, message) | ("unloaded",)
+child -> parent   ("ready", pid) | ("loaded", info) | ("unloaded",)
+                  | ("load_failed", code, message, id of the model still loaded or None)
                   | ("progress", job_key, done, total) (prompt batches; total 0: tokens generated so far)
                   | ("piece", job_key, text) (streamed requests only)
                   | ("done", job_key, finished) | ("failed", job_key, code, message, param)
@@ -43,6 +44,7 @@ class _Child:
         self.settings = settings
         self.verify = verify
         self.backend: Backend | None = None
+        self.loaded_id: str | None = None
         self.backlog: deque = deque()  # messages that arrived while generating
         self.stopping = False
         self.paused = False
@@ -70,7 +72,7 @@ class _Child:
     def _close_backend(self) -> None:
         if self.backend is not None:
             self.backend.close()
-            self.backend = None
+            self.backend, self.loaded_id = None, None
 
     def _control(self, message: tuple) -> bool:
         """Apply a pause, resume or throttle message; False for anything else."""
@@ -89,23 +91,28 @@ class _Child:
 
     def _load(self, entry: catalog.ModelEntry) -> None:
         try:
-            if self.backend is not None:
-                self.backend.close()
-                self.backend = None
+            # what can be refused without loading (digest, architecture) is refused while the current model
+            # still serves
             if self.verify:
                 catalog.verify(entry)
             backend = backends.create(entry.backend, self.settings)
+            backend.check(entry)
+        except ApplianceError as exc:
+            self.conn.send(("load_failed", exc.code, exc.message, self.loaded_id))
+            return
+        self._close_backend()  # one model in memory at a time
+        try:
             info = backend.load(entry)
             if self.threads != self.settings.threads:
                 backend.set_threads(self.threads)
         except ApplianceError as exc:
-            self.conn.send(("load_failed", exc.code, exc.message))
+            self.conn.send(("load_failed", exc.code, exc.message, None))
             return
         except Exception as exc:  # an engine bug must be reported, not kill the worker silently
             log.exception("loading model %s failed", entry.id)
-            self.conn.send(("load_failed", Internal.code, f"loading '{entry.id}' failed: {type(exc).__name__}"))
+            self.conn.send(("load_failed", Internal.code, f"loading '{entry.id}' failed: {type(exc).__name__}", None))
             return
-        self.backend = backend
+        self.backend, self.loaded_id = backend, entry.id
         self.conn.send(("loaded", info))
 
     def _should_stop(self, key: int) -> bool:

@@ -19,21 +19,21 @@ EventCallback = Callable[[tuple], None]
 
 
 class WorkerProcess:
-    """A spawned child running :func:`appliance.worker.child.main`.
+    """A spawned child running ``target(conn, *args)`` (by default :func:`appliance.worker.child.main`).
 
     Every message from the child, and finally ``("exited", exitcode)``, is passed to ``on_event`` from a reader
     thread. Only that thread waits for (reaps) the child: two threads waiting on one pid race, and the loser can
     take a reaped child for a live one.
     """
 
-    def __init__(self, settings: EngineSettings, *, verify: bool, log_level: int, on_event: EventCallback,
-                 generation: int) -> None:
+    def __init__(self, settings: EngineSettings | None, *, verify: bool, log_level: int, on_event: EventCallback,
+                 generation: int, target: Callable = child.main, name: str = "appliance-worker") -> None:
         self.generation = generation
         self._on_event = on_event
         ctx = multiprocessing.get_context("spawn")  # no fork: the parent runs paho and HTTP threads
         self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(target=child.main, args=(child_conn, settings, verify, log_level),
-                                    name=f"appliance-worker-{generation}", daemon=True)
+        args = (child_conn, verify, log_level) if settings is None else (child_conn, settings, verify, log_level)
+        self._process = ctx.Process(target=target, args=args, name=f"{name}-{generation}", daemon=True)
         self._process.start()
         child_conn.close()
         self.pid = self._process.pid

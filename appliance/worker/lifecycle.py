@@ -61,6 +61,9 @@ class WorkerSlot:
         self.failure = ""  # set when the worker crashed too often and stays down
         self._closing = False
         self.loaded_entry: ModelEntry | None = None
+        self._before_load: tuple = (None, None, None)
+        self._held_model = False  # this process has loaded a model (the next load gets a fresh process)
+        self._pending_load: ModelEntry | None = None
         self._throttle = (settings.threads, 0.0)
         self._paused = False
 
@@ -85,9 +88,24 @@ class WorkerSlot:
         return self._state == "idle"
 
     def load(self, entry: ModelEntry) -> None:
+        """Load a model; a process that already held another model is replaced by a fresh one first.
+
+        A fresh process gives the previous model's memory back to the system (a freed heap is not always
+        returned) and leaves no engine state behind: RWKV-7 in llama.cpp 0.3.36 computed NaNs after other
+        architectures had been loaded in the same process.
+        """
         log.info("loading model %s (%s)", entry.id, entry.path.name)
-        self._state, self._loading, self.loaded, self.info, self.loaded_entry = "loading", entry, None, None, None
+        self._state, self._loading = "loading", entry
+        self._before_load = (self.loaded, self.info, self.loaded_entry)  # kept if the new one is refused early
+        self.loaded, self.info, self.loaded_entry = None, None, None
         self._load_deadline = time.monotonic() + self.config.worker.load_timeout
+        if self._held_model:
+            self._before_load = (None, None, None)
+            self._process.close()  # its exit is of an older generation: not a crash
+            self.start()
+            self._state, self._pending_load = "loading", entry  # sent once the new process is ready
+            return
+        self._held_model = True
         self._process.send(("load", entry))
 
     def unload(self) -> None:
@@ -154,12 +172,16 @@ class WorkerSlot:
             return None
         kind = event[0]
         if kind == "ready":
-            self._state = "idle"
+            self._state, self._held_model = "idle", False
             # a restarted process starts unthrottled and running: tell it the current settings
             if self._throttle != (self.settings.threads, 0.0):
                 self._process.send(("throttle", *self._throttle))
             if self._paused:
                 self._process.send(("pause",))
+            if self._pending_load is not None:
+                entry, self._pending_load = self._pending_load, None
+                self._state, self._held_model = "loading", True
+                self._process.send(("load", entry))
         elif kind == "unloaded":
             self._state, self.loaded, self.info, self.loaded_entry = "idle", None, None, None
         elif kind == "loaded":
@@ -172,8 +194,10 @@ class WorkerSlot:
                      self.info.chat_template)
         elif kind == "load_failed":
             entry, self._loading, self._state = self._loading, None, "idle"
+            if event[3] is not None and self._before_load[0] == event[3]:
+                self.loaded, self.info, self.loaded_entry = self._before_load
             log.error("model %s failed to load: %s", entry.id, event[2])
-            return ("load_failed", entry.id, event[2])
+            return ("load_failed", entry.id, event[1], event[2])
         elif kind in ("piece", "progress", "done", "failed", "cancelled"):
             if event[1] != self._job_key:
                 return None
@@ -219,7 +243,7 @@ class WorkerSlot:
             crashes = self._load_crashes.get(loading.id, 0) + 1
             self._load_crashes[loading.id] = crashes
             if crashes >= LOAD_CRASHES_BEFORE_GIVING_UP:
-                return ("load_failed", loading.id,
+                return ("load_failed", loading.id, "model_error",
                         f"model '{loading.id}': the worker died {crashes} times while loading it (last: {how})")
         return None
 

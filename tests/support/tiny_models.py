@@ -104,3 +104,28 @@ def quantize(source: Path, target: Path, kind: str = "q4_0") -> Path:
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize returned {rc}")
     return target
+
+
+def write_lora(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
+               rank: int = 4, alpha: float = 8.0, seed: int = 7) -> Path:
+    """A LoRA adapter GGUF for :func:`write_llama`'s model (same sizes), in the layout llama.cpp's
+    ``llama_adapter_lora_init`` reads: ``<tensor>.lora_a`` is (rank x in), ``.lora_b`` is (out x rank)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    head_dim = n_embd // n_head
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    for i in range(n_layer):
+        for target, out in (("attn_q", n_embd), ("attn_v", n_head_kv * head_dim)):
+            writer.add_tensor(f"blk.{i}.{target}.weight.lora_a",
+                              (rng.standard_normal((rank, n_embd)) * 0.5).astype(np.float32))
+            writer.add_tensor(f"blk.{i}.{target}.weight.lora_b",
+                              (rng.standard_normal((out, rank)) * 0.5).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,0 +1,77 @@
+"""A catalog entry: one model file the appliance may load, with what it needs to run and what it may be used for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: the engine for a file type, when the entry names none
+BACKEND_BY_SUFFIX = {".gguf": "llama_cpp", ".pth": "rwkv", ".onnx": "onnx"}
+#: backends that generate text (the rest answer /v1/infer and <prefix>/<device>/infer/<model>)
+TEXT_BACKENDS = ("llama_cpp", "rwkv")
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A declared model input: requests are checked against it before the engine sees them."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]  # None: any size (a batch or sequence axis)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": [-1 if d is None else d for d in self.shape]}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """A declared model output; with labels, scores are returned per label (and the best one named)."""
+
+    name: str
+    labels: tuple[str, ...] = ()
+    threshold: float | None = None  # one score per row: >= threshold is labels[1], else labels[0]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "labels": list(self.labels), "threshold": self.threshold}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    path: Path
+    sha256: str | None  # None only for a file served directly with `serve --model`
+    family: str = "unknown"
+    template: str | None = None  # named prompt format used when the GGUF embeds no chat template
+    licence: str = "unknown"
+    commercial_use: bool | None = None  # None: unknown
+    size: int | None = None
+    backend: str = "llama_cpp"
+    source: str = ""
+    # llama.cpp: a LoRA adapter (GGUF) applied at load, Alpaca-LoRA style
+    lora: Path | None = None
+    lora_sha256: str | None = None
+    lora_scale: float = 1.0
+    # rwkv: runtime strategy and tokenizer ("world" or a 20B_tokenizer.json path)
+    strategy: str | None = None
+    tokenizer: str | None = None
+    # onnx: declared inputs and outputs
+    inputs: tuple[TensorSpec, ...] = field(default=())
+    outputs: tuple[OutputSpec, ...] = field(default=())
+
+    @property
+    def generates_text(self) -> bool:
+        return self.backend in TEXT_BACKENDS
+
+    def describe(self) -> dict:
+        body = {"id": self.id, "file": str(self.path), "sha256": self.sha256, "size": self.size,
+                "family": self.family, "template": self.template, "licence": self.licence,
+                "commercial_use": "unknown" if self.commercial_use is None else self.commercial_use,
+                "backend": self.backend, "source": self.source}
+        if self.lora:
+            body.update(lora=str(self.lora), lora_sha256=self.lora_sha256, lora_scale=self.lora_scale)
+        if self.strategy or self.tokenizer:
+            body.update(strategy=self.strategy, tokenizer=self.tokenizer)
+        if self.inputs:
+            body.update(inputs=[i.describe() for i in self.inputs], outputs=[o.describe() for o in self.outputs])
+        return body

@@ -1,0 +1,139 @@
+"""Turning a catalog's ``[[models]]`` tables into entries, with a problem named for every bad key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from appliance import templates
+from appliance.catalog.entry import BACKEND_BY_SUFFIX, DTYPES, ModelEntry, OutputSpec, TensorSpec
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+_STRINGS = ("id", "file", "sha256", "family", "template", "licence", "backend", "source", "lora", "lora_sha256",
+            "strategy", "tokenizer")
+_KEYS = set(_STRINGS) | {"size", "lora_scale", "commercial_use", "inputs", "outputs"}
+_REQUIRED = ("id", "file", "sha256")
+KNOWN_BACKENDS = ("llama_cpp", "rwkv", "onnx")
+
+
+def _path(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _tensor_specs(raw: Any, where: str, problems: list[str]) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        problems.append(f"{where}: must be a non-empty array of tables ([[models.inputs]])")
+        return ()
+    specs = []
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            problems.append(f"{at}: must be a table with a string 'name'")
+            continue
+        dtype = item.get("dtype", "float32")
+        if dtype not in DTYPES:
+            problems.append(f"{at}.dtype = {dtype!r}: must be one of {', '.join(DTYPES)}")
+        shape = item.get("shape")
+        if not isinstance(shape, list) or not shape or not all(
+                (isinstance(d, int) and not isinstance(d, bool) and (d > 0 or d == -1)) or isinstance(d, str)
+                for d in shape):
+            problems.append(f"{at}.shape = {shape!r}: must be a list of positive sizes, -1 or names for any size")
+            continue
+        unknown = sorted(set(item) - {"name", "dtype", "shape"})
+        if unknown:
+            problems.append(f"{at}.{unknown[0]}: unknown key")
+        specs.append(TensorSpec(item["name"], dtype, tuple(d if isinstance(d, int) and d > 0 else None
+                                                            for d in shape)))
+    return tuple(specs)
+
+
+def _output_specs(raw: Any, where: str, problems: list[str]) -> tuple[OutputSpec, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append(f"{where}: must be an array of tables ([[models.outputs]])")
+        return ()
+    specs = []
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            problems.append(f"{at}: must be a table with a string 'name'")
+            continue
+        labels = item.get("labels", [])
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            problems.append(f"{at}.labels: must be a list of strings")
+            labels = []
+        threshold = item.get("threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or len(labels) != 2):
+            problems.append(f"{at}.threshold: must be a number, with exactly two labels (below, at or above)")
+            threshold = None
+        unknown = sorted(set(item) - {"name", "labels", "threshold"})
+        if unknown:
+            problems.append(f"{at}.{unknown[0]}: unknown key")
+        specs.append(OutputSpec(item["name"], tuple(labels), None if threshold is None else float(threshold)))
+    return tuple(specs)
+
+
+def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> ModelEntry | None:
+    """One ``[[models]]`` table; appends a problem per bad key and returns None when there was any."""
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: must be a table")
+        return None
+    before = len(problems)
+    problems.extend(f"{where}.{key}: unknown key" for key in sorted(set(raw) - _KEYS))
+    problems.extend(f"{where}.{key}: missing" for key in _REQUIRED if key not in raw)
+    problems.extend(f"{where}.{key} = {raw[key]!r}: must be a string" for key in _STRINGS
+                    if key in raw and not isinstance(raw[key], str))
+    if len(problems) > before:
+        return None
+    if not _ID.match(raw["id"]):
+        problems.append(f"{where}.id = {raw['id']!r}: must be 1-128 letters, digits, '_', '.', ':' or '-'")
+    for key in ("sha256", "lora_sha256"):
+        if key in raw and not _SHA256.match(raw[key].lower()):
+            problems.append(f"{where}.{key} = {raw[key]!r}: must be 64 hex characters")
+    size = raw.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        problems.append(f"{where}.size = {size!r}: must be a positive integer (bytes)")
+    commercial = raw.get("commercial_use", "unknown")
+    if commercial not in (True, False, "unknown"):
+        problems.append(f"{where}.commercial_use = {commercial!r}: must be true, false or \"unknown\"")
+    scale = raw.get("lora_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        problems.append(f"{where}.lora_scale = {scale!r}: must be a number")
+    if ("lora" in raw) != ("lora_sha256" in raw):
+        problems.append(f"{where}: lora and lora_sha256 go together")
+    template = raw.get("template")
+    if template is not None and template not in templates.names():
+        problems.append(f"{where}.template = {template!r}: unknown template (known: {', '.join(templates.names())})")
+    path = _path(raw["file"], base)
+    backend = raw.get("backend") or BACKEND_BY_SUFFIX.get(path.suffix.lower())
+    if backend is None:
+        problems.append(f"{where}.backend: missing, and '{path.suffix}' files have no default backend")
+    elif backend not in KNOWN_BACKENDS:
+        problems.append(f"{where}.backend = {backend!r}: must be one of {', '.join(KNOWN_BACKENDS)}")
+    inputs = _tensor_specs(raw["inputs"], f"{where}.inputs", problems) if "inputs" in raw else ()
+    outputs = _output_specs(raw.get("outputs"), f"{where}.outputs", problems)
+    if backend == "onnx" and "inputs" not in raw:
+        problems.append(f"{where}.inputs: missing (an onnx model declares its inputs)")
+    if backend != "onnx" and ("inputs" in raw or "outputs" in raw):
+        problems.append(f"{where}: inputs/outputs are for onnx models")
+    if len(problems) > before:
+        return None
+    return ModelEntry(
+        id=raw["id"], path=path, sha256=raw["sha256"].lower(), family=raw.get("family", "unknown"),
+        template=template, licence=raw.get("licence", "unknown"),
+        commercial_use=None if commercial == "unknown" else commercial, size=size, backend=backend,
+        source=raw.get("source", ""), lora=_path(raw["lora"], base) if "lora" in raw else None,
+        lora_sha256=raw["lora_sha256"].lower() if "lora_sha256" in raw else None, lora_scale=float(scale),
+        strategy=raw.get("strategy"), tokenizer=_tokenizer(raw.get("tokenizer"), base), inputs=inputs,
+        outputs=outputs)
+
+
+def _tokenizer(value: str | None, base: Path) -> str | None:
+    """"world" (the vocabulary shipped with the rwkv package) or a tokenizer file next to the catalog."""
+    return value if value in (None, "world") else str(_path(value, base))

@@ -1,0 +1,104 @@
+"""Adding a model file to a catalog: digest, size, what its header says, a valid ``[[models]]`` entry appended."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance import families
+from appliance.catalog.entry import BACKEND_BY_SUFFIX
+from appliance.catalog.store import Catalog, sha256_file
+from appliance.errors import ConfigError, ModelError
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    path: Path
+    family: str
+    id: str | None = None
+    template: str | None = None
+    licence: str | None = None
+    commercial_use: bool | None | str = "default"  # "default": the family's
+    source: str | None = None
+    lora: Path | None = None
+    lora_scale: float = 1.0
+
+
+def default_id(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.:-]+", "-", path.stem.lower()).strip("-.")[:128] or "model"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def describe_gguf(path: Path) -> dict:
+    """What the GGUF header says that a catalog entry needs (and the architecture check)."""
+    from appliance.backends.llama_archs import check_architecture
+    from appliance.gguf_meta import read_metadata
+    arch = check_architecture(path)
+    meta = read_metadata(path)
+    return {"architecture": arch, "context": meta.get(f"{arch}.context_length"),
+            "chat_template": isinstance(meta.get("tokenizer.chat_template"), str), "name": meta.get("general.name")}
+
+
+def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
+    """The entry's keys (relative paths where the file sits under the catalog's directory) and header facts."""
+    if not new.path.is_file():
+        raise ModelError(f"{new.path}: file not found")
+    backend = BACKEND_BY_SUFFIX.get(new.path.suffix.lower())
+    if backend is None:
+        raise ModelError(f"{new.path}: unsupported file type (expected {', '.join(BACKEND_BY_SUFFIX)})")
+    facts = describe_gguf(new.path) if backend == "llama_cpp" else {}
+    known = families.get(new.family)
+    template = new.template
+    if template is None and not facts.get("chat_template"):
+        template = known.template  # the GGUF's own template wins when it has one
+    commercial = known.commercial_use if new.commercial_use == "default" else new.commercial_use
+
+    def rel(path: Path) -> str:
+        try:
+            return str(path.resolve().relative_to(catalog_dir.resolve()))
+        except ValueError:
+            return str(path.resolve())
+
+    keys: dict = {"id": new.id or default_id(new.path), "file": rel(new.path), "sha256": sha256_file(new.path),
+                  "size": new.path.stat().st_size, "family": new.family}
+    if template:
+        keys["template"] = template
+    keys["licence"] = new.licence or known.licence
+    keys["commercial_use"] = "unknown" if commercial is None else commercial
+    if new.source or known.source:
+        keys["source"] = new.source or known.source
+    if new.lora is not None:
+        if not new.lora.is_file():
+            raise ModelError(f"{new.lora}: LoRA adapter not found")
+        keys.update(lora=rel(new.lora), lora_sha256=sha256_file(new.lora), lora_scale=float(new.lora_scale))
+    return keys, facts
+
+
+def append(catalog_path: Path, keys: dict) -> None:
+    """Append an entry; the result is parsed again and the file left unchanged if it would not be valid."""
+    catalog_path.parent.mkdir(parents=True, exist_ok=True)
+    before = catalog_path.read_text(encoding="utf-8") if catalog_path.exists() else ""
+    if before.strip():
+        existing = Catalog.load(catalog_path)
+        if keys["id"] in existing:
+            raise ConfigError([f"{catalog_path}: a model with id {keys['id']!r} is already in the catalog "
+                               f"(choose another with --id)"])
+    block = "[[models]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
+    text = (before.rstrip("\n") + "\n\n" if before.strip() else "") + block
+    candidate = catalog_path.with_suffix(".toml.new")
+    candidate.write_text(text, encoding="utf-8")
+    try:
+        Catalog.load(candidate)
+    except ConfigError:
+        candidate.unlink()
+        raise
+    candidate.replace(catalog_path)

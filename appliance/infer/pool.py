@@ -1,0 +1,170 @@
+"""The parent side of tensor inference: validate, queue (bounded), send to the ONNX child, answer, time out.
+
+Requests are validated here against the catalog's declared inputs, so a malformed tensor never reaches the engine.
+Replies go to a callback with the final payload (a result or an error), which the transport publishes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.catalog import Catalog
+from appliance.config.schema import Config
+from appliance.errors import (
+    ApplianceError,
+    BadRequest,
+    Busy,
+    RequestTimeout,
+    UnknownModel,
+    WorkerCrashed,
+    error_from_code,
+)
+from appliance.guard import Guard
+from appliance.infer import child
+from appliance.jobs import Reporter
+from appliance.protocol import error_payload, request_id
+from appliance.tensors import describe_outputs, to_arrays
+from appliance.worker.handle import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[[dict], None]
+RESTART_DELAY = 1.0
+
+
+@dataclass
+class _Pending:
+    rid: str | int | None
+    model_id: str
+    reply: Reply
+    transport: str
+    deadline: float
+    accepted: float
+
+
+class InferencePool:
+    def __init__(self, catalog: Catalog, config: Config, reporter: Reporter, guard: Guard) -> None:
+        self.catalog = catalog
+        self.config = config
+        self.reporter = reporter
+        self.guard = guard
+        self.models = [e.id for e in catalog if e.backend == "onnx"]
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._keys = itertools.count(1)
+        self._process: WorkerProcess | None = None
+        self._generation = 0
+        self._closed = False
+        self._timer = threading.Thread(target=self._expire, name="infer-timeouts", daemon=True)
+
+    def start(self) -> None:
+        if self.models:
+            self._spawn()
+            self._timer.start()
+
+    def _spawn(self) -> None:
+        self._generation += 1
+        generation = self._generation
+        self._process = WorkerProcess(None, verify=self.config.models.verify,
+                                      log_level=logging.getLogger("appliance").level,
+                                      on_event=lambda event: self._on_event(generation, event),
+                                      generation=generation, target=child.main, name="appliance-infer")
+
+    # -- requests ----------------------------------------------------------------------------------------------
+
+    def submit(self, model_id: str, body: object, reply: Reply, transport: str) -> None:
+        """Validate and queue one request; raises the error to answer at once."""
+        if not isinstance(body, dict):
+            raise BadRequest(f"request must be a JSON object, got {type(body).__name__}")
+        unknown = sorted(set(body) - {"id", "inputs", "reply_to"})
+        if unknown:
+            raise BadRequest(f"unknown field '{unknown[0]}'", param=unknown[0])
+        if model_id not in self.models:
+            raise UnknownModel(f"unknown tensor model '{model_id}' (available: {', '.join(self.models) or 'none'})",
+                               param="model")
+        entry = self.catalog.get(model_id)
+        arrays = to_arrays(body.get("inputs"), entry.inputs)
+        c = self.guard.conditions
+        if c.thermal == "hard" or c.memory == "critical":
+            raise Busy(c.thermal_reason if c.thermal == "hard" else c.memory_reason)
+        now = time.monotonic()
+        pending = _Pending(request_id(body), model_id, reply, transport,
+                           now + self.config.worker.request_timeout, now)
+        with self._lock:
+            if self._closed or self._process is None:
+                raise Busy("tensor inference is not running")
+            if len(self._pending) > self.config.worker.max_queue:
+                raise Busy(f"the inference queue is full ({self.config.worker.max_queue} waiting); try again later")
+            key = next(self._keys)
+            self._pending[key] = pending
+            process = self._process
+        if not process.send(("infer", key, entry, arrays)):
+            self._answer(key, error=WorkerCrashed("the ONNX worker is restarting"))
+
+    # -- results -----------------------------------------------------------------------------------------------
+
+    def _on_event(self, generation: int, event: tuple) -> None:
+        if generation != self._generation:
+            return
+        kind = event[0]
+        if kind == "result":
+            _, key, outputs, ms = event
+            with self._lock:
+                pending = self._pending.get(key)
+            if pending is not None:
+                entry = self.catalog.get(pending.model_id)
+                self._answer(key, payload={"type": "result", "id": pending.rid, "model": pending.model_id,
+                                           "outputs": describe_outputs(outputs, entry.outputs),
+                                           "timings": {"inference_ms": round(ms, 3)}})
+        elif kind == "failed":
+            self._answer(event[1], error=error_from_code(event[2], event[3]))
+        elif kind == "exited":
+            self._on_exit(event[1])
+
+    def _on_exit(self, code: int | None) -> None:
+        if self._closed:
+            return
+        log.error("the ONNX worker exited (code %s); restarting it", code)
+        with self._lock:
+            keys = list(self._pending)
+        for key in keys:
+            self._answer(key, error=WorkerCrashed(f"the ONNX worker died (exit code {code}) with this request"))
+        time.sleep(RESTART_DELAY)
+        if not self._closed:
+            self._spawn()
+
+    def _answer(self, key: int, *, payload: dict | None = None, error: ApplianceError | None = None) -> None:
+        with self._lock:
+            pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        if error is not None:
+            self.reporter.record_error(pending.transport, error)
+            payload = error_payload(pending.rid, error)
+        else:
+            self.reporter.metrics.requests.labels(pending.transport, "ok").inc()
+        self.reporter.metrics.duration.observe(time.monotonic() - pending.accepted)
+        try:
+            pending.reply(payload)
+        except Exception:
+            log.exception("reply sink failed")
+
+    def _expire(self) -> None:
+        while not self._closed:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                late = [k for k, p in self._pending.items() if p.deadline <= now]
+            for key in late:
+                self._answer(key, error=RequestTimeout("no result within worker.request_timeout"))
+
+    def close(self) -> None:
+        """Stop; requests still pending get no answer (MQTT redelivers them after a restart)."""
+        self._closed = True
+        if self._process is not None:
+            self._process.close()

@@ -1,0 +1,59 @@
+"""Tiny ONNX models built with ``onnx.helper``: what a sensor appliance runs beside its language model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+CLASSES = ["idle", "walking", "running"]
+W = np.array([[1.0, -1.0, 0.5], [0.5, 2.0, -1.0], [-1.0, 0.5, 2.0], [0.2, 0.1, 0.3]], dtype=np.float32)
+B = np.array([0.1, -0.2, 0.05], dtype=np.float32)
+ANOMALY_CENTRE = np.linspace(-1, 1, 8).astype(np.float32)
+
+
+def _save(graph, path: Path) -> Path:
+    import onnx
+    from onnx import helper
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="appliance-tests")
+    model.ir_version = 8  # readable by every onnxruntime we target
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_classifier(path: Path) -> Path:
+    """features [N, 4] float32 -> probabilities [N, 3] (softmax of a linear layer)."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "W"], ["logits0"]),
+         helper.make_node("Add", ["logits0", "B"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)],
+        "activity",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")])
+    return _save(graph, path)
+
+
+def classify(features: np.ndarray) -> np.ndarray:
+    logits = features.astype(np.float32) @ W + B
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def write_anomaly(path: Path) -> Path:
+    """reading [N, 8] float32 -> score [N, 1]: distance from a normal operating point."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(
+        [helper.make_node("Sub", ["reading", "centre"], ["delta"]),
+         helper.make_node("ReduceL2", ["delta"], ["score"], axes=[1], keepdims=1)],
+        "anomaly",
+        [helper.make_tensor_value_info("reading", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
+        [numpy_helper.from_array(ANOMALY_CENTRE, "centre")])
+    return _save(graph, path)
+
+
+def anomaly_score(reading: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(reading.astype(np.float32) - ANOMALY_CENTRE, axis=-1, keepdims=True)
