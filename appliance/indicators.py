@@ -112,7 +112,6 @@ class Indicators:
         pattern = "hot" if hot and state not in ("error", "offline") else state
         if self.led is None or pattern == self.pattern:
             return
-        self.pattern = pattern
         shape = LED_PATTERNS.get(pattern, "off")
         if shape == "on":
             self.led.on()
@@ -120,6 +119,8 @@ class Indicators:
             self.led.off()
         else:
             self.led.blink(on_time=shape[0], off_time=shape[1], background=True)
+        # Only once the LED shows it: readers on other threads (status, tests) take `pattern` as what is lit.
+        self.pattern = pattern
 
     def set_temperature(self, celsius: float | None) -> None:
         if self.fan is None or celsius is None:
