@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-EXTRAS ?= llama,default-model,onnx,dev
+EXTRAS ?= llama,default-model,onnx,rwkv,dev
 CONFIG ?=
 PYTEST_ARGS ?=
 
@@ -17,7 +17,7 @@ else
 LLAMA_CMAKE_ARGS ?=
 endif
 
-.PHONY: help run test test-fast bench lint clean
+.PHONY: help run test test-fast bench bench-rwkv lint clean
 
 help: ## show this help
 	@echo "make targets:"
@@ -45,6 +45,9 @@ bench: $(BIN)/.installed ## benchmark against raw llama-cpp-python and its serve
 	@scripts/ensure-mosquitto --required
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
+
+bench-rwkv: $(BIN)/.installed ## the RWKV backend vs the rwkv package per strategy; writes docs/benchmarks-rwkv.md
+	$(BIN)/python -m bench.rwkv_strategies --out docs/benchmarks-rwkv.md
 
 lint: $(BIN)/.installed ## ruff
 	$(BIN)/ruff check appliance tests bench

@@ -27,11 +27,14 @@ def add_parser(sub) -> None:
         elif name == "verify":
             p.add_argument("ids", nargs="*", help="only these model ids")
 
-    add = actions.add_parser("add", help="add a model file to the catalog (digest, size and GGUF facts computed)")
+    add = actions.add_parser("add", help="add a model file (.gguf, .pth, .onnx) to the catalog (digest, size and "
+                                         "header facts computed)")
     add.add_argument("file", type=Path)
     _entry_options(add)
     add.add_argument("--lora", type=Path, help="a LoRA adapter GGUF applied at load (Alpaca-LoRA)")
     add.add_argument("--lora-scale", type=float, default=1.0)
+    add.add_argument("--tokenizer", type=Path, help="RWKV: a Raven model's 20B_tokenizer.json (World models need none)")
+    add.add_argument("--strategy", help="RWKV: e.g. 'cpu fp32' (default: worker.rwkv_strategy)")
 
     quantize = actions.add_parser("quantize", help="quantize a GGUF with llama.cpp and add the result to the catalog")
     quantize.add_argument("source", type=Path, metavar="IN.gguf")
@@ -140,7 +143,8 @@ def _add(args, config: Config, path: Path) -> int:
     commercial = {"true": True, "false": False, "unknown": None, None: "default"}[args.commercial_use]
     new = writer.NewEntry(path=path, family=args.family, id=args.id, template=args.template, licence=args.licence,
                           commercial_use=commercial, source=args.source, lora=getattr(args, "lora", None),
-                          lora_scale=getattr(args, "lora_scale", 1.0))
+                          lora_scale=getattr(args, "lora_scale", 1.0), tokenizer=getattr(args, "tokenizer", None),
+                          strategy=getattr(args, "strategy", None))
     keys, facts = writer.build(new, catalog_path.parent)
     writer.append(catalog_path, keys)
     described = ", ".join(f"{k} {v}" for k, v in facts.items() if v not in (None, False)) or "no header facts"

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import replace
 
+from appliance import backends
 from appliance.backends.base import EngineSettings, GenerationTask
 from appliance.catalog import Catalog, licence_problem
 from appliance.config.schema import Config
@@ -69,7 +70,8 @@ class Scheduler:
         self.heartbeat = time.monotonic()  # the watchdog checks that this loop keeps turning
         self.threads = _threads(config.worker.threads)
         settings = EngineSettings(threads=self.threads, context_size=config.worker.context_size,
-                                  batch_size=config.worker.batch_size, mmap=config.worker.mmap)
+                                  batch_size=config.worker.batch_size, mmap=config.worker.mmap,
+                                  rwkv_strategy=config.worker.rwkv_strategy)
         self.worker = WorkerSlot(settings, config, metrics, post=lambda event: self._inbox.put(("worker", event)))
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
@@ -309,6 +311,7 @@ class Scheduler:
             self._model_failed(model_id, ModelError(problem, param="model"))
             return
         try:
+            backends.precheck(entry)  # cheap refusals first, while the loaded model still serves
             self.guard.admit(entry, self.worker.loaded_entry)
         except InsufficientMemory as exc:  # may fit later: tried again after a while or a change of memory level
             log.error("%s", exc.message)
@@ -316,7 +319,7 @@ class Scheduler:
                 self._admission_problem = exc.message
             self._fail_queued_for(model_id, exc)
             return
-        except ModelError as exc:  # not a readable GGUF: it will not get better by itself
+        except ModelError as exc:  # not a file its engine can run: it will not get better by itself
             self._model_failed(model_id, exc)
             return
         if model_id == self.default_model:

@@ -9,12 +9,25 @@ from __future__ import annotations
 import importlib
 
 from appliance.backends.base import Backend, EngineSettings
+from appliance.catalog import ModelEntry
 from appliance.errors import BackendUnavailable
 
 REGISTRY: dict[str, tuple[str, str]] = {
     # name: ("module:Class", pip extra that installs its engine)
     "llama_cpp": ("appliance.backends.llama_cpp:LlamaCppBackend", "llama"),
+    "rwkv": ("appliance.backends.rwkv:RwkvBackend", "rwkv"),
 }
+
+
+def precheck(entry: ModelEntry) -> None:
+    """Refuse a model its engine cannot run, without importing the engine: in the parent, before the loaded model
+    is replaced. Raises ModelError (or UnsupportedArchitecture) naming the problem."""
+    if entry.backend == "llama_cpp":
+        from appliance.backends.llama_archs import check_architecture
+        check_architecture(entry.path)
+    elif entry.backend == "rwkv":
+        from appliance.backends import rwkv_files
+        rwkv_files.inspect(entry)
 
 
 def create(name: str, settings: EngineSettings) -> Backend:

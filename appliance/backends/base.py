@@ -22,6 +22,7 @@ class EngineSettings:
     context_size: int
     batch_size: int
     mmap: bool = True
+    rwkv_strategy: str = "cpu fp32i8"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ and text is released only when it can no longer turn into a stop sequence or the
 
 from __future__ import annotations
 
-import codecs
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from appliance.backends.base import (
     PromptProgress,
 )
 from appliance.backends.llama_archs import check_architecture
+from appliance.backends.text import TextStream
 from appliance.catalog import ModelEntry
 from appliance.errors import ModelError, TooLong
 from appliance.protocol import Completion, Message, Usage
@@ -175,10 +175,8 @@ class LlamaCppBackend(Backend):
                 stops: tuple[str, ...], should_stop: Callable[[], bool], started: float) -> Iterator[GenerationEvent]:
         llm = self._llm
         sampling_started = time.perf_counter()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-        text, sent, n_generated, first_token_at = "", 0, 0, None
-        finish_reason, stopped_by_sequence = "length", False
-        longest_stop = max((len(s) for s in stops), default=0)
+        stream = TextStream(stops)
+        n_generated, first_token_at, finish_reason = 0, None, "length"
         for token in token_stream:
             if first_token_at is None:
                 first_token_at = time.perf_counter()
@@ -186,44 +184,25 @@ class LlamaCppBackend(Backend):
                 finish_reason = "stop"
                 break
             n_generated += 1
-            text += decoder.decode(llm.detokenize([token]))
-            if decoder.getstate()[0]:
-                # like create_completion: never stop inside a multi-byte character
-                continue
-            if stops:
-                window = max(0, sent - longest_stop)
-                hits = [i for i in (text.find(s, window) for s in stops) if i >= 0]
-                if hits:
-                    text, finish_reason, stopped_by_sequence = text[:min(hits)], "stop", True
-                    break
+            stream.push(llm.detokenize([token]))
+            if stream.inside_character:
+                continue  # like create_completion: never stop inside a multi-byte character
+            if stream.find_stop():
+                finish_reason = "stop"
+                break
             if n_generated >= max_tokens:
                 break
-            ready = len(text) - _held_back(text, stops)
-            if ready > sent:
-                yield Piece(text[sent:ready])
-                sent = ready
+            if piece := stream.release():
+                yield Piece(piece)
             if should_stop():
                 return
-        if not stopped_by_sequence:
-            text += decoder.decode(b"", final=True)
-        if len(text) > sent:
-            yield Piece(text[sent:])
+        if tail := stream.finish():
+            yield Piece(tail)
         ended = time.perf_counter()
         first_token_at = first_token_at or ended
-        yield Completion(text=text, finish_reason=finish_reason, usage=Usage(len(prompt_tokens), n_generated),
+        yield Completion(text=stream.text, finish_reason=finish_reason, usage=Usage(len(prompt_tokens), n_generated),
                          ttft_ms=(first_token_at - started) * 1000.0,
                          tokens_per_s=n_generated / max(ended - sampling_started, 1e-9), model=self._entry.id)
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of ``text`` that could still grow into a stop sequence."""
-    hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:n]):
-                hold = n
-                break
-    return hold
 
 
 def _as_dict(message: Message) -> dict:

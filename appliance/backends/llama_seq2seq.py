@@ -12,18 +12,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from appliance.backends.sampling import penalise_repeats
 from appliance.errors import ModelError
 from appliance.protocol import SamplingParams
-
-REPEAT_WINDOW = 64  # the recent tokens repeat_penalty looks at (llama.cpp's default penalty_last_n)
 
 
 def pick(logits: np.ndarray, params: SamplingParams, recent: list[int], rng: np.random.Generator) -> int:
     logits = logits.astype(np.float64)
-    if params.repeat_penalty != 1.0 and recent:
-        seen = np.array(sorted(set(recent[-REPEAT_WINDOW:])))
-        values = logits[seen]
-        logits[seen] = np.where(values > 0, values / params.repeat_penalty, values * params.repeat_penalty)
+    penalise_repeats(logits, recent, params.repeat_penalty)
     if params.temperature == 0:
         return int(np.argmax(logits))
     order = np.argsort(logits)[::-1]

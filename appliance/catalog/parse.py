@@ -8,6 +8,7 @@ from typing import Any
 
 from appliance import templates
 from appliance.catalog.entry import BACKEND_BY_SUFFIX, DTYPES, ModelEntry, OutputSpec, TensorSpec
+from appliance.config.schema import rwkv_strategy_problem
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -120,6 +121,13 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
     outputs = _output_specs(raw.get("outputs"), f"{where}.outputs", problems)
     if backend == "onnx" and "inputs" not in raw:
         problems.append(f"{where}.inputs: missing (an onnx model declares its inputs)")
+    strategy = raw.get("strategy")
+    if strategy is not None and backend != "rwkv":
+        problems.append(f"{where}.strategy: only rwkv models have a strategy")
+    elif isinstance(strategy, str) and (problem := rwkv_strategy_problem(strategy)):
+        problems.append(f"{where}.strategy = {strategy!r}: {problem}")
+    if "tokenizer" in raw and backend != "rwkv":
+        problems.append(f"{where}.tokenizer: only rwkv models name a tokenizer")
     if backend != "onnx" and ("inputs" in raw or "outputs" in raw):
         problems.append(f"{where}: inputs/outputs are for onnx models")
     if len(problems) > before:

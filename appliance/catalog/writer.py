@@ -10,6 +10,7 @@ from pathlib import Path
 from appliance import families
 from appliance.catalog.entry import BACKEND_BY_SUFFIX
 from appliance.catalog.store import Catalog, sha256_file
+from appliance.config.schema import rwkv_strategy_problem
 from appliance.errors import ConfigError, ModelError
 
 
@@ -24,6 +25,8 @@ class NewEntry:
     source: str | None = None
     lora: Path | None = None
     lora_scale: float = 1.0
+    tokenizer: Path | None = None  # rwkv: a Raven model's 20B_tokenizer.json
+    strategy: str | None = None  # rwkv: overrides worker.rwkv_strategy
 
 
 def default_id(path: Path) -> str:
@@ -48,6 +51,21 @@ def describe_gguf(path: Path) -> dict:
             "chat_template": isinstance(meta.get("tokenizer.chat_template"), str), "name": meta.get("general.name")}
 
 
+def describe_rwkv(new: NewEntry) -> dict:
+    """What the checkpoint's layout says, after the checks a load would make (vocabulary, tokenizer file)."""
+    from appliance.backends import rwkv_files
+    from appliance.catalog.entry import ModelEntry
+    if new.tokenizer is not None and not new.tokenizer.is_file():
+        raise ModelError(f"{new.tokenizer}: tokenizer file not found")
+    if new.strategy is not None and (problem := rwkv_strategy_problem(new.strategy)):
+        raise ModelError(f"--strategy {new.strategy!r}: {problem}")
+    entry = ModelEntry(id=new.id or default_id(new.path), path=new.path, sha256=None, backend="rwkv",
+                       tokenizer=str(new.tokenizer.resolve()) if new.tokenizer else None)
+    checkpoint, vocabulary = rwkv_files.inspect(entry)
+    return {"rwkv_version": checkpoint.version, "layers": checkpoint.n_layer, "embedding": checkpoint.n_embd,
+            "vocabulary": "world" if vocabulary == "world" else f"{checkpoint.n_vocab} tokens"}
+
+
 def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
     """The entry's keys (relative paths where the file sits under the catalog's directory) and header facts."""
     if not new.path.is_file():
@@ -55,7 +73,9 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
     backend = BACKEND_BY_SUFFIX.get(new.path.suffix.lower())
     if backend is None:
         raise ModelError(f"{new.path}: unsupported file type (expected {', '.join(BACKEND_BY_SUFFIX)})")
-    facts = describe_gguf(new.path) if backend == "llama_cpp" else {}
+    if (new.tokenizer or new.strategy) and backend != "rwkv":
+        raise ModelError(f"{new.path}: --tokenizer and --strategy are for RWKV .pth checkpoints")
+    facts = describe_gguf(new.path) if backend == "llama_cpp" else describe_rwkv(new) if backend == "rwkv" else {}
     known = families.get(new.family)
     template = new.template
     if template is None and not facts.get("chat_template"):
@@ -80,6 +100,10 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
         if not new.lora.is_file():
             raise ModelError(f"{new.lora}: LoRA adapter not found")
         keys.update(lora=rel(new.lora), lora_sha256=sha256_file(new.lora), lora_scale=float(new.lora_scale))
+    if new.tokenizer is not None:
+        keys["tokenizer"] = rel(new.tokenizer)
+    if new.strategy is not None:
+        keys["strategy"] = new.strategy
     return keys, facts
 
 

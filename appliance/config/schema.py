@@ -45,6 +45,17 @@ def _prefix_check(v: str) -> str | None:
     return None
 
 
+#: the rwkv package's strategy grammar, CPU devices only ("cpu fp32i8", "cpu fp32i8 *20 -> cpu fp32", ...)
+_RWKV_STRATEGY = re.compile(r"^(?:(?:^|->) *cpu (?:fp(?:16|32)|bf16)(?:i8)? *(?:\*\d+\+?)? *)+$")
+
+
+def rwkv_strategy_problem(v: str) -> str | None:
+    if not _RWKV_STRATEGY.match(v):
+        return ("must be an rwkv strategy for the CPU, e.g. \"cpu fp32i8\" (int8 weights), \"cpu fp32\", "
+                "\"cpu bf16\" or \"cpu fp32i8 *10 -> cpu fp32\"")
+    return None
+
+
 def default_device_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64].strip("-.")
     return host or "appliance"
@@ -138,6 +149,10 @@ class WorkerConfig:
                                   300.0, check=_between(1, 86400))
     default_max_tokens: int = _opt("max_tokens of a request that does not set it.", 256, check=_between(1, 131072))
     mmap: bool = _opt("Memory-map model files (pages stay in the page cache, shared and reclaimable).", True)
+    rwkv_strategy: str = _opt("How the rwkv backend holds RWKV `.pth` weights, unless the catalog entry sets "
+                              "`strategy`: `cpu fp32i8` stores matrices as int8 (about a third of the RAM of "
+                              "`cpu fp32`, several times slower per token on CPU); RWKV-7 has no int8 mode and "
+                              "uses the float type alone.", "cpu fp32i8", check=rwkv_strategy_problem)
     cancel_grace: float = _opt("Seconds a cancelled or timed-out generation may take to stop before the worker "
                                "process is killed and restarted.", 5.0, check=_between(0.1, 600))
     load_timeout: float = _opt("Seconds a model load may take before the worker is considered stuck.", 600.0,

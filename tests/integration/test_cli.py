@@ -7,14 +7,11 @@ import sys
 import time
 
 from appliance.broker import free_port
-from tests.support.harness import REPO, http_post
+from tests.support.harness import REPO, http_post, run_cli
 
 
 def appliance_cmd(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    import os
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def test_config_check_lists_every_problem(tmp_path):

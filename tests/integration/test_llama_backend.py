@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.backends.base import EngineSettings, GenerationTask, Piece, PromptProgress
-from appliance.backends.llama_cpp import LlamaCppBackend, _held_back
+from appliance.backends.llama_cpp import LlamaCppBackend
 from appliance.catalog import Catalog
 from appliance.errors import TooLong
 from appliance.protocol import Completion, Message, SamplingParams
@@ -124,12 +124,6 @@ def test_chat_uses_the_embedded_template_like_create_chat_completion(catalog_pat
         assert info.chat_template == "embedded"
         _, _, finished = run(b, messages=tuple(Message(**m) for m in messages), max_tokens=25, temperature=0)
     assert finished.text == expected["choices"][0]["message"]["content"]
-
-
-def test_held_back_tail():
-    assert _held_back("abc<|im", ("<|im_end|>",)) == 4
-    assert _held_back("abc", ("<|im_end|>",)) == 0
-    assert _held_back("x###", ("### Instruction:", "##")) == 3
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q8_0", "q4_k_m"])

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -13,14 +10,9 @@ import pytest
 
 from appliance.catalog import Catalog, sha256_file
 from tests.support import tiny_models
-from tests.support.harness import REPO
+from tests.support.harness import run_cli
 
 llama_cpp = pytest.importorskip("llama_cpp")
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def write_opt(path: Path) -> Path:

@@ -26,6 +26,12 @@ from appliance.transports.mqtt_session import disable_nagle
 REPO = Path(__file__).resolve().parents[2]
 
 
+def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``python -m appliance ARGS`` from this checkout."""
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
 def toml_text(data: dict) -> str:
     """Enough TOML for our configs: tables of scalars."""
     def scalar(value):

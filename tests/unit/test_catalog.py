@@ -57,3 +57,24 @@ def test_single_file(tmp_path):
         Catalog.single_file(tmp_path / "x.gguf")
     with pytest.raises(ConfigError, match="unsupported file type"):
         Catalog.single_file(tmp_path / "x.bin")
+
+
+def test_rwkv_keys_are_checked(tmp_path):
+    (tmp_path / "catalog.toml").write_text(
+        f'[[models]]\nid = "a"\nfile = "a.pth"\nsha256 = "{"0" * 64}"\nstrategy = "cuda fp16"\n\n'
+        f'[[models]]\nid = "b"\nfile = "b.gguf"\nsha256 = "{"0" * 64}"\nstrategy = "cpu fp32"\ntokenizer = "t.json"\n\n'
+        f'[[models]]\nid = "c"\nfile = "c.pth"\nsha256 = "{"0" * 64}"\nstrategy = "cpu fp32i8 *10 -> cpu fp32"\n'
+        f'tokenizer = "20B_tokenizer.json"\n')
+    with pytest.raises(ConfigError) as err:
+        Catalog.load(tmp_path / "catalog.toml")
+    text = "\n".join(err.value.problems)
+    assert "models[0].strategy = 'cuda fp16': must be an rwkv strategy for the CPU" in text
+    assert "models[1].strategy: only rwkv models have a strategy" in text
+    assert "models[1].tokenizer: only rwkv models name a tokenizer" in text
+    assert "models[2]" not in text
+    (tmp_path / "catalog.toml").write_text(
+        f'[[models]]\nid = "c"\nfile = "c.pth"\nsha256 = "{"0" * 64}"\ntokenizer = "20B_tokenizer.json"\n'
+        f'[[models]]\nid = "w"\nfile = "w.pth"\nsha256 = "{"0" * 64}"\ntokenizer = "world"\n')
+    catalog = Catalog.load(tmp_path / "catalog.toml")
+    assert catalog.get("c").backend == "rwkv" and catalog.get("c").tokenizer == str(tmp_path / "20B_tokenizer.json")
+    assert catalog.get("w").tokenizer == "world" and catalog.get("w").strategy is None
