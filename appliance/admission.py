@@ -10,8 +10,10 @@ covers the worker process itself.
 An RWKV checkpoint is not mapped: the rwkv package reads the whole file and converts every tensor to the strategy's
 types, so the estimate is the converted weights (plus a quarter for allocator and TorchScript overhead), a second
 copy of the file while it converts, torch itself, and under ``i8`` three float copies of the largest matrix, which it
-dequantises on every forward (the temporaries of ``(w + 0.5) * ry * rx + my + mx``). Against the peak RSS measured
-for RWKV-6/7 checkpoints of 92M and 290M parameters it errs high by 3-75% (docs/models.md).
+dequantises on every forward (the temporaries of ``(w + 0.5) * ry * rx + my + mx``). Against the peak RSS of the
+backend on a 96M-parameter RWKV-6 checkpoint it errs high by 8-28% under ``cpu fp32``, ``cpu bf16`` and ``cpu fp32i8``
+(docs/benchmarks-rwkv.md, written by ``make bench-rwkv``; summarised in docs/models.md). Other sizes and RWKV-7 are
+not in that record.
 """
 
 from __future__ import annotations

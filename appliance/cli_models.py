@@ -35,6 +35,12 @@ def add_parser(sub) -> None:
     add.add_argument("--lora-scale", type=float, default=1.0)
     add.add_argument("--tokenizer", type=Path, help="RWKV: a Raven model's 20B_tokenizer.json (World models need none)")
     add.add_argument("--strategy", help="RWKV: e.g. 'cpu fp32' (default: worker.rwkv_strategy)")
+    add.add_argument("--labels", help="ONNX: comma-separated labels of the first output (one per score, or per class "
+                                      "index)")
+    add.add_argument("--threshold", type=float, help="ONNX: the first output is one score per row: the second label "
+                                                      "at or above this, else the first")
+    add.add_argument("--featurize", help="ONNX: a text classifier for the moderation filter; how text becomes its "
+                                         "input (hashed-words)")
 
     quantize = actions.add_parser("quantize", help="quantize a GGUF with llama.cpp and add the result to the catalog")
     quantize.add_argument("source", type=Path, metavar="IN.gguf")
@@ -49,7 +55,8 @@ def _entry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config")
     p.add_argument("--family", required=True, help=f"one of: {', '.join(families.names())} (or your own)")
     p.add_argument("--id", help="catalog id (default: from the file name)")
-    p.add_argument("--template", help="prompt format when the GGUF embeds none (default: the family's)")
+    p.add_argument("--template", help="prompt format; overrides a chat template the GGUF embeds (default: the "
+                                      "GGUF's own, else the family's)")
     p.add_argument("--licence", help="licence text (default: the family's)")
     p.add_argument("--commercial-use", choices=("true", "false", "unknown"), help="default: the family's")
     p.add_argument("--source", help="where the weights come from (URL)")
@@ -141,16 +148,18 @@ def _add(args, config: Config, path: Path) -> int:
     from appliance.catalog import writer
     catalog_path = args.catalog or config.catalog_path
     commercial = {"true": True, "false": False, "unknown": None, None: "default"}[args.commercial_use]
+    labels = tuple(x.strip() for x in (getattr(args, "labels", None) or "").split(",") if x.strip())
     new = writer.NewEntry(path=path, family=args.family, id=args.id, template=args.template, licence=args.licence,
                           commercial_use=commercial, source=args.source, lora=getattr(args, "lora", None),
                           lora_scale=getattr(args, "lora_scale", 1.0), tokenizer=getattr(args, "tokenizer", None),
-                          strategy=getattr(args, "strategy", None))
+                          strategy=getattr(args, "strategy", None), featurize=getattr(args, "featurize", None),
+                          labels=labels, threshold=getattr(args, "threshold", None))
     keys, facts = writer.build(new, catalog_path.parent)
     writer.append(catalog_path, keys)
     described = ", ".join(f"{k} {v}" for k, v in facts.items() if v not in (None, False)) or "no header facts"
+    template = "" if "inputs" in keys else f"template {keys.get('template', 'from the GGUF')}; "
     print(f"added {keys['id']} to {catalog_path}: {keys['size']} bytes, sha256 {keys['sha256']}; {described}; "
-          f"template {keys.get('template', 'from the GGUF')}; licence {keys['licence']} "
-          f"(commercial use: {keys['commercial_use']})")
+          f"{template}licence {keys['licence']} (commercial use: {keys['commercial_use']})")
     if keys["commercial_use"] is False and not config.models.allow_noncommercial:
         print("note: this model is refused until models.allow_noncommercial = true", file=sys.stderr)
     return 0

@@ -53,6 +53,13 @@ class Unauthorized(ApplianceError):
     http_status = HTTPStatus.UNAUTHORIZED
 
 
+class Moderated(ApplianceError):
+    """The moderation filter refused the request's text; ``param`` names the prompt or the message."""
+
+    code = "moderated"
+    http_status = HTTPStatus.BAD_REQUEST
+
+
 class UnknownModel(ApplianceError, LookupError):
     """The request names a model that is not in the catalog."""
 
@@ -138,14 +145,14 @@ class Internal(ApplianceError):
 #: Every code a requester can receive, with a one-line meaning (rendered into docs/protocol.md).
 ERROR_CODES: dict[str, str] = {
     cls.code: (cls.__doc__ or "").strip().splitlines()[0]
-    for cls in (BadRequest, Unauthorized, UnknownModel, Busy, TooLong, RequestTimeout, Cancelled, ModelError,
-                UnsupportedArchitecture, WorkerCrashed, InsufficientMemory, Overheated, Internal)
+    for cls in (BadRequest, Unauthorized, Moderated, UnknownModel, Busy, TooLong, RequestTimeout, Cancelled,
+                ModelError, UnsupportedArchitecture, WorkerCrashed, InsufficientMemory, Overheated, Internal)
 }
 
 _BY_CODE: dict[str, type[ApplianceError]] = {
-    cls.code: cls for cls in (BadRequest, Unauthorized, UnknownModel, Busy, TooLong, RequestTimeout, Cancelled,
-                              ModelError, UnsupportedArchitecture, WorkerCrashed, InsufficientMemory, Overheated,
-                              Internal)
+    cls.code: cls for cls in (BadRequest, Unauthorized, Moderated, UnknownModel, Busy, TooLong, RequestTimeout,
+                              Cancelled, ModelError, UnsupportedArchitecture, WorkerCrashed, InsufficientMemory,
+                              Overheated, Internal)
 }
 
 

@@ -5,6 +5,10 @@ check against the model card of the exact weights they copy onto a device.
 ``commercial_use``: True where the licence allows it (possibly with conditions, as Llama 2's community licence or
 Gemma's terms), False for research-only weights (the LLaMA-1 derived wave: Alpaca, Vicuna v1.1, Koala, Baize,
 ColossalChat; OPT), None where it depends on the exact release.
+
+``chatglm`` is ChatGLM3-6B: llama.cpp's ``chatglm`` architecture, and its convert_hf_to_gguf.py, take ChatGLM3 (and
+GLM-4), so that is what a ChatGLM GGUF holds. The first ChatGLM-6B, whose prompt format is the ``chatglm`` template,
+has no llama.cpp route; it stays here by name as ``chatglm-6b`` for a catalog that points at such weights anyway.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ class Family:
     template: str
     licence: str
     commercial_use: bool | None
-    engine: str  # how it runs here: llama_cpp (GGUF), rwkv (.pth) or onnx
+    engine: str  # how it runs here: llama_cpp (GGUF), rwkv (.pth), onnx (tensors only), none (no route here)
     source: str = ""
 
 
@@ -27,7 +31,7 @@ _LLAMA1 = "research only: LLaMA-1 weights (non-commercial licence)"
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("alpaca", "alpaca", _LLAMA1 + "; Alpaca data CC BY-NC 4.0", False, "llama_cpp",
            "https://github.com/tatsu-lab/stanford_alpaca"),
-    Family("alpaca-lora", "alpaca", _LLAMA1 + "; adapter Apache-2.0", False, "llama_cpp",
+    Family("alpaca-lora", "alpaca-lora", _LLAMA1 + "; adapter Apache-2.0", False, "llama_cpp",
            "https://github.com/tloen/alpaca-lora"),
     Family("vicuna", "vicuna", _LLAMA1 + " (v1.1; v1.5 is under the Llama 2 Community License)", False, "llama_cpp",
            "https://github.com/lm-sys/FastChat"),
@@ -47,13 +51,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "https://github.com/project-baize/baize-chatbot"),
     Family("colossalchat", "colossalchat", _LLAMA1, False, "llama_cpp",
            "https://github.com/hpcaitech/ColossalAI/tree/main/applications/Chat"),
-    Family("opt", "plain", "OPT License Agreement: non-commercial research", False, "onnx",
+    Family("opt", "plain", "OPT License Agreement: non-commercial research", False, "none",
            "https://github.com/facebookresearch/metaseq"),
     Family("flan-t5", "plain", "Apache-2.0", True, "llama_cpp", "https://huggingface.co/google/flan-t5-base"),
     Family("chatyuan", "chatyuan", "see the model card of the exact release", None, "llama_cpp",
            "https://github.com/clue-ai/ChatYuan"),
-    Family("chatglm", "chatglm", "ChatGLM model licence: research free, commercial use after registration", None,
-           "llama_cpp", "https://github.com/THUDM/ChatGLM-6B"),
+    Family("chatglm", "chatglm3", "ChatGLM3-6B model licence: research free, commercial use after registration",
+           None, "llama_cpp", "https://github.com/THUDM/ChatGLM3"),
+    Family("chatglm-6b", "chatglm", "ChatGLM-6B model licence: research free, commercial use after registration",
+           None, "none", "https://github.com/THUDM/ChatGLM-6B"),
     Family("llama", "plain", _LLAMA1, False, "llama_cpp", "https://github.com/meta-llama/llama"),
     Family("llama-2", "llama-2", "Llama 2 Community License (commercial use allowed, with conditions)", True,
            "llama_cpp", "https://github.com/meta-llama/llama"),

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 
 from appliance import backends
@@ -68,6 +69,7 @@ class Scheduler:
         self._running: Job | None = None
         self._admission_problem = ""  # why the default model was refused, while it is
         self.heartbeat = time.monotonic()  # the watchdog checks that this loop keeps turning
+        self.gate: Callable[[Job, Callable[[], None]], None] = lambda job, release: release()  # or moderation's
         self.threads = _threads(config.worker.threads)
         settings = EngineSettings(threads=self.threads, context_size=config.worker.context_size,
                                   batch_size=config.worker.batch_size, mmap=config.worker.mmap,
@@ -118,7 +120,7 @@ class Scheduler:
                   task=GenerationTask(prompt=request.prompt, messages=request.messages, params=params,
                                       stream=request.stream),
                   sink=sink, transport=transport, accepted=now, deadline=now + self.config.worker.request_timeout)
-        self._inbox.put(("submit", job))
+        self.gate(job, lambda: self._inbox.put(("submit", job)))  # moderation.py: returns at once
         return job
 
     def cancel(self, request_id: str | int) -> None:
@@ -195,6 +197,8 @@ class Scheduler:
         if kind == "submit":
             self._queue.append(event[1])
             self.metrics.queue_depth.set(len(self._queue))
+            if event[1].stop_reason is not None:  # refused by the moderation filter, or cancelled while it looked
+                self._fail_queued(event[1], event[1].stop_reason)
         elif kind == "cancel_id":
             for job in [j for j in self._queue if j.request.id == event[1]]:
                 self._fail_queued(job, Cancelled(f"request {event[1]!r} was cancelled"))
@@ -206,6 +210,8 @@ class Scheduler:
                 self._fail_queued(job, error)
             elif job is self._running:
                 self._stop_running(error)
+            else:  # still with the moderation filter: refused once it hands the job over
+                job.stop_reason = job.stop_reason or error
         elif kind == "conditions":
             self._apply_conditions(event[1])
         elif kind == "worker":

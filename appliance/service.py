@@ -15,7 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
-from appliance import default_model
+from appliance import default_model, moderation
 from appliance.broker import BrokerError, Mosquitto, free_port, port_is_free
 from appliance.catalog import Catalog
 from appliance.config import Config, ConfigError, read_secret
@@ -52,6 +52,9 @@ def load_catalog(config: Config) -> Catalog:
         raise ConfigError([f"models.default = {config.models.default!r}: a "
                            f"{catalog.get(config.models.default).backend} model cannot be the default (it does not "
                            f"generate text)"])
+    problems = moderation.config_problems(config, catalog)
+    if problems:
+        raise ConfigError(problems)
     return catalog
 
 
@@ -68,6 +71,11 @@ class Service:
         self.notifier = Notifier()
         self.indicators = Indicators(config.gpio)
         self.infer = InferencePool(catalog, config, self.scheduler.reporter, self.scheduler.guard)
+        if config.moderation.model:
+            problems = moderation.config_problems(config, catalog)  # again: `serve --model` skips load_catalog
+            if problems:
+                raise ConfigError(problems)
+            self.scheduler.gate = moderation.Moderator(config.moderation, catalog, self.infer).check
         self.supervisor = Supervisor(config, self.scheduler, self.status, self.metrics, self.sensors, self.notifier,
                                      self.indicators, publish_telemetry=self._publish_telemetry,
                                      extra_health=lambda: self.http is None or self.http.alive)

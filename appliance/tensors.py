@@ -1,5 +1,10 @@
 """JSON tensors in and out of ONNX models: requests are checked against the catalog's declared inputs before the
-engine sees them (errors name the input), and outputs are returned with labels and scores where declared."""
+engine sees them (errors name the input), and outputs are returned with labels and scores where declared.
+
+A value must fit its input's dtype as it is, because a cast would change it without a word: integer inputs take
+integers within the dtype's range (``3.0`` is an integer, ``3.5`` is refused), bool inputs take only ``true`` and
+``false``, float inputs take numbers that are finite in that float type, and ``true``/``false`` are never numbers.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,64 @@ MAX_ELEMENTS = 1 << 20  # per input: a sensor reading, not a video
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "(" + ", ".join("any" if d is None else str(d) for d in shape) + ")"
+
+
+def _has_bool(value: Any) -> bool:
+    """Whether a nested list holds a JSON true/false: numpy would quietly count it as 1 or 0 among numbers."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, bool):
+            return True
+    return False
+
+
+def _first(array: Any, mask: Any) -> Any:
+    return array.reshape(-1)[int(mask.reshape(-1).argmax())].item()
+
+
+def _typed(value: Any, spec: TensorSpec, where: str) -> Any:
+    """The value as an array of the declared dtype, refusing what a cast would change (1.5 -> 1, 2 -> True)."""
+    import numpy as np
+
+    name, dtype = spec.name, spec.dtype
+    try:
+        natural = np.asarray(value)
+    except (ValueError, TypeError):
+        natural = None
+    if natural is None or natural.dtype.kind not in "biuf" or natural.size > MAX_ELEMENTS:
+        raise BadRequest(f"input '{name}' must be a rectangular nested list of at most {MAX_ELEMENTS} {dtype} "
+                         f"values", param=where)
+    want, kind = np.dtype(dtype), natural.dtype.kind
+    if natural.size == 0:
+        return natural.astype(want)
+    if want.kind == "b":
+        if kind != "b":
+            raise BadRequest(f"input '{name}' is bool: its values must be true or false, not numbers", param=where)
+        return natural
+    if kind == "b" or _has_bool(value):
+        raise BadRequest(f"input '{name}' is {dtype}: true and false are not {dtype} values", param=where)
+    if kind == "f" and not np.all(np.isfinite(natural)):
+        raise BadRequest(f"input '{name}' holds NaN or infinity", param=where)
+    if want.kind in "iu":
+        fraction = natural != np.trunc(natural) if kind == "f" else None
+        if fraction is not None and fraction.any():
+            raise BadRequest(f"input '{name}' is {dtype}: {_first(natural, fraction)!r} is not an integer",
+                             param=where)
+        info = np.iinfo(want)
+        low, high = int(natural.min()), int(natural.max())
+        if low < info.min or high > info.max:
+            raise BadRequest(f"input '{name}' is {dtype}: {low if low < info.min else high} is outside its range "
+                             f"{info.min}..{info.max}", param=where)
+        return natural.astype(want)
+    with np.errstate(over="ignore"):  # an overflow becomes infinity, refused just below with the value named
+        array = natural.astype(want)
+    if not np.all(np.isfinite(array)):
+        raise BadRequest(f"input '{name}' is {dtype}: {_first(natural, ~np.isfinite(array))!r} is beyond its range "
+                         f"(+-{float(np.finfo(want).max):g})", param=where)
+    return array
 
 
 def to_arrays(inputs: Any, specs: tuple[TensorSpec, ...]) -> dict[str, Any]:
@@ -31,17 +94,7 @@ def to_arrays(inputs: Any, specs: tuple[TensorSpec, ...]) -> dict[str, Any]:
         where = f"inputs.{spec.name}"
         if spec.name not in inputs:
             raise BadRequest(f"input '{spec.name}' is missing", param=where)
-        value = inputs[spec.name]
-        try:
-            array = np.asarray(value, dtype=spec.dtype)
-        except (ValueError, TypeError, OverflowError):
-            raise BadRequest(f"input '{spec.name}' must be a rectangular nested list of {spec.dtype} values",
-                             param=where) from None
-        if array.dtype == object or array.size > MAX_ELEMENTS:
-            raise BadRequest(f"input '{spec.name}' is not a rectangular list of at most {MAX_ELEMENTS} numbers",
-                             param=where)
-        if spec.dtype.startswith("float") and not np.all(np.isfinite(array)):
-            raise BadRequest(f"input '{spec.name}' holds NaN or infinity", param=where)
+        array = _typed(inputs[spec.name], spec, where)
         if array.ndim == len(spec.shape) - 1 and spec.shape and spec.shape[0] is None:
             array = array[np.newaxis]  # one sample for a model with a batch axis
         shape_ok = array.ndim == len(spec.shape) and all(

@@ -35,17 +35,29 @@ NOT_GENERATIVE = frozenset({"bert", "modern-bert", "nomic-bert", "nomic-bert-moe
                             "jina-bert-v3", "eurobert", "t5encoder", "gemma-embedding", "clip"})
 
 
+#: what to do instead, for the architectures of seed families that no backend here can generate with
+INSTEAD = {
+    "opt": ("OPT has no route in this appliance: llama.cpp never implemented it and the onnx backend runs tensor "
+            "models, not text generation. For a model of similar size use a supported architecture, e.g. Pythia "
+            "(gptneox, 160M to 12B against OPT's 125M to 13B) or a LLaMA-family model at 7B"),
+    "gptj": ("GPT-J (GPT4All-J) has no route in this appliance: the onnx backend runs tensor models, not text "
+             "generation. GPT4All's later models are LLaMA/Mistral-based GGUFs that load here; Pythia-6.9B "
+             "(gptneox, the base of Dolly 2.0) is of similar size"),
+}
+
+
 def check_architecture(path: Path) -> str:
     """The GGUF's architecture, or UnsupportedArchitecture naming it when llama.cpp cannot generate with it."""
     arch = read_metadata(path).get("general.architecture")
+    instead = INSTEAD.get(arch, "choose a model of an architecture it supports (docs/models.md lists them)")
     if arch not in LLAMA_CPP_ARCHITECTURES:
         raise UnsupportedArchitecture(
-            f"{path.name}: architecture {arch!r} is not supported by the bundled llama.cpp (llama-cpp-python 0.3.36)"
-            f"; OPT-family models can run as ONNX with the onnx backend (docs/models.md)")
+            f"{path.name}: architecture {arch!r} is not supported by the bundled llama.cpp (llama-cpp-python 0.3.36); "
+            f"{instead}")
     if arch in NOT_IMPLEMENTED:
         raise UnsupportedArchitecture(
-            f"{path.name}: architecture {arch!r} is named in llama.cpp but not implemented there (GPT-J / "
-            f"GPT4All-J); run such a model as ONNX with the onnx backend (docs/models.md)")
+            f"{path.name}: architecture {arch!r} is named in llama.cpp but not implemented there; {instead}")
     if arch in NOT_GENERATIVE:
-        raise UnsupportedArchitecture(f"{path.name}: architecture {arch!r} embeds or encodes, it cannot generate text")
+        raise UnsupportedArchitecture(f"{path.name}: architecture {arch!r} embeds or encodes, it cannot generate text; "
+                                      f"an ONNX export of such a model can serve classifications on the infer route")
     return arch

@@ -42,7 +42,7 @@ class ModelEntry:
     path: Path
     sha256: str | None  # None only for a file served directly with `serve --model`
     family: str = "unknown"
-    template: str | None = None  # named prompt format used when the GGUF embeds no chat template
+    template: str | None = None  # named prompt format; wins over a chat template the GGUF embeds
     licence: str = "unknown"
     commercial_use: bool | None = None  # None: unknown
     size: int | None = None
@@ -58,6 +58,8 @@ class ModelEntry:
     # onnx: declared inputs and outputs
     inputs: tuple[TensorSpec, ...] = field(default=())
     outputs: tuple[OutputSpec, ...] = field(default=())
+    # onnx text classifiers (the moderation filter): how text becomes the input tensor (text_features.py)
+    featurize: str | None = None
 
     @property
     def generates_text(self) -> bool:
@@ -74,4 +76,6 @@ class ModelEntry:
             body.update(strategy=self.strategy, tokenizer=self.tokenizer)
         if self.inputs:
             body.update(inputs=[i.describe() for i in self.inputs], outputs=[o.describe() for o in self.outputs])
+        if self.featurize:
+            body["featurize"] = self.featurize
         return body

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from appliance import templates
+from appliance import templates, text_features
 from appliance.catalog.entry import BACKEND_BY_SUFFIX, DTYPES, ModelEntry, OutputSpec, TensorSpec
 from appliance.config.schema import rwkv_strategy_problem
 
@@ -14,7 +14,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 _STRINGS = ("id", "file", "sha256", "family", "template", "licence", "backend", "source", "lora", "lora_sha256",
-            "strategy", "tokenizer")
+            "strategy", "tokenizer", "featurize")
 _KEYS = set(_STRINGS) | {"size", "lora_scale", "commercial_use", "inputs", "outputs"}
 _REQUIRED = ("id", "file", "sha256")
 KNOWN_BACKENDS = ("llama_cpp", "rwkv", "onnx")
@@ -130,6 +130,11 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         problems.append(f"{where}.tokenizer: only rwkv models name a tokenizer")
     if backend != "onnx" and ("inputs" in raw or "outputs" in raw):
         problems.append(f"{where}: inputs/outputs are for onnx models")
+    featurize = raw.get("featurize")
+    if featurize is not None and backend != "onnx":
+        problems.append(f"{where}.featurize: only onnx text classifiers are featurized")
+    elif featurize is not None and inputs and (problem := text_features.problem(featurize, inputs)):
+        problems.append(f"{where}.featurize = {featurize!r}: {problem}")
     if len(problems) > before:
         return None
     return ModelEntry(
@@ -139,7 +144,7 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         source=raw.get("source", ""), lora=_path(raw["lora"], base) if "lora" in raw else None,
         lora_sha256=raw["lora_sha256"].lower() if "lora_sha256" in raw else None, lora_scale=float(scale),
         strategy=raw.get("strategy"), tokenizer=_tokenizer(raw.get("tokenizer"), base), inputs=inputs,
-        outputs=outputs)
+        outputs=outputs, featurize=featurize)
 
 
 def _tokenizer(value: str | None, base: Path) -> str | None:

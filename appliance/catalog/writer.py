@@ -27,6 +27,9 @@ class NewEntry:
     lora_scale: float = 1.0
     tokenizer: Path | None = None  # rwkv: a Raven model's 20B_tokenizer.json
     strategy: str | None = None  # rwkv: overrides worker.rwkv_strategy
+    labels: tuple[str, ...] = ()  # onnx: labels of the first output
+    threshold: float | None = None  # onnx: one score per row, labels[1] at or above it
+    featurize: str | None = None  # onnx: a text classifier for the moderation filter (text_features.py)
 
 
 def default_id(path: Path) -> str:
@@ -39,6 +42,25 @@ def _toml(value: object) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return _toml(value)
+
+
+def dumps(entries: list[dict]) -> str:
+    """A catalog file of ``[[models]]`` tables; lists of tables (an ONNX model's inputs, outputs) as sub-tables."""
+    blocks = []
+    for entry in entries:
+        nested = {k: v for k, v in entry.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)}
+        lines = ["[[models]]"] + [f"{k} = {_toml_value(v)}" for k, v in entry.items() if k not in nested]
+        for key, tables in nested.items():
+            for table in tables:
+                lines += ["", f"[[models.{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
 
 
 def describe_gguf(path: Path) -> dict:
@@ -75,11 +97,23 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
         raise ModelError(f"{new.path}: unsupported file type (expected {', '.join(BACKEND_BY_SUFFIX)})")
     if (new.tokenizer or new.strategy) and backend != "rwkv":
         raise ModelError(f"{new.path}: --tokenizer and --strategy are for RWKV .pth checkpoints")
-    facts = describe_gguf(new.path) if backend == "llama_cpp" else describe_rwkv(new) if backend == "rwkv" else {}
+    if (new.labels or new.threshold is not None or new.featurize) and backend != "onnx":
+        raise ModelError(f"{new.path}: --labels, --threshold and --featurize are for ONNX models")
+    tables: dict = {}
+    if backend == "onnx":
+        from appliance.catalog import onnx_meta
+        inputs, outputs = onnx_meta.read(new.path)
+        facts = onnx_meta.describe(inputs, outputs)
+        if new.labels or new.threshold is not None:
+            outputs[0].update({"labels": list(new.labels)} if new.labels else {})
+            outputs[0].update({"threshold": float(new.threshold)} if new.threshold is not None else {})
+        tables = {"inputs": inputs, "outputs": outputs}
+    else:
+        facts = describe_gguf(new.path) if backend == "llama_cpp" else describe_rwkv(new)
     known = families.get(new.family)
     template = new.template
-    if template is None and not facts.get("chat_template"):
-        template = known.template  # the GGUF's own template wins when it has one
+    if template is None and not facts.get("chat_template") and backend != "onnx":
+        template = known.template  # without a chat template of its own, the GGUF gets the family's format
     commercial = known.commercial_use if new.commercial_use == "default" else new.commercial_use
 
     def rel(path: Path) -> str:
@@ -104,7 +138,9 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
         keys["tokenizer"] = rel(new.tokenizer)
     if new.strategy is not None:
         keys["strategy"] = new.strategy
-    return keys, facts
+    if new.featurize is not None:
+        keys["featurize"] = new.featurize
+    return {**keys, **tables}, facts  # the tables last: TOML sub-tables follow the entry's own keys
 
 
 def append(catalog_path: Path, keys: dict) -> None:
@@ -116,7 +152,7 @@ def append(catalog_path: Path, keys: dict) -> None:
         if keys["id"] in existing:
             raise ConfigError([f"{catalog_path}: a model with id {keys['id']!r} is already in the catalog "
                                f"(choose another with --id)"])
-    block = "[[models]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
+    block = dumps([keys])
     text = (before.rstrip("\n") + "\n\n" if before.strip() else "") + block
     candidate = catalog_path.with_suffix(".toml.new")
     candidate.write_text(text, encoding="utf-8")

@@ -137,6 +137,24 @@ class ModelsConfig:
                                      "a model is refused with an error naming its licence.", False)
 
 
+def _labels(v: str) -> str | None:
+    if not [x for x in v.split(",") if x.strip()] or any(not x.strip() for x in v.split(",")):
+        return "must be a comma-separated list of labels, e.g. \"flagged\" or \"toxic,threat\""
+    return None
+
+
+@dataclass(frozen=True)
+class ModerationConfig:
+    model: str = _opt("Catalog id of an ONNX text classifier run on the prompt or messages of every generate request "
+                      "(MQTT and HTTP) before the language model sees them; its catalog entry declares `featurize` "
+                      "(docs/models.md). A request it flags gets `moderated`. Empty: no moderation.", "")
+    block: str = _opt("Comma-separated labels of the classifier's output that refuse a request when their score is "
+                      "at or above `threshold`.", "flagged", check=_labels)
+    threshold: float = _opt("Score at or above which a label in `block` refuses the request.", 0.5,
+                            check=_between(0, 1))
+    output: str = _opt("Output of the classifier to read; empty: its first output that declares labels.", "")
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     threads: int = _opt("Inference threads; 0 means the number of physical cores.", 0, check=_between(0, 256))
@@ -150,9 +168,10 @@ class WorkerConfig:
     default_max_tokens: int = _opt("max_tokens of a request that does not set it.", 256, check=_between(1, 131072))
     mmap: bool = _opt("Memory-map model files (pages stay in the page cache, shared and reclaimable).", True)
     rwkv_strategy: str = _opt("How the rwkv backend holds RWKV `.pth` weights, unless the catalog entry sets "
-                              "`strategy`: `cpu fp32i8` stores matrices as int8 (about a third of the RAM of "
-                              "`cpu fp32`, several times slower per token on CPU); RWKV-7 has no int8 mode and "
-                              "uses the float type alone.", "cpu fp32i8", check=rwkv_strategy_problem)
+                              "`strategy`: `cpu fp32i8` stores matrices as int8 (a quarter of the bytes of "
+                              "`cpu fp32`, but it dequantises on every token: many times slower on CPU, and on a "
+                              "small model a higher peak; measured figures in docs/models.md); RWKV-7 has no int8 "
+                              "mode and uses the float type alone.", "cpu fp32i8", check=rwkv_strategy_problem)
     cancel_grace: float = _opt("Seconds a cancelled or timed-out generation may take to stop before the worker "
                                "process is killed and restarted.", 5.0, check=_between(0.1, 600))
     load_timeout: float = _opt("Seconds a model load may take before the worker is considered stuck.", 600.0,
@@ -256,6 +275,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    moderation: ModerationConfig = field(default_factory=ModerationConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -277,8 +297,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"device": DeviceConfig, "mqtt": MqttConfig, "http": HttpConfig,
-                             "models": ModelsConfig, "worker": WorkerConfig, "logging": LoggingConfig,
-                             "memory": MemoryConfig, "thermal": ThermalConfig, "supervisor": SupervisorConfig,
-                             "gpio": GpioConfig}
+                             "models": ModelsConfig, "moderation": ModerationConfig, "worker": WorkerConfig,
+                             "logging": LoggingConfig, "memory": MemoryConfig, "thermal": ThermalConfig,
+                             "supervisor": SupervisorConfig, "gpio": GpioConfig}
 
 

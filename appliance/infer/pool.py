@@ -42,7 +42,7 @@ class _Pending:
     rid: str | int | None
     model_id: str
     reply: Reply
-    transport: str
+    transport: str | None  # None: asked by the appliance itself (the moderation filter), not by a requester
     deadline: float
     accepted: float
 
@@ -87,14 +87,18 @@ class InferencePool:
         if model_id not in self.models:
             raise UnknownModel(f"unknown tensor model '{model_id}' (available: {', '.join(self.models) or 'none'})",
                                param="model")
+        arrays = to_arrays(body.get("inputs"), self.catalog.get(model_id).inputs)
+        self.enqueue(model_id, request_id(body), arrays, reply, transport)
+
+    def enqueue(self, model_id: str, rid: str | int | None, arrays: dict, reply: Reply, transport: str | None) -> None:
+        """Queue validated arrays for a tensor model; raises the error to answer at once. With ``transport`` None
+        (the moderation filter) the request counts in no metric: the generate request it serves does."""
         entry = self.catalog.get(model_id)
-        arrays = to_arrays(body.get("inputs"), entry.inputs)
         c = self.guard.conditions
         if c.thermal == "hard" or c.memory == "critical":
             raise Busy(c.thermal_reason if c.thermal == "hard" else c.memory_reason)
         now = time.monotonic()
-        pending = _Pending(request_id(body), model_id, reply, transport,
-                           now + self.config.worker.request_timeout, now)
+        pending = _Pending(rid, model_id, reply, transport, now + self.config.worker.request_timeout, now)
         with self._lock:
             if self._closed or self._process is None:
                 raise Busy("tensor inference is not running")
@@ -144,11 +148,13 @@ class InferencePool:
         if pending is None:
             return
         if error is not None:
-            self.reporter.record_error(pending.transport, error)
             payload = error_payload(pending.rid, error)
-        else:
-            self.reporter.metrics.requests.labels(pending.transport, "ok").inc()
-        self.reporter.metrics.duration.observe(time.monotonic() - pending.accepted)
+        if pending.transport is not None:
+            if error is not None:
+                self.reporter.record_error(pending.transport, error)
+            else:
+                self.reporter.metrics.requests.labels(pending.transport, "ok").inc()
+            self.reporter.metrics.duration.observe(time.monotonic() - pending.accepted)
         try:
             pending.reply(payload)
         except Exception:

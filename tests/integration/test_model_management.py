@@ -131,6 +131,7 @@ def test_unsupported_architecture_at_add_and_at_load(appliance_factory, mqtt_cli
     catalog = tmp_path / "catalog.toml"
     out = run_cli("models", "add", str(opt), "--family", "opt", "--catalog", str(catalog))
     assert out.returncode == 1 and "architecture 'opt' is not supported" in out.stderr
+    assert "no route in this appliance" in out.stderr and "Pythia" in out.stderr, "says what to run instead"
     assert not catalog.exists(), "nothing was added"
     tiny = family_dir / "base-f32.gguf"
     catalog.write_text(f'[[models]]\nid = "tiny"\nfile = "{tiny}"\nsha256 = "{sha256_file(tiny)}"\n\n'
@@ -138,7 +139,8 @@ def test_unsupported_architecture_at_add_and_at_load(appliance_factory, mqtt_cli
     app = appliance_factory("tiny", {"models": {"catalog": str(catalog)}})
     client = mqtt_client()
     final = client.request(app.topic("generate"), {"model": "opt", "prompt": "hi", "max_tokens": 3})[-1]
-    assert final["error"]["code"] == "unsupported_architecture" and "onnx" in final["error"]["message"]
+    assert final["error"]["code"] == "unsupported_architecture" and "no route" in final["error"]["message"]
+    assert "as ONNX" not in final["error"]["message"], "the onnx backend cannot generate text: never offered for it"
     assert client.request(app.topic("generate"), {"prompt": "hi", "max_tokens": 3})[-1]["type"] == "result"
 
 
@@ -177,3 +179,88 @@ commercial_use = false
 
     allowed = appliance_factory("baize-7b", {"models": {"catalog": str(catalog), "allow_noncommercial": True}})
     assert mqtt_client().request(allowed.topic("generate"), {"prompt": "hi", "max_tokens": 2})[-1]["type"] == "result"
+
+
+def test_models_add_reads_an_onnx_graph_into_a_valid_entry(appliance_factory, family_dir, tmp_path):
+    from tests.support import tiny_onnx
+    from tests.support.harness import http_post
+    classifier = tiny_onnx.write_classifier(tmp_path / "activity.onnx")
+    typed = tiny_onnx.write_typed(tmp_path / "typed.onnx")
+    catalog = tmp_path / "catalog.toml"
+    assert run_cli("models", "add", str(family_dir / "base-f32.gguf"), "--family", "llama-2", "--id", "base",
+                   "--catalog", str(catalog)).returncode == 0
+    out = run_cli("models", "add", str(classifier), "--family", "bert", "--labels", ",".join(tiny_onnx.CLASSES),
+                  "--catalog", str(catalog))
+    assert out.returncode == 0, out.stderr
+    assert "inputs features float32 ['batch', 4]" in out.stdout and "outputs probabilities" in out.stdout
+    out = run_cli("models", "add", str(typed), "--family", "bert", "--catalog", str(catalog))
+    assert out.returncode == 0, out.stderr
+    loaded = Catalog.load(catalog)
+    activity, typed_entry = loaded.get("activity"), loaded.get("typed")
+    assert activity.backend == "onnx" and activity.template is None and activity.sha256 == sha256_file(classifier)
+    assert [(i.name, i.dtype, i.shape) for i in activity.inputs] == [("features", "float32", (None, 4))]
+    assert [(o.name, o.labels) for o in activity.outputs] == [("probabilities", tuple(tiny_onnx.CLASSES))]
+    assert [(i.name, i.dtype, i.shape) for i in typed_entry.inputs] == [("ids", "int64", (None, 3)),
+                                                                         ("mask", "bool", (None, 3))]
+    assert [o.name for o in typed_entry.outputs] == ["total"] and not typed_entry.outputs[0].labels
+
+    app = appliance_factory("base", {"models": {"catalog": str(catalog)}})
+    status, body = http_post(app.http_url + "/v1/infer/activity", {"inputs": {"features": [0.3, -1.2, 2.0, 0.5]}})
+    assert status == 200 and body["outputs"]["probabilities"]["labels"] == [
+        tiny_onnx.CLASSES[int(tiny_onnx.classify(np.array([[0.3, -1.2, 2.0, 0.5]])).argmax())]]
+    status, body = http_post(app.http_url + "/v1/infer/typed", {"inputs": {"ids": [4, 5, 6], "mask": [True] * 3}})
+    assert status == 200 and body["outputs"]["total"]["values"] == [[15]]
+
+
+def test_models_add_refuses_what_an_onnx_entry_cannot_hold(family_dir, tmp_path):
+    from tests.support import tiny_onnx
+    anomaly = tiny_onnx.write_anomaly(tmp_path / "anomaly.onnx")
+    catalog = tmp_path / "catalog.toml"
+    out = run_cli("models", "add", str(anomaly), "--family", "bert", "--labels", "a,b,c", "--threshold", "2",
+                  "--catalog", str(catalog))
+    assert out.returncode == 2 and "outputs[0].threshold" in out.stderr and not catalog.exists()
+    typed = tiny_onnx.write_typed(tmp_path / "typed.onnx")
+    out = run_cli("models", "add", str(typed), "--family", "bert", "--featurize", "hashed-words",
+                  "--catalog", str(catalog))
+    assert out.returncode == 2 and "featurize = 'hashed-words'" in out.stderr and "exactly one input" in out.stderr
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    out = run_cli("models", "add", str(broken), "--family", "bert", "--catalog", str(catalog))
+    assert out.returncode == 1 and "onnxruntime cannot load it" in out.stderr
+    out = run_cli("models", "add", str(family_dir / "base-f32.gguf"), "--family", "llama", "--labels", "a,b",
+                  "--catalog", str(catalog))
+    assert out.returncode == 1 and "are for ONNX models" in out.stderr
+
+
+def test_the_catalog_template_wins_over_the_embedded_one(appliance_factory, mqtt_client, models_dir, tmp_path):
+    """tiny-chat.gguf embeds a Jinja chat template (conftest); an entry naming `template = "alpaca"` is rendered
+    with Stanford Alpaca's format instead, while the entry without one keeps the embedded template."""
+    from appliance import templates
+    from appliance.protocol import Message
+    chat = models_dir / "tiny-chat.gguf"
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[[models]]\nid = "embedded"\nfile = "{chat}"\nsha256 = "{sha256_file(chat)}"\n\n'
+                       f'[[models]]\nid = "alpaca"\nfile = "{chat}"\nsha256 = "{sha256_file(chat)}"\n'
+                       f'template = "alpaca"\n')
+    messages = [{"role": "user", "content": "Name a colour."}]
+    alpaca = templates.render("alpaca", [Message(**m) for m in messages])
+    llm = llama_cpp.Llama(str(chat), n_ctx=512, n_batch=256, n_threads=2, verbose=False)
+    try:
+        alpaca_tokens = llm.tokenize(alpaca.text.encode(), add_bos=True, special=True)
+        expected = llm.create_completion(alpaca.text, max_tokens=12, temperature=0, stop=list(alpaca.stop))
+        embedded = llm.create_chat_completion(messages, max_tokens=12, temperature=0)
+    finally:
+        llm.close()
+    assert embedded["usage"]["prompt_tokens"] != len(alpaca_tokens), "the two formats must be told apart"
+
+    app = appliance_factory("embedded", {"models": {"catalog": str(catalog)}})
+    client = mqtt_client()
+    got = client.request(app.topic("generate"), {"model": "alpaca", "messages": messages, "max_tokens": 12,
+                                                 "temperature": 0})[-1]
+    assert got["type"] == "result", got
+    assert got["usage"]["prompt_tokens"] == len(alpaca_tokens), "the prompt is the Alpaca rendering"
+    assert got["text"] == expected["choices"][0]["text"]
+    own = client.request(app.topic("generate"), {"model": "embedded", "messages": messages, "max_tokens": 12,
+                                                 "temperature": 0})[-1]
+    assert own["usage"]["prompt_tokens"] == embedded["usage"]["prompt_tokens"]
+    assert own["text"] == embedded["choices"][0]["message"]["content"]

@@ -19,6 +19,7 @@ def onnx_catalog(models_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
     classifier = tiny_onnx.write_classifier(d / "activity.onnx")
     anomaly = tiny_onnx.write_anomaly(d / "anomaly.onnx")
+    typed = tiny_onnx.write_typed(d / "typed.onnx")
     tiny = models_dir / "tiny-q4_0.gguf"
     catalog = d / "catalog.toml"
     catalog.write_text(f'''
@@ -57,6 +58,21 @@ shape = [-1, 8]
 name = "score"
 labels = ["normal", "anomaly"]
 threshold = 2.0
+
+[[models]]
+id = "typed"
+file = "typed.onnx"
+sha256 = "{sha256_file(typed)}"
+
+[[models.inputs]]
+name = "ids"
+shape = [-1, 3]
+dtype = "int64"
+
+[[models.inputs]]
+name = "mask"
+shape = [-1, 3]
+dtype = "bool"
 ''')
     return catalog
 
@@ -144,3 +160,45 @@ def test_many_sensors_in_parallel_all_answered_correctly(app, mqtt_client):
     for rid, answer in answers.items():
         assert np.allclose(answer["outputs"]["probabilities"]["values"], tiny_onnx.classify(readings[rid]),
                            atol=1e-6), rid
+
+
+def test_integer_and_bool_inputs_pass_exactly(app):
+    big = 2**40 + 1  # not exact in float32: a detour through a float would change the sum
+    status, body = http_post(app.http_url + "/v1/infer/typed", {"inputs": {"ids": [[big, 5, 7], [1, 2, 3.0]],
+                                                                           "mask": [[True, False, True],
+                                                                                    [True, True, True]]}})
+    assert status == 200, body
+    assert body["outputs"]["total"]["values"] == [[big + 7], [6]], "3.0 is an integer; values kept exactly"
+
+
+@pytest.mark.parametrize("model, inputs, param, words", [
+    ("typed", {"ids": [[1.5, 2, 3]], "mask": [[True, True, True]]}, "inputs.ids", ["int64", "1.5 is not an integer"]),
+    ("typed", {"ids": [[1, 2, 2**63]], "mask": [[True, True, True]]}, "inputs.ids", ["int64", "outside its range"]),
+    ("typed", {"ids": [[1, True, 3]], "mask": [[True, True, True]]}, "inputs.ids", ["int64", "true and false"]),
+    ("typed", {"ids": [[1, 2, 3]], "mask": [[1, 0, 1]]}, "inputs.mask", ["bool", "true or false"]),
+    ("activity", {"features": [True, 0.5, 0, 0]}, "inputs.features", ["float32", "true and false"]),
+])
+def test_values_that_do_not_fit_the_dtype_are_refused(app, mqtt_client, model, inputs, param, words):
+    """Before, numpy cast them quietly: 1.5 became 1 for an int64 input and 1/0 became true/false for a bool one."""
+    final = mqtt_client().request(app.topic(f"infer/{model}"), {"inputs": inputs})[-1]
+    assert final["type"] == "error" and final["error"]["code"] == "bad_request", final
+    assert final["error"]["param"] == param
+    assert all(w in final["error"]["message"] for w in words), final["error"]["message"]
+    status, body = http_post(app.http_url + f"/v1/infer/{model}", {"inputs": inputs})
+    assert status == 400 and body["error"]["code"] == "bad_request" and body["error"]["param"] == param
+
+
+def test_infer_replies_echo_the_correlation_data_over_mqtt_v5(app, mqtt_client):
+    client = mqtt_client("5")
+    topic = f"test/infer/{uuid.uuid4().hex}"
+    client.subscribe(topic)
+    good, bad = b"\x00\xffcorr-1", b"\x01\xfe\x80corr-2"  # not UTF-8: echoed as bytes, byte for byte
+    client.publish(app.topic("infer/typed"), {"inputs": {"ids": [1, 2, 3], "mask": [True, True, False]}},
+                   response_topic=topic, correlation=good)
+    client.publish(app.topic("infer/typed"), {"inputs": {"ids": [1.5, 2, 3], "mask": [True, True, False]}},
+                   response_topic=topic, correlation=bad)
+    got = client.wait_for(lambda m: m.topic == topic, count=2, timeout=30)
+    by_correlation = {m.properties.CorrelationData: json.loads(m.payload) for m in got}
+    assert set(by_correlation) == {good, bad}
+    assert by_correlation[good]["type"] == "result" and by_correlation[good]["outputs"]["total"]["values"] == [[3]]
+    assert by_correlation[bad]["type"] == "error" and by_correlation[bad]["error"]["param"] == "inputs.ids"

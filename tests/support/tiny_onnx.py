@@ -57,3 +57,44 @@ def write_anomaly(path: Path) -> Path:
 
 def anomaly_score(reading: np.ndarray) -> np.ndarray:
     return np.linalg.norm(reading.astype(np.float32) - ANOMALY_CENTRE, axis=-1, keepdims=True)
+
+
+def write_typed(path: Path) -> Path:
+    """ids [N, 3] int64, mask [N, 3] bool -> total [N, 1] int64: the sum of the ids the mask keeps (exact in int64,
+    so a value that went through a float on its way would show)."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["mask"], ["keep"], to=TensorProto.INT64),
+         helper.make_node("Mul", ["ids", "keep"], ["kept"]),
+         helper.make_node("ReduceSum", ["kept", "axes"], ["total"], keepdims=1)],
+        "typed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3]),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 3])],
+        [helper.make_tensor_value_info("total", TensorProto.INT64, ["batch", 1])],
+        [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")])
+    return _save(graph, path)
+
+
+TEXT_LABELS = ["ok", "flagged"]
+
+
+def write_text_classifier(path: Path, flagged_words: list[str], size: int = 64) -> Path:
+    """features [N, size] float32 (the appliance's ``hashed-words`` counts) -> probabilities [N, 2] over TEXT_LABELS:
+    a linear layer whose only weights are on the buckets of ``flagged_words``, so a text holding one of them scores
+    ~0.98 "flagged" and any other text ~0.02."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from appliance.text_features import hashed_words
+    w = np.zeros((size, 2), dtype=np.float32)
+    for word in flagged_words:
+        w[int(np.argmax(hashed_words([word], size)[0])), 1] = 8.0
+    b = np.array([2.0, -2.0], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "W"], ["logits0"]),
+         helper.make_node("Add", ["logits0", "B"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)],
+        "moderation",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    return _save(graph, path)

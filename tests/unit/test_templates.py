@@ -101,11 +101,77 @@ GOLDEN = [
     ("plain", A, "Hello"),
 ]
 
+# A system message where the family has a fixed preamble: it takes the preamble's place, with the preamble's own
+# separators (FastChat's convention: its templates keep the preamble in `system`, which a system message replaces).
+SYSTEM_REPLACES_PREAMBLE = [
+    # stanford_alpaca train.py @ c8ea92b PROMPT_DICT["prompt_no_input"], the system text in the preamble's place
+    ("alpaca", B, "You are brief.\n\n### Instruction:\nHello\n\n### Response:"),
+    # alpaca-lora templates/alpaca.json @ 8d58d37 "prompt_no_input", likewise
+    ("alpaca-lora", B, "You are brief.\n\n### Instruction:\nHello\n\n### Response:\n"),
+    # FastChat conversation.py @ 2e7855b "koala_v1": system "BEGINNING OF CONVERSATION:" replaced
+    ("koala", B, "You are brief. USER: Hello GPT:"),
+    # FastChat conversation.py @ 2e7855b "baize" (NO_COLON_SINGLE, sep "\n", the one-shot Hello!/Hi! kept): the
+    # default system text ends in "\n", a replacement is written as given, so "[|Human|]" follows it directly
+    ("baize", B, "You are brief.[|Human|]Hello!\n[|AI|]Hi!\n[|Human|]Hello\n[|AI|]"),
+    # databrickslabs/dolly training/consts.py @ 905e58a PROMPT_FOR_GENERATION_FORMAT, the system text in {intro}
+    ("dolly", B, "You are brief.\n\n### Instruction:\nHello\n\n### Response:\n"),
+]
 
-@pytest.mark.parametrize("name, messages, expected", GOLDEN,
-                         ids=[f"{n}-{'ABC'[[A, B, C].index(m)]}" for n, m, _ in GOLDEN])
+# Formats with no system role and no preamble: the system text comes first, as its own paragraph (the appliance's
+# convention, docs/models.md), except where noted.
+SYSTEM_FIRST = [
+    # BlinkDL/ChatRWKV v2/chat.py @ 0871fa6: the init prompt is a paragraph followed by a blank line, then
+    # "Bob: ...\n\nAlice:" (chat.py starts it with one more "\n", which is dropped here)
+    ("raven", B, "You are brief.\n\nBob: Hello\n\nAlice:"),
+    # BlinkDL/ChatRWKV API_DEMO_CHAT.py @ 3ae18bb turns, after the system paragraph as for Raven
+    ("rwkv-world", B, "You are brief.\n\nUser: Hello\n\nAssistant:"),
+    # togethercomputer/OpenChatKit inference/conversation.py @ 6fe02c8 turns (no system role there): convention
+    ("openchatkit", B, "You are brief.\n\n<human>: Hello\n<bot>:"),
+    # THUDM/ChatGLM-6B ptuning/main.py @ 90f2e47 lone query (no system role there): the system text on the line
+    # before it, inside the query (convention)
+    ("chatglm", B, "You are brief.\nHello"),
+    # THUDM/chatglm2-6b build_prompt has no system role: the system paragraph before "[Round 1]" (convention)
+    ("chatglm2", B, "You are brief.\n\n[Round 1]\n\n问：Hello\n\n答："),
+    # clue-ai/ChatYuan README.md has no system role: the system text on the line before "用户：" (convention), its
+    # newline escaped like every other by preprocess()
+    ("chatyuan", B, "You are brief.\\n用户：Hello\\n小元："),
+    # no format at all: one paragraph per message (convention)
+    ("plain", B, "You are brief.\n\nHello"),
+]
+
+MULTI_TURN = [
+    # stanford_alpaca is single-turn: earlier turns repeat its instruction/response blocks, answered (convention)
+    ("alpaca", C, PREAMBLE + "\n\n### Instruction:\nHi\n\n### Response:\nHello!\n\n### Instruction:\nHow are you?"
+                            "\n\n### Response:"),
+    # alpaca-lora templates/alpaca.json, the same convention ("### Response:\n" before each answer)
+    ("alpaca-lora", C, PREAMBLE + "\n\n### Instruction:\nHi\n\n### Response:\nHello!\n\n### Instruction:\n"
+                                 "How are you?\n\n### Response:\n"),
+    # openai/openai-python chatml.md @ release-v0.28.0: every message in its own im_start/im_end block
+    ("chatml", C, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n"
+                  "How are you?<|im_end|>\n<|im_start|>assistant\n"),
+    # https://ai.google.dev/gemma/docs/core/prompt-structure (its multi-turn example: the assistant is "model")
+    ("gemma", C, "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+                 "<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\n"),
+    ("plain", C, "Hi\n\nHello!\n\nHow are you?"),
+    # the lone user turn of the same two sources
+    ("chatml", A, "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"),
+    ("gemma", A, "<start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n"),
+]
+
+
+CASES = GOLDEN + SYSTEM_REPLACES_PREAMBLE + SYSTEM_FIRST + MULTI_TURN
+
+
+@pytest.mark.parametrize("name, messages, expected", CASES,
+                         ids=[f"{n}-{'ABC'[[A, B, C].index(m)]}" for n, m, _ in CASES])
 def test_golden(name, messages, expected):
     assert templates.render(name, messages).text == expected
+
+
+def test_every_template_has_a_single_turn_a_system_and_a_multi_turn_case():
+    for name in templates.names():
+        shapes = {"ABC"[[A, B, C].index(m)] for n, m, _ in CASES if n == name}
+        assert shapes == {"A", "B", "C"}, (name, sorted(shapes))
 
 
 def test_instruction_formats_with_input():
@@ -126,9 +192,25 @@ def test_instruction_formats_with_input():
     ("baize", ("[|Human|]", "[|AI|]")), ("openchatkit", ("<human>:",)), ("raven", ("\n\n",)),
     ("rwkv-world", ("\n\n",)), ("oasst", ("<|endoftext|>",)), ("falcon", ("\nUser",)), ("olmo", ("<|endoftext|>",)),
     ("chatml", ("<|im_end|>",)), ("gemma", ("<end_of_turn>",)), ("chatglm3", ("<|user|>", "<|observation|>")),
+    # hpcaitech/ColossalAI coati/dataset/conversation.py @ 47932be: SeparatorStyle.ADD_EOS_TOKEN, sep "</s>"
+    ("colossalchat", ("</s>",)),
+    # nomic-ai/gpt4all gpt4all-backend llmodel_shared.cpp: the reversePrompts set, in its order
+    ("gpt4all", ("### Instruction", "### Prompt", "### Response", "### Human", "### Assistant", "### Context")),
+    # tloen/alpaca-lora generate.py stops at EOS and splits on "### Response:"; a next "### Instruction:" header
+    # means the model went on to invent the next task (convention, as for alpaca)
+    ("alpaca-lora", ("### Instruction:",)),
+    # clue-ai/ChatYuan README.md: a T5 model, the answer is the decoder's whole output up to its EOS; no stop text
+    ("chatyuan", ()),
 ])
 def test_stop_sequences(name, stops):
     assert templates.render(name, A).stop == stops
+
+
+def test_chatglm_family_is_chatglm3_and_v1_stays_by_name():
+    # llama.cpp's `chatglm` architecture and convert_hf_to_gguf.py ChatGLMModel take ChatGLM3 (and GLM-4)
+    assert families.get("chatglm").template == "chatglm3"
+    assert families.get("chatglm-6b").template == "chatglm" and families.get("chatglm-6b").engine == "none"
+    assert families.get("opt").engine == "none", "OPT has no route: the onnx backend does not generate text"
 
 
 def test_rwkv_messages_never_hold_a_turn_break():
