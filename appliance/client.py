@@ -116,7 +116,8 @@ def format_status(status: dict) -> str:
     if t.get("worker_rss_mib") is not None:
         lines.append(f"  worker RSS {t['worker_rss_mib']:.0f} MiB, {t['worker']['threads']} threads"
                      + (f", {t['worker']['token_delay_s']} s between tokens" if t['worker']['token_delay_s'] else ""))
-    lines.append(f"  requests outstanding {status.get('outstanding', 0)}, last {t.get('tokens_per_s', 0)} tok/s")
+    lines.append(f"  requests outstanding {status.get('outstanding', 0)} ({t.get('queue_depth', 0)} waiting), "
+                 f"last {t.get('tokens_per_s', 0)} tok/s")
     return "\n".join(lines)
 
 

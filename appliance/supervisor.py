@@ -112,7 +112,10 @@ class Supervisor:
                 "total_mib": round(memory.total / MiB, 1), "swap_free_mib": round(memory.swap_free / MiB, 1),
                 "psi_some_avg10": memory.psi_some_avg10, "psi_full_avg10": memory.psi_full_avg10},
             "worker_rss_mib": None if rss is None else round(rss / MiB, 1),
-            "outstanding": self.scheduler.outstanding,
+            # waiting requests; the scheduler thread owns the queue and keeps this gauge, so telemetry and
+            # /metrics give the same number without reaching into the scheduler's state
+            "queue_depth": int(m.registry.get_sample_value("appliance_queue_depth") or 0),
+            "outstanding": self.scheduler.outstanding,  # accepted and unfinished: queued + running
             "tokens_per_s": round(self.scheduler.reporter.last_tokens_per_s, 2),
             "worker": {"threads": threads, "token_delay_s": delay},
         }

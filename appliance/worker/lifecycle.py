@@ -218,7 +218,6 @@ class WorkerSlot:
     def _on_exit(self, code: int | None) -> tuple | None:
         how = describe_exit(code)
         was, loading = self._state, self._loading
-        log.error("worker process exited (%s) while %s", how, was)
         self._process, self._state, self.loaded, self.info, self._loading = None, "down", None, None, None
         self.loaded_entry, self._job_key = None, None
         self._last_crash = how
@@ -232,9 +231,12 @@ class WorkerSlot:
             self.failure = (f"the inference worker died {len(self._crashes)} times within {window:g} s "
                             f"(worker.max_restarts = {self.config.worker.max_restarts}; last: {how}); not "
                             f"restarting it")
+            log.error("worker process exited (%s) while %s", how, was)
             log.error("%s", self.failure)
         else:
             self.metrics.worker_restarts.inc()
+            # the delay is logged so that an operator (and the back-off test) can see it grow in a crash loop
+            log.error("worker process exited (%s) while %s; restarting it in %.1f s", how, was, self._backoff)
             self._restart_at = now + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
         if was == "generating":

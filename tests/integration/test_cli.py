@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -100,3 +101,25 @@ def test_serve_a_gguf_file_directly(tmp_path, models_dir):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+def test_models_fit_on_gguf_models(catalog_path):
+    """With a 4096-token context, tiny needs ~146 MiB and slow ~189 MiB: a 160 MiB budget fits one, not the other."""
+    env = {"APPLIANCE_MODELS_CATALOG": str(catalog_path), "APPLIANCE_MODELS_DEFAULT": "tiny",
+           "APPLIANCE_WORKER_CONTEXT_SIZE": "4096", "APPLIANCE_MEMORY_BUDGET_MIB": "160"}
+    tight = appliance_cmd("models", "fit", env=env)
+    assert tight.returncode == 1, tight.stdout + tight.stderr
+    assert tight.stdout.splitlines()[0] == "available: 160 MiB (memory.budget_mib); context 4096, batch 256"
+    verdicts = _fit_lines(tight.stdout)
+    assert verdicts["tiny"][0] == "fits" and verdicts["tiny"][1].endswith(" = 146 MiB"), verdicts["tiny"]
+    assert verdicts["slow"] == ("TOO BIG", "weights 16 + KV cache 8 + compute 37 + margin 128 = 189 MiB")
+    roomy = appliance_cmd("models", "fit", env={**env, "APPLIANCE_MEMORY_BUDGET_MIB": "200"})
+    assert roomy.returncode == 0, roomy.stdout
+    verdicts = _fit_lines(roomy.stdout)
+    assert {"tiny", "slow"} <= verdicts.keys() and {v for v, _ in verdicts.values()} == {"fits"}, verdicts
+
+
+def _fit_lines(out: str) -> dict[str, tuple[str, str]]:
+    """model id -> (verdict, estimate) from `models fit` lines such as 'TOO BIG  slow: weights 16 + ... = 189 MiB'."""
+    found = (re.fullmatch(r"(fits|TOO BIG) +(\S+): (.+)", line) for line in out.splitlines())
+    return {m.group(2): (m.group(1), m.group(3)) for m in found if m}

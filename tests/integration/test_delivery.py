@@ -22,8 +22,12 @@ def _finals(client, topic_prefix: str) -> dict[str, dict]:
     return out
 
 
-def test_requests_published_while_stopped_are_answered_after_restart(appliance, mqtt_client):
-    client = mqtt_client()
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_requests_published_while_stopped_are_answered_after_restart(appliance_factory, mqtt_client, protocol):
+    """v5: clean_start=False + session expiry; 3.1.1: clean_session=False. Either way the broker keeps the requests
+    for the stopped appliance, and each is answered once after it starts."""
+    appliance = appliance_factory(overrides={"mqtt": {"protocol": protocol}})
+    client = mqtt_client(protocol)
     prefix = f"test/restart/{uuid.uuid4().hex}"
     client.subscribe(prefix + "/#")
     ok = client.request(appliance.topic("generate"), {"prompt": "warm up", "max_tokens": 2})
@@ -31,8 +35,12 @@ def test_requests_published_while_stopped_are_answered_after_restart(appliance, 
     assert appliance.stop() == 0
     ids = [f"r{i}" for i in range(4)]
     for rid in ids:  # the broker holds these in the appliance's persistent session
-        client.publish(appliance.topic("generate"), {"id": rid, "prompt": f"request {rid}", "max_tokens": 3},
-                       response_topic=f"{prefix}/{rid}", correlation=rid.encode())
+        body = {"id": rid, "prompt": f"request {rid}", "max_tokens": 3}
+        if protocol == "5":
+            client.publish(appliance.topic("generate"), body, response_topic=f"{prefix}/{rid}",
+                           correlation=rid.encode())
+        else:
+            client.publish(appliance.topic("generate"), {**body, "reply_to": f"{prefix}/{rid}"})
     time.sleep(0.5)
     assert _finals(client, prefix) == {}
     appliance.start()
@@ -42,6 +50,7 @@ def test_requests_published_while_stopped_are_answered_after_restart(appliance, 
     finals = _finals(client, prefix)
     assert sorted(finals) == ids
     assert all(len(v) == 1 and v[0]["type"] == "result" for v in finals.values()), finals
+    assert "MQTT (device session): connected (session present: True)" in appliance.log_text()
 
 
 def test_request_in_progress_at_shutdown_is_answered_after_restart(appliance_factory, mqtt_client):

@@ -128,8 +128,12 @@ def test_models_health_and_metrics(appliance):
     assert http_get(appliance.http_url + "/healthz")[0] == 200
     status, body = http_get(appliance.http_url + "/readyz")
     assert status == 200 and json.loads(body)["status"] == "ready"
-    http_post(appliance.http_url + "/v1/completions", {"prompt": "a", "max_tokens": 3})
+    assert appliance.metric("appliance_tokens_per_second") == 0.0  # nothing generated yet
+    status, done = http_post(appliance.http_url + "/v1/completions", {"prompt": "a", "max_tokens": 3})
+    assert status == 200, done
     http_post(appliance.http_url + "/v1/completions", {"prompt": 1})
+    speed = appliance.metric("appliance_tokens_per_second")
+    assert speed > 0 and abs(speed - done["timings"]["tokens_per_s"]) <= 0.005  # the reply rounds to 0.01
     metrics = http_get(appliance.http_url + "/metrics")[1].decode()
     for line in ('appliance_requests_total{outcome="ok",transport="http"} 1.0',
                  'appliance_errors_total{code="bad_request"} 1.0',

@@ -39,6 +39,38 @@ def test_round_trip(appliance, mqtt_client, protocol, stream):
         assert chunks == []
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_appliance_in_mqtt_311_mode(appliance_factory, mqtt_client, stream):
+    """With mqtt.protocol = "3.1.1" the appliance itself speaks 3.1.1: replies go to the payload's reply_to, carry
+    the request's id, and have no v5 properties (no Content Type, no Correlation Data)."""
+    app = appliance_factory(overrides={"mqtt": {"protocol": "3.1.1"}})
+    assert "(MQTT 3.1.1)" in app.log_text()
+    replies = mqtt_client("3.1.1").request(app.topic("generate"), {
+        "id": "q-311", "prompt": "the cat is", "max_tokens": 6, "temperature": 0, "stream": stream})
+    final = _final(replies)
+    assert final["type"] == "result" and final["id"] == "q-311", final
+    assert final["usage"]["completion_tokens"] == 6 and final["text"]
+    chunks = replies[:-1]
+    if stream:
+        assert chunks and all(c["id"] == "q-311" for c in chunks)
+        assert "".join(c["delta"] for c in chunks) == final["text"]
+    else:
+        assert chunks == []
+    # a v5 client sees what the appliance attached: a 3.1.1 session cannot receive the Response Topic either, so
+    # the reply goes to reply_to, not to the property
+    watcher = mqtt_client("5")
+    reply_to, ignored = f"test/311/{uuid.uuid4().hex}", f"test/311-ignored/{uuid.uuid4().hex}"
+    watcher.subscribe(reply_to)
+    watcher.subscribe(ignored)
+    watcher.publish(app.topic("generate"), {"id": "v5-sender", "prompt": "x", "max_tokens": 2, "reply_to": reply_to},
+                    response_topic=ignored, correlation=b"dropped")
+    (msg,) = watcher.wait_for(lambda m: m.topic == reply_to and json.loads(m.payload)["type"] == "result")
+    assert json.loads(msg.payload)["id"] == "v5-sender"
+    assert getattr(msg.properties, "ContentType", None) is None
+    assert getattr(msg.properties, "CorrelationData", None) is None
+    assert not [m for m in watcher.messages if m.topic == ignored]
+
+
 def test_correlation_data_is_echoed_byte_for_byte(appliance, mqtt_client):
     client = mqtt_client()
     correlation = bytes(range(256))  # not UTF-8, includes NUL
@@ -50,6 +82,7 @@ def test_correlation_data_is_echoed_byte_for_byte(appliance, mqtt_client):
     received = [m for m in client.messages if m.topic == reply_topic]
     assert len(received) >= 2
     assert all(m.properties.CorrelationData == correlation for m in received)
+    assert all(m.properties.ContentType == "application/json" for m in received)  # none in 3.1.1 mode
 
 
 def test_id_is_echoed_and_default_reply_topic(appliance, mqtt_client):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import uuid
 
 import pytest
 
+from appliance.sensors import MiB
 from tests.support.harness import FakeBoard, http_get, merge
 
 
@@ -141,6 +143,50 @@ def test_throttle_flags_from_vcgencmd(appliance_factory, mqtt_client, board):
     assert "under-voltage now" not in _warnings(status)
 
 
+def test_telemetry_and_gauges_carry_the_board_readings(appliance_factory, mqtt_client, board):
+    app = _start(appliance_factory, board)
+    board.set_memory(3000, psi_some=12.5, psi_full=3.25)  # below the PSI thresholds: readings, not a level change
+    board.set_temperature(52.5)
+    client = mqtt_client()
+    client.subscribe(app.topic("telemetry"))
+    reply_topic = f"test/tele/{uuid.uuid4().hex}"
+    client.subscribe(reply_topic + "/#")
+    for rid in ("running", "queued-1", "queued-2"):
+        client.publish(app.topic("generate"), {"id": rid, "prompt": "a", "max_tokens": 4000, "stream": True},
+                       response_topic=f"{reply_topic}/{rid}", correlation=rid.encode())
+        if rid == "running":
+            client.wait_for(lambda m: m.topic == f"{reply_topic}/running")  # generating: the others wait
+
+    def telemetry(predicate):
+        return json.loads(client.wait_for(lambda m: m.topic == app.topic("telemetry")
+                                          and predicate(json.loads(m.payload)))[-1].payload)
+
+    busy = telemetry(lambda t: t["queue_depth"] == 2)
+    assert busy["outstanding"] == 3, busy  # waiting + running
+    assert app.metric("appliance_queue_depth") == 2.0
+    for rid in ("queued-2", "queued-1", "running"):
+        client.publish(app.topic("cancel"), {"id": rid})
+        assert client.replies(f"{reply_topic}/{rid}", timeout=20)[-1]["error"]["code"] == "cancelled"
+
+    done = client.request(app.topic("generate"), {"prompt": "a", "max_tokens": 16})[-1]
+    speed = done["timings"]["tokens_per_s"]
+    assert speed > 0
+    idle = telemetry(lambda t: t["tokens_per_s"] == speed)
+    assert idle["queue_depth"] == 0 and idle["outstanding"] == 0
+    assert idle["temperature_c"] == 52.5
+    assert idle["memory"]["available_mib"] == 3000 and idle["memory"]["level"] == "normal"
+    assert idle["memory"]["psi_some_avg10"] == 12.5 and idle["memory"]["psi_full_avg10"] == 3.25
+    assert abs(app.metric("appliance_tokens_per_second") - speed) <= 0.005  # the reply rounds to 0.01
+
+    assert app.metric("appliance_cpu_temperature_celsius") == 52.5
+    assert app.metric("appliance_memory_available_bytes") == 3000 * MiB
+    assert app.metric('appliance_memory_pressure_avg10{kind="some"}') == 12.5
+    assert app.metric('appliance_memory_pressure_avg10{kind="full"}') == 3.25
+    # the worker's RSS is the real process's, read on each tick: the gauge and the payload agree up to drift
+    rss = app.metric("appliance_worker_rss_bytes") / MiB
+    assert idle["worker_rss_mib"] > 0 and abs(rss - idle["worker_rss_mib"]) < max(8.0, 0.1 * rss), (rss, idle)
+
+
 def test_memory_admission_refuses_what_does_not_fit(appliance_factory, mqtt_client, board):
     """tiny needs ~131 MiB with the default margin, slow ~189 MiB: a 160 MiB budget takes one, not the other."""
     app = _start(appliance_factory, board, "tiny", {"memory": {"budget_mib": 160}})
@@ -175,6 +221,29 @@ def test_crash_loop_ends_in_error(appliance_factory, mqtt_client, board):
     assert refused["error"]["code"] == "worker_crashed"
     assert http_get(app.http_url + "/healthz")[0] == 200, "the service itself stays up"
     assert app.metric("appliance_worker_restarts_total") == 2.0
+
+
+def test_worker_restarts_back_off_while_it_keeps_dying(appliance_factory):
+    """Only a successful model load resets the back-off, and the default model here fails its digest check: each
+    death waits twice as long as the one before (0.5 s, 1 s, 2 s)."""
+    app = appliance_factory("corrupt", start=False).start(wait=False)
+    app.readyz_until("degraded")
+    killed: list[int] = []
+    waited: list[float] = []
+    for _ in range(3):
+        # idle with no model again (a restarted worker is "restarting", not refusing the digest, until it is up)
+        status = app.wait_status(lambda s: s["worker_pid"] not in (None, *killed) and "sha256 mismatch" in s["reason"],
+                                 timeout=60)
+        killed.append(status["worker_pid"])
+        os.kill(status["worker_pid"], signal.SIGKILL)
+        at = time.monotonic()
+        app.wait_status(lambda s: s["worker_pid"] not in (None, *killed), timeout=60)
+        waited.append(time.monotonic() - at)
+    delays = [float(d) for d in re.findall(r"worker process exited \(killed by SIGKILL\) while idle; "
+                                           r"restarting it in ([\d.]+) s", app.log_text())]
+    assert delays == [0.5, 1.0, 2.0], app.log_text()[-3000:]
+    assert all(w >= d for w, d in zip(waited, delays, strict=True)), (waited, delays)  # the timer never fires early
+    assert app.metric("appliance_worker_restarts_total") == 3.0
 
 
 def test_stuck_worker_is_restarted_and_its_requester_told(appliance_factory, mqtt_client, board):
@@ -214,3 +283,4 @@ def test_status_command(appliance_factory, board):
     assert out.returncode == 0, out.stderr
     assert f"{app.device}: ready, model tiny" in out.stdout
     assert "temperature 61.5 °C (normal)" in out.stdout and "memory 4096 of 8192 MiB available" in out.stdout
+    assert "requests outstanding 0 (0 waiting)" in out.stdout
