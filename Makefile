@@ -50,7 +50,7 @@ bench-rwkv: $(BIN)/.installed ## the RWKV backend vs the rwkv package per strate
 	$(BIN)/python -m bench.rwkv_strategies --out docs/benchmarks-rwkv.md
 
 lint: $(BIN)/.installed ## ruff
-	$(BIN)/ruff check appliance tests bench
+	$(BIN)/ruff check appliance tests bench image
 
 clean: ## remove the venv and caches (not the state directory)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

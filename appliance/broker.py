@@ -38,7 +38,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it when its parent dies, so a killed appliance leaves no broker."""
     try:
         import ctypes
@@ -84,7 +84,7 @@ class Mosquitto:
         with self.log_file.open("ab") as log_fh:
             self._process = subprocess.Popen([binary, "-c", str(self.conf)], stdout=log_fh, stderr=log_fh,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
-                                             preexec_fn=_die_with_parent)
+                                             preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -108,6 +108,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_firstboot(args: argparse.Namespace) -> int:
+    import logging
+
+    from appliance import firstboot
+
+    # plain lines: systemd sends them to the journal and to the console, where an operator with a screen looks
+    logging.basicConfig(level=logging.INFO, format="appliance-firstboot: %(message)s", stream=sys.stdout)
+    report = firstboot.run(Path(args.boot), root=Path(args.root), state_dir=Path(args.state_dir),
+                           live=args.root == "/")
+    return 1 if report["problems"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Offline LLM appliance: serve a quantized model "
                                      "over MQTT and HTTP, and talk to it.")
@@ -146,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--http", metavar="URL", help="the appliance's HTTP address")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    firstboot = sub.add_parser("firstboot", help="(root, at boot) make the device its own and apply the settings "
+                               "left on the boot partition (docs/image.md)")
+    firstboot.add_argument("--boot", default="/boot/firmware", help="where the FAT boot partition is mounted")
+    firstboot.add_argument("--root", default="/", help="the system to change (a scratch tree in tests)")
+    firstboot.add_argument("--state-dir", default="/var/lib/appliance")
+    firstboot.set_defaults(func=cmd_firstboot)
 
     config = sub.add_parser("config", help="check a config file, or print the reference")
     config_sub = config.add_subparsers(dest="action", required=True)

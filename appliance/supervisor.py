@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from appliance.config.schema import Config
+from appliance.firstboot import problems as firstboot_problems
 from appliance.indicators import Indicators
 from appliance.metrics import Metrics
 from appliance.policies import Conditions, MemoryPolicy, ThermalPolicy, throttle_warnings
@@ -44,6 +45,8 @@ class Supervisor:
         self.memory_policy = MemoryPolicy(config.memory)
         self.thermal_policy = ThermalPolicy(config.thermal)
         self.conditions = Conditions()
+        # what first boot could not apply from the boot partition stays in view until a good file replaces it
+        self.setup_warnings = tuple(firstboot_problems(config.device.state_dir))
         self.telemetry: dict = {}
         self._next_telemetry = 0.0
         self._stop = threading.Event()
@@ -76,7 +79,8 @@ class Supervisor:
         memory_level, memory_reason = self.memory_policy.update(memory)
         thermal_level, thermal_reason = self.thermal_policy.update(celsius)
         conditions = Conditions(memory=memory_level, memory_reason=memory_reason, thermal=thermal_level,
-                                thermal_reason=thermal_reason, warnings=throttle_warnings(throttle))
+                                thermal_reason=thermal_reason,
+                                warnings=throttle_warnings(throttle) + self.setup_warnings)
         if conditions != self.conditions:
             self.conditions = conditions
             self.scheduler.set_conditions(conditions)

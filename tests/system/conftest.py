@@ -1,0 +1,52 @@
+"""The system tier: offline bundles built for real, images built with mmdebstrap and genimage, booted under QEMU.
+
+Image tests need root (mmdebstrap, chroot, binfmt_misc) and use the build cache (``APPLIANCE_CACHE``, default
+~/.cache/appliance-image); the first build on a machine takes long (docs/image.md has the figures)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.catalog import sha256_file
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/system/" in str(item.fspath):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog(models_dir, tmp_path_factory) -> Path:
+    """A catalog of one tiny model (what test bundles and images carry)."""
+    model = models_dir / "tiny-q4_0.gguf"
+    catalog = tmp_path_factory.mktemp("tiny-catalog") / "catalog.toml"
+    catalog.write_text(f'[[models]]\nid = "tiny"\nfile = "{model}"\nsha256 = "{sha256_file(model)}"\n'
+                       f'size = {model.stat().st_size}\nfamily = "test"\ntemplate = "chatml"\n'
+                       f'licence = "none (random weights)"\ncommercial_use = true\n')
+    return catalog
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory) -> Path:
+    key = tmp_path_factory.mktemp("keys") / "bundle-key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", str(key)], check=True)
+    return key
+
+
+@pytest.fixture(scope="session")
+def bundle_amd64(tmp_path_factory, tiny_catalog, signing_key) -> Path:
+    from image import bundle
+    return bundle.build("amd64", tmp_path_factory.mktemp("dist"), catalog=tiny_catalog, key=signing_key,
+                        tarball=False)
+
+
+@pytest.fixture(scope="session")
+def as_root():
+    if os.geteuid() != 0:
+        pytest.fail("image tests need root (mmdebstrap, chroot, binfmt_misc): run `make test` as root, or leave "
+                    "them out with PYTEST_ARGS='-m \"not image\"'")

@@ -1,0 +1,156 @@
+"""The offline bundle: built for real (wheels, models, signature), installed by the device's installer with
+Debian's own python3 into a scratch prefix, and refused, with nothing installed, when anything in it was changed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.broker import free_port
+from image import bundle as bundles
+from tests.support.harness import http_get, http_post
+
+INSTALLER = Path(__file__).resolve().parents[2] / "appliance" / "release" / "installer.py"
+SYSTEM_PYTHON = "/usr/bin/python3"  # what a device has: Debian bookworm's python3, not this checkout's venv
+
+
+def install(bundle: Path, device: Path, signing_key: Path, *args: str, command: str = "install"):
+    signers = device / "bundle-signers"
+    signers.parent.mkdir(parents=True, exist_ok=True)
+    signers.write_text(bundles.allowed_signers(signing_key))
+    result = subprocess.run([SYSTEM_PYTHON, str(INSTALLER), "--signers", str(signers), "--prefix",
+                             str(device / "opt"), "--state-dir", str(device / "state"), "--units-dir",
+                             str(device / "units"), command, *args, *([str(bundle)] if bundle else [])],
+                            capture_output=True, text=True, timeout=600)
+    body = json.loads(result.stdout) if result.returncode == 0 else None
+    return result, body
+
+
+def test_a_bundle_installs_and_serves_with_debians_python(bundle_amd64, signing_key, tmp_path):
+    files = {p.relative_to(bundle_amd64).as_posix() for p in bundle_amd64.rglob("*") if p.is_file()}
+    assert {"bundle.toml", "MANIFEST", "MANIFEST.sig", "models/catalog.toml", "models/tiny-q4_0.gguf",
+            "systemd/appliance.service", "bin/appliance-install-bundle"} <= files
+    wheels = {name.split("/")[1].split("-")[0].lower() for name in files if name.startswith("wheels/")}
+    assert {"appliance", "llama_cpp_python", "onnxruntime", "paho_mqtt", "flask", "numpy"} <= wheels
+    check = subprocess.run(["sha256sum", "--strict", "--quiet", "-c", "MANIFEST"], cwd=bundle_amd64,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, "MANIFEST is plain sha256sum format: " + check.stderr
+
+    device = tmp_path / "device"
+    result, body = install(bundle_amd64, device, signing_key)
+    assert result.returncode == 0, result.stderr
+    assert body["installed"] and body["activated"] and body["changed"]
+    assert (device / "opt/current").resolve() == device / "opt/releases/0.1.0"
+    assert (device / "units/appliance.service").is_file()
+
+    again_result, again = install(bundle_amd64, device, signing_key)
+    assert again_result.returncode == 0 and again["changed"] is False, "a second install changes nothing"
+
+    port = free_port()
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[device]\nid = "bundle-test"\nstate_dir = "{device / "state"}"\n[mqtt]\nenabled = false\n'
+                      f'[http]\nport = {port}\n[models]\ndefault = "tiny"\n'
+                      f'catalog = "{device / "state/models/catalog.toml"}"\n')
+    server = subprocess.Popen([str(device / "opt/current/venv/bin/appliance"), "serve", "-c", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        status, reply = http_post(f"http://127.0.0.1:{port}/v1/completions",
+                                  {"prompt": "hello", "max_tokens": 4, "temperature": 0})
+        assert status == 200 and reply["usage"]["completion_tokens"] >= 1, reply
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / bundle.name
+    shutil.copytree(bundle, copy)
+    return copy
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _resign(bundle: Path, key: Path) -> None:
+    from appliance.release import installer
+    installer.write_manifest(bundle)
+    installer.sign(bundle, key)
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("flip a byte in a wheel", "does not match MANIFEST"),
+    ("flip a byte in the model", "does not match MANIFEST"),
+    ("edit MANIFEST", "signature does not verify"),
+    ("sign with another key", "signature does not verify"),
+    ("add a file", "not in MANIFEST"),
+    ("remove a file", "missing"),
+    ("no signature", "no MANIFEST.sig"),
+    ("another architecture", "this device is"),
+])
+def test_a_tampered_bundle_is_refused_and_nothing_installed(bundle_amd64, signing_key, tmp_path, tamper, message):
+    bundle = _copy(bundle_amd64, tmp_path)
+    if tamper == "flip a byte in a wheel":
+        _flip_byte(next((bundle / "wheels").glob("paho_mqtt-*.whl")))
+    elif tamper == "flip a byte in the model":
+        _flip_byte(bundle / "models/tiny-q4_0.gguf")
+    elif tamper == "edit MANIFEST":
+        manifest = bundle / "MANIFEST"
+        text = manifest.read_text()
+        manifest.write_text(("1" if text[0] != "1" else "2") + text[1:])  # one digest changed, not re-signed
+    elif tamper == "sign with another key":
+        other = tmp_path / "other-key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+        _flip_byte(bundle / "models/tiny-q4_0.gguf")
+        _resign(bundle, other)  # consistent digests, but not signed by the key the device trusts
+    elif tamper == "add a file":
+        (bundle / "wheels" / "evil-1.0-py3-none-any.whl").write_bytes(b"PK")
+    elif tamper == "remove a file":
+        next((bundle / "wheels").glob("flask-*.whl")).unlink()
+    elif tamper == "no signature":
+        (bundle / "MANIFEST.sig").unlink()
+    elif tamper == "another architecture":
+        toml = bundle / "bundle.toml"
+        toml.write_text(toml.read_text().replace('arch = "amd64"', 'arch = "arm64"'))
+        _resign(bundle, signing_key)  # signed by the right key, for the wrong machine
+    device = tmp_path / "device"
+    result, _ = install(bundle, device, signing_key)
+    assert result.returncode == 1
+    assert "refused" in result.stderr and message in result.stderr, result.stderr
+    assert not (device / "opt").exists() and not (device / "state").exists(), "nothing may be installed"
+
+
+def test_a_second_release_and_rollback(bundle_amd64, tiny_catalog, signing_key, tmp_path):
+    newer = bundles.build("amd64", tmp_path / "dist", catalog=tiny_catalog, key=signing_key, version="0.1.1",
+                          tarball=False)
+    device = tmp_path / "device"
+    assert install(bundle_amd64, device, signing_key)[0].returncode == 0
+    result, body = install(newer, device, signing_key)
+    assert result.returncode == 0, result.stderr
+    assert body["activated"] and body["installed"] and body["models"] == [], "same models: nothing copied"
+    version = subprocess.run([str(device / "opt/current/venv/bin/appliance"), "--version"], capture_output=True,
+                             text=True).stdout.strip()
+    assert version == "appliance 0.1.1"
+
+    result, body = install(None, device, signing_key, command="list")
+    assert body == {"current": "0.1.1", "previous": "0.1.0", "releases": ["0.1.0", "0.1.1"], "changed": False}
+    result, body = install(None, device, signing_key, command="rollback")
+    assert result.returncode == 0 and body["release"] == "0.1.0" and body["rolled_back_from"] == "0.1.1"
+    assert (device / "opt/current").resolve().name == "0.1.0"
+    result, _ = install(newer, device, signing_key, "--no-activate")
+    assert result.returncode == 0 and (device / "opt/current").resolve().name == "0.1.0"

@@ -1,0 +1,97 @@
+"""The Raspberry Pi image (arm64), built as `make image` builds it: its partition table, boot files, config.txt and
+cmdline.txt, file ownership inside the ext4, and the installed appliance importing llama.cpp and generating with a
+tiny model inside its root file system under qemu-user (booting it under qemu-system-aarch64 is
+`make image-boot-arm64`, the slow path)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from image import disk, rootfs
+from image.steps import cache_dir
+
+pytestmark = pytest.mark.image
+
+PI_BOOT_FILES = {"bootcode.bin", "start4.elf", "fixup4.dat", "start.elf", "fixup.dat", "config.txt", "cmdline.txt",
+                 "bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb", "bcm2711-rpi-cm4.dtb", "bcm2837-rpi-3-b-plus.dtb",
+                 "README.txt", "appliance.toml.example"}
+
+
+@pytest.fixture(scope="session")
+def bundle_arm64(as_root, tmp_path_factory, tiny_catalog, signing_key):
+    from image import bundle
+    return bundle.build("arm64", tmp_path_factory.mktemp("dist-arm64"), catalog=tiny_catalog, key=signing_key,
+                        tarball=False)
+
+
+@pytest.fixture(scope="session")
+def arm64_image(bundle_arm64, signing_key, tmp_path_factory):
+    """The compressed image, and the raw one it expands to."""
+    from image import build
+    out = tmp_path_factory.mktemp("image-arm64")
+    packed = build.build("arm64", out, bundle=bundle_arm64, key=signing_key, compress=True, keep_tree=True)
+    raw = out / "raw.img"
+    with raw.open("wb") as f:
+        subprocess.run(["xz", "-dc", str(packed)], stdout=f, check=True)
+    return packed, raw
+
+
+def test_the_image_is_named_and_summarised(arm64_image):
+    packed, _ = arm64_image
+    assert packed.name == "appliance-0.1.0-rpi-arm64.img.xz"
+    summary = json.loads(packed.with_name(packed.name + ".json").read_text())
+    assert summary["arch"] == "arm64" and summary["bytes"] == packed.stat().st_size
+    assert set(summary["steps"]) >= {"base", "layer", "disk", "compress"}
+
+
+def test_partitions_and_boot_files(arm64_image):
+    _, raw = arm64_image
+    boot, root = disk.partitions(raw)
+    assert (boot.type, root.type) == ("c", "83")
+    assert boot.start % (4 * 2**20) == 0 and root.start % (4 * 2**20) == 0, "aligned for SD cards"
+    assert (disk.label_of(raw, 1), disk.label_of(raw, 2)) == ("APPBOOT", "approot")
+    files = set(disk.boot_files(raw))
+    assert files >= PI_BOOT_FILES, PI_BOOT_FILES - files
+    assert any(f.startswith("vmlinuz-") for f in files) and any(f.startswith("initrd.img-") for f in files)
+    config = disk.read_boot_file(raw, "config.txt").decode()
+    assert "arm_64bit=1" in config and "initramfs initrd.img-" in config
+    cmdline = disk.read_boot_file(raw, "cmdline.txt").decode().split()
+    assert {"root=LABEL=approot", "psi=1", "cgroup_enable=memory"} <= set(cmdline), cmdline
+
+
+def _debugfs(partition, request: str) -> str:
+    return subprocess.run(["debugfs", "-R", request, str(partition)], capture_output=True, text=True).stdout
+
+
+def test_the_root_file_system_inside_the_image(arm64_image, tmp_path):
+    _, raw = arm64_image
+    root = disk.partitions(raw)[1]
+    part = tmp_path / "root.ext4"
+    subprocess.run(["dd", f"if={raw}", f"of={part}", "bs=4M", f"skip={root.start // (4 * 2**20)}",
+                    f"count={root.size // (4 * 2**20)}", "conv=sparse", "status=none"], check=True)
+    assert "LABEL=approot" in _debugfs(part, "cat /etc/fstab")
+    assert _debugfs(part, "cat /etc/machine-id").strip() == "", "each device makes its own machine id"
+    assert "ssh_host_" not in _debugfs(part, "ls /etc/ssh"), "no SSH host key is shared by every device"
+    passwd = _debugfs(part, "cat /etc/passwd")
+    uid = next(line.split(":")[2] for line in passwd.splitlines() if line.startswith("admin:"))
+    assert f"User: {uid:>5}" in _debugfs(part, "stat /home/admin"), "ownership survived genimage's fakeroot"
+    assert "appliance-bundle" in _debugfs(part, "cat /etc/appliance/bundle-signers")
+    assert "-> releases/0.1.0" in _debugfs(part, "stat /opt/appliance/current") or \
+        "releases/0.1.0" in _debugfs(part, "stat /opt/appliance/current")
+    wants = _debugfs(part, "ls /etc/systemd/system/multi-user.target.wants")
+    assert "appliance.service" in wants and "appliance-firstboot.service" in wants
+
+
+def test_the_appliance_runs_inside_the_root_under_qemu_user(arm64_image):
+    tree = cache_dir() / "work" / "rootfs-arm64"
+    assert tree.is_dir(), "the build keeps its tree for this test (keep_tree=True)"
+    script = ("import appliance, llama_cpp, onnxruntime, lgpio, platform\n"
+              "llm = llama_cpp.Llama('/var/lib/appliance/models/tiny-q4_0.gguf', n_ctx=128, verbose=False)\n"
+              "out = llm.create_completion('hello', max_tokens=4, temperature=0)\n"
+              "print(platform.machine(), appliance.__version__, out['usage']['completion_tokens'])\n")
+    out = rootfs.chroot_run(tree, ["/opt/appliance/current/venv/bin/python", "-c", script])
+    machine, version, tokens = out.split()[-3:]
+    assert (machine, version) == ("aarch64", "0.1.0") and int(tokens) >= 1
