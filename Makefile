@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 EXTRAS ?= llama,default-model,onnx,rwkv,dev
 CONFIG ?=
 PYTEST_ARGS ?=
+ARCH ?= arm64
+BUNDLE ?=
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' appliance/__init__.py)
 
 # llama-cpp-python compiles llama.cpp. On x86 the default "native" build picks the AMX path on some CPUs and
 # segfaults; build for AVX2 instead (see DEVELOPERS.md). On ARM the native build is right (NEON, dotprod, i8mm).
@@ -17,12 +20,13 @@ else
 LLAMA_CMAKE_ARGS ?=
 endif
 
-.PHONY: help run test test-fast bench bench-rwkv lint clean
+.PHONY: help run test test-fast test-no-image bench bench-rwkv lint clean bundle image image-boot image-boot-arm64
 
 help: ## show this help
 	@echo "make targets:"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
-	@echo "variables: CONFIG=file.toml (run), PYTEST_ARGS='-k mqtt' (test), NO_APT=1 (never apt-get install)"
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
+	@echo "variables: CONFIG=file.toml (run), PYTEST_ARGS='-k mqtt' (test), NO_APT=1 (never apt-get install),"
+	@echo "           ARCH=arm64|amd64 and BUNDLE=dir (bundle, image)"
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +38,14 @@ run: $(BIN)/.installed ## set up and serve the embedded default model over MQTT 
 	@scripts/ensure-mosquitto || true
 	$(BIN)/appliance serve $(if $(CONFIG),-c $(CONFIG))
 
-test: $(BIN)/.installed ## run the whole test suite (real mosquitto, real llama.cpp, tiny + default models)
+test: $(BIN)/.installed ## every tier: unit, integration (mosquitto, llama.cpp, rwkv, onnx), system (images, QEMU)
 	@scripts/ensure-mosquitto --required
+	@scripts/ensure-image-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-no-image: $(BIN)/.installed ## all but the image builds and boots (no root needed)
+	@scripts/ensure-mosquitto --required
+	$(BIN)/pytest -m "not image" $(PYTEST_ARGS)
 
 test-fast: $(BIN)/.installed ## unit tests only (no broker, no models)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
@@ -48,6 +57,23 @@ bench: $(BIN)/.installed ## benchmark against raw llama-cpp-python and its serve
 
 bench-rwkv: $(BIN)/.installed ## the RWKV backend vs the rwkv package per strategy; writes docs/benchmarks-rwkv.md
 	$(BIN)/python -m bench.rwkv_strategies --out docs/benchmarks-rwkv.md
+
+bundle: $(BIN)/.installed ## the signed offline bundle for ARCH (wheels, models, installer): dist/appliance-*-bundle
+	@scripts/ensure-image-tools
+	$(BIN)/python -m image.bundle --arch $(ARCH)
+
+image: $(BIN)/.installed ## (root) SD-card image, ARCH=arm64 (Pi) or amd64 (QEMU twin); BUNDLE=dir to use one
+	@scripts/ensure-image-tools
+	$(BIN)/python -m image.build --arch $(ARCH) $(if $(BUNDLE),--bundle $(BUNDLE))
+
+image-boot: $(BIN)/.installed ## boot the amd64 twin under QEMU: MQTT 1884, HTTP 8080, SSH 22 forwarded to loopback
+	$(BIN)/python -m image.qemu dist/appliance-$(VERSION)-amd64.img --forward 1884 --forward 8080 --forward 22
+
+image-boot-arm64: $(BIN)/.installed ## boot the Pi image under qemu-system-aarch64 -M virt; prints the time to ready
+	xz -dc dist/appliance-$(VERSION)-rpi-arm64.img.xz > dist/boot-arm64.img
+	truncate -s +1G dist/boot-arm64.img
+	$(BIN)/python -m image.qemu dist/boot-arm64.img --ready --timeout 3600
+	rm -f dist/boot-arm64.img
 
 lint: $(BIN)/.installed ## ruff
 	$(BIN)/ruff check appliance tests bench image

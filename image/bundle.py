@@ -36,6 +36,29 @@ DEFAULT_KEY = Path.home() / ".config" / "appliance" / "bundle-signing-key"
 MODEL_FILE_KEYS = ("file", "lora", "tokenizer")
 
 
+def write_manifest(bundle_dir: Path) -> Path:
+    """MANIFEST in ``sha256sum`` format (so ``sha256sum --strict -c MANIFEST`` checks it too), sorted by path."""
+    lines = []
+    for path in sorted(bundle_dir.rglob("*")):
+        rel = path.relative_to(bundle_dir).as_posix()
+        if rel in installer.SIGNED or path.is_dir():
+            continue
+        if path.is_symlink() or not path.is_file():
+            raise BuildError(f"{rel}: a bundle holds regular files only")
+        lines.append(f"{installer.sha256_file(path)}  {rel}\n")
+    manifest = bundle_dir / "MANIFEST"
+    manifest.write_text("".join(lines), encoding="utf-8")
+    return manifest
+
+
+def sign(bundle_dir: Path, private_key: Path) -> Path:
+    signature = bundle_dir / "MANIFEST.sig"
+    signature.unlink(missing_ok=True)
+    run(["ssh-keygen", "-Y", "sign", "-q", "-f", str(private_key), "-n", installer.NAMESPACE,
+         str(bundle_dir / "MANIFEST")])
+    return signature
+
+
 def signing_key(path: Path) -> Path:
     """The ed25519 key bundles are signed with; made on first use. Its .pub goes into images as the trusted key."""
     if not path.is_file():
@@ -46,7 +69,9 @@ def signing_key(path: Path) -> Path:
 
 
 def allowed_signers(key: Path) -> str:
-    return installer.allowed_signers_line(Path(str(key) + ".pub").read_text())
+    """The line for a device's ``/etc/appliance/bundle-signers`` that trusts this key, for bundles only."""
+    public = Path(str(key) + ".pub").read_text().strip()
+    return f'{installer.PRINCIPAL} namespaces="{installer.NAMESPACE}" {public}\n'
 
 
 def appliance_wheel(version: str | None, into: Path) -> Path:
@@ -157,8 +182,8 @@ def build(arch: str, out: Path, *, catalog: Path | None = None, key: Path = DEFA
             f'requirement = "{requirement}"\npython = "{wheelhouse.PYTHON_VERSION}"\n'
             f'models = [{", ".join(repr(m).replace(chr(39), chr(34)) for m in model_ids)}]\n'
             f'created = "{datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}"\n')
-        installer.write_manifest(target)
-        installer.sign(target, signing_key(key))
+        write_manifest(target)
+        sign(target, signing_key(key))
         if tarball:
             with tarfile.open(target.with_suffix(".tar"), "w") as tar:  # models and wheels do not compress
                 tar.add(target, arcname=target.name)

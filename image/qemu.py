@@ -5,6 +5,7 @@ the kernel prints. The kernel and initramfs are taken from the image's own FAT p
 the image's cmdline.txt (the Pi firmware's job on real hardware). Guest ports are forwarded to 127.0.0.1.
 
     python -m image.qemu dist/appliance-0.1.0-amd64.img --forward 1884 --forward 8080 --forward 22
+    python -m image.qemu dist/appliance-0.1.0-rpi-arm64.img --ready      # how long until it serves
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from appliance.broker import die_with_parent, free_port
@@ -25,6 +28,7 @@ from image.steps import BuildError, say
 QEMU = {"amd64": ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-machine", "q35"],
         "arm64": ["qemu-system-aarch64", "-accel", "tcg", "-machine", "virt", "-cpu", "cortex-a72"]}
 CONSOLE = {"amd64": "ttyS0", "arm64": "ttyAMA0"}
+HTTP_PORT = 8080
 
 
 def arch_of(image: Path) -> str:
@@ -92,6 +96,22 @@ class Vm:
         raise TimeoutError(f"{text!r} not on the console after {timeout:.0f} s; last lines:\n"
                            + "\n".join(self.console_text().splitlines()[-30:]))
 
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds since power-on when the appliance's /readyz first answered 200 (needs port 8080 forwarded)."""
+        url = f"http://127.0.0.1:{self.ports[HTTP_PORT]}/readyz"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    if reply.status == 200:
+                        return time.monotonic() - self.started_at
+            except (OSError, urllib.error.URLError):
+                pass
+            if self.process.poll() is not None:
+                raise BuildError(f"QEMU exited ({self.process.returncode})")
+            time.sleep(1)
+        raise TimeoutError(f"/readyz not 200 after {timeout:.0f} s; console:\n" + self.console_text()[-3000:])
+
     def wait_closed(self, timeout: float) -> int:
         """Wait for the guest to power off by itself (after ``poweroff``)."""
         return self.process.wait(timeout=timeout)
@@ -121,18 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("image", type=Path)
     parser.add_argument("--forward", type=int, action="append", default=[], help="a guest TCP port to forward")
     parser.add_argument("--memory", type=int, default=2048, help="MiB")
-    parser.add_argument("--until", default="", help="stop once this text is on the console (and print the time)")
+    parser.add_argument("--ready", action="store_true", help="print when the appliance's /readyz answers 200 "
+                        "(forwards port 8080) and how long after power-on, then power off")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
-    vm = Vm(args.image, args.forward, memory_mib=args.memory)
+    forwards = sorted({*args.forward, *([HTTP_PORT] if args.ready else [])})
+    vm = Vm(args.image, forwards, memory_mib=args.memory)
     vm.start()
     for guest, host in vm.ports.items():
         say(f"guest port {guest} -> 127.0.0.1:{host}")
     say(f"{vm.arch} guest booting; console: {vm.console}")
     try:
-        if args.until:
-            seconds = vm.wait_console(args.until, args.timeout)
-            say(f"{args.until!r} after {seconds:.0f} s")
+        if args.ready:
+            say(f"appliance ready {vm.wait_ready(args.timeout):.0f} s after power-on")
         else:
             vm.process.wait()
     except KeyboardInterrupt:

@@ -10,11 +10,15 @@ An arm64 build chroot from the same mirror compiles the few Python packages that
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 from image.steps import REPO, BuildError, cache_dir, digest_of, run, say, step
@@ -68,37 +72,52 @@ def _mmdebstrap(arch: str, packages: list[str], out: Path, *, variant: str, hook
     partial.replace(out)
 
 
-def base(arch: str) -> Path:
-    """The cached base tarball for ``arch``, built when the recipe or image/base/ changed."""
-    spec = recipe()
-    key = digest_of(RECIPE, *_base_files(arch), arch)
-    out = cache_dir() / "rootfs" / f"base-{arch}-{key}.tar"
-    if out.is_file():
-        say(f"base root file system: cached {out.name}")
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    hooks = []
-    if (HERE / "base" / arch).is_dir():
-        hooks.append(f"--essential-hook=sync-in {HERE / 'base' / arch} /")
-    hooks.append('--customize-hook=env -u INITRD chroot "$1" update-initramfs -c -k all')
-    slow = " (through qemu-user: 10-20 min)" if arch == "arm64" and os.uname().machine != "aarch64" else ""
-    with step(f"base root file system for {arch}{slow}"):
-        _mmdebstrap(arch, spec["packages"]["common"] + spec["packages"][arch], out, variant="minbase", hooks=hooks)
-    for stale in out.parent.glob(f"base-{arch}-*.tar"):
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One builder of a cache entry at a time: a second one (a prefetch running beside the tests) waits for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _cached(kind: str, arch: str, key: str, build) -> Path:
+    out = cache_dir() / "rootfs" / f"{kind}-{arch}-{key}.tar"
+    with _locked(out):
+        if out.is_file():
+            say(f"{kind} root file system for {arch}: cached {out.name}")
+            return out
+        build(out)
+    for stale in out.parent.glob(f"{kind}-{arch}-*.tar"):
         if stale != out:
             stale.unlink()
     return out
 
 
-def builder(arch: str) -> Path:
+def base(arch: str) -> Path:
+    """The cached base tarball for ``arch``, built when the recipe or image/base/ changed."""
     spec = recipe()
-    key = digest_of(RECIPE, arch, "builder")
-    out = cache_dir() / "rootfs" / f"builder-{arch}-{key}.tar"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
+    hooks = []
+    if (HERE / "base" / arch).is_dir():
+        hooks.append(f"--essential-hook=sync-in {HERE / 'base' / arch} /")
+    hooks.append('--customize-hook=env -u INITRD chroot "$1" update-initramfs -c -k all')
+    slow = " (through qemu-user: 10-20 min)" if arch == "arm64" and os.uname().machine != "aarch64" else ""
+
+    def build(out: Path) -> None:
+        with step(f"base root file system for {arch}{slow}"):
+            _mmdebstrap(arch, spec["packages"]["common"] + spec["packages"][arch], out, variant="minbase",
+                        hooks=hooks)
+    return _cached("base", arch, digest_of(RECIPE, *_base_files(arch), arch), build)
+
+
+def builder(arch: str) -> Path:
+    """The cached build chroot for ``arch`` (compilers, Python headers, swig)."""
+    spec = recipe()
+
+    def build(out: Path) -> None:
         with step(f"build chroot for {arch}"):
             _mmdebstrap(arch, spec["builder"]["packages"], out, variant="apt", hooks=[])
-    return out
+    return _cached("builder", arch, digest_of(RECIPE, arch, "builder"), build)
 
 
 def extract(tarball: Path, into: Path) -> None:
@@ -219,3 +238,24 @@ def _clean(rootfs: Path) -> None:
 def tree_size(rootfs: Path) -> int:
     out = subprocess.run(["du", "-sb", "--exclude=./boot/firmware", "."], cwd=rootfs, capture_output=True, text=True)
     return int(out.stdout.split()[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 -m image.rootfs prefetch arm64 ...``: build the slow cached stages ahead (CI starts this beside
+    the venv build and the tests; the image tests then find them ready, or wait for them)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python3 -m image.rootfs", description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["prefetch"])
+    parser.add_argument("arches", nargs="+", help="arm64, amd64; builder-arm64 for the build chroot")
+    args = parser.parse_args(argv)
+    try:
+        for name in args.arches:
+            builder(name.split("-", 1)[1]) if name.startswith("builder-") else base(name)
+    except BuildError as exc:
+        print(f"prefetch: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

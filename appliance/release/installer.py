@@ -8,10 +8,15 @@ device's allowed signers), then the sha256 of every file MANIFEST lists, and tha
 
 On the device::
 
-    /opt/appliance/releases/<release>/   venv/, systemd/, bundle.toml, MANIFEST, .complete
+    /opt/appliance/releases/<release>/   venv/, systemd/, bundle.toml, MANIFEST, .complete, and
+                                         models/catalog.toml with a link per model file into the store:
+    /var/lib/appliance/models/<sha256 prefix>-<name>   model files, shared by the releases that ship them
     /opt/appliance/current  -> releases/<release>    switched atomically (rename of a new link)
-    /opt/appliance/previous -> releases/<older>      what `rollback` goes back to
-    /var/lib/appliance/models/                       the bundle's model files and its catalog.toml
+    /opt/appliance/previous -> releases/<older>      what `rollback` goes back to, catalog included
+
+A release carries its own catalog, so going back to the previous release also goes back to its models; files
+are stored under their digest, so installing a new release never changes a file the running one reads. Releases
+other than current and previous, and store files no kept release links to, are removed after a switch.
 
 Exit codes: 0 done (the JSON line on stdout says whether anything changed), 1 refused or failed, 2 usage.
 """
@@ -54,6 +59,7 @@ class Bundle:
     requirement: str
     digests: dict[str, str]  # relative path -> sha256, as MANIFEST lists them
     manifest_sha256: str
+    stored: frozenset[str] = frozenset()  # model files not sent because the device's store holds them
 
     def files_under(self, folder: str) -> list[str]:
         return sorted(p for p in self.digests if p.startswith(folder + "/"))
@@ -67,39 +73,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-# -- building (the bundle builder and the tests use these) --------------------------------------------------------
-
-def write_manifest(bundle_dir: Path) -> Path:
-    """MANIFEST in ``sha256sum`` format (so ``sha256sum --strict -c MANIFEST`` checks it too), sorted by path."""
-    lines = []
-    for path in sorted(bundle_dir.rglob("*")):
-        rel = path.relative_to(bundle_dir).as_posix()
-        if rel in SIGNED or path.is_dir():
-            continue
-        if path.is_symlink() or not path.is_file():
-            raise BundleError(f"{rel}: a bundle holds regular files only")
-        lines.append(f"{sha256_file(path)}  {rel}\n")
-    manifest = bundle_dir / "MANIFEST"
-    manifest.write_text("".join(lines), encoding="utf-8")
-    return manifest
-
-
-def sign(bundle_dir: Path, private_key: Path) -> Path:
-    signature = bundle_dir / "MANIFEST.sig"
-    signature.unlink(missing_ok=True)
-    _ssh_keygen(["-Y", "sign", "-q", "-f", str(private_key), "-n", NAMESPACE, str(bundle_dir / "MANIFEST")])
-    return signature
-
-
-def allowed_signers_line(public_key: str) -> str:
-    """The line for ``/etc/appliance/bundle-signers`` that trusts this public key for bundles only."""
-    return f'{PRINCIPAL} namespaces="{NAMESPACE}" {public_key.strip()}\n'
-
-
 # -- verifying --------------------------------------------------------------------------------------------------
 
-def verify(bundle_dir: Path, signers: Path, arch: str | None = None) -> Bundle:
-    """The bundle, once its signature, every digest and its metadata check out; else BundleError."""
+def verify(bundle_dir: Path, signers: Path, arch: str | None = None, store: Path | None = None) -> Bundle:
+    """The bundle, once its signature, every digest and its metadata check out; else BundleError.
+
+    With ``store`` (the device's model store), a model file may be left out of the bundle directory when the store
+    already holds it, checked by digest: the fleet playbooks send only the models a device lacks."""
     bundle_dir = Path(bundle_dir)
     for name in SIGNED:
         if not (bundle_dir / name).is_file():
@@ -115,13 +95,14 @@ def verify(bundle_dir: Path, signers: Path, arch: str | None = None) -> Bundle:
         raise BundleError(f"{manifest}: the signature does not verify against {signers}"
                           f"{': ' + why[-1] if why else ''}")
     digests = _parse_manifest(manifest)
-    _check_files(bundle_dir, digests)
+    stored = _check_files(bundle_dir, digests, store)
     meta = _metadata(bundle_dir)
     wanted = arch or machine_arch()
     if meta["arch"] != wanted:
         raise BundleError(f"bundle.toml: arch = {meta['arch']!r}, but this device is {wanted}")
     return Bundle(path=bundle_dir, release=meta["release"], version=meta["version"], arch=meta["arch"],
-                  requirement=meta["requirement"], digests=digests, manifest_sha256=sha256_file(manifest))
+                  requirement=meta["requirement"], digests=digests, manifest_sha256=sha256_file(manifest),
+                  stored=stored)
 
 
 def machine_arch() -> str:
@@ -146,7 +127,7 @@ def _parse_manifest(manifest: Path) -> dict[str, str]:
     return digests
 
 
-def _check_files(bundle_dir: Path, digests: dict[str, str]) -> None:
+def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None) -> frozenset[str]:
     present = set()
     for path in bundle_dir.rglob("*"):
         rel = path.relative_to(bundle_dir).as_posix()
@@ -156,12 +137,22 @@ def _check_files(bundle_dir: Path, digests: dict[str, str]) -> None:
             present.add(rel)
     if unlisted := sorted(present - digests.keys()):
         raise BundleError(f"{unlisted[0]}: in the bundle but not in MANIFEST ({len(unlisted)} such files)")
-    if missing := sorted(digests.keys() - present):
-        raise BundleError(f"{missing[0]}: listed in MANIFEST but missing ({len(missing)} such files)")
+    stored = set()
+    for rel in sorted(digests.keys() - present):
+        held = store / store_name(rel, digests[rel]) if store and _is_model(rel) else None
+        if held is None or not held.is_file():
+            raise BundleError(f"{rel}: listed in MANIFEST but missing"
+                              + (" (and not in the device's model store)" if store and _is_model(rel) else ""))
+        stored.add(rel)
     for rel, expected in sorted(digests.items()):
-        actual = sha256_file(bundle_dir / rel)
+        actual = sha256_file(store / store_name(rel, expected) if rel in stored else bundle_dir / rel)
         if actual != expected:
             raise BundleError(f"{rel}: sha256 {actual} does not match MANIFEST's {expected}")
+    return frozenset(stored)
+
+
+def _is_model(rel: str) -> bool:
+    return rel.startswith("models/") and rel != "models/catalog.toml"
 
 
 def _metadata(bundle_dir: Path) -> dict:
@@ -206,10 +197,12 @@ def install(bundle: Bundle, layout: Layout, activate: bool = True, log=print) ->
         _install_release(bundle, target, layout, log)
         stamp.write_text(bundle.manifest_sha256 + "\n")
         changes["installed"] = True
-    changes["models"] = _install_models(bundle, layout, log)
+    changes["models"] = _install_models(bundle, target, layout, log)
     if activate:
         changes["units"] = _install_units(target, layout)
         changes["activated"] = switch(layout, bundle.release)
+        if changes["activated"]:
+            changes["removed"] = prune(layout)
     changes["changed"] = bool(changes["installed"] or changes["models"] or changes["units"] or changes["activated"])
     return changes
 
@@ -233,25 +226,57 @@ def _install_release(bundle: Bundle, target: Path, layout: Layout, log) -> None:
         shutil.copy2(bundle.path / rel, dest)
 
 
-def _install_models(bundle: Bundle, layout: Layout, log) -> list[str]:
-    """Copy the model files that differ (by digest), then the catalog; returns the paths written."""
+def store_name(rel: str, digest: str) -> str:
+    return f"{digest[:16]}-{PurePosixPath(rel).name}"
+
+
+def _install_models(bundle: Bundle, release_dir: Path, layout: Layout, log) -> list[str]:
+    """Copy the model files the store lacks (checked against their digest after the copy), then give the release
+    its catalog and a link per file; returns the store files written."""
     written = []
+    links = release_dir / "models"
+    links.mkdir(parents=True, exist_ok=True)
     for rel in bundle.files_under("models"):
-        dest = layout.models / rel[len("models/"):]
-        if dest.is_file() and dest.stat().st_size == (bundle.path / rel).stat().st_size \
-                and sha256_file(dest) == bundle.digests[rel]:
+        name = rel[len("models/"):]
+        if name == "catalog.toml":
+            shutil.copyfile(bundle.path / rel, links / name)
             continue
-        log(f"copying {rel}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.copyfile(bundle.path / rel, partial)
-        if sha256_file(partial) != bundle.digests[rel]:  # a bad SD card or a full disk shows here
-            partial.unlink()
-            raise BundleError(f"{dest}: the copy does not match the bundle's sha256")
-        partial.chmod(0o644)
-        partial.replace(dest)
-        written.append(str(dest))
+        stored = layout.models / store_name(rel, bundle.digests[rel])
+        if rel not in bundle.stored and not (stored.is_file()
+                                              and stored.stat().st_size == (bundle.path / rel).stat().st_size):
+            log(f"copying {rel}")
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            partial = stored.with_name(stored.name + ".partial")
+            shutil.copyfile(bundle.path / rel, partial)
+            if sha256_file(partial) != bundle.digests[rel]:  # a bad SD card or a full disk shows here
+                partial.unlink()
+                raise BundleError(f"{stored}: the copy does not match the bundle's sha256")
+            partial.chmod(0o644)
+            partial.replace(stored)
+            written.append(str(stored))
+        link = links / name
+        if not (link.is_symlink() and Path(os.readlink(link)) == stored):
+            link.unlink(missing_ok=True)
+            link.symlink_to(stored)
     return written
+
+
+def prune(layout: Layout) -> list[str]:
+    """Remove releases other than current and previous, then store files no kept release links to."""
+    keep = {current_release(layout), current_release(layout, "previous")} - {None}
+    removed = []
+    root = layout.prefix / "releases"
+    for release in sorted(root.iterdir()) if root.is_dir() else []:
+        if release.name not in keep:
+            shutil.rmtree(release)
+            removed.append(str(release))
+    linked = {Path(os.readlink(link)) for name in keep
+              for link in (layout.release(name) / "models").glob("*") if link.is_symlink()}
+    for stored in sorted(layout.models.glob("*")) if layout.models.is_dir() else []:
+        if stored.is_file() and stored not in linked and not stored.name.endswith(".partial"):
+            stored.unlink()
+            removed.append(str(stored))
+    return removed
 
 
 def _install_units(release_dir: Path, layout: Layout) -> list[str]:
@@ -348,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                     else None)
     try:
         if args.command in ("verify", "install"):
-            bundle = verify(args.bundle, args.signers, args.arch)
+            bundle = verify(args.bundle, args.signers, args.arch, store=layout.models)
             if args.command == "verify":
                 result = {"changed": False, "release": bundle.release, "version": bundle.version, "verified": True}
             else:

@@ -18,6 +18,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/system/" in str(item.fspath):
             item.add_marker(pytest.mark.slow)
+            # the first test of a module builds its image in the fixture's setup: on a machine with no build
+            # cache that is the Debian base under qemu-user and a cross-compiled llama.cpp (docs/image.md)
+            item.add_marker(pytest.mark.timeout(5400 if item.get_closest_marker("image") else 900))
 
 
 @pytest.fixture(scope="session")

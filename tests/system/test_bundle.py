@@ -55,7 +55,7 @@ def test_a_bundle_installs_and_serves_with_debians_python(bundle_amd64, signing_
     config = tmp_path / "appliance.toml"
     config.write_text(f'[device]\nid = "bundle-test"\nstate_dir = "{device / "state"}"\n[mqtt]\nenabled = false\n'
                       f'[http]\nport = {port}\n[models]\ndefault = "tiny"\n'
-                      f'catalog = "{device / "state/models/catalog.toml"}"\n')
+                      f'catalog = "{device / "opt/current/models/catalog.toml"}"\n')
     server = subprocess.Popen([str(device / "opt/current/venv/bin/appliance"), "serve", "-c", str(config)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -88,9 +88,8 @@ def _flip_byte(path: Path) -> None:
 
 
 def _resign(bundle: Path, key: Path) -> None:
-    from appliance.release import installer
-    installer.write_manifest(bundle)
-    installer.sign(bundle, key)
+    bundles.write_manifest(bundle)
+    bundles.sign(bundle, key)
 
 
 @pytest.mark.parametrize("tamper, message", [
@@ -135,22 +134,76 @@ def test_a_tampered_bundle_is_refused_and_nothing_installed(bundle_amd64, signin
     assert not (device / "opt").exists() and not (device / "state").exists(), "nothing may be installed"
 
 
-def test_a_second_release_and_rollback(bundle_amd64, tiny_catalog, signing_key, tmp_path):
-    newer = bundles.build("amd64", tmp_path / "dist", catalog=tiny_catalog, key=signing_key, version="0.1.1",
-                          tarball=False)
+def _catalog_of(tmp_path, models_dir, model_id: str, file_name: str) -> Path:
+    from appliance.catalog import sha256_file
+    model = models_dir / file_name
+    path = tmp_path / f"{model_id}.toml"
+    path.write_text(f'[[models]]\nid = "{model_id}"\nfile = "{model}"\nsha256 = "{sha256_file(model)}"\n'
+                    f'template = "chatml"\n')
+    return path
+
+
+def test_releases_switch_roll_back_and_prune_with_their_models(bundle_amd64, models_dir, signing_key, tmp_path):
+    """0.1.0 serves `tiny`; 0.1.1 brings another model; rollback returns to 0.1.0 and its catalog; 0.1.2 then
+    replaces 0.1.1, whose release and model file are removed."""
+    other = bundles.build("amd64", tmp_path / "dist", catalog=_catalog_of(tmp_path, models_dir, "tiny-f32",
+                                                                          "tiny-f32.gguf"),
+                          key=signing_key, version="0.1.1", tarball=False)
     device = tmp_path / "device"
     assert install(bundle_amd64, device, signing_key)[0].returncode == 0
-    result, body = install(newer, device, signing_key)
+    result, body = install(other, device, signing_key)
     assert result.returncode == 0, result.stderr
-    assert body["activated"] and body["installed"] and body["models"] == [], "same models: nothing copied"
+    assert body["activated"] and body["installed"] and len(body["models"]) == 1, "only the new model is copied"
     version = subprocess.run([str(device / "opt/current/venv/bin/appliance"), "--version"], capture_output=True,
                              text=True).stdout.strip()
     assert version == "appliance 0.1.1"
+
+    def catalog() -> str:
+        return (device / "opt/current/models/catalog.toml").read_text()
+
+    assert 'id = "tiny-f32"' in catalog()
+    for release, name in (("0.1.0", "tiny-q4_0.gguf"), ("0.1.1", "tiny-f32.gguf")):
+        link = device / f"opt/releases/{release}/models/{name}"
+        assert link.is_symlink() and link.resolve().parent == device / "state/models"
 
     result, body = install(None, device, signing_key, command="list")
     assert body == {"current": "0.1.1", "previous": "0.1.0", "releases": ["0.1.0", "0.1.1"], "changed": False}
     result, body = install(None, device, signing_key, command="rollback")
     assert result.returncode == 0 and body["release"] == "0.1.0" and body["rolled_back_from"] == "0.1.1"
-    assert (device / "opt/current").resolve().name == "0.1.0"
-    result, _ = install(newer, device, signing_key, "--no-activate")
-    assert result.returncode == 0 and (device / "opt/current").resolve().name == "0.1.0"
+    assert (device / "opt/current").resolve().name == "0.1.0" and 'id = "tiny"' in catalog(), "its own models"
+
+    third = bundles.build("amd64", tmp_path / "dist", catalog=_catalog_of(tmp_path, models_dir, "tiny",
+                                                                          "tiny-q4_0.gguf"),
+                          key=signing_key, version="0.1.2", tarball=False)
+    result, _ = install(third, device, signing_key, "--no-activate")
+    assert result.returncode == 0 and (device / "opt/current").resolve().name == "0.1.0", "staged only"
+    result, body = install(third, device, signing_key)
+    assert result.returncode == 0 and body["activated"]
+    assert sorted(p.name for p in (device / "opt/releases").iterdir()) == ["0.1.0", "0.1.2"]
+    assert [p.name.split("-", 1)[1] for p in (device / "state/models").iterdir()] == ["tiny-q4_0.gguf"], \
+        "the model only 0.1.1 used is gone"
+
+
+def test_models_the_device_holds_need_not_be_sent(bundle_amd64, tiny_catalog, signing_key, tmp_path):
+    newer = bundles.build("amd64", tmp_path / "dist", catalog=tiny_catalog, key=signing_key, version="0.1.1",
+                          tarball=False)
+    (newer / "models/tiny-q4_0.gguf").unlink()  # what the playbooks do when the device already has the file
+    fresh = tmp_path / "fresh-device"
+    result, _ = install(newer, fresh, signing_key)
+    assert result.returncode == 1 and "not in the device's model store" in result.stderr
+    assert not (fresh / "opt").exists()
+
+    device = tmp_path / "device"
+    assert install(bundle_amd64, device, signing_key)[0].returncode == 0
+    stored = next((device / "state/models").iterdir())
+    result, body = install(newer, device, signing_key)
+    assert result.returncode == 0, result.stderr
+    assert body["activated"] and body["models"] == []
+    assert (device / "opt/current/models/tiny-q4_0.gguf").resolve() == stored
+
+    _flip_byte(stored)  # a store copy that rotted on the card is not trusted either
+    third = bundles.build("amd64", tmp_path / "dist", catalog=tiny_catalog, key=signing_key, version="0.1.2",
+                          tarball=False)
+    (third / "models/tiny-q4_0.gguf").unlink()
+    result, _ = install(third, device, signing_key)
+    assert result.returncode == 1 and "does not match MANIFEST" in result.stderr

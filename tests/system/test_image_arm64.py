@@ -89,7 +89,7 @@ def test_the_appliance_runs_inside_the_root_under_qemu_user(arm64_image):
     tree = cache_dir() / "work" / "rootfs-arm64"
     assert tree.is_dir(), "the build keeps its tree for this test (keep_tree=True)"
     script = ("import appliance, llama_cpp, onnxruntime, lgpio, platform\n"
-              "llm = llama_cpp.Llama('/var/lib/appliance/models/tiny-q4_0.gguf', n_ctx=128, verbose=False)\n"
+              "llm = llama_cpp.Llama('/opt/appliance/current/models/tiny-q4_0.gguf', n_ctx=128, verbose=False)\n"
               "out = llm.create_completion('hello', max_tokens=4, temperature=0)\n"
               "print(platform.machine(), appliance.__version__, out['usage']['completion_tokens'])\n")
     out = rootfs.chroot_run(tree, ["/opt/appliance/current/venv/bin/python", "-c", script])
