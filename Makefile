@@ -5,7 +5,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-EXTRAS ?= llama,default-model,onnx,rwkv,dev
+# everything the tests and tools need; `make run` installs only what serving needs (RUN_EXTRAS)
+EXTRAS ?= llama,default-model,onnx,rwkv,fleet,dev
+RUN_EXTRAS ?= llama,default-model,onnx
 CONFIG ?=
 PYTEST_ARGS ?=
 ARCH ?= arm64
@@ -32,9 +34,16 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@ $(BIN)/.installed-run
+
+# a venv with everything (above) serves too; otherwise only the serving extras are installed
+$(BIN)/.installed-run: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[$(RUN_EXTRAS)]"
 	touch $@
 
-run: $(BIN)/.installed ## set up and serve the embedded default model over MQTT and HTTP
+run: $(BIN)/.installed-run ## set up and serve the embedded default model over MQTT and HTTP
 	@scripts/ensure-mosquitto || true
 	$(BIN)/appliance serve $(if $(CONFIG),-c $(CONFIG))
 
@@ -75,8 +84,9 @@ image-boot-arm64: $(BIN)/.installed ## boot the Pi image under qemu-system-aarch
 	$(BIN)/python -m image.qemu dist/boot-arm64.img --ready --timeout 3600
 	rm -f dist/boot-arm64.img
 
-lint: $(BIN)/.installed ## ruff
+lint: $(BIN)/.installed ## ruff, ansible-lint (production profile)
 	$(BIN)/ruff check appliance tests bench image
+	cd ansible && ../$(BIN)/ansible-lint
 
 clean: ## remove the venv and caches (not the state directory)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -120,6 +120,20 @@ def cmd_firstboot(args: argparse.Namespace) -> int:
     return 1 if report["problems"] else 0
 
 
+def cmd_mqtt_users(args: argparse.Namespace) -> int:
+    from appliance.firstboot.apply import set_mqtt_users
+
+    try:
+        users = json.load(sys.stdin)  # on stdin, never on a command line where `ps` would show the passwords
+    except ValueError as exc:
+        raise ConfigError([f"stdin: not JSON: {exc}"]) from None
+    if not isinstance(users, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in users.items()):
+        raise ConfigError(["stdin: expected a JSON object of user name -> password"])
+    accounts, changed = set_mqtt_users(Path(args.root), users, exact=args.exact)
+    print(json.dumps({"changed": changed, "accounts": accounts}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Offline LLM appliance: serve a quantized model "
                                      "over MQTT and HTTP, and talk to it.")
@@ -165,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     firstboot.add_argument("--root", default="/", help="the system to change (a scratch tree in tests)")
     firstboot.add_argument("--state-dir", default="/var/lib/appliance")
     firstboot.set_defaults(func=cmd_firstboot)
+
+    users = sub.add_parser("mqtt-users", help="(root) set the broker accounts from a JSON object on stdin "
+                           "(name -> password, \"\" removes); prints whether anything changed")
+    users.add_argument("--exact", action="store_true", help="remove operator accounts that are not listed")
+    users.add_argument("--root", default="/", help="the system to change (a scratch tree in tests)")
+    users.set_defaults(func=cmd_mqtt_users)
 
     config = sub.add_parser("config", help="check a config file, or print the reference")
     config_sub = config.add_subparsers(dest="action", required=True)

@@ -1,4 +1,4 @@
-"""The partitioned image, made by genimage under fakeroot from the finished root tree: no loop devices, no mounts.
+"""The partitioned image, made by genimage from the finished root tree: no loop devices, no mounts.
 
     partition 1  FAT32 "APPBOOT"  /boot/firmware: Pi firmware, kernel, initramfs, DTBs, config.txt, cmdline.txt,
                                   and the operator's first-boot files (README.txt, appliance.toml.example)
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -80,7 +81,11 @@ def build(rootfs: Path, arch: str, image: Path) -> Path:
         (tmp / "genimage.cfg").write_text(genimage_config(root_mib))
         for name in ("in", "out", "work"):
             (tmp / name).mkdir()
-        run(["fakeroot", "genimage", "--rootpath", str(rootfs), "--config", str(tmp / "genimage.cfg"),
+        # As root, genimage runs as it is: under fakeroot its `cp -a` of the tree would see every file as root's
+        # (fakeroot's stat) and the image would lose the tree's real owners (seen: /home/admin, /var/lib/mosquitto
+        # became root's). fakeroot is for building from a tree that was itself made under fakeroot.
+        wrapper = [] if os.geteuid() == 0 else ["fakeroot"]
+        run([*wrapper, "genimage", "--rootpath", str(rootfs), "--config", str(tmp / "genimage.cfg"),
              "--inputpath", str(tmp / "in"), "--outputpath", str(tmp / "out"), "--tmppath", str(tmp / "work")])
         image.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(tmp / "out" / "appliance.img", image)

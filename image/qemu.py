@@ -45,11 +45,12 @@ class Vm:
     """One booted image. ``ports`` maps guest ports to the loopback ports they are reachable on."""
 
     def __init__(self, image: Path, forwards: list[int], *, memory_mib: int = 2048, cpus: int = 2,
-                 workdir: Path | None = None) -> None:
+                 workdir: Path | None = None, offline: bool = False) -> None:
         self.image = image
         self.arch = arch_of(image)
         self.ports = {guest: free_port() for guest in forwards}
         self.memory_mib, self.cpus = memory_mib, cpus
+        self.offline = offline  # restrict=on: the guest reaches nothing but its forwarded ports
         self._tmp = None if workdir else tempfile.TemporaryDirectory()
         self.workdir = workdir or Path(self._tmp.name)
         self.console = self.workdir / "console.log"
@@ -70,7 +71,8 @@ class Vm:
                    "-kernel", str(self.workdir / "kernel"), "-initrd", str(self.workdir / "initrd"),
                    "-append", kernel_args(self.image, self.arch),
                    "-drive", f"file={self.image},format=raw,if=virtio,cache=unsafe",
-                   "-netdev", f"user,id=net0{',' + forwards if forwards else ''}",
+                   "-netdev", f"user,id=net0{',restrict=on' if self.offline else ''}"
+                              f"{',' + forwards if forwards else ''}",
                    "-device", "virtio-net-pci,netdev=net0", "-device", "virtio-rng-pci",
                    "-display", "none", "-monitor", "none", "-serial", f"file:{self.console}", "-no-reboot"]
         if shutil.which(command[0]) is None:

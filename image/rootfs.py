@@ -125,16 +125,29 @@ def extract(tarball: Path, into: Path) -> None:
     run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", str(tarball), "-C", str(into)])
 
 
+# What a Raspberry Pi 4 shows in /proc/cpuinfo. Under qemu-user a program reads the build machine's x86 one, and
+# some (onnxruntime's cpuinfo) crash on it: an arm64 chroot gets this one instead.
+PI4_CPUINFO = "".join(
+    f"processor\t: {n}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"
+    f"CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n" for n in range(4)
+) + "Revision\t: c03111\nModel\t\t: Raspberry Pi 4 Model B Rev 1.1\n"
+
+
 def chroot_run(rootfs: Path, command: list[str], env: dict | None = None, timeout: float = 3600) -> str:
     """Run a command inside ``rootfs`` with /proc, /sys and /dev mounted in a private mount namespace (the mounts
     vanish with it, even if the build is killed)."""
     r = str(rootfs)
-    script = (f'mount -t proc proc "{r}/proc" && mount -t sysfs sys "{r}/sys" && mount --rbind /dev "{r}/dev" && '
-              f'exec chroot "{r}" "$@"')
-    envs = [f"{k}={v}" for k, v in (env or {}).items()]
-    return run(["unshare", "--mount", "--propagation", "private", "--fork", "sh", "-c", script, "chroot",
-                "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8", *envs, *command],
-               timeout=timeout)
+    with tempfile.NamedTemporaryFile("w", prefix="cpuinfo-") as cpuinfo:
+        cpuinfo.write(PI4_CPUINFO)
+        cpuinfo.flush()
+        foreign = (rootfs / "usr/lib/aarch64-linux-gnu").is_dir() and os.uname().machine != "aarch64"
+        script = (f'mount -t proc proc "{r}/proc" && '
+                  + (f'mount --bind "{cpuinfo.name}" "{r}/proc/cpuinfo" && ' if foreign else "")
+                  + f'mount -t sysfs sys "{r}/sys" && mount --rbind /dev "{r}/dev" && exec chroot "{r}" "$@"')
+        envs = [f"{k}={v}" for k, v in (env or {}).items()]
+        return run(["unshare", "--mount", "--propagation", "private", "--fork", "sh", "-c", script, "chroot",
+                    "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8", *envs,
+                    *command], timeout=timeout)
 
 
 def build_sdist_wheel(arch: str, requirement: str, wheels: Path) -> Path:

@@ -6,6 +6,10 @@ and renaming it, so a power cut leaves the old file or the new one, never half o
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import os
 import secrets
 import socket
@@ -74,23 +78,39 @@ def service_password(root: Path) -> str:
     return password
 
 
-def set_mqtt_users(root: Path, users: dict[str, str]) -> list[str]:
-    """Create, change or ("" as password) remove broker accounts; the service's account is always there.
-    Returns the accounts now in the password file."""
+def set_mqtt_users(root: Path, users: dict[str, str], exact: bool = False) -> tuple[list[str], bool]:
+    """Create, change or ("" as password) remove broker accounts; with ``exact``, the operator accounts are just
+    these. The service's own account is always kept. An account whose password is unchanged keeps its hash, so
+    applying the same accounts twice changes nothing. Returns (the accounts now in the file, whether it changed)."""
     path = root / PASSWD
-    kept = {}
-    for line in path.read_text().splitlines() if path.is_file() else ():
-        name, _, hashed = line.partition(":")
-        if name and hashed and name not in users:
-            kept[name] = hashed
-    plain = {name: password for name, password in users.items() if password}
-    if SERVICE_USER not in kept:
-        plain[SERVICE_USER] = service_password(root)
-    hashed_now = _hash(plain)
-    accounts = {**kept, **hashed_now}
-    write_file(path, "".join(f"{n}:{h}\n" for n, h in sorted(accounts.items())), 0o640,
-               ids(root, group="mosquitto"))
-    return sorted(accounts)
+    before = path.read_text() if path.is_file() else ""
+    existing = dict(line.split(":", 1) for line in before.splitlines() if ":" in line)
+    accounts = {name: hashed for name, hashed in existing.items()
+                if name == SERVICE_USER or (name not in users and not exact)}
+    wanted = {name: password for name, password in users.items() if password}
+    if SERVICE_USER not in accounts:
+        wanted[SERVICE_USER] = service_password(root)
+    for name, password in wanted.items():
+        if name in existing and password_matches(existing[name], password):
+            accounts[name] = existing[name]
+    accounts.update(_hash({n: p for n, p in wanted.items() if n not in accounts}))
+    text = "".join(f"{n}:{h}\n" for n, h in sorted(accounts.items()))
+    if text != before:
+        write_file(path, text, 0o640, ids(root, group="mosquitto"))
+    return sorted(accounts), text != before
+
+
+def password_matches(hashed: str, password: str) -> bool:
+    """Whether a mosquitto 2 password hash (``$7$<iterations>$<salt>$<PBKDF2-SHA512>``) is of ``password``."""
+    parts = hashed.strip().split("$")
+    if len(parts) != 5 or parts[1] != "7":
+        return False
+    try:
+        salt, expected = base64.b64decode(parts[3]), base64.b64decode(parts[4])
+        actual = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(parts[2]), dklen=len(expected))
+    except (ValueError, binascii.Error):
+        return False
+    return hmac.compare_digest(actual, expected)
 
 
 def _hash(plain: dict[str, str]) -> dict[str, str]:

@@ -5,8 +5,10 @@ keys), and retired with their secrets blanked; a bad file changes nothing and sa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tomllib
 import uuid
 from pathlib import Path
@@ -176,3 +178,28 @@ def test_the_appliance_shows_what_first_boot_could_not_apply(appliance_factory, 
     app.start()
     status = app.wait_status(lambda s: s["state"] == "ready")
     assert any("http.port" in w and "eighty" in w for w in status["warnings"]), status["warnings"]
+
+
+def test_broker_accounts_from_stdin_are_idempotent(device, tmp_path):
+    _, root, _ = device
+
+    def users(body: dict, *args: str):
+        result = subprocess.run([sys.executable, "-m", "appliance", "mqtt-users", "--root", str(root), *args],
+                                input=json.dumps(body), capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert users({"sensor-1": SECRET, "sensor-2": SECRET}) == {"changed": True,
+                                                               "accounts": ["appliance", "sensor-1", "sensor-2"]}
+    before = (root / "etc/mosquitto/appliance.passwd").read_text()
+    assert users({"sensor-1": SECRET, "sensor-2": SECRET})["changed"] is False, "same passwords: same hashes"
+    assert (root / "etc/mosquitto/appliance.passwd").read_text() == before
+    assert users({"sensor-2": "a different password"})["changed"] is True
+    assert users({"sensor-2": "a different password"}, "--exact") == {"changed": True,
+                                                                      "accounts": ["appliance", "sensor-2"]}
+    broker = _broker(tmp_path, root)
+    try:
+        MqttClient(broker.host, broker.port, username="sensor-2", password="a different password").close()
+    finally:
+        broker.stop()

@@ -53,3 +53,11 @@ def as_root():
     if os.geteuid() != 0:
         pytest.fail("image tests need root (mmdebstrap, chroot, binfmt_misc): run `make test` as root, or leave "
                     "them out with PYTEST_ARGS='-m \"not image\"'")
+
+
+@pytest.fixture(scope="session")
+def amd64_image(as_root, bundle_amd64, signing_key, tmp_path_factory):
+    """The QEMU twin, carrying the test bundle (release 0.1.0, the tiny model)."""
+    from image import build
+    return build.build("amd64", tmp_path_factory.mktemp("image"), bundle=bundle_amd64, key=signing_key,
+                       compress=False)

@@ -14,6 +14,7 @@ import pytest
 
 from image import disk
 from image.qemu import Vm
+from tests.support.devices import new_card, ssh
 from tests.support.harness import MqttClient, http_get
 
 pytestmark = pytest.mark.image
@@ -23,20 +24,9 @@ SENSOR, SECRET = "weather-station", "a long sensor password"
 LAN_MQTT, HTTP, SSH = 1884, 8080, 22
 
 
-@pytest.fixture(scope="session")
-def amd64_image(as_root, bundle_amd64, signing_key, tmp_path_factory):
-    from image import build
-    return build.build("amd64", tmp_path_factory.mktemp("image"), bundle=bundle_amd64, key=signing_key,
-                       compress=False)
-
-
 @pytest.fixture
 def card(amd64_image, tmp_path):
-    """A fresh 'SD card' with the image written to it, bigger than the image (root grows into the rest)."""
-    path = tmp_path / "card.img"
-    subprocess.run(["cp", "--sparse=always", str(amd64_image), str(path)], check=True)
-    disk.grow(path, amd64_image.stat().st_size // 2**20 + 768)
-    return path
+    return new_card(amd64_image, tmp_path / "card.img")
 
 
 @pytest.fixture
@@ -44,15 +34,6 @@ def operator_key(tmp_path):
     key = tmp_path / "operator"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     return key
-
-
-def ssh(vm: Vm, key, command: str, timeout: float = 60) -> str:
-    result = subprocess.run(["ssh", "-i", str(key), "-p", str(vm.ports[SSH]), "-o", "BatchMode=yes",
-                             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                             "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "admin@127.0.0.1", command],
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"ssh {command!r}: {result.stderr}"
-    return result.stdout
 
 
 def wait_status(vm: Vm, device: str, predicate, until: float) -> tuple[dict, float]:

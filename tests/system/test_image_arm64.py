@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import subprocess
 
+import numpy as np
 import pytest
 
 from image import disk, rootfs
 from image.steps import cache_dir
+from tests.support import tiny_onnx
 
 pytestmark = pytest.mark.image
 
 PI_BOOT_FILES = {"bootcode.bin", "start4.elf", "fixup4.dat", "start.elf", "fixup.dat", "config.txt", "cmdline.txt",
-                 "bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb", "bcm2711-rpi-cm4.dtb", "bcm2837-rpi-3-b-plus.dtb",
+                 "bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb", "bcm2711-rpi-cm4-io.dtb", "bcm2837-rpi-3-b-plus.dtb",
                  "README.txt", "appliance.toml.example"}
 
 
@@ -77,7 +79,9 @@ def test_the_root_file_system_inside_the_image(arm64_image, tmp_path):
     assert "ssh_host_" not in _debugfs(part, "ls /etc/ssh"), "no SSH host key is shared by every device"
     passwd = _debugfs(part, "cat /etc/passwd")
     uid = next(line.split(":")[2] for line in passwd.splitlines() if line.startswith("admin:"))
-    assert f"User: {uid:>5}" in _debugfs(part, "stat /home/admin"), "ownership survived genimage's fakeroot"
+    assert f"User: {uid:>5}" in _debugfs(part, "stat /home/admin"), "the tree's owners are the image's"
+    mosquitto = next(line.split(":")[2] for line in passwd.splitlines() if line.startswith("mosquitto:"))
+    assert f"User: {mosquitto:>5}" in _debugfs(part, "stat /var/lib/mosquitto"), "the broker can save its state"
     assert "appliance-bundle" in _debugfs(part, "cat /etc/appliance/bundle-signers")
     assert "-> releases/0.1.0" in _debugfs(part, "stat /opt/appliance/current") or \
         "releases/0.1.0" in _debugfs(part, "stat /opt/appliance/current")
@@ -86,12 +90,23 @@ def test_the_root_file_system_inside_the_image(arm64_image, tmp_path):
 
 
 def test_the_appliance_runs_inside_the_root_under_qemu_user(arm64_image):
+    """llama.cpp generates and onnxruntime classifies inside the image's own root, as aarch64 code."""
     tree = cache_dir() / "work" / "rootfs-arm64"
     assert tree.is_dir(), "the build keeps its tree for this test (keep_tree=True)"
-    script = ("import appliance, llama_cpp, onnxruntime, lgpio, platform\n"
+    tiny_onnx.write_classifier(tree / "var/tmp/classifier.onnx")
+    features = [[0.3, -1.2, 2.0, 0.5]]
+    script = ("import json, appliance, llama_cpp, onnxruntime, lgpio, platform, numpy\n"
               "llm = llama_cpp.Llama('/opt/appliance/current/models/tiny-q4_0.gguf', n_ctx=128, verbose=False)\n"
               "out = llm.create_completion('hello', max_tokens=4, temperature=0)\n"
-              "print(platform.machine(), appliance.__version__, out['usage']['completion_tokens'])\n")
-    out = rootfs.chroot_run(tree, ["/opt/appliance/current/venv/bin/python", "-c", script])
-    machine, version, tokens = out.split()[-3:]
-    assert (machine, version) == ("aarch64", "0.1.0") and int(tokens) >= 1
+              "session = onnxruntime.InferenceSession('/var/tmp/classifier.onnx')\n"
+              f"probabilities = session.run(None, {{'features': numpy.array({features}, numpy.float32)}})[0]\n"
+              "print(json.dumps([platform.machine(), appliance.__version__, out['usage']['completion_tokens'],\n"
+              "                  probabilities.tolist()]))\n")
+    try:
+        out = rootfs.chroot_run(tree, ["/opt/appliance/current/venv/bin/python", "-c", script])
+    finally:
+        (tree / "var/tmp/classifier.onnx").unlink()
+    machine, version, tokens, probabilities = json.loads(out.strip().splitlines()[-1])
+    assert (machine, version) == ("aarch64", "0.1.0") and tokens >= 1
+    expected = tiny_onnx.classify(np.array(features, np.float32))
+    assert np.allclose(probabilities, expected, atol=1e-5), "the same answer as onnxruntime on x86"

@@ -1,0 +1,175 @@
+"""The fleet playbooks on three booted amd64 twins with no route out of their network (QEMU user networking with
+restrict=on: only the forwarded SSH, MQTT and HTTP ports reach them): provision, roll out a new bundle, roll out
+a broken one that must come back by itself, and a second run of every playbook changing nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from image import bundle as bundles
+from image import disk
+from image.qemu import Vm
+from tests.support.devices import new_card, ssh
+from tests.support.harness import REPO, MqttClient
+
+pytestmark = pytest.mark.image
+
+ANSIBLE = REPO / "ansible"
+HOSTS = ("fleet-1", "fleet-2", "fleet-3")
+SENSOR, SECRET = "fleet-sensor", "a long fleet password"
+PLAY_TIMES: dict[str, float] = {}
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+@pytest.fixture(scope="module")
+def control_key(tmp_path_factory) -> Path:
+    key = tmp_path_factory.mktemp("control") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
+@pytest.fixture(scope="module")
+def fleet(amd64_image, control_key, tmp_path_factory):
+    """Three devices flashed from the same image, each told only its name and the operator's key."""
+    vms = []
+    try:
+        for name in HOSTS:
+            workdir = tmp_path_factory.mktemp(name)
+            card = new_card(amd64_image, workdir / "card.img")
+            disk.write_boot_file(card, "authorized_keys", Path(str(control_key) + ".pub").read_bytes())
+            disk.write_boot_file(card, "hostname", f"{name}\n".encode())
+            vms.append(Vm(card, [22, 1884, 8080], memory_mib=1536, cpus=1, workdir=workdir, offline=True).start())
+        for vm in vms:
+            vm.wait_ready(timeout=600)
+        yield dict(zip(HOSTS, vms, strict=True))
+    finally:
+        for vm in vms:
+            vm.stop()
+
+
+@pytest.fixture(scope="module")
+def inventory(fleet, control_key, tmp_path_factory) -> Path:
+    hosts = {name: {"ansible_host": "127.0.0.1", "ansible_port": vm.ports[22]} for name, vm in fleet.items()}
+    body = {"all": {"vars": {
+        "ansible_user": "admin", "ansible_ssh_private_key_file": str(control_key),
+        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+        "appliance_default_model": "tiny", "appliance_health_retries": 24, "appliance_health_delay": 5,
+        "mosquitto_users": {SENSOR: SECRET}},
+        "children": {"site_a": {"hosts": {HOSTS[0]: hosts[HOSTS[0]]}},
+                     "site_b": {"hosts": {h: hosts[h] for h in HOSTS[1:]}}}}}
+    path = tmp_path_factory.mktemp("inventory") / "fleet.json"  # JSON is YAML
+    path.write_text(json.dumps(body, indent=2))
+    return path
+
+
+def play(inventory: Path, playbook: str, bundle: Path | None, label: str, *extra: str):
+    """ansible-playbook from the repo's ansible/ directory; (return code, output, {host: recap counts})."""
+    command = [_bin("ansible-playbook"), "-i", str(inventory), playbook, *extra]
+    if bundle is not None:
+        command += ["-e", f"appliance_bundle={bundle}"]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=ANSIBLE, capture_output=True, text=True, timeout=3600,
+                            env={**os.environ, "ANSIBLE_HOST_KEY_CHECKING": "False", "ANSIBLE_NOCOLOR": "1",
+                                 "ANSIBLE_FORCE_COLOR": "0"})
+    PLAY_TIMES[label] = round(time.monotonic() - started, 1)
+    print(f"{label}: {PLAY_TIMES[label]} s")
+    recap = {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+             for m in re.finditer(r"^(\S+)\s+:\s+(ok=.*)$", result.stdout, re.M)}
+    return result.returncode, result.stdout + result.stderr, recap
+
+
+def versions(fleet, control_key) -> dict[str, str]:
+    return {name: ssh(vm, control_key, "/opt/appliance/current/venv/bin/appliance --version").split()[-1]
+            for name, vm in fleet.items()}
+
+
+def answers(fleet) -> None:
+    """Each device answers a sensor's generate request through its own broker (the account site.yml made)."""
+    for name, vm in fleet.items():
+        client = MqttClient("127.0.0.1", vm.ports[1884], username=SENSOR, password=SECRET)
+        try:
+            reply = client.request(f"appliance/{name}/generate", {"prompt": "hello", "max_tokens": 3},
+                                   reply_topic=f"replies/{SENSOR}/{uuid.uuid4().hex}", timeout=120)[-1]
+        finally:
+            client.close()
+        assert reply["type"] == "result", (name, reply)
+
+
+@pytest.fixture(scope="module")
+def bundles_to_roll_out(bundle_amd64, tiny_catalog, signing_key, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fleet-bundles")
+    good = bundles.build("amd64", out, catalog=tiny_catalog, key=signing_key, version="0.1.1", tarball=False)
+    broken = bundles.build("amd64", out, catalog=tiny_catalog, key=signing_key, version="0.1.2", tarball=False)
+    # signed by the right key and complete, but its catalog states a wrong digest for the model: the release
+    # installs, then cannot load its model, so /readyz never says ready (a bad release, not a tampered bundle)
+    catalog = broken / "models/catalog.toml"
+    catalog.write_text(re.sub(r'sha256 = "[0-9a-f]{64}"', 'sha256 = "' + "0" * 64 + '"', catalog.read_text()))
+    bundles.write_manifest(broken)
+    bundles.sign(broken, signing_key)
+    return good, broken
+
+
+def test_lint_and_syntax():
+    lint = subprocess.run([_bin("ansible-lint")], cwd=ANSIBLE, capture_output=True, text=True, timeout=600)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "Profile 'production' was required, and it passed" in lint.stdout + lint.stderr
+    syntax = subprocess.run([_bin("ansible-playbook"), "--syntax-check", "site.yml", "update.yml", "status.yml"],
+                            cwd=ANSIBLE, capture_output=True, text=True, timeout=300)
+    assert syntax.returncode == 0, syntax.stdout + syntax.stderr
+
+
+def test_the_fleet_is_provisioned_updated_and_rolled_back(fleet, inventory, bundle_amd64, bundles_to_roll_out,
+                                                          control_key, tmp_path):
+    good, broken = bundles_to_roll_out
+    for name, vm in fleet.items():  # offline for real: nothing but the forwarded ports, no package index
+        probe = ssh(vm, control_key, "python3 -c \"import urllib.request as u; u.urlopen('https://pypi.org/simple/',"
+                    " timeout=10)\" 2>&1 || echo UNREACHABLE")
+        assert "UNREACHABLE" in probe, (name, probe)
+
+    rc, out, recap = play(inventory, "site.yml", bundle_amd64, "site.yml (provision)")
+    assert rc == 0, out[-6000:]
+    assert set(recap) == set(HOSTS) and all(r["failed"] == 0 for r in recap.values())
+    rc, out, recap = play(inventory, "site.yml", bundle_amd64, "site.yml again")
+    assert rc == 0 and all(r["changed"] == 0 for r in recap.values()), out[-6000:]
+    answers(fleet)
+
+    rc, out, recap = play(inventory, "update.yml", good, "update.yml 0.1.1")
+    assert rc == 0, out[-6000:]
+    assert versions(fleet, control_key) == dict.fromkeys(HOSTS, "0.1.1")
+    answers(fleet)
+    rc, out, recap = play(inventory, "update.yml", good, "update.yml 0.1.1 again")
+    assert rc == 0 and all(r["changed"] == 0 for r in recap.values()), out[-6000:]
+
+    rc, out, recap = play(inventory, "update.yml", broken, "update.yml broken 0.1.2")
+    assert rc != 0
+    assert "release 0.1.2 failed its health check on fleet-1 (batch: fleet-1); rolled back to 0.1.1" in out, \
+        out[-6000:]
+    assert set(recap) == {"fleet-1"}, "the canary's batch failed, so the play stopped before the other batches"
+    assert versions(fleet, control_key) == dict.fromkeys(HOSTS, "0.1.1")
+    answers(fleet)
+
+    report = tmp_path / "fleet.json"
+    rc, out, recap = play(inventory, "status.yml", None, "status.yml", "-e", f"status_report={report}")
+    assert rc == 0, out[-4000:]
+    rows = {row["host"]: row for row in json.loads(report.read_text())}
+    assert {h: (r["state"], r["version"], r["release"], r["model"]) for h, r in rows.items()} == \
+        dict.fromkeys(HOSTS, ("ready", "0.1.1", "0.1.1", "tiny"))
+    # the canary went to 0.1.2 and back, so 0.1.2 is the release it came from; the others never left 0.1.1
+    assert {h: r["previous"] for h, r in rows.items()} == {"fleet-1": "0.1.2", "fleet-2": "0.1.0",
+                                                           "fleet-3": "0.1.0"}
+    assert "host" in out and "fleet-2" in out, "the table is printed"
+    rc, out, recap = play(inventory, "status.yml", None, "status.yml again")
+    assert rc == 0 and all(r["changed"] == 0 for r in recap.values())
+    print("play times (s):", json.dumps(PLAY_TIMES))
