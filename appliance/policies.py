@@ -25,6 +25,12 @@ class Conditions:
     thermal_reason: str = ""
     warnings: tuple[str, ...] = ()
 
+    @property
+    def status_warnings(self) -> tuple[str, ...]:
+        """Everything a status shows while still serving: these warnings, low memory, a warm board."""
+        return (*self.warnings, *([self.memory_reason] if self.memory == "low" else []),
+                *([self.thermal_reason] if self.thermal == "soft" else []))
+
 
 def _settle(levels: tuple[str, ...], current: str, entered: str, held: str) -> str:
     """The new level: at least what the thresholds say (``entered``), and the current one kept while the reading

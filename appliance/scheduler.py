@@ -370,12 +370,6 @@ class Scheduler:
         if not self._accepting:
             return
         state, model, reason = self.worker.describe()
-        c = self.guard.conditions
-        warnings = list(c.warnings)
-        if c.memory == "low":
-            warnings.append(c.memory_reason)
-        if c.thermal == "soft":
-            warnings.append(c.thermal_reason)
         if state != "error" and self.guard.hold is not None:
             state, reason = "degraded", self.guard.hold
         elif state == "ready":
@@ -387,7 +381,7 @@ class Scheduler:
             failed = self._failed_models.get(self.default_model)
             problem = failed.message if failed else self._admission_problem
             state, reason = ("degraded", problem) if problem else ("starting", "")
-        self.status.set(state, model=model, reason=reason, warnings=tuple(warnings))
+        self.status.set(state, model=model, reason=reason, warnings=self.guard.conditions.status_warnings)
 
 
 def _threads(configured: int) -> int:

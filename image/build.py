@@ -18,7 +18,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from appliance.release.installer import BundleError
+from appliance.release.verify import BundleError
 from image import bundle as bundles
 from image import disk, rootfs
 from image.steps import REPO, BuildError, cache_dir, check_arch, say, step

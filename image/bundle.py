@@ -10,7 +10,7 @@
       MANIFEST.sig         OpenSSH signature of MANIFEST (``ssh-keygen -Y sign``, namespace appliance-bundle)
 
 The image build and the fleet playbooks consume this same bundle; devices install it with
-appliance/release/installer.py, which refuses it unless the signature and every digest check out.
+appliance/release (its zipapp in bin/), which refuses it unless the signature and every digest check out.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ import sys
 import tarfile
 import tempfile
 import tomllib
+import zipapp
 from datetime import UTC, datetime
 from pathlib import Path
 
+import appliance.release
 from appliance import __version__, default_model
 from appliance.catalog import Catalog
 from appliance.catalog.writer import dumps
-from appliance.release import installer
+from appliance.release.verify import FORMAT, NAMESPACE, PRINCIPAL, SIGNED, BundleError, sha256_file
 from image import wheels as wheelhouse
 from image.steps import REPO, BuildError, cache_dir, check_arch, run, say, step
 
@@ -41,11 +43,11 @@ def write_manifest(bundle_dir: Path) -> Path:
     lines = []
     for path in sorted(bundle_dir.rglob("*")):
         rel = path.relative_to(bundle_dir).as_posix()
-        if rel in installer.SIGNED or path.is_dir():
+        if rel in SIGNED or path.is_dir():
             continue
         if path.is_symlink() or not path.is_file():
             raise BuildError(f"{rel}: a bundle holds regular files only")
-        lines.append(f"{installer.sha256_file(path)}  {rel}\n")
+        lines.append(f"{sha256_file(path)}  {rel}\n")
     manifest = bundle_dir / "MANIFEST"
     manifest.write_text("".join(lines), encoding="utf-8")
     return manifest
@@ -54,9 +56,20 @@ def write_manifest(bundle_dir: Path) -> Path:
 def sign(bundle_dir: Path, private_key: Path) -> Path:
     signature = bundle_dir / "MANIFEST.sig"
     signature.unlink(missing_ok=True)
-    run(["ssh-keygen", "-Y", "sign", "-q", "-f", str(private_key), "-n", installer.NAMESPACE,
+    run(["ssh-keygen", "-Y", "sign", "-q", "-f", str(private_key), "-n", NAMESPACE,
          str(bundle_dir / "MANIFEST")])
     return signature
+
+
+def installer_zipapp(dest: Path) -> Path:
+    """appliance/release as one executable file for Debian's python3 (stdlib only): what devices run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(Path(appliance.release.__file__).parent, Path(tmp) / "release",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        # zipapp's own `main=` would drop main()'s return value, and with it the exit code callers rely on
+        (Path(tmp) / "__main__.py").write_text("import sys\nfrom release.cli import main\nsys.exit(main())\n")
+        zipapp.create_archive(tmp, dest, interpreter="/usr/bin/python3")
+    return dest
 
 
 def signing_key(path: Path) -> Path:
@@ -71,7 +84,7 @@ def signing_key(path: Path) -> Path:
 def allowed_signers(key: Path) -> str:
     """The line for a device's ``/etc/appliance/bundle-signers`` that trusts this key, for bundles only."""
     public = Path(str(key) + ".pub").read_text().strip()
-    return f'{installer.PRINCIPAL} namespaces="{installer.NAMESPACE}" {public}\n'
+    return f'{PRINCIPAL} namespaces="{NAMESPACE}" {public}\n'
 
 
 def appliance_wheel(version: str | None, into: Path) -> Path:
@@ -132,10 +145,10 @@ def add_models(entries: list[dict], extra_files: list[Path], models_dir: Path) -
                 written[source.name] = source
             entry[key] = source.name
             expected = entry.get("sha256" if key == "file" else f"{key}_sha256")
-            if expected and installer.sha256_file(models_dir / source.name) != expected:
+            if expected and sha256_file(models_dir / source.name) != expected:
                 raise BuildError(f"{source}: its sha256 is not the catalog's {expected}")
         if "sha256" not in entry:
-            entry["sha256"] = installer.sha256_file(models_dir / entry["file"])
+            entry["sha256"] = sha256_file(models_dir / entry["file"])
         out.append(entry)
     for extra in extra_files:
         shutil.copyfile(extra, models_dir / extra.name)
@@ -176,9 +189,9 @@ def build(arch: str, out: Path, *, catalog: Path | None = None, key: Path = DEFA
             shutil.copyfile(unit, target / "systemd" / unit.name)
         shutil.copytree(REPO / "systemd" / "mosquitto", target / "mosquitto")
         (target / "bin").mkdir()
-        shutil.copyfile(Path(installer.__file__), target / "bin" / "appliance-install-bundle")
+        installer_zipapp(target / "bin" / "appliance-install-bundle")
         (target / "bundle.toml").write_text(
-            f'format = {installer.FORMAT}\nrelease = "{release}"\nversion = "{version}"\narch = "{arch}"\n'
+            f'format = {FORMAT}\nrelease = "{release}"\nversion = "{version}"\narch = "{arch}"\n'
             f'requirement = "{requirement}"\npython = "{wheelhouse.PYTHON_VERSION}"\n'
             f'models = [{", ".join(repr(m).replace(chr(39), chr(34)) for m in model_ids)}]\n'
             f'created = "{datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}"\n')
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(args.arch, args.out, catalog=args.catalog, key=args.key, extras=args.extras, version=args.version,
               release=args.release, tarball=not args.no_tarball)
-    except (BuildError, installer.BundleError) as exc:
+    except (BuildError, BundleError) as exc:
         print(f"bundle: {exc}", file=sys.stderr)
         return 1
     return 0

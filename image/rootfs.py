@@ -196,7 +196,7 @@ def default_config(model_id: str) -> str:
 
 def appliance_layer(arch: str, bundle: Path, signers: str, rootfs: Path) -> None:
     """The appliance on top of the base: installed from the bundle by the installer the device itself will run."""
-    from appliance.release.installer import verify
+    from appliance.release.verify import verify
     with tempfile.NamedTemporaryFile("w", suffix=".signers") as trusted:
         trusted.write(signers)
         trusted.flush()
@@ -224,12 +224,11 @@ def appliance_layer(arch: str, bundle: Path, signers: str, rootfs: Path) -> None
         inside = rootfs / "var/tmp/bundle"
         shutil.copytree(bundle, inside)
         try:
+            # the installer also puts itself in /usr/local/sbin, where the device runs it for every update
             chroot_run(rootfs, ["/usr/bin/python3", "/var/tmp/bundle/bin/appliance-install-bundle", "--arch", arch,
                                 "install", "/var/tmp/bundle"])
         finally:
             shutil.rmtree(inside)
-        shutil.copyfile(bundle / "bin/appliance-install-bundle", rootfs / "usr/local/sbin/appliance-install-bundle")
-        os.chmod(rootfs / "usr/local/sbin/appliance-install-bundle", 0o755)
     with step("appliance layer: units and clean-up"):
         run(["systemctl", f"--root={rootfs}", "enable", "appliance.service", "appliance-firstboot.service",
              "mosquitto.service", "ssh.service", "NetworkManager.service", "earlyoom.service"])

@@ -8,20 +8,11 @@ from pathlib import Path
 import pytest
 
 from appliance.broker import Mosquitto, free_port, mosquitto_binary
-from appliance.catalog import sha256_file
 from tests.support import tiny_models
 from tests.support.harness import MqttClient, new_appliance
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def _entry(model_id: str, path: Path, **extra: str) -> str:
-    lines = ['[[models]]', f'id = "{model_id}"', f'file = "{path.name}"',
-             f'sha256 = "{extra.pop("sha256", None) or sha256_file(path)}"', f"size = {path.stat().st_size}",
-             'family = "test"', 'licence = "none (random weights)"']
-    lines += [f'{k} = "{v}"' for k, v in extra.items()]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +25,10 @@ def models_dir(tmp_path_factory) -> Path:
     chat = tiny_models.write_llama(d / "tiny-chat.gguf", seed=1, chat_template=CHAT_TEMPLATE)
     slow = tiny_models.write_llama(d / "slow.gguf", n_embd=256, n_layer=4, n_ff=1024, n_head=8, n_head_kv=4,
                                    context=4096, seed=2)
-    catalog = (_entry("tiny", q4, template="chatml") + "\n" + _entry("tiny-f32", f32, template="alpaca") + "\n"
-               + _entry("tiny-chat", chat) + "\n" + _entry("slow", slow, template="chatml") + "\n"
-               + _entry("corrupt", q4, sha256="0" * 64, template="chatml"))
+    entry = tiny_models.catalog_entry
+    catalog = "\n".join([entry("tiny", q4, template="chatml"), entry("tiny-f32", f32, template="alpaca"),
+                         entry("tiny-chat", chat), entry("slow", slow, template="chatml"),
+                         entry("corrupt", q4, sha256="0" * 64, template="chatml")])
     (d / "catalog.toml").write_text(catalog)
     return d
 

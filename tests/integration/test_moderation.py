@@ -11,7 +11,7 @@ from appliance.catalog import Catalog, sha256_file
 from appliance.config import load_config
 from appliance.moderation import config_problems
 from appliance.text_features import hashed_words
-from tests.support import tiny_onnx
+from tests.support import tiny_models, tiny_onnx
 from tests.support.harness import http_get, http_post, run_cli
 
 SIZE = 64
@@ -29,12 +29,7 @@ def moderation_catalog(models_dir, tmp_path_factory):
     tiny = models_dir / "tiny-q4_0.gguf"
     catalog = d / "catalog.toml"
     catalog.write_text(f'''
-[[models]]
-id = "tiny"
-file = "{tiny}"
-sha256 = "{sha256_file(tiny)}"
-template = "chatml"
-
+{tiny_models.catalog_entry("tiny", tiny, absolute=True, template="chatml")}
 [[models]]
 id = "guard"
 file = "guard.onnx"

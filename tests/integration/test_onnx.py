@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from appliance.catalog import sha256_file
-from tests.support import tiny_onnx
+from tests.support import tiny_models, tiny_onnx
 from tests.support.harness import http_post
 
 
@@ -23,12 +23,7 @@ def onnx_catalog(models_dir, tmp_path_factory):
     tiny = models_dir / "tiny-q4_0.gguf"
     catalog = d / "catalog.toml"
     catalog.write_text(f'''
-[[models]]
-id = "tiny"
-file = "{tiny}"
-sha256 = "{sha256_file(tiny)}"
-template = "chatml"
-
+{tiny_models.catalog_entry("tiny", tiny, absolute=True, template="chatml")}
 [[models]]
 id = "activity"
 file = "activity.onnx"

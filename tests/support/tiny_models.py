@@ -8,6 +8,7 @@ failure message, and as long as ``max_tokens`` asks.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,14 @@ def write_lora(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def catalog_entry(model_id: str, path: Path, *, absolute: bool = False, **extra) -> str:
+    """A ``[[models]]`` table for a model file the tests wrote (its digest and size computed); ``absolute`` for a
+    catalog kept in another directory than the model."""
+    from appliance.catalog import sha256_file
+    lines = ["[[models]]", f'id = "{model_id}"', f'file = "{path if absolute else path.name}"',
+             f'sha256 = "{extra.pop("sha256", None) or sha256_file(path)}"', f"size = {path.stat().st_size}",
+             'family = "test"', 'licence = "none (random weights)"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]  # JSON's strings, numbers, booleans are TOML's
+    return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.catalog import sha256_file
+from tests.support import tiny_models
 
 
 def pytest_collection_modifyitems(items):
@@ -26,11 +26,9 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def tiny_catalog(models_dir, tmp_path_factory) -> Path:
     """A catalog of one tiny model (what test bundles and images carry)."""
-    model = models_dir / "tiny-q4_0.gguf"
     catalog = tmp_path_factory.mktemp("tiny-catalog") / "catalog.toml"
-    catalog.write_text(f'[[models]]\nid = "tiny"\nfile = "{model}"\nsha256 = "{sha256_file(model)}"\n'
-                       f'size = {model.stat().st_size}\nfamily = "test"\ntemplate = "chatml"\n'
-                       f'licence = "none (random weights)"\ncommercial_use = true\n')
+    catalog.write_text(tiny_models.catalog_entry("tiny", models_dir / "tiny-q4_0.gguf", absolute=True,
+                                                 template="chatml", commercial_use=True))
     return catalog
 
 

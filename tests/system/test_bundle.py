@@ -13,19 +13,23 @@ import pytest
 
 from appliance.broker import free_port
 from image import bundle as bundles
+from tests.support import tiny_models
 from tests.support.harness import http_get, http_post
 
-INSTALLER = Path(__file__).resolve().parents[2] / "appliance" / "release" / "installer.py"
 SYSTEM_PYTHON = "/usr/bin/python3"  # what a device has: Debian bookworm's python3, not this checkout's venv
 
 
-def install(bundle: Path, device: Path, signing_key: Path, *args: str, command: str = "install"):
+def install(bundle: Path | None, device: Path, signing_key: Path, *args: str, command: str = "install",
+            tool: Path | None = None):
+    """The installer a bundle ships (its zipapp, run by Debian's python3 as on a device) on a scratch device."""
     signers = device / "bundle-signers"
     signers.parent.mkdir(parents=True, exist_ok=True)
     signers.write_text(bundles.allowed_signers(signing_key))
-    result = subprocess.run([SYSTEM_PYTHON, str(INSTALLER), "--signers", str(signers), "--prefix",
+    tool = tool or bundle / "bin" / "appliance-install-bundle"
+    result = subprocess.run([SYSTEM_PYTHON, str(tool), "--signers", str(signers), "--prefix",
                              str(device / "opt"), "--state-dir", str(device / "state"), "--units-dir",
-                             str(device / "units"), command, *args, *([str(bundle)] if bundle else [])],
+                             str(device / "units"), "--tool", str(device / "sbin/appliance-install-bundle"), command,
+                             *args, *([str(bundle)] if bundle else [])],
                             capture_output=True, text=True, timeout=600)
     body = json.loads(result.stdout) if result.returncode == 0 else None
     return result, body
@@ -47,6 +51,8 @@ def test_a_bundle_installs_and_serves_with_debians_python(bundle_amd64, signing_
     assert body["installed"] and body["activated"] and body["changed"]
     assert (device / "opt/current").resolve() == device / "opt/releases/0.1.0"
     assert (device / "units/appliance.service").is_file()
+    assert (device / "sbin/appliance-install-bundle").read_bytes() == \
+        (bundle_amd64 / "bin/appliance-install-bundle").read_bytes(), "the device keeps the verified installer"
 
     again_result, again = install(bundle_amd64, device, signing_key)
     assert again_result.returncode == 0 and again["changed"] is False, "a second install changes nothing"
@@ -128,18 +134,16 @@ def test_a_tampered_bundle_is_refused_and_nothing_installed(bundle_amd64, signin
         toml.write_text(toml.read_text().replace('arch = "amd64"', 'arch = "arm64"'))
         _resign(bundle, signing_key)  # signed by the right key, for the wrong machine
     device = tmp_path / "device"
-    result, _ = install(bundle, device, signing_key)
+    # the device's own installer, not the one in the bundle under test
+    result, _ = install(bundle, device, signing_key, tool=bundle_amd64 / "bin/appliance-install-bundle")
     assert result.returncode == 1
     assert "refused" in result.stderr and message in result.stderr, result.stderr
     assert not (device / "opt").exists() and not (device / "state").exists(), "nothing may be installed"
 
 
 def _catalog_of(tmp_path, models_dir, model_id: str, file_name: str) -> Path:
-    from appliance.catalog import sha256_file
-    model = models_dir / file_name
     path = tmp_path / f"{model_id}.toml"
-    path.write_text(f'[[models]]\nid = "{model_id}"\nfile = "{model}"\nsha256 = "{sha256_file(model)}"\n'
-                    f'template = "chatml"\n')
+    path.write_text(tiny_models.catalog_entry(model_id, models_dir / file_name, absolute=True, template="chatml"))
     return path
 
 
@@ -166,9 +170,10 @@ def test_releases_switch_roll_back_and_prune_with_their_models(bundle_amd64, mod
         link = device / f"opt/releases/{release}/models/{name}"
         assert link.is_symlink() and link.resolve().parent == device / "state/models"
 
-    result, body = install(None, device, signing_key, command="list")
+    result, body = install(None, device, signing_key, command="list", tool=other / "bin/appliance-install-bundle")
     assert body == {"current": "0.1.1", "previous": "0.1.0", "releases": ["0.1.0", "0.1.1"], "changed": False}
-    result, body = install(None, device, signing_key, command="rollback")
+    result, body = install(None, device, signing_key, command="rollback",
+                           tool=other / "bin/appliance-install-bundle")
     assert result.returncode == 0 and body["release"] == "0.1.0" and body["rolled_back_from"] == "0.1.1"
     assert (device / "opt/current").resolve().name == "0.1.0" and 'id = "tiny"' in catalog(), "its own models"
 

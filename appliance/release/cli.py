@@ -1,0 +1,56 @@
+"""``appliance-install-bundle verify|install|rollback|list``: the device's bundle installer.
+
+Exit codes: 0 done (the JSON line on stdout says whether anything changed), 1 refused or failed, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .install import Layout, install, releases, rollback
+from .verify import BundleError, verify
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="appliance-install-bundle", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--signers", type=Path, default=Path("/etc/appliance/bundle-signers"),
+                        help="allowed-signers file of the keys trusted to sign bundles")
+    parser.add_argument("--prefix", type=Path, default=Layout.prefix)
+    parser.add_argument("--state-dir", type=Path, default=Layout.state_dir)
+    parser.add_argument("--units-dir", default=str(Layout.units_dir), help="where unit files go; '' for nowhere")
+    parser.add_argument("--tool", default=str(Layout.tool), help="where the device keeps this installer (updated "
+                        "from each release switched to); '' for nowhere")
+    parser.add_argument("--arch", help="the device's architecture (default: this machine's)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("verify", "check a bundle, install nothing"), ("install", "verify, install, activate")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("bundle", type=Path)
+    sub.choices["install"].add_argument("--no-activate", action="store_true", help="install but keep `current`")
+    sub.choices["install"].add_argument("--discard-models", action="store_true", help="delete the bundle's model "
+                                        "files once the store holds them (a staging copy)")
+    sub.add_parser("rollback", help="make the previous release current again")
+    sub.add_parser("list", help="installed releases, current and previous")
+    args = parser.parse_args(argv)
+    layout = Layout(prefix=args.prefix, state_dir=args.state_dir, units_dir=Path(args.units_dir) if args.units_dir
+                    else None, tool=Path(args.tool) if args.tool else None)
+    try:
+        if args.command in ("verify", "install"):
+            bundle = verify(args.bundle, args.signers, args.arch, store=layout.models)
+            if args.command == "verify":
+                result = {"changed": False, "release": bundle.release, "version": bundle.version, "verified": True}
+            else:
+                result = install(bundle, layout, activate=not args.no_activate, discard_models=args.discard_models,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+        elif args.command == "rollback":
+            result = rollback(layout)
+        else:
+            result = releases(layout)
+    except (BundleError, OSError) as exc:
+        print(f"appliance-install-bundle: refused: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
