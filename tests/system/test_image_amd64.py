@@ -1,12 +1,14 @@
 """The amd64 twin of the SD-card image, built from the same recipe and booted under QEMU (TCG) like a card in a
 Pi: the operator's files on the FAT partition take effect, the appliance answers over MQTT and HTTP within 90 s of
-power-on, secrets leave the FAT partition, and a bad settings file is reported without bricking the device."""
+power-on, secrets leave the FAT partition, and a bad settings file is reported without bricking the device; a
+rebuild with nothing changed needs no network."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 
@@ -14,6 +16,7 @@ import pytest
 
 from image import disk
 from image.qemu import Vm
+from image.steps import REPO
 from tests.support.devices import new_card, ssh
 from tests.support.harness import MqttClient, http_get
 
@@ -116,3 +119,21 @@ def test_a_bad_settings_file_is_reported_and_the_device_still_serves(card, tmp_p
             raise AssertionError("not ready:\n" + vm.console_text()[-3000:])
         assert any("worker.context_size" in w for w in status["warnings"]), status
     assert "appliance.toml" in disk.boot_files(card), "left for the operator to fix"
+
+
+def test_a_rebuild_with_nothing_changed_needs_no_network(amd64_image, tiny_catalog, signing_key, tmp_path):
+    """`make bundle` and `make image` again, in a network namespace with no interface up: all from the caches."""
+    offline = ["unshare", "--net"]
+    probe = subprocess.run([*offline, sys.executable, "-c", "import socket; socket.create_connection(('pypi.org', "
+                            "443), timeout=5)"], capture_output=True, text=True)
+    assert probe.returncode != 0, "the namespace must have no way out"
+    built = subprocess.run([*offline, sys.executable, "-m", "image.bundle", "--arch", "amd64", "--catalog",
+                            str(tiny_catalog), "--key", str(signing_key), "--out", str(tmp_path / "dist"),
+                            "--no-tarball"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    bundle = next((tmp_path / "dist").glob("appliance-*-amd64-bundle"))
+    imaged = subprocess.run([*offline, sys.executable, "-m", "image.build", "--arch", "amd64", "--bundle",
+                             str(bundle), "--key", str(signing_key), "--out", str(tmp_path / "image"),
+                             "--no-compress"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert imaged.returncode == 0, imaged.stderr[-3000:]
+    assert (tmp_path / "image" / amd64_image.name).stat().st_size == amd64_image.stat().st_size
