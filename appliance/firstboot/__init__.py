@@ -91,10 +91,21 @@ def _retire(settings: Settings) -> None:
         retired = path.with_name(path.name + ".applied")
         if path.name == SETTINGS_FILE:
             retired.write_text(_redacted(path))
+            _wipe(path)
             path.unlink()
         else:
             path.replace(retired)
     os.sync()  # the FAT partition: a power cut right after boot must not bring the secrets back
+
+
+def _wipe(path: Path) -> None:
+    """Overwrite the file where it lies before it is deleted: FAT frees clusters without clearing them, and a
+    card read in any laptop would still show the passwords."""
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.write(b"\0" * size)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _redacted(path: Path) -> str:

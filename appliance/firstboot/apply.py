@@ -125,13 +125,20 @@ def _hash(plain: dict[str, str]) -> dict[str, str]:
         return dict(line.split(":", 1) for line in scratch.read_text().splitlines() if ":" in line)
 
 
+def _keyfile_value(text: str) -> str:
+    """A value as GLib's key files (NetworkManager's keyfiles) read it back: backslashes, line breaks, tabs and
+    a leading space escaped."""
+    out = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return "\\s" + out[1:] if out.startswith(" ") else out
+
+
 def write_wifi(root: Path, wifi: Wifi) -> None:
     """A NetworkManager keyfile (root-only: it holds the passphrase)."""
     lines = ["[connection]", "id=appliance-wifi", f"uuid={uuid.uuid5(uuid.NAMESPACE_DNS, 'wifi.' + wifi.ssid)}",
-             "type=wifi", "autoconnect=true", "", "[wifi]", "mode=infrastructure", f"ssid={wifi.ssid}",
+             "type=wifi", "autoconnect=true", "", "[wifi]", "mode=infrastructure", f"ssid={_keyfile_value(wifi.ssid)}",
              f"hidden={'true' if wifi.hidden else 'false'}", ""]
     if wifi.psk:
-        lines += ["[wifi-security]", "key-mgmt=wpa-psk", f"psk={wifi.psk}", ""]
+        lines += ["[wifi-security]", "key-mgmt=wpa-psk", f"psk={_keyfile_value(wifi.psk)}", ""]
     lines += ["[ipv4]", "method=auto", "", "[ipv6]", "method=auto", ""]
     write_file(root / WIFI, "\n".join(lines), 0o600)
     if wifi.country:  # the regulatory domain, read by cfg80211 when it loads (next boot)
@@ -196,5 +203,7 @@ def grow_root() -> str:
     grown = subprocess.run(["growpart", f"/dev/{disk}", number.read_text().strip()], capture_output=True, text=True)
     if grown.returncode not in (0, 1):  # 1: NOCHANGE
         return f"growpart failed: {(grown.stdout + grown.stderr).strip()}"
-    subprocess.run(["resize2fs", real], capture_output=True, check=False)
+    resized = subprocess.run(["resize2fs", real], capture_output=True, text=True)
+    if resized.returncode != 0:
+        return f"resize2fs {real} failed: {(resized.stdout + resized.stderr).strip()}"
     return (grown.stdout.strip() or "root partition already fills the disk").splitlines()[-1]

@@ -239,7 +239,6 @@ def releases(layout: Layout) -> dict:
             "changed": False}
 
 
-
 def _run(command: list[str]) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:

@@ -89,12 +89,30 @@ def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_ke
         assert report["problems"] == [] and any("twin-host" in a for a in report["applied"])
         grown = int(ssh(vm, operator_key, "sudo blockdev --getsize64 /dev/vda2"))
         assert grown > size_before + 512 * 2**20, "the root partition grew into the card"
+        blocks, block_size = ssh(vm, operator_key, "stat -f -c '%b %S' /").split()
+        assert int(blocks) * int(block_size) > size_before + 256 * 2**20, "and the ext4 on it"
+        assert not any("failed" in line for line in report["device"]), report
+
+        password_login = subprocess.run(
+            ["ssh", "-p", str(vm.ports[SSH]), "-o", "PubkeyAuthentication=no", "-o", "BatchMode=yes",
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "admin@127.0.0.1", "true"],
+            capture_output=True, text=True, timeout=60)
+        assert password_login.returncode != 0 and "Permission denied (publickey)" in password_login.stderr, \
+            "the server offers keys only"
+        hashes = ssh(vm, operator_key, "sudo cut -d: -f1,2 /etc/shadow").split()
+        assert all(h.split(":")[1] in ("!", "*", "!*", "!!") for h in hashes), ("no account has a password", hashes)
+        journal = ssh(vm, operator_key, "sudo journalctl -b -u systemd-journald --no-pager")
+        assert "max 64.0M" in journal, "the journal's size limit is in force:\n" + journal[-1500:]
         ssh(vm, operator_key, "sudo systemctl poweroff", timeout=30)
         vm.wait_closed(timeout=120)
 
     files = disk.boot_files(card)
     assert "appliance.toml" not in files and "appliance.toml.applied" in files
     assert SECRET.encode() not in disk.read_boot_file(card, "appliance.toml.applied")
+    boot = disk.partitions(card)[0]
+    with card.open("rb") as f:
+        f.seek(boot.start)
+        assert SECRET.encode() not in f.read(boot.size), "gone from the card's FAT, not only from its directory"
     shutil.copy(vm.console, tmp_path / "console-boot1.log") if vm.console.exists() else None
 
 
