@@ -219,6 +219,8 @@ def appliance_layer(arch: str, bundle: Path, signers: str, rootfs: Path) -> None
             os.chown(rootfs / home, *ids(rootfs, user=user))
             os.chmod(rootfs / home, 0o750)
         (rootfs / "etc/hostname").write_text(IMAGE_HOSTNAME + "\n")  # first boot makes it the device's own
+        if arch == "arm64":
+            _compute_module_device_tree(rootfs)
     with step(f"appliance layer: installing release {checked.release} from the bundle"
               + (" (through qemu-user)" if arch == "arm64" else "")):
         inside = rootfs / "var/tmp/bundle"
@@ -233,6 +235,24 @@ def appliance_layer(arch: str, bundle: Path, signers: str, rootfs: Path) -> None
         run(["systemctl", f"--root={rootfs}", "enable", "appliance.service", "appliance-firstboot.service",
              "mosquitto.service", "ssh.service", "NetworkManager.service", "earlyoom.service"])
         _clean(rootfs)
+
+
+# raspi-firmware's kernel hook appends /etc/default/raspi-firmware-custom to the config.txt it writes
+CM4_CONFIG = """\
+# A Compute Module 4 loads a Pi 4 B's device tree unless told otherwise (Debian bug #1010317), and its on-board
+# Ethernet and USB then do not work.
+[cm4]
+device_tree=bcm2711-rpi-cm4-io.dtb
+[all]
+"""
+
+
+def _compute_module_device_tree(rootfs: Path) -> None:
+    (rootfs / "etc/default/raspi-firmware-custom").write_text(CM4_CONFIG)
+    config = rootfs / "boot/firmware/config.txt"
+    text = config.read_text()
+    if CM4_CONFIG not in text:  # the base ran the hook before this file existed: what the next kernel update writes
+        config.write_text(f"{text}\n# Inserted by /etc/default/raspi-firmware-custom\n{CM4_CONFIG}")
 
 
 def _clean(rootfs: Path) -> None:

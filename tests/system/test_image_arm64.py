@@ -64,6 +64,7 @@ def test_partitions_and_boot_files(arm64_image):
     assert any(f.startswith("vmlinuz-") for f in files) and any(f.startswith("initrd.img-") for f in files)
     config = disk.read_boot_file(raw, "config.txt").decode()
     assert "arm_64bit=1" in config and "initramfs initrd.img-" in config
+    assert "[cm4]\ndevice_tree=bcm2711-rpi-cm4-io.dtb\n[all]" in config, "a CM4 gets its own device tree"
     cmdline = disk.read_boot_file(raw, "cmdline.txt").decode().split()
     assert {"root=LABEL=approot", "psi=1", "cgroup_enable=memory"} <= set(cmdline), cmdline
 
