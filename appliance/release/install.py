@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .verify import Bundle, BundleError, sha256_file, store_name
+from .verify import Bundle, BundleError, is_model, parse_manifest, sha256_file, store_name
 
 
 @dataclass
@@ -52,8 +52,8 @@ def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_model
         changes["installed"] = True
     changes["models"] = _install_models(bundle, target, layout, log)
     if discard_models:
-        changes["discarded"] = [str(p) for p in (bundle.path / rel for rel in bundle.files_under("models"))
-                                if p.name != "catalog.toml" and p.is_file()]
+        staged = [bundle.path / rel for rel in bundle.files_under("models") if is_model(rel)]
+        changes["discarded"] = [str(p) for p in staged if p.is_file()]
         for path in changes["discarded"]:
             Path(path).unlink()
     if activate:
@@ -73,9 +73,9 @@ def _install_release(bundle: Bundle, target: Path, layout: Layout, log) -> None:
         shutil.rmtree(target)  # an unfinished or different install of this name
     target.mkdir(parents=True)
     pip = [str(target / "venv" / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "--no-cache-dir"]
-    wheels = {PurePosixPath(rel).name: digest for rel, digest in bundle.digests.items() if rel.startswith("wheels/")}
+    wheels = _wheel_digests(bundle.digests)
     base = layout.release(current_release(layout) or "-")
-    old = _wheels_of(base) if _reusable(base) else None
+    old = _wheel_digests(parse_manifest(base / "MANIFEST")) if _reusable(base) else None
     if old is not None:
         # a copy of the running release's venv, with only the wheels that differ (by digest) put in: an update
         # that changes the appliance alone takes seconds instead of minutes of unpacking and compiling on a card
@@ -111,11 +111,9 @@ def _reusable(release_dir: Path) -> bool:
     return version.split(".")[:2] == list(platform.python_version_tuple()[:2])
 
 
-def _wheels_of(release_dir: Path) -> dict[str, str]:
-    """The wheel files a release was installed from, by name, with their digests (its MANIFEST)."""
-    lines = (release_dir / "MANIFEST").read_text(encoding="utf-8").splitlines()
-    return {rel[len("wheels/"):]: digest for digest, _, rel in (line.partition("  ") for line in lines)
-            if rel.startswith("wheels/")}
+def _wheel_digests(digests: dict[str, str]) -> dict[str, str]:
+    """The wheel files among a MANIFEST's entries, by file name, with their digests."""
+    return {PurePosixPath(rel).name: digest for rel, digest in digests.items() if rel.startswith("wheels/")}
 
 
 def _dist(wheel_name: str) -> str:

@@ -72,7 +72,7 @@ def verify(bundle_dir: Path, signers: Path, arch: str | None = None, store: Path
         why = (result.stderr or result.stdout).strip().splitlines()
         raise BundleError(f"{manifest}: the signature does not verify against {signers}"
                           f"{': ' + why[-1] if why else ''}")
-    digests = _parse_manifest(manifest)
+    digests = parse_manifest(manifest)
     stored = _check_files(bundle_dir, digests, store)
     meta = _metadata(bundle_dir)
     wanted = arch or machine_arch()
@@ -87,7 +87,7 @@ def machine_arch() -> str:
     return ARCH_OF_MACHINE.get(platform.machine(), platform.machine())
 
 
-def _parse_manifest(manifest: Path) -> dict[str, str]:
+def parse_manifest(manifest: Path) -> dict[str, str]:
     digests: dict[str, str] = {}
     for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
         match = _LINE.match(line)
@@ -117,10 +117,10 @@ def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None) 
         raise BundleError(f"{unlisted[0]}: in the bundle but not in MANIFEST ({len(unlisted)} such files)")
     stored = set()
     for rel in sorted(digests.keys() - present):
-        held = store / store_name(rel, digests[rel]) if store and _is_model(rel) else None
+        held = store / store_name(rel, digests[rel]) if store and is_model(rel) else None
         if held is None or not held.is_file():
             raise BundleError(f"{rel}: listed in MANIFEST but missing"
-                              + (" (and not in the device's model store)" if store and _is_model(rel) else ""))
+                              + (" (and not in the device's model store)" if store and is_model(rel) else ""))
         stored.add(rel)
     for rel, expected in sorted(digests.items()):
         actual = sha256_file(store / store_name(rel, expected) if rel in stored else bundle_dir / rel)
@@ -129,7 +129,7 @@ def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None) 
     return frozenset(stored)
 
 
-def _is_model(rel: str) -> bool:
+def is_model(rel: str) -> bool:
     return rel.startswith("models/") and rel != "models/catalog.toml"
 
 

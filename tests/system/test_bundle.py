@@ -212,3 +212,18 @@ def test_models_the_device_holds_need_not_be_sent(bundle_amd64, tiny_catalog, si
     (third / "models/tiny-q4_0.gguf").unlink()
     result, _ = install(third, device, signing_key)
     assert result.returncode == 1 and "does not match MANIFEST" in result.stderr
+
+
+def test_a_staged_copy_gives_up_its_models_once_the_store_holds_them(bundle_amd64, signing_key, tmp_path):
+    """`install --discard-models`, as the playbooks run it on the staging copy: a second run finds the models in
+    the store and changes nothing."""
+    staged = tmp_path / "incoming"
+    shutil.copytree(bundle_amd64, staged)
+    device = tmp_path / "device"
+    result, body = install(staged, device, signing_key, "--discard-models")
+    assert result.returncode == 0, result.stderr
+    assert body["discarded"] == [str(staged / "models/tiny-q4_0.gguf")] and body["changed"]
+    assert not (staged / "models/tiny-q4_0.gguf").exists() and (staged / "models/catalog.toml").is_file()
+    assert (device / "opt/current/models/tiny-q4_0.gguf").resolve().parent == device / "state/models"
+    result, body = install(staged, device, signing_key, "--discard-models")
+    assert result.returncode == 0 and body["changed"] is False and body["discarded"] == [], result.stderr

@@ -17,7 +17,7 @@ import pytest
 from image import disk
 from image.qemu import Vm
 from image.steps import REPO
-from tests.support.devices import new_card, ssh
+from tests.support.devices import SSH_OPTIONS, new_card, ssh
 from tests.support.harness import MqttClient, http_get
 
 pytestmark = pytest.mark.image
@@ -94,8 +94,8 @@ def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_ke
         assert not any("failed" in line for line in report["device"]), report
 
         password_login = subprocess.run(
-            ["ssh", "-p", str(vm.ports[SSH]), "-o", "PubkeyAuthentication=no", "-o", "BatchMode=yes",
-             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "admin@127.0.0.1", "true"],
+            ["ssh", "-p", str(vm.ports[SSH]), *SSH_OPTIONS, "-o", "PubkeyAuthentication=no", "admin@127.0.0.1",
+             "true"],
             capture_output=True, text=True, timeout=60)
         assert password_login.returncode != 0 and "Permission denied (publickey)" in password_login.stderr, \
             "the server offers keys only"

@@ -7,7 +7,6 @@ tiny model inside its root file system under qemu-user; then the image booted un
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import numpy as np
@@ -17,6 +16,7 @@ from image import disk, rootfs
 from image.qemu import HTTP_PORT, Vm
 from image.steps import cache_dir
 from tests.support import tiny_onnx
+from tests.support.devices import new_card
 from tests.support.harness import http_get, http_post
 
 pytestmark = pytest.mark.image
@@ -118,12 +118,9 @@ def test_the_appliance_runs_inside_the_root_under_qemu_user(arm64_image):
 
 
 def test_the_image_boots_under_qemu_system_aarch64(arm64_image, tmp_path):
-    """Power-on to serving on an emulated arm64 board, first boot included (2-3 min under TCG here)."""
+    """Power-on to serving on an emulated arm64 board, first boot included (about a minute under TCG here)."""
     _, raw = arm64_image
-    card = tmp_path / "card.img"
-    shutil.copyfile(raw, card)
-    with card.open("r+b") as f:
-        f.truncate(card.stat().st_size + 512 * 2**20)  # a card larger than the image: the root grows into it
+    card = new_card(raw, tmp_path / "card.img", spare_mib=512)
     disk.write_boot_file(card, "appliance.toml", b'[device]\nid = "pi-twin-07"\n')
     with Vm(card, [HTTP_PORT], workdir=tmp_path) as vm:
         ready_after = vm.wait_ready(timeout=900)
