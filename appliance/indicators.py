@@ -10,6 +10,7 @@ import contextlib
 import logging
 import shlex
 import subprocess
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -70,6 +71,9 @@ class Indicators:
         self.pattern = ""
         self._fan_speed = 0.0
         self._curve = parse_fan_curve(config.fan_curve)
+        # Status changes arrive from several threads (worker, monitors, MQTT). gpiozero's blink() is not safe to
+        # call from two at once: one stops the blink thread the other has made but not yet started.
+        self._lock = threading.Lock()
         wanted = [config.status_led, config.fan_pin, config.shutdown_button]
         if config.enabled == "false" or not any(wanted):
             return
@@ -110,26 +114,28 @@ class Indicators:
     def show(self, state: str, hot: bool) -> None:
         """Set the LED pattern for a status state ("hot" wins while the board is above its soft limit)."""
         pattern = "hot" if hot and state not in ("error", "offline") else state
-        if self.led is None or pattern == self.pattern:
-            return
-        shape = LED_PATTERNS.get(pattern, "off")
-        if shape == "on":
-            self.led.on()
-        elif shape == "off":
-            self.led.off()
-        else:
-            self.led.blink(on_time=shape[0], off_time=shape[1], background=True)
-        # Only once the LED shows it: readers on other threads (status, tests) take `pattern` as what is lit.
-        self.pattern = pattern
+        with self._lock:
+            if self.led is None or pattern == self.pattern:
+                return
+            shape = LED_PATTERNS.get(pattern, "off")
+            if shape == "on":
+                self.led.on()
+            elif shape == "off":
+                self.led.off()
+            else:
+                self.led.blink(on_time=shape[0], off_time=shape[1], background=True)
+            # Only once the LED shows it: readers on other threads (status, tests) take `pattern` as what is lit.
+            self.pattern = pattern
 
     def set_temperature(self, celsius: float | None) -> None:
-        if self.fan is None or celsius is None:
-            return
-        speed = fan_speed(self._curve, celsius, self._fan_speed)
-        if speed != self._fan_speed:
-            log.info("fan %.0f%% at %.1f °C", speed * 100, celsius)
-            self._fan_speed = speed
-            self.fan.value = speed
+        with self._lock:
+            if self.fan is None or celsius is None:
+                return
+            speed = fan_speed(self._curve, celsius, self._fan_speed)
+            if speed != self._fan_speed:
+                log.info("fan %.0f%% at %.1f °C", speed * 100, celsius)
+                self._fan_speed = speed
+                self.fan.value = speed
 
     def _shutdown(self) -> None:
         log.warning("shutdown button held for %.1f s: running %r", self.config.shutdown_hold,
@@ -140,7 +146,8 @@ class Indicators:
             log.error("shutdown command failed: %s", exc)
 
     def close(self) -> None:
-        for device in (self.led, self.fan, self.button):
-            if device is not None:
-                device.close()
-        self.led = self.fan = self.button = None
+        with self._lock:
+            for device in (self.led, self.fan, self.button):
+                if device is not None:
+                    device.close()
+            self.led = self.fan = self.button = None

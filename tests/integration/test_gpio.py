@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -89,6 +90,38 @@ def test_patterns_for_every_state():
     indicators.show("offline", hot=False)
     assert led.state == 0
     indicators.close()
+
+
+def test_status_changes_from_many_threads_at_once():
+    """The worker, the monitors and MQTT each report status on their own thread; gpiozero's blink() alone fails
+    when two threads call it together ("cannot join thread before it is started")."""
+    from gpiozero.pins.mock import MockFactory, MockPWMPin
+    factory = MockFactory(pin_class=MockPWMPin)
+    indicators = Indicators(GpioConfig(status_led="GPIO6", fan_pin="GPIO13", enabled="true"), pin_factory=factory)
+    errors = []
+
+    def report(states, temperatures):
+        for i in range(150):
+            try:
+                indicators.show(states[i % 2], hot=False)
+                indicators.set_temperature(temperatures[i % 2])
+            except Exception as exc:  # noqa: BLE001 - any of them is the failure this test is about
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=report, args=(("busy", "loading") if k % 2 else ("loading", "degraded"),
+                                                      (50.0, 75.0) if k % 2 else (65.0, 85.0)))
+               for k in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        indicators.show("error", hot=False)
+        on, off = _blink_timing(factory.pin("GPIO6"), seconds=max(1.2, 4 * sum(LED_PATTERNS["error"])))
+        assert on == pytest.approx(LED_PATTERNS["error"][0], abs=0.05), "and the LED still blinks as it should"
+    finally:
+        indicators.close()
 
 
 def test_no_gpio_here_means_no_gpio_features():
