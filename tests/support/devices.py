@@ -17,10 +17,14 @@ def new_card(image: Path, path: Path, spare_mib: int = 768) -> Path:
     return path
 
 
+def _ssh(vm, key: Path, command: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["ssh", "-i", str(key), "-p", str(vm.ports[22]), *SSH_OPTIONS, "admin@127.0.0.1", command],
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def ssh(vm, key: Path, command: str, timeout: float = 60) -> str:
     """Run a command on a booted image as `admin` (keys only, as on a real device); its output."""
-    result = subprocess.run(["ssh", "-i", str(key), "-p", str(vm.ports[22]), *SSH_OPTIONS, "admin@127.0.0.1",
-                             command], capture_output=True, text=True, timeout=timeout)
+    result = _ssh(vm, key, command, timeout)
     assert result.returncode == 0, f"ssh {command!r}: {result.stderr}"
     return result.stdout
 
@@ -32,7 +36,6 @@ def power_off(vm, key: Path, timeout: float = 120) -> int:
     (ssh then exits 255, "closed by remote host"): that is the shutdown under way, not a failure. What is
     checked is that the guest then powers off by itself.
     """
-    result = subprocess.run(["ssh", "-i", str(key), "-p", str(vm.ports[22]), *SSH_OPTIONS, "admin@127.0.0.1",
-                             "sudo systemctl poweroff --no-block"], capture_output=True, text=True, timeout=60)
+    result = _ssh(vm, key, "sudo systemctl poweroff --no-block", timeout=60)
     assert result.returncode in (0, 255), f"ssh poweroff: {result.returncode} {result.stderr}"
     return vm.wait_closed(timeout=timeout)
