@@ -15,20 +15,20 @@ import signal
 import threading
 from pathlib import Path
 
-from appliance import default_model, moderation
-from appliance.broker import BrokerError, Mosquitto, free_port, port_is_free
-from appliance.catalog import Catalog
+from appliance.catalog import Catalog, default_model
 from appliance.config import Config, ConfigError, read_secret
 from appliance.errors import ApplianceError
-from appliance.guard import Guard
-from appliance.indicators import Indicators
-from appliance.infer.pool import InferencePool
+from appliance.generation import moderation
+from appliance.generation.scheduler import Scheduler
 from appliance.metrics import Metrics
-from appliance.scheduler import Scheduler
-from appliance.sensors import Sensors
 from appliance.status import StatusBoard
-from appliance.supervisor import Supervisor
-from appliance.systemd import Notifier
+from appliance.supervisor.guard import Guard
+from appliance.supervisor.indicators import Indicators
+from appliance.supervisor.loop import Supervisor
+from appliance.supervisor.sensors import Sensors
+from appliance.supervisor.systemd import Notifier
+from appliance.tensors.pool import InferencePool
+from appliance.transports.broker import BrokerError, Mosquitto, free_port, port_is_free
 from appliance.transports.http import HttpServer, create_app
 from appliance.transports.mqtt import MqttTransport
 

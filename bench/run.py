@@ -29,8 +29,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from appliance import __version__, default_model
-from appliance.broker import Mosquitto, free_port
+from appliance import __version__
+from appliance.catalog import default_model
+from appliance.transports.broker import Mosquitto, free_port
 from tests.support.harness import MqttClient, new_appliance
 
 PROMPT = "The history of the Raspberry Pi began in 2006, when"

@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import appliance.release
-from appliance import __version__, default_model
-from appliance.catalog import Catalog
+from appliance import __version__
+from appliance.catalog import Catalog, default_model
 from appliance.catalog.writer import dumps
 from appliance.release.verify import FORMAT, NAMESPACE, PRINCIPAL, SIGNED, BundleError, sha256_file
 from image import wheels as wheelhouse

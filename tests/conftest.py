@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.broker import Mosquitto, free_port, mosquitto_binary
+from appliance.transports.broker import Mosquitto, free_port, mosquitto_binary
 from tests.support import tiny_models
 from tests.support.harness import MqttClient, new_appliance
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from appliance.backends.base import Backend, EngineSettings
-from appliance.catalog import ModelEntry
+from appliance.catalog.entry import ModelEntry
 from appliance.errors import BackendUnavailable
 
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -23,11 +23,11 @@ def precheck(entry: ModelEntry) -> None:
     """Refuse a model its engine cannot run, without importing the engine: in the parent, before the loaded model
     is replaced. Raises ModelError (or UnsupportedArchitecture) naming the problem."""
     if entry.backend == "llama_cpp":
-        from appliance.backends.llama_archs import check_architecture
+        from appliance.backends.llama_probe import check_architecture
         check_architecture(entry.path)
     elif entry.backend == "rwkv":
-        from appliance.backends import rwkv_files
-        rwkv_files.inspect(entry)
+        from appliance.backends import rwkv_probe
+        rwkv_probe.inspect(entry)
 
 
 def create(name: str, settings: EngineSettings) -> Backend:

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from appliance.catalog import ModelEntry
+from appliance.catalog.entry import ModelEntry
 from appliance.protocol import Completion, Message, SamplingParams
 
 

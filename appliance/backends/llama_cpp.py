@@ -12,8 +12,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 
-from appliance import templates
-from appliance.backends import llama_seq2seq
+from appliance.backends import llama_seq2seq, templates
 from appliance.backends.base import (
     Backend,
     EngineSettings,
@@ -23,7 +22,7 @@ from appliance.backends.base import (
     Piece,
     PromptProgress,
 )
-from appliance.backends.llama_archs import check_architecture
+from appliance.backends.llama_probe import check_architecture
 from appliance.backends.text import TextStream
 from appliance.catalog import ModelEntry
 from appliance.errors import ModelError, TooLong

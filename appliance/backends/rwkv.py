@@ -18,8 +18,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 
-from appliance import templates
-from appliance.backends import rwkv_files
+from appliance.backends import rwkv_probe, templates
 from appliance.backends.base import (
     Backend,
     EngineSettings,
@@ -32,9 +31,9 @@ from appliance.backends.base import (
 from appliance.backends.rwkv_vocab import END_OF_TEXT, WORLD, PileVocab, WorldVocab, open_vocabulary
 from appliance.backends.text import TextStream
 from appliance.catalog import ModelEntry
+from appliance.catalog.pth_meta import engine_strategy
 from appliance.errors import ModelError, TooLong
 from appliance.protocol import Completion, Usage
-from appliance.pth_meta import engine_strategy
 
 _engine_classes: dict[bool, type] = {}  # is RWKV-7 -> the rwkv package's model class
 
@@ -75,13 +74,13 @@ class RwkvBackend(Backend):
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
     def check(self, entry: ModelEntry) -> None:
-        rwkv_files.inspect(entry)
+        rwkv_probe.inspect(entry)
 
     def load(self, entry: ModelEntry) -> ModelInfo:
         import torch  # lazy: torch is the rwkv package's engine
 
         self.close()
-        checkpoint, vocabulary = rwkv_files.inspect(entry)
+        checkpoint, vocabulary = rwkv_probe.inspect(entry)
         vocab = open_vocabulary(vocabulary)
         if vocab.size > checkpoint.n_vocab:
             raise ModelError(f"model '{entry.id}': the tokenizer has {vocab.size} tokens but the model's embedding "

@@ -6,9 +6,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from appliance import templates, text_features
+from appliance.backends import templates
 from appliance.catalog.entry import BACKEND_BY_SUFFIX, DTYPES, ModelEntry, OutputSpec, TensorSpec
 from appliance.config.schema import rwkv_strategy_problem
+from appliance.tensors import features as text_features
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")

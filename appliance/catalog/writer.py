@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import families
+from appliance.catalog import families
 from appliance.catalog.entry import BACKEND_BY_SUFFIX
 from appliance.catalog.store import Catalog, sha256_file
 from appliance.config.schema import rwkv_strategy_problem
@@ -65,8 +65,8 @@ def dumps(entries: list[dict]) -> str:
 
 def describe_gguf(path: Path) -> dict:
     """What the GGUF header says that a catalog entry needs (and the architecture check)."""
-    from appliance.backends.llama_archs import check_architecture
-    from appliance.gguf_meta import read_metadata
+    from appliance.backends.llama_probe import check_architecture
+    from appliance.catalog.gguf_meta import read_metadata
     arch = check_architecture(path)
     meta = read_metadata(path)
     return {"architecture": arch, "context": meta.get(f"{arch}.context_length"),
@@ -75,7 +75,7 @@ def describe_gguf(path: Path) -> dict:
 
 def describe_rwkv(new: NewEntry) -> dict:
     """What the checkpoint's layout says, after the checks a load would make (vocabulary, tokenizer file)."""
-    from appliance.backends import rwkv_files
+    from appliance.backends import rwkv_probe
     from appliance.catalog.entry import ModelEntry
     if new.tokenizer is not None and not new.tokenizer.is_file():
         raise ModelError(f"{new.tokenizer}: tokenizer file not found")
@@ -83,7 +83,7 @@ def describe_rwkv(new: NewEntry) -> dict:
         raise ModelError(f"--strategy {new.strategy!r}: {problem}")
     entry = ModelEntry(id=new.id or default_id(new.path), path=new.path, sha256=None, backend="rwkv",
                        tokenizer=str(new.tokenizer.resolve()) if new.tokenizer else None)
-    checkpoint, vocabulary = rwkv_files.inspect(entry)
+    checkpoint, vocabulary = rwkv_probe.inspect(entry)
     return {"rwkv_version": checkpoint.version, "layers": checkpoint.n_layer, "embedding": checkpoint.n_embd,
             "vocabulary": "world" if vocabulary == "world" else f"{checkpoint.n_vocab} tokens"}
 

@@ -28,10 +28,10 @@ from appliance.errors import (
     UnknownModel,
     error_from_code,
 )
-from appliance.infer.pool import InferencePool
+from appliance.generation.scheduler import Job, Scheduler
 from appliance.protocol import Completion, decode_json
-from appliance.scheduler import Job, Scheduler
 from appliance.status import SERVING, StatusBoard
+from appliance.tensors.pool import InferencePool
 from appliance.transports import openai
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.config import Config
 from appliance.errors import ApplianceError, BadRequest, Busy
-from appliance.infer.pool import InferencePool
+from appliance.generation.scheduler import Job, Scheduler
 from appliance.metrics import Metrics
 from appliance.protocol import (
     Completion,
@@ -39,8 +39,8 @@ from appliance.protocol import (
     request_id,
     result_payload,
 )
-from appliance.scheduler import Job, Scheduler
 from appliance.status import Status, StatusBoard
+from appliance.tensors.pool import InferencePool
 from appliance.transports.mqtt_acks import AckBook
 from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from appliance.broker import free_port
+from appliance.transports.broker import free_port
 from tests.support.harness import REPO, http_post, run_cli
 
 

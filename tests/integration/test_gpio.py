@@ -9,7 +9,7 @@ import time
 import pytest
 
 from appliance.config.schema import GpioConfig
-from appliance.indicators import LED_PATTERNS, Indicators
+from appliance.supervisor.indicators import LED_PATTERNS, Indicators
 from tests.support.harness import FakeBoard, in_process_service, merge
 
 

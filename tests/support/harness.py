@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from appliance.broker import free_port
+from appliance.transports.broker import free_port
 from appliance.transports.mqtt_session import disable_nagle
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.broker import free_port
+from appliance.transports.broker import free_port
 from image import bundle as bundles
 from tests.support import tiny_models
 from tests.support.harness import http_get, http_post

@@ -14,7 +14,7 @@ from appliance.errors import ApplianceError
 from appliance.metrics import Metrics
 from appliance.protocol import Completion, GenerateRequest
 
-log = logging.getLogger("appliance.scheduler")
+log = logging.getLogger("appliance.generation.scheduler")
 
 
 class Sink(Protocol):

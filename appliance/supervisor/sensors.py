@@ -143,7 +143,7 @@ def _temperature_reader(sensor_file: Path, pin_factory: str):
         from gpiozero import CPUTemperature
         from gpiozero.exc import BadPinFactory
 
-        from appliance.indicators import make_pin_factory, quiet_fallbacks
+        from appliance.supervisor.indicators import make_pin_factory, quiet_fallbacks
         try:
             with quiet_fallbacks():
                 device = CPUTemperature(sensor_file=str(sensor_file), pin_factory=make_pin_factory(pin_factory))

@@ -8,8 +8,8 @@ load but cannot generate text. Update this list together with the llama-cpp-pyth
 
 from pathlib import Path
 
+from appliance.catalog.gguf_meta import read_metadata
 from appliance.errors import UnsupportedArchitecture
-from appliance.gguf_meta import read_metadata
 
 LLAMA_CPP_ARCHITECTURES = frozenset(  # the list as it reads in llama-arch.cpp
     """

@@ -15,13 +15,13 @@ from collections.abc import Callable
 
 from appliance.config.schema import Config
 from appliance.firstboot import problems as firstboot_problems
-from appliance.indicators import Indicators
+from appliance.generation.scheduler import Scheduler
 from appliance.metrics import Metrics
-from appliance.policies import Conditions, MemoryPolicy, ThermalPolicy, throttle_warnings
-from appliance.scheduler import Scheduler
-from appliance.sensors import MiB, Sensors
 from appliance.status import Status, StatusBoard
-from appliance.systemd import Notifier
+from appliance.supervisor.indicators import Indicators
+from appliance.supervisor.policies import Conditions, MemoryPolicy, ThermalPolicy, throttle_warnings
+from appliance.supervisor.sensors import MiB, Sensors
+from appliance.supervisor.systemd import Notifier
 
 log = logging.getLogger(__name__)
 

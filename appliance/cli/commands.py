@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from appliance import __version__, cli_models
+from appliance import __version__
+from appliance.cli import models as cli_models
 from appliance.config import Config, ConfigError, load_config, read_secret, reference_markdown
 from appliance.errors import ApplianceError
 
@@ -35,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from appliance import client
+    from appliance.cli import client
 
     config = _config(args)
     body: dict = {"stream": args.stream, "max_tokens": args.max_tokens}
@@ -83,7 +84,7 @@ def _client_host(bind: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from appliance import client
+    from appliance.cli import client
 
     config = _config(args)
     url = args.http or f"http://{_client_host(config.http.bind)}:{config.http.port}"

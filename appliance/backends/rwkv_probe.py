@@ -10,8 +10,8 @@ from pathlib import Path
 
 from appliance.backends.rwkv_vocab import WORLD
 from appliance.catalog import ModelEntry
+from appliance.catalog.pth_meta import PILE_VOCAB, WORLD_VOCAB_MIN, Checkpoint, read_checkpoint
 from appliance.errors import ModelError
-from appliance.pth_meta import PILE_VOCAB, WORLD_VOCAB_MIN, Checkpoint, read_checkpoint
 
 
 def vocabulary_of(entry: ModelEntry, checkpoint: Checkpoint) -> str:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from appliance import families
+from appliance.catalog import families
 from appliance.config import Config, load_config
 from appliance.errors import ApplianceError, ModelError
 
@@ -116,8 +116,8 @@ def _verify(args, catalog) -> int:
 
 def _fit(config: Config, catalog) -> int:
     """The memory estimate of each model against what this machine has now."""
-    from appliance import admission
-    from appliance.sensors import MiB, Sensors
+    from appliance.supervisor import admission
+    from appliance.supervisor.sensors import MiB, Sensors
 
     reading = Sensors(config.memory, config.thermal, config.gpio).memory()
     if config.memory.budget_mib:
@@ -169,7 +169,7 @@ def _quantize(args, config: Config) -> int:
     """llama.cpp's own quantizer; it prints a line per tensor as it goes (the progress)."""
     import llama_cpp
 
-    from appliance.backends.llama_archs import check_architecture
+    from appliance.backends.llama_probe import check_architecture
     check_architecture(args.source)
     if args.file.exists():
         raise ModelError(f"{args.file} exists already; choose another output file")

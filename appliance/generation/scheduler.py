@@ -35,13 +35,13 @@ from appliance.errors import (
     WorkerCrashed,
     error_from_code,
 )
-from appliance.guard import Guard
-from appliance.jobs import Job, Reporter, Sink
+from appliance.generation.jobs import Job, Reporter, Sink
+from appliance.generation.slot import WorkerSlot
 from appliance.metrics import Metrics
-from appliance.policies import Conditions
 from appliance.protocol import Completion, GenerateRequest
 from appliance.status import StatusBoard
-from appliance.worker.lifecycle import WorkerSlot
+from appliance.supervisor.guard import Guard
+from appliance.supervisor.policies import Conditions
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from appliance import text_features
 from appliance.catalog import Catalog
 from appliance.config.schema import Config, ModerationConfig
 from appliance.errors import ApplianceError, ModelError, Moderated, error_from_code
-from appliance.infer.pool import InferencePool
-from appliance.jobs import Job
+from appliance.generation.jobs import Job
 from appliance.protocol import GenerateRequest
+from appliance.tensors import features as text_features
+from appliance.tensors.pool import InferencePool
 
 log = logging.getLogger(__name__)
 

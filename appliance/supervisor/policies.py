@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from appliance.config.schema import MemoryConfig, ThermalConfig
-from appliance.sensors import MemoryReading, MiB, Throttle
+from appliance.supervisor.sensors import MemoryReading, MiB, Throttle
 
 MEMORY_LEVELS = ("normal", "low", "critical")
 THERMAL_LEVELS = ("normal", "soft", "hard")

@@ -18,7 +18,7 @@ from appliance.backends.base import EngineSettings, GenerationTask, ModelInfo
 from appliance.catalog import ModelEntry
 from appliance.config import Config
 from appliance.metrics import Metrics
-from appliance.worker.handle import WorkerProcess
+from appliance.process.handle import WorkerProcess
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 
 from appliance.backends.base import EngineSettings
-from appliance.worker import child
+from appliance.process import llm_worker as child
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from appliance.errors import (
     WorkerCrashed,
     error_from_code,
 )
-from appliance.guard import Guard
-from appliance.infer import child
-from appliance.jobs import Reporter
+from appliance.generation.jobs import Reporter
+from appliance.process import onnx_worker as child
+from appliance.process.handle import WorkerProcess
 from appliance.protocol import error_payload, request_id
-from appliance.tensors import describe_outputs, to_arrays
-from appliance.worker.handle import WorkerProcess
+from appliance.supervisor.guard import Guard
+from appliance.tensors.arrays import describe_outputs, to_arrays
 
 log = logging.getLogger(__name__)
 

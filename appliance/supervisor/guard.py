@@ -11,14 +11,14 @@ import logging
 import time
 from collections.abc import Callable
 
-from appliance import admission
-from appliance.admission import Footprint
 from appliance.catalog import ModelEntry
 from appliance.config.schema import Config
 from appliance.errors import ApplianceError, Busy, InsufficientMemory, Overheated
-from appliance.policies import Conditions
 from appliance.protocol import GenerateRequest
-from appliance.sensors import MemoryReading, MiB
+from appliance.supervisor import admission
+from appliance.supervisor.admission import Footprint
+from appliance.supervisor.policies import Conditions
+from appliance.supervisor.sensors import MemoryReading, MiB
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from appliance.backends.llama_archs import check_architecture
+from appliance.backends.llama_probe import check_architecture
 from appliance.catalog import ModelEntry
+from appliance.catalog.gguf_meta import Architecture, read_metadata
+from appliance.catalog.pth_meta import engine_strategy, read_checkpoint
 from appliance.config.schema import Config
 from appliance.errors import InsufficientMemory
-from appliance.gguf_meta import Architecture, read_metadata
-from appliance.pth_meta import engine_strategy, read_checkpoint
-from appliance.sensors import MiB
+from appliance.supervisor.sensors import MiB
 
 F16 = 2
 F32 = 4
