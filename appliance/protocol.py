@@ -76,6 +76,16 @@ class Completion:
     model: str
 
 
+@dataclass(frozen=True)
+class TensorResult:
+    """The outcome of one tensor-model request: each output's values, with labels and scores where declared."""
+
+    id: str | int | None
+    model: str
+    outputs: dict[str, dict[str, Any]]
+    inference_ms: float
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # validation
 
@@ -232,6 +242,11 @@ def result_payload(rid: str | int, completion: Completion) -> dict:
                   "total_tokens": usage.total_tokens},
         "timings": {"ttft_ms": round(completion.ttft_ms, 2), "tokens_per_s": round(completion.tokens_per_s, 2)},
     }
+
+
+def tensor_result_payload(result: TensorResult) -> dict:
+    return {"type": "result", "id": result.id, "model": result.model, "outputs": result.outputs,
+            "timings": {"inference_ms": round(result.inference_ms, 3)}}
 
 
 def error_payload(rid: str | int | None, error: ApplianceError) -> dict:

@@ -1,17 +1,22 @@
-"""The interface every inference engine implements.
+"""The interface every text engine implements.
 
 A backend lives inside the worker child process and serves one loaded model at a time. It knows nothing about
-MQTT, HTTP or queues: it loads a file, generates text pieces for one request at a time, counts tokens and closes.
+MQTT, HTTP or queues: it loads a file, generates text pieces for one request at a time and closes. What the parent
+may learn about a model file without the engine is its probe's job (probe.py).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from appliance.catalog.entry import ModelEntry
 from appliance.protocol import Completion, Message, SamplingParams
+
+if TYPE_CHECKING:
+    from appliance.catalog.entry import ModelEntry
+    from appliance.config.schema import WorkerConfig
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,17 @@ class EngineSettings:
     batch_size: int
     mmap: bool = True
     rwkv_strategy: str = "cpu fp32i8"
+
+    @classmethod
+    def from_config(cls, worker: WorkerConfig) -> EngineSettings:
+        """The settings of ``[worker]``, with ``threads = 0`` resolved to this machine's physical cores."""
+        return cls(threads=worker.threads or physical_cores(), context_size=worker.context_size,
+                   batch_size=worker.batch_size, mmap=worker.mmap, rwkv_strategy=worker.rwkv_strategy)
+
+
+def physical_cores() -> int:
+    import psutil
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -55,7 +71,6 @@ class ModelInfo:
     id: str
     context_size: int
     chat_template: str  # "embedded" or the catalog's named template
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 GenerationEvent = Piece | PromptProgress | Completion
@@ -70,12 +85,9 @@ class Backend(ABC):
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
 
-    def check(self, entry: ModelEntry) -> None:  # noqa: B027 - nothing to check is a fine default
-        """Refuse a model that cannot work, cheaply and before anything is unloaded (e.g. its architecture)."""
-
     @abstractmethod
     def load(self, entry: ModelEntry) -> ModelInfo:
-        """Load the model file (already digest-checked). Raises ModelError with a reason."""
+        """Load the model file (already digest-checked and probed). Raises ModelError with a reason."""
 
     @abstractmethod
     def generate(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
@@ -84,10 +96,6 @@ class Backend(ABC):
         ``should_stop`` is polled between prompt batches and between tokens; when it returns True the generator
         ends early without a Completion. Raises TooLong when the prompt does not fit the context.
         """
-
-    @abstractmethod
-    def count_tokens(self, text: str) -> int:
-        """Number of tokens ``text`` takes in the loaded model's vocabulary."""
 
     def set_threads(self, threads: int) -> None:  # noqa: B027 - engines without a thread knob ignore it
         """Use this many threads from the next token on (the supervisor slows a hot board down)."""

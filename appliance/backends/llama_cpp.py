@@ -8,8 +8,6 @@ and text is released only when it can no longer turn into a stop sequence or the
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Iterator
 
 from appliance.backends import llama_seq2seq, templates
@@ -22,11 +20,10 @@ from appliance.backends.base import (
     Piece,
     PromptProgress,
 )
-from appliance.backends.llama_probe import check_architecture
-from appliance.backends.text import TextStream
-from appliance.catalog import ModelEntry
-from appliance.errors import ModelError, TooLong
-from appliance.protocol import Completion, Message, Usage
+from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_budget
+from appliance.catalog.entry import ModelEntry
+from appliance.errors import ModelError
+from appliance.protocol import Message
 
 _FALLBACK_TEMPLATE = "chatml"  # what llama-server uses for a GGUF without a template and no catalog entry
 
@@ -48,7 +45,6 @@ class LlamaCppBackend(Backend):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.close()
-        self.check(entry)
         threads = self.settings.threads
         lora = {"lora_path": str(entry.lora), "lora_scale": entry.lora_scale} if entry.lora else {}
         try:
@@ -64,18 +60,13 @@ class LlamaCppBackend(Backend):
         if embedded and entry.template is None:
             self._jinja = Jinja2ChatFormatter(template=embedded, eos_token=self._token_text(self._llm.token_eos()),
                                               bos_token=self._token_text(self._llm.token_bos()))
-        meta = {k: v for k, v in self._llm.metadata.items() if not k.startswith("tokenizer.")}
         return ModelInfo(id=entry.id, context_size=self._llm.n_ctx(),
-                         chat_template="embedded" if self._jinja else (entry.template or _FALLBACK_TEMPLATE),
-                         metadata=meta)
+                         chat_template="embedded" if self._jinja else (entry.template or _FALLBACK_TEMPLATE))
 
     def set_threads(self, threads: int) -> None:
         import llama_cpp
         if self._llm is not None:
             llama_cpp.llama_set_n_threads(self._llm.ctx, threads, threads)
-
-    def check(self, entry: ModelEntry) -> None:
-        check_architecture(entry.path)  # refuse what llama.cpp cannot run before it sees the file
 
     def close(self) -> None:
         if self._llm is not None:
@@ -86,9 +77,6 @@ class LlamaCppBackend(Backend):
 
     def _token_text(self, token: int) -> str:
         return self._llm.detokenize([token], special=True).decode("utf-8", errors="ignore") if token >= 0 else ""
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def _prompt_tokens(self, task: GenerationTask) -> tuple[list[int], tuple[str, ...]]:
         """Token ids of the prompt and the template's stop sequences."""
@@ -146,16 +134,12 @@ class LlamaCppBackend(Backend):
             prompt_tokens, template_stop = self._prompt_tokens(task)
         except (ValueError, TypeError) as exc:  # a chat template that raises on these messages
             raise ModelError(f"the chat template could not render these messages: {exc}") from None
-        n_ctx = llm.n_ctx()
-        if len(prompt_tokens) >= n_ctx:
-            raise TooLong(f"prompt is {len(prompt_tokens)} tokens; the context window is {n_ctx} tokens "
-                          f"(worker.context_size)", param="prompt" if task.messages is None else "messages")
-        max_tokens = min(params.max_tokens, n_ctx - len(prompt_tokens))
-        stops = tuple(dict.fromkeys(params.stop + template_stop))
-        seed = params.seed if params.seed is not None else random.SystemRandom().randint(0, 2**32 - 1)
+        max_tokens = token_budget(len(prompt_tokens), llm.n_ctx(), task)
+        stops = stops_of(params, template_stop)
+        seed = seed_of(params)
         llm.set_seed(seed)
 
-        started = time.perf_counter()
+        clock = Clock()
         try:
             if self._encoder_decoder:
                 token_stream = llama_seq2seq.tokens(llm, prompt_tokens, params, seed)
@@ -166,19 +150,18 @@ class LlamaCppBackend(Backend):
                                             top_k=params.top_k, repeat_penalty=params.repeat_penalty)
             if should_stop():
                 return
-            yield from self._sample(token_stream, prompt_tokens, max_tokens, stops, should_stop, started)
+            yield from self._sample(token_stream, prompt_tokens, max_tokens, stops, should_stop, clock)
         except RuntimeError as exc:  # llama_decode failures surface as RuntimeError
             raise ModelError(f"llama.cpp failed while generating: {exc}") from None
 
     def _sample(self, token_stream: Iterator[int], prompt_tokens: list[int], max_tokens: int,
-                stops: tuple[str, ...], should_stop: Callable[[], bool], started: float) -> Iterator[GenerationEvent]:
+                stops: tuple[str, ...], should_stop: Callable[[], bool], clock: Clock) -> Iterator[GenerationEvent]:
         llm = self._llm
-        sampling_started = time.perf_counter()
+        clock.sampling()
         stream = TextStream(stops)
-        n_generated, first_token_at, finish_reason = 0, None, "length"
+        n_generated, finish_reason = 0, "length"
         for token in token_stream:
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
+            clock.token()
             if self._is_end_of_generation(token):
                 finish_reason = "stop"
                 break
@@ -197,11 +180,7 @@ class LlamaCppBackend(Backend):
                 return
         if tail := stream.finish():
             yield Piece(tail)
-        ended = time.perf_counter()
-        first_token_at = first_token_at or ended
-        yield Completion(text=stream.text, finish_reason=finish_reason, usage=Usage(len(prompt_tokens), n_generated),
-                         ttft_ms=(first_token_at - started) * 1000.0,
-                         tokens_per_s=n_generated / max(ended - sampling_started, 1e-9), model=self._entry.id)
+        yield clock.completion(stream.text, finish_reason, len(prompt_tokens), n_generated, self._entry.id)
 
 
 def _as_dict(message: Message) -> dict:

@@ -1,15 +1,37 @@
-"""The model architectures the bundled llama.cpp (llama-cpp-python 0.3.36) can load.
+"""The llama.cpp backend's probe: can the bundled llama.cpp run this GGUF, and how much memory will it take?
 
-Copied from ``LLM_ARCH_NAMES`` in vendor/llama.cpp/src/llama-arch.cpp of the llama-cpp-python 0.3.36 sdist. A
-GGUF whose ``general.architecture`` is not here is refused with ``unsupported_architecture`` before llama.cpp sees
-it (OPT, for one, has never been in llama.cpp). Some of these only embed or encode (bert, t5encoder, clip): they
-load but cannot generate text. Update this list together with the llama-cpp-python pin.
+**Architectures.** Copied from ``LLM_ARCH_NAMES`` in vendor/llama.cpp/src/llama-arch.cpp of the llama-cpp-python
+0.3.36 sdist. A GGUF whose ``general.architecture`` is not here is refused with ``unsupported_architecture`` before
+llama.cpp sees it (OPT, for one, has never been in llama.cpp). Some of these only embed or encode (bert, t5encoder,
+clip): they load but cannot generate text. Update this list together with the llama-cpp-python pin.
+
+**Memory.** A llama.cpp model needs its weights (the file, memory-mapped), a KV cache for the configured context
+(f16 keys and values for every layer), compute buffers and the logits buffer. The compute buffer is the largest of
+the logits of one micro-batch (``n_vocab x n_ubatch`` floats: 256 MiB for Gemma-3's 262k vocabulary at a batch of
+256) and the attention scores (``n_ctx x n_ubatch x n_head`` floats), plus the feed-forward activations. The formula
+matches what llama.cpp 0.3.36 reports for the test models and Gemma-3 within a few percent, erring high;
+``memory.margin_mib`` covers the worker process itself.
+
+The header is read once per version of the file (path, size, modification time), whatever is asked of it.
 """
 
-from pathlib import Path
+from __future__ import annotations
 
-from appliance.catalog.gguf_meta import read_metadata
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.backends.probe import Footprint, Probe
+from appliance.catalog.gguf_meta import Architecture, read_metadata
 from appliance.errors import UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from appliance.backends.base import EngineSettings
+    from appliance.catalog.entry import ModelEntry
+
+F16 = 2
+F32 = 4
+MAX_UBATCH = 512  # llama-cpp-python's default n_ubatch; the micro-batch is min(n_batch, this)
 
 LLAMA_CPP_ARCHITECTURES = frozenset(  # the list as it reads in llama-arch.cpp
     """
@@ -46,9 +68,23 @@ INSTEAD = {
 }
 
 
+@functools.lru_cache(maxsize=16)
+def _header(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
+    return read_metadata(path)
+
+
+def header(path: Path) -> dict[str, Any]:
+    """The GGUF's metadata, read once per version of the file."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return read_metadata(path)  # raises ModelError naming the file
+    return _header(path, stat.st_size, stat.st_mtime_ns)
+
+
 def check_architecture(path: Path) -> str:
     """The GGUF's architecture, or UnsupportedArchitecture naming it when llama.cpp cannot generate with it."""
-    arch = read_metadata(path).get("general.architecture")
+    arch = header(path).get("general.architecture")
     instead = INSTEAD.get(arch, "choose a model of an architecture it supports (docs/models.md lists them)")
     if arch not in LLAMA_CPP_ARCHITECTURES:
         raise UnsupportedArchitecture(
@@ -61,3 +97,26 @@ def check_architecture(path: Path) -> str:
         raise UnsupportedArchitecture(f"{path.name}: architecture {arch!r} embeds or encodes, it cannot generate text; "
                                       f"an ONNX export of such a model can serve classifications on the infer route")
     return arch
+
+
+class LlamaProbe(Probe):
+    def check(self, entry: ModelEntry) -> None:
+        check_architecture(entry.path)
+
+    def footprint(self, entry: ModelEntry, settings: EngineSettings, margin: int) -> Footprint:
+        check_architecture(entry.path)  # an architecture llama.cpp cannot run is refused as such, not as a size
+        arch = Architecture.from_metadata(header(entry.path), entry.path)
+        n_ctx = settings.context_size
+        n_ubatch = min(settings.batch_size, MAX_UBATCH)
+        kv = arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
+        compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32
+                   + n_ubatch * (8 * arch.n_embd + 3 * arch.n_ff) * F32
+                   + arch.n_vocab * F32)  # the output (logits) buffer
+        return Footprint(model_id=entry.id, weights=entry.path.stat().st_size, kv_cache=kv, compute=compute,
+                         margin=margin)
+
+    def facts(self, entry: ModelEntry) -> dict[str, Any]:
+        arch = check_architecture(entry.path)
+        meta = header(entry.path)
+        return {"architecture": arch, "context": meta.get(f"{arch}.context_length"),
+                "chat_template": isinstance(meta.get("tokenizer.chat_template"), str), "name": meta.get("general.name")}

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: the engine for a file type, when the entry names none
-BACKEND_BY_SUFFIX = {".gguf": "llama_cpp", ".pth": "rwkv", ".onnx": "onnx"}
-#: backends that generate text (the rest answer /v1/infer and <prefix>/<device>/infer/<model>)
-TEXT_BACKENDS = ("llama_cpp", "rwkv")
+from appliance import backends
+
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 
@@ -58,12 +56,13 @@ class ModelEntry:
     # onnx: declared inputs and outputs
     inputs: tuple[TensorSpec, ...] = field(default=())
     outputs: tuple[OutputSpec, ...] = field(default=())
-    # onnx text classifiers (the moderation filter): how text becomes the input tensor (text_features.py)
+    # onnx text classifiers (the moderation filter): how text becomes the input tensor (tensors/features.py)
     featurize: str | None = None
 
     @property
     def generates_text(self) -> bool:
-        return self.backend in TEXT_BACKENDS
+        """False for tensor models, which answer /v1/infer and <prefix>/<device>/infer/<model> instead."""
+        return backends.generates_text(self.backend)
 
     def describe(self) -> dict:
         body = {"id": self.id, "file": str(self.path), "sha256": self.sha256, "size": self.size,

@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from appliance import backends
 from appliance.backends import templates
-from appliance.catalog.entry import BACKEND_BY_SUFFIX, DTYPES, ModelEntry, OutputSpec, TensorSpec
+from appliance.catalog.entry import DTYPES, ModelEntry, OutputSpec, TensorSpec
 from appliance.config.schema import rwkv_strategy_problem
 from appliance.tensors import features as text_features
 
@@ -18,7 +19,6 @@ _STRINGS = ("id", "file", "sha256", "family", "template", "licence", "backend", 
             "strategy", "tokenizer", "featurize")
 _KEYS = set(_STRINGS) | {"size", "lora_scale", "commercial_use", "inputs", "outputs"}
 _REQUIRED = ("id", "file", "sha256")
-KNOWN_BACKENDS = ("llama_cpp", "rwkv", "onnx")
 
 
 def _path(value: str, base: Path) -> Path:
@@ -113,11 +113,11 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
     if template is not None and template not in templates.names():
         problems.append(f"{where}.template = {template!r}: unknown template (known: {', '.join(templates.names())})")
     path = _path(raw["file"], base)
-    backend = raw.get("backend") or BACKEND_BY_SUFFIX.get(path.suffix.lower())
+    backend = raw.get("backend") or backends.for_suffix(path.suffix)
     if backend is None:
         problems.append(f"{where}.backend: missing, and '{path.suffix}' files have no default backend")
-    elif backend not in KNOWN_BACKENDS:
-        problems.append(f"{where}.backend = {backend!r}: must be one of {', '.join(KNOWN_BACKENDS)}")
+    elif backend not in backends.names():
+        problems.append(f"{where}.backend = {backend!r}: must be one of {', '.join(backends.names())}")
     inputs = _tensor_specs(raw["inputs"], f"{where}.inputs", problems) if "inputs" in raw else ()
     outputs = _output_specs(raw.get("outputs"), f"{where}.outputs", problems)
     if backend == "onnx" and "inputs" not in raw:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance import backends
 from appliance.catalog import families
-from appliance.catalog.entry import BACKEND_BY_SUFFIX
+from appliance.catalog.entry import ModelEntry
 from appliance.catalog.store import Catalog, sha256_file
+from appliance.config import toml_text
 from appliance.config.schema import rwkv_strategy_problem
 from appliance.errors import ConfigError, ModelError
 
@@ -36,65 +37,38 @@ def default_id(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]+", "-", path.stem.lower()).strip("-.")[:128] or "model"
 
 
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return _toml(value)
-
-
 def dumps(entries: list[dict]) -> str:
     """A catalog file of ``[[models]]`` tables; lists of tables (an ONNX model's inputs, outputs) as sub-tables."""
     blocks = []
     for entry in entries:
         nested = {k: v for k, v in entry.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)}
-        lines = ["[[models]]"] + [f"{k} = {_toml_value(v)}" for k, v in entry.items() if k not in nested]
+        lines = toml_text.table("models", {k: v for k, v in entry.items() if k not in nested}, array=True)
         for key, tables in nested.items():
             for table in tables:
-                lines += ["", f"[[models.{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+                lines += ["", *toml_text.table(f"models.{key}", table, array=True)]
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
 
 
-def describe_gguf(path: Path) -> dict:
-    """What the GGUF header says that a catalog entry needs (and the architecture check)."""
-    from appliance.backends.llama_probe import check_architecture
-    from appliance.catalog.gguf_meta import read_metadata
-    arch = check_architecture(path)
-    meta = read_metadata(path)
-    return {"architecture": arch, "context": meta.get(f"{arch}.context_length"),
-            "chat_template": isinstance(meta.get("tokenizer.chat_template"), str), "name": meta.get("general.name")}
-
-
-def describe_rwkv(new: NewEntry) -> dict:
-    """What the checkpoint's layout says, after the checks a load would make (vocabulary, tokenizer file)."""
-    from appliance.backends import rwkv_probe
-    from appliance.catalog.entry import ModelEntry
+def _probe_facts(new: NewEntry, backend: str) -> dict:
+    """What the file's header says, after the checks a load would make (architecture; RWKV vocabulary and
+    tokenizer file)."""
     if new.tokenizer is not None and not new.tokenizer.is_file():
         raise ModelError(f"{new.tokenizer}: tokenizer file not found")
     if new.strategy is not None and (problem := rwkv_strategy_problem(new.strategy)):
         raise ModelError(f"--strategy {new.strategy!r}: {problem}")
-    entry = ModelEntry(id=new.id or default_id(new.path), path=new.path, sha256=None, backend="rwkv",
-                       tokenizer=str(new.tokenizer.resolve()) if new.tokenizer else None)
-    checkpoint, vocabulary = rwkv_probe.inspect(entry)
-    return {"rwkv_version": checkpoint.version, "layers": checkpoint.n_layer, "embedding": checkpoint.n_embd,
-            "vocabulary": "world" if vocabulary == "world" else f"{checkpoint.n_vocab} tokens"}
+    entry = ModelEntry(id=new.id or default_id(new.path), path=new.path, sha256=None, backend=backend,
+                       tokenizer=str(new.tokenizer.resolve()) if new.tokenizer else None, strategy=new.strategy)
+    return backends.probe_for(backend).facts(entry)
 
 
 def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
     """The entry's keys (relative paths where the file sits under the catalog's directory) and header facts."""
     if not new.path.is_file():
         raise ModelError(f"{new.path}: file not found")
-    backend = BACKEND_BY_SUFFIX.get(new.path.suffix.lower())
+    backend = backends.for_suffix(new.path.suffix)
     if backend is None:
-        raise ModelError(f"{new.path}: unsupported file type (expected {', '.join(BACKEND_BY_SUFFIX)})")
+        raise ModelError(f"{new.path}: unsupported file type (expected {', '.join(backends.suffixes())})")
     if (new.tokenizer or new.strategy) and backend != "rwkv":
         raise ModelError(f"{new.path}: --tokenizer and --strategy are for RWKV .pth checkpoints")
     if (new.labels or new.threshold is not None or new.featurize) and backend != "onnx":
@@ -109,7 +83,7 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
             outputs[0].update({"threshold": float(new.threshold)} if new.threshold is not None else {})
         tables = {"inputs": inputs, "outputs": outputs}
     else:
-        facts = describe_gguf(new.path) if backend == "llama_cpp" else describe_rwkv(new)
+        facts = _probe_facts(new, backend)
     known = families.get(new.family)
     template = new.template
     if template is None and not facts.get("chat_template") and backend != "onnx":

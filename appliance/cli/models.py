@@ -116,8 +116,9 @@ def _verify(args, catalog) -> int:
 
 def _fit(config: Config, catalog) -> int:
     """The memory estimate of each model against what this machine has now."""
+    from appliance.backends.probe import MiB
     from appliance.supervisor import admission
-    from appliance.supervisor.sensors import MiB, Sensors
+    from appliance.supervisor.sensors import Sensors
 
     reading = Sensors(config.memory, config.thermal, config.gpio).memory()
     if config.memory.budget_mib:

@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.config import toml_text
 from appliance.config.loader import load_config
 from appliance.errors import ConfigError
 
@@ -188,10 +189,9 @@ CONFIG_HEADER = ("Written by appliance-firstboot from the boot partition's appli
 
 
 def dumps(sections: dict[str, dict], header: str = CONFIG_HEADER) -> str:
-    from appliance.catalog.writer import _toml_value
     lines = [f"# {line}" for line in header.splitlines()]
     for section, values in sections.items():
-        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines += ["", *toml_text.table(section, values)]
     return "\n".join(lines) + "\n"
 
 

@@ -5,26 +5,24 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from appliance.backends.base import GenerationTask
 from appliance.config.schema import Config
 from appliance.errors import ApplianceError
+from appliance.messages import Abandoned, Done, Failed, JobEvent
 from appliance.metrics import Metrics
 from appliance.protocol import Completion, GenerateRequest
 
-log = logging.getLogger("appliance.generation.scheduler")
+log = logging.getLogger("appliance.scheduler")
 
 
 class Sink(Protocol):
-    """Where a job's output goes. Called on the scheduler thread; must not block."""
+    """Where a job's output goes: Chunk events, then exactly one Done, Failed or Abandoned (appliance/messages.py).
+    Called on the scheduler thread; must not block."""
 
-    def on_piece(self, job: Job, seq: int, text: str) -> None: ...
-    def on_result(self, job: Job, completion: Completion) -> None: ...
-    def on_error(self, job: Job, error: ApplianceError) -> None: ...
-    def on_abandon(self, job: Job) -> None:
-        """The appliance is shutting down before the job finished (MQTT leaves it unacked for redelivery)."""
+    def send(self, job: Job, event: JobEvent) -> None: ...
 
 
 @dataclass(eq=False)
@@ -37,13 +35,10 @@ class Job:
     transport: str
     accepted: float
     deadline: float
-    seq: int = 0
-    started: float | None = None
     last_progress: float = 0.0
-    stop_reason: ApplianceError | None = None  # set when a running job is being cancelled or timed out
+    stop_reason: ApplianceError | None = None  # set when a job is being cancelled, timed out or refused
     stop_deadline: float = 0.0
     finished: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class Reporter:
@@ -59,38 +54,46 @@ class Reporter:
         self.metrics.requests.labels(transport, error.code).inc()
         self.metrics.errors.labels(error.code).inc()
 
-    def finish(self, job: Job, result: Completion | None, error: ApplianceError | None) -> None:
+    def record_outcome(self, transport: str, accepted: float, error: ApplianceError | None) -> None:
+        """Count the reply to an accepted request, ok or an error, and its time since acceptance."""
+        if error is None:
+            self.metrics.requests.labels(transport, "ok").inc()
+        else:
+            self.record_error(transport, error)
+        self.metrics.duration.observe(time.monotonic() - accepted)
+
+    def finish(self, job: Job, result: Completion | ApplianceError) -> None:
         job.finished = True
         elapsed = time.monotonic() - job.accepted
-        self.metrics.duration.observe(elapsed)
-        if result is not None:
-            self.metrics.requests.labels(job.transport, "ok").inc()
-            self.metrics.prompt_tokens.inc(result.usage.prompt_tokens)
-            self.metrics.completion_tokens.inc(result.usage.completion_tokens)
-            self.metrics.ttft.observe(result.ttft_ms / 1000.0)
-            self.metrics.tokens_per_second.set(result.tokens_per_s)
-            self.last_tokens_per_s = result.tokens_per_s
-            log.info("request %r done in %.2f s: %d prompt + %d completion tokens, ttft %.0f ms, %.1f tok/s, %s",
-                     job.request.id, elapsed, result.usage.prompt_tokens, result.usage.completion_tokens,
-                     result.ttft_ms, result.tokens_per_s, result.finish_reason)
-            if self.config.logging.log_prompts:
-                log.debug("request %r prompt=%r messages=%r completion=%r", job.request.id, job.request.prompt,
-                          job.request.messages, result.text)
-            _call(job.sink.on_result, job, result)
-        else:
-            self.record_error(job.transport, error)
-            log.info("request %r failed after %.2f s: %s", job.request.id, elapsed, error.code)
-            _call(job.sink.on_error, job, error)
+        if isinstance(result, ApplianceError):
+            self.record_outcome(job.transport, job.accepted, result)
+            log.info("request %r failed after %.2f s: %s", job.request.id, elapsed, result.code)
+            deliver(job, Failed(job.key, result))
+            return
+        self.record_outcome(job.transport, job.accepted, None)
+        self.metrics.prompt_tokens.inc(result.usage.prompt_tokens)
+        self.metrics.completion_tokens.inc(result.usage.completion_tokens)
+        self.metrics.ttft.observe(result.ttft_ms / 1000.0)
+        self.metrics.tokens_per_second.set(result.tokens_per_s)
+        self.last_tokens_per_s = result.tokens_per_s
+        log.info("request %r done in %.2f s: %d prompt + %d completion tokens, ttft %.0f ms, %.1f tok/s, %s",
+                 job.request.id, elapsed, result.usage.prompt_tokens, result.usage.completion_tokens,
+                 result.ttft_ms, result.tokens_per_s, result.finish_reason)
+        if self.config.logging.log_prompts:
+            log.debug("request %r prompt=%r messages=%r completion=%r", job.request.id, job.request.prompt,
+                      job.request.messages, result.text)
+        deliver(job, Done(job.key, result))
 
     @staticmethod
     def abandon(job: Job) -> None:
         if not job.finished:
             job.finished = True
-            _call(job.sink.on_abandon, job)
+            deliver(job, Abandoned(job.key))
 
 
-def _call(fn, *args) -> None:
+def deliver(job: Job, event: JobEvent) -> None:
+    """Hand an event to the job's sink; a sink that fails is logged, never allowed to stop the scheduler."""
     try:
-        fn(*args)
+        job.sink.send(job, event)
     except Exception:
         log.exception("reply sink failed")

@@ -24,7 +24,7 @@ from appliance.errors import ApplianceError, ModelError, Moderated, error_from_c
 from appliance.generation.jobs import Job
 from appliance.protocol import GenerateRequest
 from appliance.tensors import features as text_features
-from appliance.tensors.pool import InferencePool
+from appliance.tensors.pool import Answer, InferencePool
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ class Moderator:
         fields, texts = _texts(job.request)
         arrays = {self.input.name: text_features.featurize(self.entry.featurize, texts, self.input)}
 
-        def answered(payload: dict) -> None:
-            verdict = self._verdict(payload, fields)
+        def answered(answer: Answer) -> None:
+            verdict = self._verdict(answer, fields, job.request.id)
             if verdict is not None and job.stop_reason is None:
                 job.stop_reason = verdict
             release()
@@ -96,12 +96,11 @@ class Moderator:
             job.stop_reason = exc
             release()
 
-    def _verdict(self, payload: dict, fields: list[str]) -> ApplianceError | None:
-        if payload.get("type") == "error":
-            error = payload["error"]
-            return error_from_code(error["code"], f"the moderation filter could not check this request: "
-                                                  f"{error['message']}")
-        rows = payload.get("outputs", {}).get(self.output, {}).get("scores")
+    def _verdict(self, answer: Answer, fields: list[str], rid: str | int) -> ApplianceError | None:
+        if isinstance(answer, ApplianceError):
+            return error_from_code(answer.code, f"the moderation filter could not check this request: "
+                                                f"{answer.message}")
+        rows = answer.outputs.get(self.output, {}).get("scores")
         if not isinstance(rows, list) or len(rows) != len(fields):
             return ModelError(f"moderation model '{self.entry.id}': output '{self.output}' gave no score per label "
                               f"for each text; it must have one column per declared label")
@@ -109,8 +108,8 @@ class Moderator:
             for label in self.block:
                 score = scores.get(label)
                 if score is not None and score >= self.threshold:
-                    log.info("request %r refused by the moderation filter: %s %.3f in %s", payload.get("id"), label,
-                             score, field)
+                    log.info("request %r refused by the moderation filter: %s %.3f in %s", rid, label, score,
+                             field)
                     return Moderated(f"'{field}' was refused by the moderation filter: '{label}' scored "
                                      f"{score:.2f} (moderation.threshold = {self.threshold:g})", param=field)
         return None

@@ -3,9 +3,10 @@
 Transports call :meth:`Scheduler.submit` from their own threads; it answers at once (accepted, ``busy``,
 ``unknown_model``, ``model_error``, ``memory``, ``thermal``) and never blocks. Everything else happens on one
 scheduler thread that owns the queue and the worker: it starts and restarts the child process, admits and loads
-models, runs one generation at a time, enforces timeouts, stalls and cancellations, applies the supervisor's
-conditions (pause, throttle, unload) and hands pieces and results to each job's sink. Nothing else touches that
-state, so there are no locks around it; the few numbers read from other threads sit behind one small lock.
+models, starts jobs on the worker as it has room, enforces timeouts, stalls and cancellations, applies the
+supervisor's conditions (pause, throttle, unload) and hands chunks and results to each job's sink. Nothing else
+touches that state, so there are no locks around it; the few numbers read from other threads sit behind one small
+lock. Other threads reach the scheduler thread through its inbox, in the small message types defined below.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from appliance import backends
 from appliance.backends.base import EngineSettings, GenerationTask
@@ -33,11 +34,12 @@ from appliance.errors import (
     RequestTimeout,
     UnknownModel,
     WorkerCrashed,
-    error_from_code,
 )
-from appliance.generation.jobs import Job, Reporter, Sink
-from appliance.generation.slot import WorkerSlot
+from appliance.generation.jobs import Job, Reporter, Sink, deliver
+from appliance.generation.slot import CAPACITY, FromWorker, JobUpdate, WorkerSlot
+from appliance.messages import Chunk, Crashed, Done, Failed, LoadFailed, Progress, Stopped
 from appliance.metrics import Metrics
+from appliance.process.handle import Spawn, WorkerProcess
 from appliance.protocol import Completion, GenerateRequest
 from appliance.status import StatusBoard
 from appliance.supervisor.guard import Guard
@@ -48,9 +50,39 @@ log = logging.getLogger(__name__)
 __all__ = ["Job", "Scheduler", "Sink"]
 
 
+@dataclass(frozen=True, slots=True)
+class Submit:
+    job: Job  # accepted, and through the moderation gate
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    request_id: str | int  # every queued or running job of this request id (the MQTT cancel topic)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelJob:
+    job: Job
+    error: ApplianceError
+
+
+@dataclass(frozen=True, slots=True)
+class NewConditions:
+    conditions: Conditions
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+#: what waits in the scheduler's inbox
+Command = Submit | CancelRequest | CancelJob | NewConditions | Stop | FromWorker
+
+
 class Scheduler:
     def __init__(self, catalog: Catalog, config: Config, status: StatusBoard, metrics: Metrics,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, spawn: Spawn = WorkerProcess) -> None:
         self.catalog = catalog
         self.config = config
         self.status = status
@@ -58,23 +90,20 @@ class Scheduler:
         self.guard = guard or Guard(config, lambda: None)
         self.reporter = Reporter(config, metrics)
         self.default_model = config.models.default
-        self._capacity = config.worker.max_queue + 1  # waiting + the one being generated
+        self._capacity = config.worker.max_queue + CAPACITY  # waiting + those being generated
         self._lock = threading.Lock()
         self._outstanding = 0
         self._failed_models: dict[str, ApplianceError] = {}  # models that will not load until a restart
         self._accepting = True
         self._keys = itertools.count(1)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._queue: deque[Job] = deque()
-        self._running: Job | None = None
         self._admission_problem = ""  # why the default model was refused, while it is
         self.heartbeat = time.monotonic()  # the watchdog checks that this loop keeps turning
         self.gate: Callable[[Job, Callable[[], None]], None] = lambda job, release: release()  # or moderation's
-        self.threads = _threads(config.worker.threads)
-        settings = EngineSettings(threads=self.threads, context_size=config.worker.context_size,
-                                  batch_size=config.worker.batch_size, mmap=config.worker.mmap,
-                                  rwkv_strategy=config.worker.rwkv_strategy)
-        self.worker = WorkerSlot(settings, config, metrics, post=lambda event: self._inbox.put(("worker", event)))
+        settings = EngineSettings.from_config(config.worker)
+        self.threads = settings.threads
+        self.worker = WorkerSlot(settings, config, metrics, post=self._inbox.put, spawn=spawn)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
     # -- any thread --------------------------------------------------------------------------------------------
@@ -120,20 +149,20 @@ class Scheduler:
                   task=GenerationTask(prompt=request.prompt, messages=request.messages, params=params,
                                       stream=request.stream),
                   sink=sink, transport=transport, accepted=now, deadline=now + self.config.worker.request_timeout)
-        self.gate(job, lambda: self._inbox.put(("submit", job)))  # moderation.py: returns at once
+        self.gate(job, lambda: self._inbox.put(Submit(job)))  # moderation.py: returns at once
         return job
 
     def cancel(self, request_id: str | int) -> None:
         """Cancel every queued or running job with this request id (MQTT ``cancel`` topic)."""
-        self._inbox.put(("cancel_id", request_id))
+        self._inbox.put(CancelRequest(request_id))
 
     def cancel_job(self, job: Job, error: ApplianceError | None = None) -> None:
         """Cancel one job (an HTTP client went away)."""
-        self._inbox.put(("cancel_job", job, error or Cancelled("the client cancelled the request")))
+        self._inbox.put(CancelJob(job, error or Cancelled("the client cancelled the request")))
 
     def set_conditions(self, conditions: Conditions) -> None:
         """The supervisor's view of memory and temperature changed."""
-        self._inbox.put(("conditions", conditions))
+        self._inbox.put(NewConditions(conditions))
 
     def record_error(self, transport: str, error: ApplianceError) -> None:
         self.reporter.record_error(transport, error)
@@ -149,7 +178,7 @@ class Scheduler:
                 return
             self._accepting = False
         if self._thread.is_alive():
-            self._inbox.put(("stop",))
+            self._inbox.put(Stop())
             self._thread.join(timeout)
         self.worker.close()
 
@@ -160,28 +189,26 @@ class Scheduler:
         while True:
             self.heartbeat = time.monotonic()
             try:
-                event = self._inbox.get(timeout=self._next_wakeup())
+                command: Command | None = self._inbox.get(timeout=self._next_wakeup())
             except queue.Empty:
-                event = None
+                command = None
             try:
-                if event is not None:
-                    if event[0] == "stop":
-                        break
-                    self._handle(event)
+                if isinstance(command, Stop):
+                    break
+                if command is not None:
+                    self._handle(command)
                 self._check_timers()
                 self._dispatch()
                 self._publish_status()
             except Exception:  # the scheduler must survive its own bugs; each one is logged with a traceback
                 log.exception("scheduler error")
-        for job in [*self._queue, *([self._running] if self._running else [])]:
+        for job in [*self._queue, *self.worker.running.values()]:
             self.reporter.abandon(job)
         self._queue.clear()
-        self._running = None
 
     def _next_wakeup(self) -> float:
         deadlines = [j.deadline for j in self._queue]
-        job = self._running
-        if job is not None:
+        for job in self.worker.running.values():
             deadlines.append(job.stop_deadline or job.deadline)
             if not self.guard.paused:
                 deadlines.append(job.last_progress + self.config.worker.stall_timeout)
@@ -192,69 +219,62 @@ class Scheduler:
             return 1.0
         return min(max(min(deadlines) - time.monotonic(), 0.005), 1.0)
 
-    def _handle(self, event: tuple) -> None:
-        kind = event[0]
-        if kind == "submit":
-            self._queue.append(event[1])
-            self.metrics.queue_depth.set(len(self._queue))
-            if event[1].stop_reason is not None:  # refused by the moderation filter, or cancelled while it looked
-                self._fail_queued(event[1], event[1].stop_reason)
-        elif kind == "cancel_id":
-            for job in [j for j in self._queue if j.request.id == event[1]]:
-                self._fail_queued(job, Cancelled(f"request {event[1]!r} was cancelled"))
-            if self._running is not None and self._running.request.id == event[1]:
-                self._stop_running(Cancelled(f"request {event[1]!r} was cancelled"))
-        elif kind == "cancel_job":
-            job, error = event[1], event[2]
-            if job in self._queue:
-                self._fail_queued(job, error)
-            elif job is self._running:
-                self._stop_running(error)
-            else:  # still with the moderation filter: refused once it hands the job over
-                job.stop_reason = job.stop_reason or error
-        elif kind == "conditions":
-            self._apply_conditions(event[1])
-        elif kind == "worker":
-            self._on_worker_event(event[1])
+    def _handle(self, command: Command) -> None:
+        match command:
+            case Submit(job=job):
+                self._queue.append(job)
+                self.metrics.queue_depth.set(len(self._queue))
+                if job.stop_reason is not None:  # refused by the moderation filter, or cancelled while it looked
+                    self._fail_queued(job, job.stop_reason)
+            case CancelRequest(request_id=rid):
+                for job in [j for j in self._queue if j.request.id == rid]:
+                    self._fail_queued(job, Cancelled(f"request {rid!r} was cancelled"))
+                for job in [j for j in self.worker.running.values() if j.request.id == rid]:
+                    self._stop_running(job, Cancelled(f"request {rid!r} was cancelled"))
+            case CancelJob(job=job, error=error):
+                if job in self._queue:
+                    self._fail_queued(job, error)
+                elif self.worker.running.get(job.key) is job:
+                    self._stop_running(job, error)
+                else:  # still with the moderation filter: refused once it hands the job over
+                    job.stop_reason = job.stop_reason or error
+            case NewConditions(conditions=conditions):
+                self._apply_conditions(conditions)
+            case FromWorker():
+                self._on_worker_message(command)
 
     def _apply_conditions(self, conditions: Conditions) -> None:
         old = self.guard.update(conditions)
-        if conditions.memory == "critical" and old.memory != "critical" and self._running is not None:
-            self._stop_running(InsufficientMemory(f"{conditions.memory_reason}; the generation was stopped and "
-                                                  f"the model unloaded until memory recovers"))
-        if self.guard.paused != (old.thermal == "hard") and self._running is not None:
-            self._running.last_progress = time.monotonic()  # a pause is not a stall
+        if conditions.memory == "critical" and old.memory != "critical":
+            for job in list(self.worker.running.values()):
+                self._stop_running(job, InsufficientMemory(f"{conditions.memory_reason}; the generation was "
+                                                           f"stopped and the model unloaded until memory recovers"))
+        if self.guard.paused != (old.thermal == "hard"):
+            for job in self.worker.running.values():
+                job.last_progress = time.monotonic()  # a pause is not a stall
         self.worker.pause(self.guard.paused)
         self.worker.throttle(*self.guard.throttle(self.threads))
 
-    def _on_worker_event(self, event: tuple) -> None:
-        outcome = self.worker.on_event(event)
-        if outcome is None:
-            return
-        what = outcome[0]
-        job = self._running
-        if what == "load_failed":
-            self._model_failed(outcome[1], error_from_code(outcome[2], outcome[3], "model"))
-        elif job is None:
-            pass
-        elif what == "progress":
-            job.last_progress = time.monotonic()
-        elif what == "piece":
-            job.last_progress = time.monotonic()
-            job.seq += 1
-            try:
-                job.sink.on_piece(job, job.seq, outcome[1])
-            except Exception:
-                log.exception("reply sink failed")
-        elif what == "done":
-            self._finish(job, result=outcome[1])
-        elif what == "failed":
-            self._finish(job, error=error_from_code(*outcome[1]))
-        elif what == "cancelled":
-            self._finish(job, error=job.stop_reason or Cancelled("the request was cancelled"))
-        elif what == "crashed":
-            self._finish(job, error=job.stop_reason or WorkerCrashed(
-                f"the inference worker died ({outcome[1]}) while generating this request"))
+    def _on_worker_message(self, message: FromWorker) -> None:
+        for outcome in self.worker.on_message(message):
+            match outcome:
+                case LoadFailed(model_id=model_id, error=error):
+                    error.param = "model"
+                    self._model_failed(model_id, error)
+                case JobUpdate(job=job, event=Progress()):
+                    job.last_progress = time.monotonic()
+                case JobUpdate(job=job, event=Chunk() as chunk):
+                    job.last_progress = time.monotonic()
+                    deliver(job, chunk)
+                case JobUpdate(job=job, event=Done(completion=completion)):
+                    self._finish(job, completion)
+                case JobUpdate(job=job, event=Failed(error=error)):
+                    self._finish(job, error)
+                case JobUpdate(job=job, event=Stopped()):
+                    self._finish(job, job.stop_reason or Cancelled("the request was cancelled"))
+                case JobUpdate(job=job, event=Crashed(how=how)):
+                    self._finish(job, job.stop_reason or WorkerCrashed(
+                        f"the inference worker died ({how}) while generating this request"))
         if self.worker.failure:
             for queued in list(self._queue):
                 self._fail_queued(queued, WorkerCrashed(self.worker.failure))
@@ -265,12 +285,11 @@ class Scheduler:
             waited = now - job.accepted
             self._fail_queued(job, RequestTimeout(f"no result within {waited:.0f} s (worker.request_timeout); "
                                                   f"the request was still queued"))
-        job = self._running
-        if job is not None:
-            stall = self.config.worker.stall_timeout
+        stall = self.config.worker.stall_timeout
+        for job in list(self.worker.running.values()):
             if job.stop_reason is None and job.deadline <= now:
-                self._stop_running(RequestTimeout(f"no result within {now - job.accepted:.0f} s "
-                                                  f"(worker.request_timeout)"))
+                self._stop_running(job, RequestTimeout(f"no result within {now - job.accepted:.0f} s "
+                                                       f"(worker.request_timeout)"))
             elif job.stop_reason is None and not self.guard.paused and now - job.last_progress > stall:
                 log.error("no progress for %.0f s: the worker is stuck; killing it", now - job.last_progress)
                 job.stop_reason = RequestTimeout(f"the worker made no progress for {stall:g} s "
@@ -283,32 +302,39 @@ class Scheduler:
         self.worker.check_timers(now)
 
     def _dispatch(self) -> None:
-        if self._running is not None or not self.worker.idle:
-            return
-        if self.guard.hold is not None:
-            if self.guard.conditions.memory == "critical" and self.worker.loaded is not None:
-                self.worker.unload()
-            return
-        if self._queue:
-            target = self._queue[0].model_id
-        elif self.worker.loaded is None and self.default_model not in self._failed_models:
-            target = self.default_model
-            if self.guard.refused_until(target) > time.monotonic():
+        """Load what the queue needs and start jobs while the worker has room."""
+        while self.worker.settled:
+            if self.guard.hold is not None:
+                critical = self.guard.conditions.memory == "critical"
+                if critical and self.worker.loaded is not None and not self.worker.running:
+                    self.worker.unload()
                 return
-        else:
-            return
-        if target != self.worker.loaded:
-            self._load(target)
-            return
-        job = self._queue.popleft()
+            if self._queue:
+                target = self._queue[0].model_id
+            elif self.worker.loaded is None and not self.worker.running \
+                    and self.default_model not in self._failed_models:
+                target = self.default_model
+                if self.guard.refused_until(target) > time.monotonic():
+                    return
+            else:
+                return
+            if target != self.worker.loaded:
+                if not self.worker.running:  # another model: once what runs has finished
+                    self._load(target)
+                return
+            if not self.worker.free:
+                return
+            self._start(self._queue.popleft())
+
+    def _start(self, job: Job) -> None:
         self.metrics.queue_depth.set(len(self._queue))
-        capped = self.guard.max_tokens(job.task.params.max_tokens)
-        if capped != job.task.params.max_tokens:
+        requested = job.task.params.max_tokens
+        capped = self.guard.max_tokens(requested) if requested is not None else None
+        if capped != requested:
             job.task = replace(job.task, params=replace(job.task.params, max_tokens=capped))
-        job.started = job.last_progress = time.monotonic()
-        self._running = job
-        self.metrics.running.set(1)
-        self.worker.generate(job.key, job.task)
+        job.last_progress = time.monotonic()
+        self.worker.generate(job)
+        self.metrics.running.set(len(self.worker.running))
 
     def _load(self, model_id: str) -> None:
         entry = self.catalog.get(model_id)
@@ -317,7 +343,7 @@ class Scheduler:
             self._model_failed(model_id, ModelError(problem, param="model"))
             return
         try:
-            backends.precheck(entry)  # cheap refusals first, while the loaded model still serves
+            backends.probe_for(entry.backend).check(entry)  # cheap refusals first, while the loaded model still serves
             self.guard.admit(entry, self.worker.loaded_entry)
         except InsufficientMemory as exc:  # may fit later: tried again after a while or a change of memory level
             log.error("%s", exc.message)
@@ -339,9 +365,8 @@ class Scheduler:
             self._failed_models[model_id] = error
         self._fail_queued_for(model_id, error)
 
-    def _stop_running(self, error: ApplianceError) -> None:
-        job = self._running
-        if job is None or job.stop_reason is not None:
+    def _stop_running(self, job: Job, error: ApplianceError) -> None:
+        if job.stop_reason is not None:
             return
         job.stop_reason = error
         job.stop_deadline = time.monotonic() + self.config.worker.cancel_grace
@@ -354,17 +379,15 @@ class Scheduler:
     def _fail_queued(self, job: Job, error: ApplianceError) -> None:
         self._queue.remove(job)
         self.metrics.queue_depth.set(len(self._queue))
-        self._finish(job, error=error)
+        self._finish(job, error)
 
-    def _finish(self, job: Job, *, result: Completion | None = None, error: ApplianceError | None = None) -> None:
+    def _finish(self, job: Job, result: Completion | ApplianceError) -> None:
         if job.finished:
             return
-        if job is self._running:
-            self._running = None
-            self.metrics.running.set(0)
+        self.metrics.running.set(len(self.worker.running))
         with self._lock:
             self._outstanding -= 1
-        self.reporter.finish(job, result, error)
+        self.reporter.finish(job, result)
 
     def _publish_status(self) -> None:
         if not self._accepting:
@@ -383,13 +406,3 @@ class Scheduler:
             state, reason = ("degraded", problem) if problem else ("starting", "")
         self.status.set(state, model=model, reason=reason, warnings=self.guard.conditions.status_warnings)
 
-
-def _threads(configured: int) -> int:
-    if configured > 0:
-        return configured
-    try:
-        import psutil
-        return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-    except ImportError:
-        import os
-        return os.cpu_count() or 1

@@ -1,9 +1,10 @@
-"""The worker's life as the scheduler sees it: spawn, load, generate, crash, back off, restart.
+"""The inference worker's life as the scheduler sees it: spawn, load, generate, crash, back off, restart.
 
-:class:`WorkerSlot` wraps the current :class:`WorkerProcess` and turns its raw messages into a few outcomes
-(``piece``, ``done``, ``failed``, ``cancelled``, ``crashed``, ``load_failed``). It is used only from the scheduler
-thread; raw events reach it through the scheduler's inbox, tagged with the process generation so that messages
-from a process that was already replaced are dropped.
+:class:`WorkerSlot` holds the current worker process and the jobs running on it (a mapping by job key: the worker
+runs ``capacity`` of them at once). It is used only from the scheduler thread. The worker's messages reach it
+through the scheduler's inbox, tagged with the process generation so that messages from a process that was
+already replaced are dropped; :meth:`WorkerSlot.on_message` turns them into what the scheduler acts on: a
+:class:`JobUpdate` for a job, or a :class:`~appliance.messages.LoadFailed`.
 """
 
 from __future__ import annotations
@@ -13,18 +14,60 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from appliance.backends.base import EngineSettings, GenerationTask, ModelInfo
-from appliance.catalog import ModelEntry
+from appliance.backends.base import EngineSettings, ModelInfo
+from appliance.catalog.entry import ModelEntry
 from appliance.config import Config
+from appliance.errors import ModelError
+from appliance.generation.jobs import Job
+from appliance.messages import (
+    Cancel,
+    Chunk,
+    Crashed,
+    Done,
+    Exited,
+    Failed,
+    Generate,
+    Load,
+    Loaded,
+    LoadFailed,
+    Pause,
+    Progress,
+    Ready,
+    Resume,
+    Stopped,
+    Throttle,
+    Unload,
+    Unloaded,
+    WorkerMessage,
+)
 from appliance.metrics import Metrics
-from appliance.process.handle import WorkerProcess
+from appliance.process.handle import ChildHandle, Spawn, WorkerProcess
+from appliance.process.llm_worker import LlmWorker
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 LOAD_CRASHES_BEFORE_GIVING_UP = 3
+CAPACITY = 1  # jobs one worker generates at once
+
+
+@dataclass(frozen=True, slots=True)
+class FromWorker:
+    """A message from worker process number ``generation``, as it waits in the scheduler's inbox."""
+
+    generation: int
+    message: WorkerMessage
+
+
+@dataclass(frozen=True, slots=True)
+class JobUpdate:
+    """What happened to a running job: Progress, Chunk, Done, Failed, Stopped or Crashed."""
+
+    job: Job
+    event: Progress | Chunk | Done | Failed | Stopped | Crashed
 
 
 def describe_exit(code: int | None) -> str:
@@ -38,21 +81,32 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """What the worker has loaded."""
+
+    entry: ModelEntry
+    info: ModelInfo
+
+
 class WorkerSlot:
     def __init__(self, settings: EngineSettings, config: Config, metrics: Metrics,
-                 post: Callable[[tuple], None]) -> None:
+                 post: Callable[[FromWorker], None], spawn: Spawn = WorkerProcess) -> None:
         self.settings = settings
         self.config = config
         self.metrics = metrics
         self._post = post
-        self._process: WorkerProcess | None = None
+        self._spawn = spawn
+        self._program = LlmWorker(settings, verify=config.models.verify)
+        self._process: ChildHandle | None = None
         self._generation = 0
-        self._state = "down"  # down | starting | idle | loading | unloading | generating | failed
-        self.loaded: str | None = None
-        self.info: ModelInfo | None = None
+        self._state = "down"  # down | starting | ready | loading | unloading | failed
+        #: the jobs the worker is generating now, by key
+        self.running: dict[int, Job] = {}
+        self._model: _Model | None = None
+        self._before_load: _Model | None = None  # kept if the next load is refused before it unloads this one
         self._loading: ModelEntry | None = None
         self._load_deadline = 0.0
-        self._job_key: int | None = None
         self._restart_at: float | None = None
         self._backoff = BACKOFF_FIRST
         self._load_crashes: dict[str, int] = {}
@@ -60,12 +114,38 @@ class WorkerSlot:
         self._crashes: deque[float] = deque()
         self.failure = ""  # set when the worker crashed too often and stays down
         self._closing = False
-        self.loaded_entry: ModelEntry | None = None
-        self._before_load: tuple = (None, None, None)
         self._held_model = False  # this process has loaded a model (the next load gets a fresh process)
         self._pending_load: ModelEntry | None = None
         self._throttle = (settings.threads, 0.0)
         self._paused = False
+
+    # -- what the scheduler reads ------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def settled(self) -> bool:
+        """The process is up and no load or unload is in flight."""
+        return self._state == "ready"
+
+    @property
+    def free(self) -> int:
+        """How many more jobs the worker can start now."""
+        return CAPACITY - len(self.running) if self.settled else 0
+
+    @property
+    def loaded(self) -> str | None:
+        return self._model.entry.id if self._model else None
+
+    @property
+    def loaded_entry(self) -> ModelEntry | None:
+        return self._model.entry if self._model else None
+
+    @property
+    def throttled(self) -> tuple[int, float]:
+        return self._throttle
 
     # -- commands ----------------------------------------------------------------------------------------------
 
@@ -74,18 +154,13 @@ class WorkerSlot:
         generation = self._generation
         self._state = "starting"
         self._restart_at = None
-        self._process = WorkerProcess(
-            self.settings, verify=self.config.models.verify, log_level=logging.getLogger("appliance").level,
-            on_event=lambda event: self._post((generation, event)), generation=generation)
+        self._process = self._spawn(self._program, generation,
+                                    lambda message: self._post(FromWorker(generation, message)))
         log.info("worker process %s started", self._process.pid)
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def idle(self) -> bool:
-        return self._state == "idle"
+    def _send(self, message: object) -> None:
+        if self._process is not None:
+            self._process.send(message)
 
     def load(self, entry: ModelEntry) -> None:
         """Load a model; a process that already held another model is replaced by a fresh one first.
@@ -96,48 +171,42 @@ class WorkerSlot:
         """
         log.info("loading model %s (%s)", entry.id, entry.path.name)
         self._state, self._loading = "loading", entry
-        self._before_load = (self.loaded, self.info, self.loaded_entry)  # kept if the new one is refused early
-        self.loaded, self.info, self.loaded_entry = None, None, None
+        self._before_load, self._model = self._model, None
         self._load_deadline = time.monotonic() + self.config.worker.load_timeout
         if self._held_model:
-            self._before_load = (None, None, None)
-            self._process.close()  # its exit is of an older generation: not a crash
+            self._before_load = None
+            if self._process is not None:
+                self._process.close()  # its exit is of an older generation: not a crash
             self.start()
             self._state, self._pending_load = "loading", entry  # sent once the new process is ready
             return
         self._held_model = True
-        self._process.send(("load", entry))
+        self._send(Load(entry))
 
     def unload(self) -> None:
         log.info("unloading model %s", self.loaded)
         self._state = "unloading"
-        self._process.send(("unload",))
+        self._send(Unload())
 
     def pause(self, paused: bool) -> None:
-        """Hold (or release) the running generation between tokens; also applies to later ones."""
+        """Hold (or release) the running generations between tokens; also applies to later ones."""
         if paused != self._paused:
             self._paused = paused
-            if self._process is not None:
-                self._process.send(("pause",) if paused else ("resume",))
+            self._send(Pause() if paused else Resume())
 
     def throttle(self, threads: int, token_delay: float) -> None:
         if (threads, token_delay) != self._throttle:
             log.info("worker throttle: %d threads, %.3f s between tokens", threads, token_delay)
             self._throttle = (threads, token_delay)
-            if self._process is not None:
-                self._process.send(("throttle", threads, token_delay))
+            self._send(Throttle(threads, token_delay))
 
-    @property
-    def throttled(self) -> tuple[int, float]:
-        return self._throttle
-
-    def generate(self, key: int, task: GenerationTask) -> None:
-        self._state, self._job_key = "generating", key
-        self._process.send(("generate", key, task))
+    def generate(self, job: Job) -> None:
+        self.running[job.key] = job
+        self._send(Generate(job.key, job.task))
 
     def cancel(self, key: int) -> None:
-        if self._process is not None and self._job_key == key:
-            self._process.send(("cancel", key))
+        if key in self.running:
+            self._send(Cancel(key))
 
     def kill(self) -> None:
         if self._process is not None:
@@ -164,62 +233,60 @@ class WorkerSlot:
             log.error("model load took longer than worker.load_timeout; killing the worker")
             self.kill()
 
-    # -- events ------------------------------------------------------------------------------------------------
+    # -- messages ----------------------------------------------------------------------------------------------
 
-    def on_event(self, tagged: tuple) -> tuple | None:
-        generation, event = tagged
-        if generation != self._generation or self._closing:
-            return None
-        kind = event[0]
-        if kind == "ready":
-            self._state, self._held_model = "idle", False
-            # a restarted process starts unthrottled and running: tell it the current settings
-            if self._throttle != (self.settings.threads, 0.0):
-                self._process.send(("throttle", *self._throttle))
-            if self._paused:
-                self._process.send(("pause",))
-            if self._pending_load is not None:
-                entry, self._pending_load = self._pending_load, None
-                self._state, self._held_model = "loading", True
-                self._process.send(("load", entry))
-        elif kind == "unloaded":
-            self._state, self.loaded, self.info, self.loaded_entry = "idle", None, None, None
-        elif kind == "loaded":
-            self._state, self.info = "idle", event[1]
-            self.loaded, self.loaded_entry, self._loading = self.info.id, self._loading, None
-            self._backoff = BACKOFF_FIRST
-            self._load_crashes.pop(self.loaded, None)
-            self._last_crash = ""
-            log.info("model %s loaded (context %d, chat template: %s)", self.info.id, self.info.context_size,
-                     self.info.chat_template)
-        elif kind == "load_failed":
-            entry, self._loading, self._state = self._loading, None, "idle"
-            if event[3] is not None and self._before_load[0] == event[3]:
-                self.loaded, self.info, self.loaded_entry = self._before_load
-            log.error("model %s failed to load: %s", entry.id, event[2])
-            return ("load_failed", entry.id, event[1], event[2])
-        elif kind in ("piece", "progress", "done", "failed", "cancelled"):
-            if event[1] != self._job_key:
-                return None
-            if kind == "piece":
-                return ("piece", event[2])
-            if kind == "progress":
-                return ("progress",)
-            self._state, self._job_key = "idle", None
-            if kind == "done":
-                return ("done", event[2])
-            if kind == "failed":
-                return ("failed", (event[2], event[3], event[4]))
-            return ("cancelled",)
-        elif kind == "exited":
-            return self._on_exit(event[1])
-        return None
+    def on_message(self, tagged: FromWorker) -> list[JobUpdate | LoadFailed]:
+        if tagged.generation != self._generation or self._closing:
+            return []
+        match tagged.message:
+            case Ready():
+                self._on_ready()
+            case Unloaded():
+                self._state, self._model = "ready", None
+            case Loaded(info=info):
+                self._on_loaded(info)
+            case LoadFailed() as failed:
+                return [self._on_load_failed(failed)]
+            case Progress(key=key) | Chunk(key=key) as event if key in self.running:
+                return [JobUpdate(self.running[key], event)]
+            case Done(key=key) | Failed(key=key) | Stopped(key=key) as event if key in self.running:
+                return [JobUpdate(self.running.pop(key), event)]
+            case Exited(code=code):
+                return self._on_exit(code)
+        return []
 
-    def _on_exit(self, code: int | None) -> tuple | None:
+    def _on_ready(self) -> None:
+        self._state, self._held_model = "ready", False
+        # a restarted process starts unthrottled and running: tell it the current settings
+        if self._throttle != (self.settings.threads, 0.0):
+            self._send(Throttle(*self._throttle))
+        if self._paused:
+            self._send(Pause())
+        if self._pending_load is not None:
+            entry, self._pending_load = self._pending_load, None
+            self._state, self._held_model = "loading", True
+            self._send(Load(entry))
+
+    def _on_loaded(self, info: ModelInfo) -> None:
+        assert self._loading is not None  # Loaded only ever answers a Load
+        self._state, self._model, self._loading = "ready", _Model(self._loading, info), None
+        self._backoff = BACKOFF_FIRST
+        self._load_crashes.pop(info.id, None)
+        self._last_crash = ""
+        log.info("model %s loaded (context %d, chat template: %s)", info.id, info.context_size, info.chat_template)
+
+    def _on_load_failed(self, failed: LoadFailed) -> LoadFailed:
+        self._loading, self._state = None, "ready"
+        if failed.still_loaded is not None and self._before_load and self._before_load.entry.id == failed.still_loaded:
+            self._model = self._before_load
+        log.error("model %s failed to load: %s", failed.model_id, failed.error.message)
+        return failed
+
+    def _on_exit(self, code: int | None) -> list[JobUpdate | LoadFailed]:
         how = describe_exit(code)
-        was, loading = self._state, self._loading
-        self._process, self._state, self.loaded, self.info, self._loading = None, "down", None, None, None
-        self.loaded_entry, self._job_key = None, None
+        was = "generating" if self.running else {"ready": "idle"}.get(self._state, self._state)
+        loading, crashed = self._loading, self.running
+        self._process, self._state, self._model, self._loading, self.running = None, "down", None, None, {}
         self._last_crash = how
         now = time.monotonic()
         self._crashes.append(now)
@@ -239,15 +306,15 @@ class WorkerSlot:
             log.error("worker process exited (%s) while %s; restarting it in %.1f s", how, was, self._backoff)
             self._restart_at = now + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-        if was == "generating":
-            return ("crashed", how)
+        if crashed:
+            return [JobUpdate(job, Crashed(key, how)) for key, job in crashed.items()]
         if was == "loading" and loading is not None:
             crashes = self._load_crashes.get(loading.id, 0) + 1
             self._load_crashes[loading.id] = crashes
             if crashes >= LOAD_CRASHES_BEFORE_GIVING_UP:
-                return ("load_failed", loading.id, "model_error",
-                        f"model '{loading.id}': the worker died {crashes} times while loading it (last: {how})")
-        return None
+                return [LoadFailed(loading.id, ModelError(
+                    f"model '{loading.id}': the worker died {crashes} times while loading it (last: {how})"))]
+        return []
 
     def describe(self) -> tuple[str, str | None, str]:
         """(state, model, reason) for the status board; the scheduler adds 'busy' and failures."""

@@ -1,41 +1,64 @@
-"""The inference child process: one backend, one loaded model, one generation at a time.
+"""The inference worker: a child process with one backend and one loaded model.
 
 It runs apart from the transports so that a crash, an abort or an OOM kill inside the engine cannot take MQTT or
-HTTP down. It talks to the parent over a pipe in small tuples:
-
-parent -> child   ("load", entry) | ("unload",) | ("generate", job_key, task) | ("cancel", job_key)
-                  | ("pause",) | ("resume",) | ("throttle", threads, seconds_between_tokens) | ("shutdown",)
-child -> parent   ("ready", pid) | ("loaded", info) | ("unloaded",)
-                  | ("load_failed", code, message, id of the model still loaded or None)
-                  | ("progress", job_key, done, total) (prompt batches; total 0: tokens generated so far)
-                  | ("piece", job_key, text) (streamed requests only)
-                  | ("done", job_key, finished) | ("failed", job_key, code, message, param)
-                  | ("cancelled", job_key)
+HTTP down. It answers the parent's messages (appliance/messages.py): Load, Unload, Generate, Cancel, Pause, Resume,
+Throttle and Shutdown; every reply about a job carries the job's key.
 
 Request text crosses the pipe but is never logged here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import faulthandler
 import logging
 import os
-import signal
 import time
 from collections import deque
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
+from typing import ClassVar
 
 from appliance import backends, catalog
-from appliance.backends.base import Backend, EngineSettings, Piece, PromptProgress
-from appliance.errors import ApplianceError, Internal
+from appliance.backends.base import Backend, EngineSettings, GenerationTask, Piece, PromptProgress
+from appliance.catalog.entry import ModelEntry
+from appliance.errors import ApplianceError, Internal, ModelError
+from appliance.messages import (
+    Cancel,
+    Chunk,
+    Done,
+    Failed,
+    Generate,
+    Load,
+    Loaded,
+    LoadFailed,
+    Pause,
+    Progress,
+    Ready,
+    Resume,
+    Shutdown,
+    Stopped,
+    Throttle,
+    Unload,
+    Unloaded,
+)
 from appliance.protocol import Completion
 
 log = logging.getLogger("appliance.worker")
 
-OOM_SCORE_ADJ = 800
 PROGRESS_EVERY = 0.5  # seconds between liveness reports of a non-streamed generation
+
+
+@dataclass(frozen=True)
+class LlmWorker:
+    """The inference worker's program (appliance/process/bootstrap.py starts it)."""
+
+    settings: EngineSettings
+    verify: bool  # check each model's sha256 before loading it
+
+    name: ClassVar[str] = "appliance-worker"
+    oom_score_adj: ClassVar[int] = 800
+
+    def serve(self, conn: Connection) -> None:
+        _Child(conn, self.settings, self.verify).run()
 
 
 class _Child:
@@ -45,28 +68,28 @@ class _Child:
         self.verify = verify
         self.backend: Backend | None = None
         self.loaded_id: str | None = None
-        self.backlog: deque = deque()  # messages that arrived while generating
+        self.backlog: deque[object] = deque()  # messages that arrived while generating
         self.stopping = False
         self.paused = False
         self.threads = settings.threads
         self.token_delay = 0.0
 
     def run(self) -> None:
-        self.conn.send(("ready", os.getpid()))
+        self.conn.send(Ready(os.getpid()))
         while not self.stopping:
             message = self.backlog.popleft() if self.backlog else self.conn.recv()
-            op = message[0]
-            if op == "load":
-                self._load(message[1])
-            elif op == "generate":
-                self._generate(message[1], message[2])
-            elif op == "unload":
-                self._close_backend()
-                self.conn.send(("unloaded",))
-            elif op == "shutdown":
-                self.stopping = True
-            else:
-                self._control(message)  # a "cancel" for a job that is no longer running needs nothing
+            match message:
+                case Load(entry=entry):
+                    self._load(entry)
+                case Generate(key=key, task=task):
+                    self._generate(key, task)
+                case Unload():
+                    self._close_backend()
+                    self.conn.send(Unloaded())
+                case Shutdown():
+                    self.stopping = True
+                case _:
+                    self._control(message)  # a Cancel for a job that is no longer running needs nothing
         self._close_backend()
 
     def _close_backend(self) -> None:
@@ -74,31 +97,29 @@ class _Child:
             self.backend.close()
             self.backend, self.loaded_id = None, None
 
-    def _control(self, message: tuple) -> bool:
-        """Apply a pause, resume or throttle message; False for anything else."""
-        op = message[0]
-        if op == "pause":
-            self.paused = True
-        elif op == "resume":
-            self.paused = False
-        elif op == "throttle":
-            self.threads, self.token_delay = message[1], message[2]
-            if self.backend is not None:
-                self.backend.set_threads(self.threads)
-        else:
-            return False
+    def _control(self, message: object) -> bool:
+        """Apply a Pause, Resume or Throttle; False for anything else."""
+        match message:
+            case Pause():
+                self.paused = True
+            case Resume():
+                self.paused = False
+            case Throttle(threads=threads, token_delay=delay):
+                self.threads, self.token_delay = threads, delay
+                if self.backend is not None:
+                    self.backend.set_threads(threads)
+            case _:
+                return False
         return True
 
-    def _load(self, entry: catalog.ModelEntry) -> None:
+    def _load(self, entry: ModelEntry) -> None:
         try:
-            # what can be refused without loading (digest, architecture) is refused while the current model
-            # still serves
+            # the digest is checked while the current model still serves (the parent probed the file already)
             if self.verify:
                 catalog.verify(entry)
             backend = backends.create(entry.backend, self.settings)
-            backend.check(entry)
         except ApplianceError as exc:
-            self.conn.send(("load_failed", exc.code, exc.message, self.loaded_id))
+            self.conn.send(LoadFailed(entry.id, exc, still_loaded=self.loaded_id))
             return
         self._close_backend()  # one model in memory at a time
         try:
@@ -106,14 +127,14 @@ class _Child:
             if self.threads != self.settings.threads:
                 backend.set_threads(self.threads)
         except ApplianceError as exc:
-            self.conn.send(("load_failed", exc.code, exc.message, None))
+            self.conn.send(LoadFailed(entry.id, exc))
             return
         except Exception as exc:  # an engine bug must be reported, not kill the worker silently
             log.exception("loading model %s failed", entry.id)
-            self.conn.send(("load_failed", Internal.code, f"loading '{entry.id}' failed: {type(exc).__name__}", None))
+            self.conn.send(LoadFailed(entry.id, Internal(f"loading '{entry.id}' failed: {type(exc).__name__}")))
             return
         self.backend, self.loaded_id = backend, entry.id
-        self.conn.send(("loaded", info))
+        self.conn.send(Loaded(info))
 
     def _should_stop(self, key: int) -> bool:
         """Polled by the backend between batches and tokens: has the parent cancelled this job? Also where the
@@ -131,57 +152,47 @@ class _Child:
         """Handle the messages waiting (and block while paused); True when this job must stop."""
         while self.paused or self.conn.poll():
             message = self.conn.recv()  # blocks while paused: nothing runs until resume, cancel or shutdown
-            if message[0] == "cancel" and message[1] == key:
-                return True
-            if message[0] == "shutdown":
-                self.stopping = True
-                return True
-            if not self._control(message) and message[0] != "cancel":
-                self.backlog.append(message)
+            match message:
+                case Cancel(key=cancelled) if cancelled == key:
+                    return True
+                case Shutdown():
+                    self.stopping = True
+                    return True
+                case Cancel():
+                    pass  # for a job that already ended
+                case _:
+                    if not self._control(message):
+                        self.backlog.append(message)
         return False
 
-    def _generate(self, key: int, task) -> None:
+    def _generate(self, key: int, task: GenerationTask) -> None:
         if self.backend is None:
-            self.conn.send(("failed", key, "model_error", "no model is loaded", None))
+            self.conn.send(Failed(key, ModelError("no model is loaded")))
             return
         finished, pieces, last_report = False, 0, time.monotonic()
         try:
             for event in self.backend.generate(task, lambda: self._should_stop(key)):
-                if isinstance(event, Piece):
-                    pieces += 1
-                    if task.stream:
-                        self.conn.send(("piece", key, event.text))
-                    elif time.monotonic() - last_report >= PROGRESS_EVERY:
-                        # Without a stream, one small message a second is enough to show the worker is alive;
-                        # a message per token would cost the parent CPU that the engine's threads need.
-                        last_report = time.monotonic()
-                        self.conn.send(("progress", key, pieces, 0))
-                elif isinstance(event, PromptProgress):
-                    self.conn.send(("progress", key, event.done, event.total))
-                elif isinstance(event, Completion):
-                    finished = True
-                    self.conn.send(("done", key, event))
+                match event:
+                    case Piece(text=text):
+                        pieces += 1
+                        if task.stream:
+                            self.conn.send(Chunk(key, pieces, text))
+                        elif time.monotonic() - last_report >= PROGRESS_EVERY:
+                            # Without a stream, one small message a second is enough to show the worker is alive;
+                            # a message per token would cost the parent CPU that the engine's threads need.
+                            last_report = time.monotonic()
+                            self.conn.send(Progress(key, pieces, 0))
+                    case PromptProgress(done=done, total=total):
+                        self.conn.send(Progress(key, done, total))
+                    case Completion():
+                        finished = True
+                        self.conn.send(Done(key, event))
         except ApplianceError as exc:
-            self.conn.send(("failed", key, exc.code, exc.message, exc.param))
+            self.conn.send(Failed(key, exc))
             return
         except Exception as exc:
             log.exception("generation failed inside the engine")
-            self.conn.send(("failed", key, "model_error", f"the engine failed: {type(exc).__name__}", None))
+            self.conn.send(Failed(key, ModelError(f"the engine failed: {type(exc).__name__}")))
             return
         if not finished:
-            self.conn.send(("cancelled", key))
-
-
-def main(conn: Connection, settings: EngineSettings, verify: bool, log_level: int) -> None:
-    """Entry point of the child process (started with the ``spawn`` method)."""
-    # The parent owns shutdown: Ctrl-C in a terminal reaches the whole process group, so ignore it here and
-    # wait for the parent's "shutdown" message (or its death, which closes the pipe).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # When memory runs out, the kernel should kill this process (the service restarts it), not the one holding
-    # the MQTT session and the HTTP server. Raising one's own score needs no privilege.
-    with contextlib.suppress(OSError):
-        Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
-    faulthandler.enable()  # a segfault in the engine leaves a traceback on stderr for the journal
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):  # the parent went away
-        _Child(conn, settings, verify).run()
+            self.conn.send(Stopped(key))

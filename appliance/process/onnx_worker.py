@@ -1,88 +1,42 @@
-"""The ONNX child process: onnxruntime sessions for the catalog's tensor models, one request at a time.
+"""The ONNX worker: a child process that runs the catalog's tensor models, one request at a time.
 
-parent -> child   ("infer", key, entry, {input name: ndarray}) | ("shutdown",)
-child -> parent   ("ready", pid) | ("result", key, {output name: ndarray}, milliseconds)
-                  | ("failed", key, code, message)
+It answers Infer with Inferred or Failed (appliance/messages.py), until Shutdown.
 """
 
 from __future__ import annotations
 
-import contextlib
-import faulthandler
-import logging
 import os
-import signal
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
+from typing import ClassVar
 
-from appliance import catalog
-from appliance.catalog import ModelEntry
-from appliance.errors import ApplianceError, BackendUnavailable, ModelError
-
-log = logging.getLogger("appliance.infer")
-OOM_SCORE_ADJ = 700
+from appliance.backends.onnx import OnnxSessions
+from appliance.errors import ApplianceError
+from appliance.messages import Failed, Infer, Inferred, Ready, Shutdown
 
 
-class _Sessions:
-    def __init__(self, verify: bool) -> None:
-        self.verify = verify
-        self._sessions: dict[str, object] = {}
+@dataclass(frozen=True)
+class OnnxWorker:
+    """The ONNX worker's program (appliance/process/bootstrap.py starts it)."""
 
-    def get(self, entry: ModelEntry):
-        key = f"{entry.id}:{entry.sha256}"
-        if key not in self._sessions:
-            try:
-                import onnxruntime
-            except ImportError:
-                raise BackendUnavailable("ONNX models need onnxruntime: pip install 'appliance[onnx]'") from None
-            if self.verify:
-                catalog.verify(entry)
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = 1  # sensor models are small; leave the cores to the language model
-            options.log_severity_level = 3
-            try:
-                session = onnxruntime.InferenceSession(str(entry.path), options, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise ModelError(f"model '{entry.id}': onnxruntime could not load {entry.path}: {exc}") from None
-            wanted = {s.name for s in entry.inputs}
-            actual = {i.name for i in session.get_inputs()}
-            if wanted != actual:
-                raise ModelError(f"model '{entry.id}': the catalog declares inputs {sorted(wanted)} but the file "
-                                 f"has {sorted(actual)}")
-            self._sessions[key] = session
-            log.info("loaded ONNX model %s", entry.id)
-        return self._sessions[key]
+    verify: bool  # check each model's sha256 before opening it
 
-    def run(self, entry: ModelEntry, arrays: dict) -> dict:
-        session = self.get(entry)
-        names = [o.name for o in session.get_outputs()]
-        try:
-            values = session.run(names, arrays)
-        except Exception as exc:
-            raise ModelError(f"model '{entry.id}': onnxruntime failed: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:300]}") from None
-        return dict(zip(names, values, strict=True))
+    name: ClassVar[str] = "appliance-infer"
+    oom_score_adj: ClassVar[int] = 700  # below the inference worker's: the language model goes first
 
-
-def main(conn: Connection, verify: bool, log_level: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError):
-        Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
-    faulthandler.enable()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    sessions = _Sessions(verify)
-    with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):
-        conn.send(("ready", os.getpid()))
+    def serve(self, conn: Connection) -> None:
+        sessions = OnnxSessions(self.verify)
+        conn.send(Ready(os.getpid()))
         while True:
-            message = conn.recv()
-            if message[0] == "shutdown":
-                break
-            _, key, entry, arrays = message
-            started = time.perf_counter()
-            try:
-                outputs = sessions.run(entry, arrays)
-            except ApplianceError as exc:
-                conn.send(("failed", key, exc.code, exc.message))
-                continue
-            conn.send(("result", key, outputs, (time.perf_counter() - started) * 1000))
+            match conn.recv():
+                case Shutdown():
+                    return
+                case Infer(key=key, entry=entry, arrays=arrays):
+                    started = time.perf_counter()
+                    try:
+                        outputs = sessions.run(entry, arrays)
+                    except ApplianceError as exc:
+                        conn.send(Failed(key, exc))
+                        continue
+                    conn.send(Inferred(key, outputs, (time.perf_counter() - started) * 1000))

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from appliance.backends.probe import MiB
 from appliance.catalog import ModelEntry
 from appliance.config.schema import Config
 from appliance.errors import ApplianceError, Busy, InsufficientMemory, Overheated
@@ -18,7 +19,7 @@ from appliance.protocol import GenerateRequest
 from appliance.supervisor import admission
 from appliance.supervisor.admission import Footprint
 from appliance.supervisor.policies import Conditions
-from appliance.supervisor.sensors import MemoryReading, MiB
+from appliance.supervisor.sensors import MemoryReading
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from appliance.backends.probe import MiB
 from appliance.config.schema import Config
 from appliance.firstboot import problems as firstboot_problems
 from appliance.generation.scheduler import Scheduler
@@ -20,7 +21,7 @@ from appliance.metrics import Metrics
 from appliance.status import Status, StatusBoard
 from appliance.supervisor.indicators import Indicators
 from appliance.supervisor.policies import Conditions, MemoryPolicy, ThermalPolicy, throttle_warnings
-from appliance.supervisor.sensors import MiB, Sensors
+from appliance.supervisor.sensors import Sensors
 from appliance.supervisor.systemd import Notifier
 
 log = logging.getLogger(__name__)

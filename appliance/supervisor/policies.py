@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from appliance.backends.probe import MiB
 from appliance.config.schema import MemoryConfig, ThermalConfig
-from appliance.supervisor.sensors import MemoryReading, MiB, Throttle
+from appliance.supervisor.sensors import MemoryReading, Throttle
 
 MEMORY_LEVELS = ("normal", "low", "critical")
 THERMAL_LEVELS = ("normal", "soft", "hard")

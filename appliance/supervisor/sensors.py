@@ -20,8 +20,6 @@ from appliance.config.schema import GpioConfig, MemoryConfig, ThermalConfig
 
 log = logging.getLogger(__name__)
 
-MiB = 1 << 20
-
 #: `vcgencmd get_throttled` bits (https://www.raspberrypi.com/documentation/computers/os.html#get_throttled)
 THROTTLE_BITS = {
     0: "under_voltage", 1: "frequency_capped", 2: "throttled", 3: "soft_temperature_limit",

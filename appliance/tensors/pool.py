@@ -1,7 +1,8 @@
 """The parent side of tensor inference: validate, queue (bounded), send to the ONNX child, answer, time out.
 
 Requests are validated here against the catalog's declared inputs, so a malformed tensor never reaches the engine.
-Replies go to a callback with the final payload (a result or an error), which the transport publishes.
+Each request's answer goes to its callback once: a :class:`~appliance.protocol.TensorResult`, or the
+:class:`~appliance.errors.ApplianceError` that ended it; the transport turns it into JSON.
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ from appliance.errors import (
     RequestTimeout,
     UnknownModel,
     WorkerCrashed,
-    error_from_code,
 )
 from appliance.generation.jobs import Reporter
-from appliance.process import onnx_worker as child
-from appliance.process.handle import WorkerProcess
-from appliance.protocol import error_payload, request_id
+from appliance.messages import Exited, Failed, Infer, Inferred
+from appliance.process.handle import ChildHandle, Spawn, WorkerProcess
+from appliance.process.onnx_worker import OnnxWorker
+from appliance.protocol import TensorResult, request_id
 from appliance.supervisor.guard import Guard
 from appliance.tensors.arrays import describe_outputs, to_arrays
 
 log = logging.getLogger(__name__)
 
-Reply = Callable[[dict], None]
+Answer = TensorResult | ApplianceError
+Reply = Callable[[Answer], None]
 RESTART_DELAY = 1.0
 
 
@@ -48,7 +50,8 @@ class _Pending:
 
 
 class InferencePool:
-    def __init__(self, catalog: Catalog, config: Config, reporter: Reporter, guard: Guard) -> None:
+    def __init__(self, catalog: Catalog, config: Config, reporter: Reporter, guard: Guard,
+                 spawn: Spawn = WorkerProcess) -> None:
         self.catalog = catalog
         self.config = config
         self.reporter = reporter
@@ -57,7 +60,9 @@ class InferencePool:
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._keys = itertools.count(1)
-        self._process: WorkerProcess | None = None
+        self._spawn = spawn
+        self._program = OnnxWorker(verify=config.models.verify)
+        self._process: ChildHandle | None = None
         self._generation = 0
         self._closed = False
         self._timer = threading.Thread(target=self._expire, name="infer-timeouts", daemon=True)
@@ -70,10 +75,7 @@ class InferencePool:
     def _spawn(self) -> None:
         self._generation += 1
         generation = self._generation
-        self._process = WorkerProcess(None, verify=self.config.models.verify,
-                                      log_level=logging.getLogger("appliance").level,
-                                      on_event=lambda event: self._on_event(generation, event),
-                                      generation=generation, target=child.main, name="appliance-infer")
+        self._process = self._spawn(self._program, generation, lambda message: self._on_message(generation, message))
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -107,28 +109,26 @@ class InferencePool:
             key = next(self._keys)
             self._pending[key] = pending
             process = self._process
-        if not process.send(("infer", key, entry, arrays)):
-            self._answer(key, error=WorkerCrashed("the ONNX worker is restarting"))
+        if not process.send(Infer(key, entry, arrays)):
+            self._answer(key, WorkerCrashed("the ONNX worker is restarting"))
 
     # -- results -----------------------------------------------------------------------------------------------
 
-    def _on_event(self, generation: int, event: tuple) -> None:
+    def _on_message(self, generation: int, message: object) -> None:
         if generation != self._generation:
             return
-        kind = event[0]
-        if kind == "result":
-            _, key, outputs, ms = event
-            with self._lock:
-                pending = self._pending.get(key)
-            if pending is not None:
-                entry = self.catalog.get(pending.model_id)
-                self._answer(key, payload={"type": "result", "id": pending.rid, "model": pending.model_id,
-                                           "outputs": describe_outputs(outputs, entry.outputs),
-                                           "timings": {"inference_ms": round(ms, 3)}})
-        elif kind == "failed":
-            self._answer(event[1], error=error_from_code(event[2], event[3]))
-        elif kind == "exited":
-            self._on_exit(event[1])
+        match message:
+            case Inferred(key=key, outputs=outputs, milliseconds=ms):
+                with self._lock:
+                    pending = self._pending.get(key)
+                if pending is not None:
+                    entry = self.catalog.get(pending.model_id)
+                    self._answer(key, TensorResult(pending.rid, pending.model_id,
+                                                   describe_outputs(outputs, entry.outputs), ms))
+            case Failed(key=key, error=error):
+                self._answer(key, error)
+            case Exited(code=code):
+                self._on_exit(code)
 
     def _on_exit(self, code: int | None) -> None:
         if self._closed:
@@ -137,26 +137,21 @@ class InferencePool:
         with self._lock:
             keys = list(self._pending)
         for key in keys:
-            self._answer(key, error=WorkerCrashed(f"the ONNX worker died (exit code {code}) with this request"))
+            self._answer(key, WorkerCrashed(f"the ONNX worker died (exit code {code}) with this request"))
         time.sleep(RESTART_DELAY)
         if not self._closed:
             self._spawn()
 
-    def _answer(self, key: int, *, payload: dict | None = None, error: ApplianceError | None = None) -> None:
+    def _answer(self, key: int, answer: Answer) -> None:
         with self._lock:
             pending = self._pending.pop(key, None)
         if pending is None:
             return
-        if error is not None:
-            payload = error_payload(pending.rid, error)
         if pending.transport is not None:
-            if error is not None:
-                self.reporter.record_error(pending.transport, error)
-            else:
-                self.reporter.metrics.requests.labels(pending.transport, "ok").inc()
-            self.reporter.metrics.duration.observe(time.monotonic() - pending.accepted)
+            error = answer if isinstance(answer, ApplianceError) else None
+            self.reporter.record_outcome(pending.transport, pending.accepted, error)
         try:
-            pending.reply(payload)
+            pending.reply(answer)
         except Exception:
             log.exception("reply sink failed")
 
@@ -167,7 +162,7 @@ class InferencePool:
             with self._lock:
                 late = [k for k, p in self._pending.items() if p.deadline <= now]
             for key in late:
-                self._answer(key, error=RequestTimeout("no result within worker.request_timeout"))
+                self._answer(key, RequestTimeout("no result within worker.request_timeout"))
 
     def close(self) -> None:
         """Stop; requests still pending get no answer (MQTT redelivers them after a restart)."""

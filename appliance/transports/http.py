@@ -26,12 +26,12 @@ from appliance.errors import (
     Internal,
     Unauthorized,
     UnknownModel,
-    error_from_code,
 )
 from appliance.generation.scheduler import Job, Scheduler
-from appliance.protocol import Completion, decode_json
+from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
+from appliance.protocol import decode_json, tensor_result_payload
 from appliance.status import SERVING, StatusBoard
-from appliance.tensors.pool import InferencePool
+from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports import openai
 
 log = logging.getLogger(__name__)
@@ -41,22 +41,15 @@ POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is s
 
 
 class QueueSink:
-    """Hands a job's output from the scheduler thread to the HTTP thread serving the request."""
+    """Hands a job's events from the scheduler thread to the HTTP thread serving the request."""
 
     def __init__(self) -> None:
-        self.items: queue.SimpleQueue = queue.SimpleQueue()
+        self.items: queue.SimpleQueue[Chunk | Done | Failed] = queue.SimpleQueue()
 
-    def on_piece(self, job: Job, seq: int, text: str) -> None:
-        self.items.put(("piece", text))
-
-    def on_result(self, job: Job, completion: Completion) -> None:
-        self.items.put(("result", completion))
-
-    def on_error(self, job: Job, error: ApplianceError) -> None:
-        self.items.put(("error", error))
-
-    def on_abandon(self, job: Job) -> None:
-        self.items.put(("error", Cancelled("the appliance is shutting down")))
+    def send(self, job: Job, event: JobEvent) -> None:
+        if isinstance(event, Abandoned):
+            event = Failed(job.key, Cancelled("the appliance is shutting down"))
+        self.items.put(event)
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -148,17 +141,15 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
         """A tensor model (ONNX): {"inputs": {name: nested list}} -> outputs with labels and scores."""
         if infer is None or not infer.models:
             raise UnknownModel(f"unknown tensor model '{model_id}' (available: none)", param="model")
-        answers: queue.SimpleQueue = queue.SimpleQueue()
+        answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
         infer.submit(model_id, body_json(), answers.put, "http")
         try:
-            payload = answers.get(timeout=result_wait)
+            answer = answers.get(timeout=result_wait)
         except queue.Empty:
             return error_response(Internal("no reply from the inference worker"))
-        if payload["type"] == "error":
-            error = error_from_code(payload["error"]["code"], payload["error"]["message"],
-                                    payload["error"].get("param"))
-            return error_response(error, transport_counted=True)
-        return payload
+        if isinstance(answer, ApplianceError):
+            return error_response(answer, transport_counted=True)
+        return tensor_result_payload(answer)
 
     def serve(generate_request, body: dict, kind: str) -> Response:
         sink = QueueSink()
@@ -175,7 +166,7 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
         deadline = time.monotonic() + result_wait
         while True:
             try:
-                kind, value = sink.items.get(timeout=POLL_SECONDS)
+                event = sink.items.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 if disconnected():
                     scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))
@@ -184,10 +175,12 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
                     scheduler.cancel_job(job)
                     return error_response(Internal("no reply from the scheduler"))
                 continue
-            if kind == "result":
-                return Response(json.dumps(shaper.full(value), ensure_ascii=False), mimetype="application/json")
-            if kind == "error":
-                return error_response(value, transport_counted=True)
+            match event:
+                case Done(completion=completion):
+                    return Response(json.dumps(shaper.full(completion), ensure_ascii=False),
+                                    mimetype="application/json")
+                case Failed(error=error):
+                    return error_response(error, transport_counted=True)
 
     def stream_events(job: Job, sink: QueueSink, shaper: openai.ResponseShaper, include_usage: bool,
                       disconnected) -> Iterator[bytes]:
@@ -197,22 +190,23 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
                 yield _sse(first)
             while True:
                 try:
-                    kind, value = sink.items.get(timeout=POLL_SECONDS)
+                    event = sink.items.get(timeout=POLL_SECONDS)
                 except queue.Empty:
                     if disconnected():
                         return
                     continue
-                if kind == "piece":
-                    yield _sse(shaper.delta_chunk(value))
-                elif kind == "result":
-                    for chunk in shaper.final_chunks(value, include_usage):
-                        yield _sse(chunk)
-                    yield _sse("[DONE]")
-                    return
-                else:
-                    yield _sse(openai.error_body(value))
-                    yield _sse("[DONE]")
-                    return
+                match event:
+                    case Chunk(text=text):
+                        yield _sse(shaper.delta_chunk(text))
+                    case Done(completion=completion):
+                        for chunk in shaper.final_chunks(completion, include_usage):
+                            yield _sse(chunk)
+                        yield _sse("[DONE]")
+                        return
+                    case Failed(error=error):
+                        yield _sse(openai.error_body(error))
+                        yield _sse("[DONE]")
+                        return
         finally:
             if not job.finished:  # the client went away mid-stream: free the worker
                 scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))

@@ -28,9 +28,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from appliance.config import Config
 from appliance.errors import ApplianceError, BadRequest, Busy
 from appliance.generation.scheduler import Job, Scheduler
+from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
 from appliance.protocol import (
-    Completion,
     chunk_payload,
     decode_json,
     dumps,
@@ -38,9 +38,10 @@ from appliance.protocol import (
     parse_generate,
     request_id,
     result_payload,
+    tensor_result_payload,
 )
 from appliance.status import Status, StatusBoard
-from appliance.tensors.pool import InferencePool
+from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports.mqtt_acks import AckBook
 from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client
 
@@ -55,22 +56,27 @@ class MqttReply:
         self.transport, self.topic, self.correlation, self.key = transport, topic, correlation, key
         self.stream, self.fleet = stream, fleet
 
-    def on_piece(self, job: Job, seq: int, text: str) -> None:
-        if self.stream:
-            self.transport.publish(self.topic, chunk_payload(job.request.id, seq, text), self.correlation,
-                                   expiry=self.transport.config.mqtt.reply_expiry)
-
-    def on_result(self, job: Job, completion: Completion) -> None:
-        self.transport.answer(self, result_payload(job.request.id, completion))
-
-    def on_error(self, job: Job, error: ApplianceError) -> None:
-        self.refuse(job.request.id, error)
+    def send(self, job: Job, event: JobEvent) -> None:
+        rid = job.request.id
+        match event:
+            case Chunk(seq=seq, text=text) if self.stream:
+                self.transport.publish(self.topic, chunk_payload(rid, seq, text), self.correlation,
+                                       expiry=self.transport.config.mqtt.reply_expiry)
+            case Done(completion=completion):
+                self.transport.answer(self, result_payload(rid, completion))
+            case Failed(error=error):
+                self.refuse(rid, error)
+            case Abandoned():
+                self.abandon(rid)
 
     def refuse(self, rid: str | int | None, error: ApplianceError) -> None:
         self.transport.answer(self, error_payload(rid, error))
 
-    def on_abandon(self, job: Job) -> None:
-        self.abandon(job.request.id)
+    def tensor_answer(self, rid: str | int | None, answer: Answer) -> None:
+        if isinstance(answer, ApplianceError):
+            self.refuse(rid, answer)
+        else:
+            self.transport.answer(self, tensor_result_payload(answer))
 
     def abandon(self, rid: str | int | None) -> None:
         """The appliance is stopping before it could answer."""
@@ -204,7 +210,7 @@ class MqttTransport:
             elif msg.topic.startswith(self.topics.infer_prefix) and self.infer is not None:
                 model_id = msg.topic[len(self.topics.infer_prefix):]
                 self._on_request(client, msg, lambda body, reply: self.infer.submit(
-                    model_id, body, lambda payload: self.answer(reply, payload), "mqtt"))
+                    model_id, body, lambda answer: reply.tensor_answer(request_id(body), answer), "mqtt"))
             elif msg.topic in (self.topics.cancel, self.topics.fleet_cancel):
                 self._on_cancel(msg)
                 self._ack({(client, msg.mid, msg.qos)})

@@ -104,10 +104,10 @@ def test_a_corrupted_default_model_is_refused_naming_both_digests(gemma_app, tmp
 
 def test_memory_estimate_bounds_the_worker(gemma_app):
     """The admission estimate is an upper bound of what the loaded Gemma worker really holds."""
+    from appliance.backends.probe import MiB
     from appliance.catalog import Catalog
     from appliance.config import load_config
     from appliance.supervisor import admission
-    from appliance.supervisor.sensors import MiB
     path = gemma_app.workdir / gemma_app.device / "models" / default_model.FILE_NAME
     config = load_config(None, env={"APPLIANCE_WORKER_CONTEXT_SIZE": str(CONTEXT),
                                     "APPLIANCE_WORKER_BATCH_SIZE": str(BATCH)})

@@ -105,6 +105,7 @@ def test_watchdog_pings_stop_when_the_scheduler_hangs(tmp_path, catalog_path, mo
     """A sink that never returns hangs the scheduler loop: the watchdog pings stop, so systemd would restart us."""
     import threading
 
+    from appliance.messages import Done
     from appliance.protocol import parse_generate
     from appliance.supervisor import loop as supervisor_module
     from appliance.supervisor.systemd import Notifier
@@ -136,11 +137,9 @@ def test_watchdog_pings_stop_when_the_scheduler_hangs(tmp_path, catalog_path, mo
     release = threading.Event()
 
     class StuckSink:
-        def on_piece(self, job, seq, text): ...
-        def on_result(self, job, completion):
-            release.wait(30)  # a bug that blocks the scheduler thread
-        def on_error(self, job, error): ...
-        def on_abandon(self, job): ...
+        def send(self, job, event):
+            if isinstance(event, Done):
+                release.wait(30)  # a bug that blocks the scheduler thread
 
     try:
         service.start()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from appliance.backends.probe import MiB
 from appliance.catalog import Catalog
 from appliance.catalog.gguf_meta import Architecture, ArrayInfo, read_metadata
 from appliance.config import load_config
 from appliance.errors import InsufficientMemory, ModelError
 from appliance.supervisor import admission
-from appliance.supervisor.sensors import MiB
 from tests.support import tiny_models
 
 
