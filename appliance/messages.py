@@ -19,7 +19,7 @@ Request text crosses the pipe inside ``Generate`` and ``Chunk`` but is never log
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, dataclass_transform
 
 from appliance.errors import ApplianceError
 from appliance.protocol import Completion
@@ -28,54 +28,62 @@ if TYPE_CHECKING:
     from appliance.backends.base import GenerationTask, ModelInfo
     from appliance.catalog.entry import ModelEntry
 
+T = TypeVar("T")
+
+
+@dataclass_transform(frozen_default=True)
+def message(cls: type[T]) -> type[T]:
+    """Make ``cls`` a message: a frozen dataclass with slots (small, immutable, matched by type and fields)."""
+    return dataclass(frozen=True, slots=True)(cls)
+
 
 # -- parent -> a worker --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@message
 class Load:
     entry: ModelEntry
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Unload:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Generate:
     key: int
     task: GenerationTask
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Cancel:
     """Stop job ``key`` early; a cancel for a job that is no longer running needs nothing."""
 
     key: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Pause:
     """Hold every generation between tokens until Resume (the board is too hot)."""
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Resume:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Throttle:
     threads: int
     token_delay: float  # seconds of rest after each token
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Shutdown:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Infer:
     """Run a tensor model on arrays already checked against its declared inputs."""
 
@@ -86,29 +94,29 @@ class Infer:
 
 # -- a worker -> parent --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@message
 class Ready:
     pid: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Loaded:
     info: ModelInfo
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Unloaded:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class LoadFailed:
     model_id: str
     error: ApplianceError
     still_loaded: str | None = None  # refused before the loaded model was closed: this one still serves
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Progress:
     """Job ``key`` is alive: prompt batches evaluated (``done`` of ``total``), or, with total 0, tokens generated
     so far by a generation that streams nothing."""
@@ -118,7 +126,7 @@ class Progress:
     total: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Chunk:
     """A piece of job ``key``'s text, numbered from 1 (streamed requests only)."""
 
@@ -127,46 +135,46 @@ class Chunk:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Done:
     key: int
     completion: Completion
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Failed:
     key: int
     error: ApplianceError
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Stopped:
     """Job ``key`` ended early because the parent cancelled it (the parent knows why)."""
 
     key: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Inferred:
     key: int
     outputs: dict[str, Any]
     milliseconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Exited:
     code: int | None  # negative: killed by that signal
 
 
 # -- inside the parent ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@message
 class Crashed:
     key: int
     how: str  # "killed by SIGKILL", "exit code 3"
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Abandoned:
     """The appliance is shutting down before job ``key`` finished (MQTT leaves it unacked for redelivery)."""
 

@@ -94,7 +94,7 @@ _FIELDS = {"id", "model", "prompt", "messages", "max_tokens", "temperature", "to
 PRIORITIES = ("normal", "low")
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, *, integer: bool = False) -> Any:
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float, *, integer: bool = False) -> Any:
     value = body.get(name, default)
     if value is None:
         return default
@@ -106,7 +106,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float, *, i
     return value if integer else float(value)
 
 
-def _stop(body: dict) -> tuple[str, ...]:
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
         return ()
@@ -134,16 +134,17 @@ def _messages(value: Any) -> tuple[Message, ...]:
             raise BadRequest(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", param=f"{where}.role")
         if isinstance(content, list):  # OpenAI content parts: only text parts are meaningful here
             parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+            texts = [p for p in parts if isinstance(p, str)]
+            if len(texts) != len(content):
                 raise BadRequest(f"'{where}.content' parts must all be text", param=f"{where}.content")
-            content = "".join(parts)
+            content = "".join(texts)
         if not isinstance(content, str):
             raise BadRequest(f"'{where}.content' must be a string", param=f"{where}.content")
         out.append(Message(role, content))
     return tuple(out)
 
 
-def request_id(body: dict) -> str | int | None:
+def request_id(body: object) -> str | int | None:
     """The request's id if it has a usable one, so even a rejected request can be answered by id."""
     rid = body.get("id") if isinstance(body, dict) else None
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
@@ -153,18 +154,14 @@ def request_id(body: dict) -> str | int | None:
     return rid
 
 
-def parse_generate(body: Any, *, strict: bool = True) -> GenerateRequest:
-    """Validate a generate request body (already JSON-decoded).
-
-    ``strict`` rejects unknown fields (MQTT: a typo such as ``max_token`` should not pass silently); the HTTP
-    layer maps OpenAI fields first and passes ``strict=False``.
-    """
+def parse_generate(body: Any) -> GenerateRequest:
+    """Validate a generate request body (already JSON-decoded). Unknown fields are refused: a typo such as
+    ``max_token`` must not pass silently (the HTTP layer maps OpenAI's fields onto these first)."""
     if not isinstance(body, dict):
         raise BadRequest(f"request must be a JSON object, got {type(body).__name__}")
-    if strict:
-        unknown = sorted(set(body) - _FIELDS)
-        if unknown:
-            raise BadRequest(f"unknown field '{unknown[0]}'", param=unknown[0])
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field '{unknown[0]}'", param=unknown[0])
     rid = body.get("id")
     if rid is None:
         rid = uuid.uuid4().hex
@@ -226,11 +223,11 @@ def decode_json(payload: bytes | str, *, limit: int) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # replies
 
-def chunk_payload(rid: str | int, seq: int, delta: str) -> dict:
+def chunk_payload(rid: str | int, seq: int, delta: str) -> dict[str, Any]:
     return {"type": "chunk", "id": rid, "seq": seq, "delta": delta}
 
 
-def result_payload(rid: str | int, completion: Completion) -> dict:
+def result_payload(rid: str | int, completion: Completion) -> dict[str, Any]:
     usage = completion.usage
     return {
         "type": "result",
@@ -244,14 +241,14 @@ def result_payload(rid: str | int, completion: Completion) -> dict:
     }
 
 
-def tensor_result_payload(result: TensorResult) -> dict:
+def tensor_result_payload(result: TensorResult) -> dict[str, Any]:
     return {"type": "result", "id": result.id, "model": result.model, "outputs": result.outputs,
             "timings": {"inference_ms": round(result.inference_ms, 3)}}
 
 
-def error_payload(rid: str | int | None, error: ApplianceError) -> dict:
+def error_payload(rid: str | int | None, error: ApplianceError) -> dict[str, Any]:
     return {"type": "error", "id": rid, "error": error.to_dict()}
 
 
-def dumps(payload: dict) -> bytes:
+def dumps(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 from appliance.catalog import Catalog, default_model
 from appliance.config import Config, ConfigError, read_secret
@@ -160,7 +161,7 @@ class Service:
         self.mqtt = MqttTransport(self.config, self.scheduler, self.status, self.metrics, self.infer)
         self.mqtt.start(host, port)
 
-    def _publish_telemetry(self, payload: dict) -> None:
+    def _publish_telemetry(self, payload: dict[str, Any]) -> None:
         if self.mqtt is not None:
             self.mqtt.publish_telemetry(payload)
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from appliance.messages import message
 from appliance.protocol import Completion, Message, SamplingParams
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 
-@dataclass(frozen=True)
+@message
 class GenerationTask:
     """One request, as the engine sees it: text or messages, and resolved sampling settings."""
 
@@ -51,14 +52,14 @@ class GenerationTask:
     stream: bool = True  # False: nobody reads pieces before the end, so the worker need not send them
 
 
-@dataclass(frozen=True)
+@message
 class Piece:
     """A piece of generated text, ready to send (never splits a UTF-8 character or a stop sequence)."""
 
     text: str
 
 
-@dataclass(frozen=True)
+@message
 class PromptProgress:
     """Prompt evaluation advanced; lets the parent tell a long prompt from a stuck worker."""
 
@@ -66,7 +67,7 @@ class PromptProgress:
     total: int
 
 
-@dataclass(frozen=True)
+@message
 class ModelInfo:
     id: str
     context_size: int

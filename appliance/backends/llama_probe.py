@@ -85,8 +85,8 @@ def header(path: Path) -> dict[str, Any]:
 def check_architecture(path: Path) -> str:
     """The GGUF's architecture, or UnsupportedArchitecture naming it when llama.cpp cannot generate with it."""
     arch = header(path).get("general.architecture")
-    instead = INSTEAD.get(arch, "choose a model of an architecture it supports (docs/models.md lists them)")
-    if arch not in LLAMA_CPP_ARCHITECTURES:
+    instead = INSTEAD.get(str(arch), "choose a model of an architecture it supports (docs/models.md lists them)")
+    if not isinstance(arch, str) or arch not in LLAMA_CPP_ARCHITECTURES:
         raise UnsupportedArchitecture(
             f"{path.name}: architecture {arch!r} is not supported by the bundled llama.cpp (llama-cpp-python 0.3.36); "
             f"{instead}")

@@ -9,12 +9,16 @@ same knobs as the decoder-only path (temperature, top_k, top_p, repeat penalty, 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from appliance.backends.sampling import penalise_repeats
 from appliance.errors import ModelError
 from appliance.protocol import SamplingParams
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 
 def pick(logits: np.ndarray, params: SamplingParams, recent: list[int], rng: np.random.Generator) -> int:
@@ -34,13 +38,13 @@ def pick(logits: np.ndarray, params: SamplingParams, recent: list[int], rng: np.
     return int(rng.choice(order, p=probs))
 
 
-def tokens(llm, prompt_tokens: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
+def tokens(llm: Llama, prompt_tokens: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
     """Encode the prompt, then yield decoded tokens until the caller stops asking."""
     import llama_cpp
 
     ctx, model = llm.ctx, llm.model
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-    llm.reset()
+    llm.reset()  # type: ignore[no-untyped-call]
     batch = (llama_cpp.llama_token * len(prompt_tokens))(*prompt_tokens)
     if llama_cpp.llama_encode(ctx, llama_cpp.llama_batch_get_one(batch, len(prompt_tokens))) != 0:
         raise ModelError("llama.cpp could not run the encoder on this prompt")

@@ -15,22 +15,18 @@ import importlib.util
 import io
 import os
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from appliance.backends import rwkv_probe, templates
-from appliance.backends.base import (
-    Backend,
-    EngineSettings,
-    GenerationEvent,
-    GenerationTask,
-    ModelInfo,
-    Piece,
-    PromptProgress,
-)
+from appliance.backends.base import Backend, GenerationEvent, GenerationTask, ModelInfo, Piece, PromptProgress
 from appliance.backends.rwkv_vocab import END_OF_TEXT, PileVocab, WorldVocab, open_vocabulary
 from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_budget
 from appliance.catalog import ModelEntry
 from appliance.catalog.pth_meta import engine_strategy
 from appliance.errors import ModelError
+
+if TYPE_CHECKING:
+    from appliance.backends.base import EngineSettings
 
 _engine_classes: dict[bool, type] = {}  # is RWKV-7 -> the rwkv package's model class
 
@@ -46,12 +42,14 @@ def _engine_class(rwkv7: bool) -> type:
                 from rwkv.model import RWKV
                 _engine_classes[False] = RWKV
             else:
-                spec = importlib.util.find_spec("rwkv.model")
+                installed = importlib.util.find_spec("rwkv.model")
+                assert installed is not None and installed.origin is not None  # imported just above for v4-v6
+                spec = importlib.util.spec_from_file_location("appliance_rwkv7_model", installed.origin)
+                assert spec is not None and spec.loader is not None
                 os.environ["RWKV_V7_ON"] = "1"
                 try:
-                    module = importlib.util.module_from_spec(
-                        importlib.util.spec_from_file_location("appliance_rwkv7_model", spec.origin))
-                    module.__spec__.loader.exec_module(module)
+                    module = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(module)
                 finally:
                     del os.environ["RWKV_V7_ON"]
                 _engine_classes[True] = module.RWKV_x070

@@ -67,13 +67,29 @@ def _exchanges(turns: list[Message]) -> list[tuple[str, str | None]]:
                 pairs[-1] = (pairs[-1][0] + "\n\n" + m.content, None)
             else:
                 pairs.append((m.content, None))
-        elif pairs and pairs[-1][1] is None:
-            pairs[-1] = (pairs[-1][0], m.content)
         elif pairs:
-            pairs[-1] = (pairs[-1][0], pairs[-1][1] + "\n\n" + m.content)
+            user, reply = pairs[-1]
+            pairs[-1] = (user, m.content if reply is None else reply + "\n\n" + m.content)
         else:
             pairs.append(("", m.content))
     return pairs
+
+
+def _by_exchange(messages: Sequence[Message], *, system: str, user: str, answer: str, stop: tuple[str, ...] = (),
+                 head: str = "", clean: Callable[[str], str] = str) -> RenderedPrompt:
+    """The shape most formats share: ``head``, the system block when there is a system message, then each
+    exchange's user turn and, once given, its answer. ``system``, ``user`` and ``answer`` are format strings of
+    ``{text}`` (the user turn may also use ``{round}``, counting exchanges from 1); ``clean`` tidies every text."""
+    system_text, turns = _split_system(messages)
+    text = head + (system.format(text=clean(system_text)) if system_text else "")
+    for i, (u, a) in enumerate(_exchanges(turns), start=1):
+        text += user.format(text=clean(u), round=i) + (answer.format(text=clean(a)) if a is not None else "")
+    return RenderedPrompt(text, stop)
+
+
+def _one_paragraph(text: str) -> str:
+    """A message as one paragraph: a blank line inside it would end the turn (ChatRWKV's README; Falcon)."""
+    return text.strip().replace("\r\n", "\n").replace("\n\n", "\n")
 
 
 def _colon_two(preamble: str, user: str, bot: str, turns: list[Message], sep: str = " ",
@@ -203,34 +219,22 @@ def _colossalchat(messages: Sequence[Message]) -> RenderedPrompt:
 @template("openchatkit")
 def _openchatkit(messages: Sequence[Message]) -> RenderedPrompt:
     # togethercomputer/OpenChatKit inference/conversation.py: "<human>: q\n<bot>:"
-    system, turns = _split_system(messages)
-    text = f"{system}\n\n" if system else ""
-    for u, a in _exchanges(turns):
-        text += f"<human>: {u}\n<bot>:" + (f" {a}\n" if a is not None else "")
-    return RenderedPrompt(text, ("<human>:",))
+    return _by_exchange(messages, system="{text}\n\n", user="<human>: {text}\n<bot>:", answer=" {text}\n",
+                        stop=("<human>:",))
 
 
 @template("oasst")
 def _oasst(messages: Sequence[Message]) -> RenderedPrompt:
     # LAION-AI/Open-Assistant model/model_training/custom_datasets/formatting.py (QA_SPECIAL_TOKENS)
-    system, turns = _split_system(messages)
-    text = f"<|system|>{system}<|endoftext|>" if system else ""
-    for u, a in _exchanges(turns):
-        text += f"<|prompter|>{u}<|endoftext|><|assistant|>" + (f"{a}<|endoftext|>" if a is not None else "")
-    return RenderedPrompt(text, ("<|endoftext|>",))
-
-
-def _rwkv_clean(text: str) -> str:
-    # ChatRWKV README: "avoid \n\n" inside a message: it ends a turn
-    return text.strip().replace("\r\n", "\n").replace("\n\n", "\n")
+    return _by_exchange(messages, system="<|system|>{text}<|endoftext|>",
+                        user="<|prompter|>{text}<|endoftext|><|assistant|>", answer="{text}<|endoftext|>",
+                        stop=("<|endoftext|>",))
 
 
 def _rwkv(messages: Sequence[Message], user: str, bot: str) -> RenderedPrompt:
-    system, turns = _split_system(messages)
-    text = f"{_rwkv_clean(system)}\n\n" if system else ""
-    for u, a in _exchanges(turns):
-        text += f"{user}: {_rwkv_clean(u)}\n\n{bot}:" + (f" {_rwkv_clean(a)}\n\n" if a is not None else "")
-    return RenderedPrompt(text, ("\n\n",))
+    # ChatRWKV README: "avoid \n\n" inside a message: it ends a turn
+    return _by_exchange(messages, system="{text}\n\n", user=f"{user}: {{text}}\n\n{bot}:", answer=" {text}\n\n",
+                        stop=("\n\n",), clean=_one_paragraph)
 
 
 @template("raven")
@@ -263,11 +267,8 @@ def _chatglm(messages: Sequence[Message]) -> RenderedPrompt:
 @template("chatglm2")
 def _chatglm2(messages: Sequence[Message]) -> RenderedPrompt:
     # THUDM/chatglm2-6b tokenization_chatglm.py build_prompt (read from a verbatim copy)
-    system, turns = _split_system(messages)
-    text = f"{system}\n\n" if system else ""
-    for i, (u, a) in enumerate(_exchanges(turns), start=1):
-        text += f"[Round {i}]\n\n问：{u}\n\n答：" + (f"{a}\n\n" if a is not None else "")
-    return RenderedPrompt(text)
+    return _by_exchange(messages, system="{text}\n\n", user="[Round {round}]\n\n问：{text}\n\n答：",
+                        answer="{text}\n\n")
 
 
 @template("chatglm3")
@@ -303,28 +304,22 @@ def _mistral(messages: Sequence[Message]) -> RenderedPrompt:
     return RenderedPrompt(text, ())
 
 
-def _falcon_clean(text: str) -> str:
-    return text.strip().replace("\r\n", "\n").replace("\n\n", "\n")
-
-
 @template("falcon")
 def _falcon(messages: Sequence[Message]) -> RenderedPrompt:
     # tiiuae/falcon-7b-instruct tokenizer_config.json chat template (PR #111); FastChat's stop "\nUser"
     system, turns = _split_system(messages)
     text = (system or "").strip()
     for u, a in _exchanges(turns):
-        text += f"\n\nUser: {_falcon_clean(u)}\n\nAssistant:" + (f" {_falcon_clean(a)}" if a is not None else "")
+        text += f"\n\nUser: {_one_paragraph(u)}\n\nAssistant:" + (f" {_one_paragraph(a)}" if a is not None else "")
     return RenderedPrompt(text, ("\nUser",))
 
 
 @template("olmo")
 def _olmo(messages: Sequence[Message]) -> RenderedPrompt:
     # allenai/OLMo-7B-Instruct tokenizer_config.json chat template (Tulu); a system turn as OLMo-2 renders it
-    system, turns = _split_system(messages)
-    text = "<|endoftext|>" + (f"<|system|>\n{system}\n" if system else "")
-    for u, a in _exchanges(turns):
-        text += f"<|user|>\n{u}\n<|assistant|>\n" + (f"{a}<|endoftext|>\n" if a is not None else "")
-    return RenderedPrompt(text, ("<|endoftext|>",))
+    return _by_exchange(messages, head="<|endoftext|>", system="<|system|>\n{text}\n",
+                        user="<|user|>\n{text}\n<|assistant|>\n", answer="{text}<|endoftext|>\n",
+                        stop=("<|endoftext|>",))
 
 
 @template("chatyuan")

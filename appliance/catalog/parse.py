@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,27 @@ def _path(value: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _tensor_specs(raw: Any, where: str, problems: list[str]) -> tuple[TensorSpec, ...]:
-    if not isinstance(raw, list) or not raw:
-        problems.append(f"{where}: must be a non-empty array of tables ([[models.inputs]])")
-        return ()
-    specs = []
+def _named_tables(raw: list[Any], where: str, keys: set[str],
+                  problems: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each table of an array with a string 'name' and where it is (``models[0].inputs[1]``); a problem for each
+    that is not one, and for its first unknown key."""
     for i, item in enumerate(raw):
         at = f"{where}[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             problems.append(f"{at}: must be a table with a string 'name'")
             continue
+        unknown = sorted(set(item) - keys - {"name"})
+        if unknown:
+            problems.append(f"{at}.{unknown[0]}: unknown key")
+        yield at, item
+
+
+def _tensor_specs(raw: Any, where: str, problems: list[str]) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        problems.append(f"{where}: must be a non-empty array of tables ([[models.inputs]])")
+        return ()
+    specs = []
+    for at, item in _named_tables(raw, where, {"dtype", "shape"}, problems):
         dtype = item.get("dtype", "float32")
         if dtype not in DTYPES:
             problems.append(f"{at}.dtype = {dtype!r}: must be one of {', '.join(DTYPES)}")
@@ -45,9 +57,6 @@ def _tensor_specs(raw: Any, where: str, problems: list[str]) -> tuple[TensorSpec
                 for d in shape):
             problems.append(f"{at}.shape = {shape!r}: must be a list of positive sizes, -1 or names for any size")
             continue
-        unknown = sorted(set(item) - {"name", "dtype", "shape"})
-        if unknown:
-            problems.append(f"{at}.{unknown[0]}: unknown key")
         specs.append(TensorSpec(item["name"], dtype, tuple(d if isinstance(d, int) and d > 0 else None
                                                             for d in shape)))
     return tuple(specs)
@@ -60,11 +69,7 @@ def _output_specs(raw: Any, where: str, problems: list[str]) -> tuple[OutputSpec
         problems.append(f"{where}: must be an array of tables ([[models.outputs]])")
         return ()
     specs = []
-    for i, item in enumerate(raw):
-        at = f"{where}[{i}]"
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            problems.append(f"{at}: must be a table with a string 'name'")
-            continue
+    for at, item in _named_tables(raw, where, {"labels", "threshold"}, problems):
         labels = item.get("labels", [])
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             problems.append(f"{at}.labels: must be a list of strings")
@@ -74,9 +79,6 @@ def _output_specs(raw: Any, where: str, problems: list[str]) -> tuple[OutputSpec
                                       or len(labels) != 2):
             problems.append(f"{at}.threshold: must be a number, with exactly two labels (below, at or above)")
             threshold = None
-        unknown = sorted(set(item) - {"name", "labels", "threshold"})
-        if unknown:
-            problems.append(f"{at}.{unknown[0]}: unknown key")
         specs.append(OutputSpec(item["name"], tuple(labels), None if threshold is None else float(threshold)))
     return tuple(specs)
 
@@ -114,7 +116,7 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         problems.append(f"{where}.template = {template!r}: unknown template (known: {', '.join(templates.names())})")
     path = _path(raw["file"], base)
     backend = raw.get("backend") or backends.for_suffix(path.suffix)
-    if backend is None:
+    if not isinstance(backend, str):
         problems.append(f"{where}.backend: missing, and '{path.suffix}' files have no default backend")
     elif backend not in backends.names():
         problems.append(f"{where}.backend = {backend!r}: must be one of {', '.join(backends.names())}")
@@ -136,7 +138,7 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         problems.append(f"{where}.featurize: only onnx text classifiers are featurized")
     elif featurize is not None and inputs and (problem := text_features.problem(featurize, inputs)):
         problems.append(f"{where}.featurize = {featurize!r}: {problem}")
-    if len(problems) > before:
+    if len(problems) > before or not isinstance(backend, str):
         return None
     return ModelEntry(
         id=raw["id"], path=path, sha256=raw["sha256"].lower(), family=raw.get("family", "unknown"),

@@ -112,7 +112,8 @@ class _Storage:
         self.itemsize = _STORAGE_BYTES.get(type_name, 4)
 
 
-def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, *args: object) -> TensorInfo:
+def _rebuild_tensor(storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
+                    *args: object) -> TensorInfo:
     return TensorInfo(tuple(int(d) for d in size), storage.itemsize)
 
 
@@ -126,7 +127,7 @@ class _HeaderUnpickler(pickle.Unpickler):
             return name
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights-only checkpoint")
 
-    def persistent_load(self, pid: tuple) -> _Storage:
+    def persistent_load(self, pid: tuple[str, ...]) -> _Storage:
         # torch.save: ("storage", storage type, key, location, numel)
         return _Storage(pid[1])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 from appliance import backends
@@ -65,7 +66,7 @@ class Catalog:
                            size=path.stat().st_size, source="--model")
         return cls([entry], "--model")
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self._entries.values())
 
     def __len__(self) -> int:

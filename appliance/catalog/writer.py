@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from appliance import backends
 from appliance.catalog import families
@@ -37,7 +38,7 @@ def default_id(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]+", "-", path.stem.lower()).strip("-.")[:128] or "model"
 
 
-def dumps(entries: list[dict]) -> str:
+def dumps(entries: list[dict[str, Any]]) -> str:
     """A catalog file of ``[[models]]`` tables; lists of tables (an ONNX model's inputs, outputs) as sub-tables."""
     blocks = []
     for entry in entries:
@@ -50,7 +51,7 @@ def dumps(entries: list[dict]) -> str:
     return "\n".join(blocks)
 
 
-def _probe_facts(new: NewEntry, backend: str) -> dict:
+def _probe_facts(new: NewEntry, backend: str) -> dict[str, Any]:
     """What the file's header says, after the checks a load would make (architecture; RWKV vocabulary and
     tokenizer file)."""
     if new.tokenizer is not None and not new.tokenizer.is_file():
@@ -62,7 +63,7 @@ def _probe_facts(new: NewEntry, backend: str) -> dict:
     return backends.probe_for(backend).facts(entry)
 
 
-def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
+def build(new: NewEntry, catalog_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The entry's keys (relative paths where the file sits under the catalog's directory) and header facts."""
     if not new.path.is_file():
         raise ModelError(f"{new.path}: file not found")
@@ -73,7 +74,7 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
         raise ModelError(f"{new.path}: --tokenizer and --strategy are for RWKV .pth checkpoints")
     if (new.labels or new.threshold is not None or new.featurize) and backend != "onnx":
         raise ModelError(f"{new.path}: --labels, --threshold and --featurize are for ONNX models")
-    tables: dict = {}
+    tables: dict[str, Any] = {}
     if backend == "onnx":
         from appliance.catalog import onnx_meta
         inputs, outputs = onnx_meta.read(new.path)
@@ -96,8 +97,8 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
         except ValueError:
             return str(path.resolve())
 
-    keys: dict = {"id": new.id or default_id(new.path), "file": rel(new.path), "sha256": sha256_file(new.path),
-                  "size": new.path.stat().st_size, "family": new.family}
+    keys: dict[str, Any] = {"id": new.id or default_id(new.path), "file": rel(new.path),
+                            "sha256": sha256_file(new.path), "size": new.path.stat().st_size, "family": new.family}
     if template:
         keys["template"] = template
     keys["licence"] = new.licence or known.licence
@@ -117,7 +118,7 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
     return {**keys, **tables}, facts  # the tables last: TOML sub-tables follow the entry's own keys
 
 
-def append(catalog_path: Path, keys: dict) -> None:
+def append(catalog_path: Path, keys: dict[str, Any]) -> None:
     """Append an entry; the result is parsed again and the file left unchanged if it would not be valid."""
     catalog_path.parent.mkdir(parents=True, exist_ok=True)
     before = catalog_path.read_text(encoding="utf-8") if catalog_path.exists() else ""

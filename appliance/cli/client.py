@@ -9,22 +9,24 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from appliance.transports.mqtt_session import disable_nagle
+from appliance.transports.mqtt_session import disable_nagle, new_properties
 
 
 @dataclass
 class Answer:
     text: str = ""
     finish_reason: str | None = None
-    usage: dict | None = None
-    timings: dict | None = None
-    error: dict | None = None
+    usage: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
 
 
 def parse_host_port(value: str, default_port: int = 1883) -> tuple[str, int]:
@@ -34,7 +36,7 @@ def parse_host_port(value: str, default_port: int = 1883) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def ask_http(base_url: str, body: dict, *, chat: bool, api_key: str | None = None,
+def ask_http(base_url: str, body: dict[str, Any], *, chat: bool, api_key: str | None = None,
              on_delta: Callable[[str], None] = lambda s: None, timeout: float = 600) -> Answer:
     if not base_url.startswith(("http://", "https://")):
         return Answer(error={"code": "bad_request", "message": f"not an http(s) URL: {base_url}"})
@@ -80,7 +82,7 @@ def ask_http(base_url: str, body: dict, *, chat: bool, api_key: str | None = Non
     return answer
 
 
-def get_status(base_url: str, *, api_key: str | None = None, timeout: float = 10) -> dict:
+def get_status(base_url: str, *, api_key: str | None = None, timeout: float = 10) -> dict[str, Any]:
     """GET /status; on failure a dict with an "error" key."""
     if not base_url.startswith(("http://", "https://")):
         return {"error": {"message": f"not an http(s) URL: {base_url}"}}
@@ -89,14 +91,15 @@ def get_status(base_url: str, *, api_key: str | None = None, timeout: float = 10
         req.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-            return json.load(resp)
+            status: dict[str, Any] = json.load(resp)
+            return status
     except urllib.error.HTTPError as exc:
         return {"error": {"message": f"HTTP {exc.code}"}}
     except (urllib.error.URLError, OSError) as exc:
         return {"error": {"message": f"cannot reach {base_url}: {getattr(exc, 'reason', exc)}"}}
 
 
-def format_status(status: dict) -> str:
+def format_status(status: dict[str, Any]) -> str:
     """A few lines for a person."""
     t = status.get("telemetry") or {}
     lines = [f"{status.get('device')}: {status.get('state')}"
@@ -121,8 +124,8 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
-def ask_mqtt(host: str, port: int, topic: str, body: dict, *, protocol: str = "5", username: str | None = None,
-             password: str | None = None, reply_prefix: str = "appliance/client",
+def ask_mqtt(host: str, port: int, topic: str, body: dict[str, Any], *, protocol: str = "5",
+             username: str | None = None, password: str | None = None, reply_prefix: str = "appliance/client",
              on_delta: Callable[[str], None] = lambda s: None, timeout: float = 600) -> Answer:
     """Publish one request to ``topic`` and wait for its final reply on a private reply topic."""
     client_id = f"ask-{uuid.uuid4().hex[:12]}"
@@ -139,7 +142,8 @@ def ask_mqtt(host: str, port: int, topic: str, body: dict, *, protocol: str = "5
     if username:
         client.username_pw_set(username, password)
 
-    def on_connect(c, userdata, flags, reason_code, properties):
+    def on_connect(c: paho.Client, userdata: object, flags: paho.ConnectFlags, reason_code: ReasonCode,
+                   properties: Properties | None) -> None:
         if reason_code.is_failure:
             answer.error = {"code": "connection", "message": f"broker refused the connection: {reason_code}"}
             done.set()
@@ -147,10 +151,11 @@ def ask_mqtt(host: str, port: int, topic: str, body: dict, *, protocol: str = "5
         disable_nagle(c)
         c.subscribe(reply_topic, qos=1)
 
-    def on_subscribe(c, userdata, mid, reason_codes, properties):
+    def on_subscribe(c: paho.Client, userdata: object, mid: int, reason_codes: list[ReasonCode],
+                     properties: Properties | None) -> None:
         subscribed.set()
 
-    def on_message(c, userdata, msg):
+    def on_message(c: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
         if v5 and getattr(props, "CorrelationData", None) != correlation:
             return
@@ -180,7 +185,7 @@ def ask_mqtt(host: str, port: int, topic: str, body: dict, *, protocol: str = "5
             return answer if answer.error else Answer(error={"code": "connection", "message": "no SUBACK"})
         props = None
         if v5:
-            props = Properties(PacketTypes.PUBLISH)
+            props = new_properties(PacketTypes.PUBLISH)
             props.ResponseTopic, props.CorrelationData = reply_topic, correlation
         client.publish(topic, json.dumps(body), qos=1, properties=props)
         if not done.wait(timeout):

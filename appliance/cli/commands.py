@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from appliance import __version__
 from appliance.cli import models as cli_models
@@ -39,7 +40,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from appliance.cli import client
 
     config = _config(args)
-    body: dict = {"stream": args.stream, "max_tokens": args.max_tokens}
+    body: dict[str, Any] = {"stream": args.stream, "max_tokens": args.max_tokens}
     if args.model:
         body["model"] = args.model
     if args.temperature is not None:
@@ -177,15 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     firstboot = sub.add_parser("firstboot", help="(root, at boot) make the device its own and apply the settings "
                                "left on the boot partition (docs/image.md)")
     firstboot.add_argument("--boot", default="/boot/firmware", help="where the FAT boot partition is mounted")
-    firstboot.add_argument("--root", default="/", help="the system to change (a scratch tree in tests)")
     firstboot.add_argument("--state-dir", default="/var/lib/appliance")
-    firstboot.set_defaults(func=cmd_firstboot)
-
     users = sub.add_parser("mqtt-users", help="(root) set the broker accounts from a JSON object on stdin "
                            "(name -> password, \"\" removes); prints whether anything changed")
     users.add_argument("--exact", action="store_true", help="remove operator accounts that are not listed")
-    users.add_argument("--root", default="/", help="the system to change (a scratch tree in tests)")
-    users.set_defaults(func=cmd_mqtt_users)
+    for command, func in ((firstboot, cmd_firstboot), (users, cmd_mqtt_users)):
+        command.add_argument("--root", default="/", help="the system to change (a scratch tree in tests)")
+        command.set_defaults(func=func)
 
     config = sub.add_parser("config", help="check a config file, or print the reference")
     config_sub = config.add_subparsers(dest="action", required=True)
@@ -199,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ConfigError as exc:
         if os.environ.get("APPLIANCE_DEBUG"):
             raise

@@ -7,14 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from appliance.catalog import families
+from appliance.catalog import Catalog, families
 from appliance.config import Config, load_config
 from appliance.errors import ApplianceError, ModelError
 
 QUANT_TYPES = {"q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17}  # llama.cpp's llama_ftype values
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     models = sub.add_parser("models", help="the model catalog")
     actions = models.add_subparsers(dest="action", required=True)
     for name, text in (("list", "list catalog entries, with their licence flag"),
@@ -78,7 +78,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return _verify(args, catalog)
 
 
-def _list(args, config: Config, catalog) -> int:
+def _list(args: argparse.Namespace, config: Config, catalog: Catalog) -> int:
     if args.json:
         print(json.dumps([e.describe() for e in catalog], indent=2))
         return 0
@@ -96,7 +96,7 @@ def _list(args, config: Config, catalog) -> int:
     return 0
 
 
-def _verify(args, catalog) -> int:
+def _verify(args: argparse.Namespace, catalog: Catalog) -> int:
     from appliance.catalog import verify
     failures = 0
     for e in catalog:
@@ -114,7 +114,7 @@ def _verify(args, catalog) -> int:
     return 1 if failures else 0
 
 
-def _fit(config: Config, catalog) -> int:
+def _fit(config: Config, catalog: Catalog) -> int:
     """The memory estimate of each model against what this machine has now."""
     from appliance.backends.probe import MiB
     from appliance.supervisor import admission
@@ -145,7 +145,7 @@ def _fit(config: Config, catalog) -> int:
     return 1 if misfits else 0
 
 
-def _add(args, config: Config, path: Path) -> int:
+def _add(args: argparse.Namespace, config: Config, path: Path) -> int:
     from appliance.catalog import writer
     catalog_path = args.catalog or config.catalog_path
     commercial = {"true": True, "false": False, "unknown": None, None: "default"}[args.commercial_use]
@@ -166,7 +166,7 @@ def _add(args, config: Config, path: Path) -> int:
     return 0
 
 
-def _quantize(args, config: Config) -> int:
+def _quantize(args: argparse.Namespace, config: Config) -> int:
     """llama.cpp's own quantizer; it prints a line per tensor as it goes (the progress)."""
     import llama_cpp
 

@@ -18,7 +18,7 @@ from appliance.config.schema import ENV_PREFIX, SECTIONS, Config
 from appliance.errors import ConfigError
 
 
-def field_kind(f: dataclasses.Field) -> tuple[type, bool]:
+def field_kind(f: dataclasses.Field[Any]) -> tuple[type, bool]:
     """(base type, optional?) from the annotation string, e.g. ``'Path | None'`` -> (Path, True)."""
     text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     optional = text.endswith("| None")
@@ -89,7 +89,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
     sections: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
-        raw = data.get(section) if isinstance(data.get(section), dict) else {}
+        given = data.get(section)
+        raw: dict[str, Any] = given if isinstance(given, dict) else {}
         names = [f.name for f in dataclasses.fields(cls)]
         for key in raw:
             if key not in names:

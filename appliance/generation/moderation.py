@@ -73,6 +73,8 @@ class Moderator:
 
     def __init__(self, config: ModerationConfig, catalog: Catalog, pool: InferencePool) -> None:
         self.entry = catalog.get(config.model)
+        assert self.entry.featurize is not None  # config_problems() refused a classifier without it
+        self.featurize = self.entry.featurize
         self.input = self.entry.inputs[0]
         self.output = config.output or next(o.name for o in self.entry.outputs if o.labels)
         self.block = _blocked(config)
@@ -82,7 +84,7 @@ class Moderator:
     def check(self, job: Job, release: Callable[[], None]) -> None:
         """Classify the job's text; ``release()`` runs once the verdict is in ``job.stop_reason`` (None: passed)."""
         fields, texts = _texts(job.request)
-        arrays = {self.input.name: text_features.featurize(self.entry.featurize, texts, self.input)}
+        arrays = {self.input.name: text_features.featurize(self.featurize, texts, self.input)}
 
         def answered(answer: Answer) -> None:
             verdict = self._verdict(answer, fields, job.request.id)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from appliance import backends
 from appliance.backends.base import EngineSettings, GenerationTask
@@ -37,7 +37,7 @@ from appliance.errors import (
 )
 from appliance.generation.jobs import Job, Reporter, Sink, deliver
 from appliance.generation.slot import CAPACITY, FromWorker, JobUpdate, WorkerSlot
-from appliance.messages import Chunk, Crashed, Done, Failed, LoadFailed, Progress, Stopped
+from appliance.messages import Chunk, Crashed, Done, Failed, LoadFailed, Progress, Stopped, message
 from appliance.metrics import Metrics
 from appliance.process.handle import Spawn, WorkerProcess
 from appliance.protocol import Completion, GenerateRequest
@@ -50,28 +50,28 @@ log = logging.getLogger(__name__)
 __all__ = ["Job", "Scheduler", "Sink"]
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Submit:
     job: Job  # accepted, and through the moderation gate
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class CancelRequest:
     request_id: str | int  # every queued or running job of this request id (the MQTT cancel topic)
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class CancelJob:
     job: Job
     error: ApplianceError
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class NewConditions:
     conditions: Conditions
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Stop:
     pass
 

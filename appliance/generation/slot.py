@@ -14,34 +14,14 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from appliance import messages
 from appliance.backends.base import EngineSettings, ModelInfo
 from appliance.catalog.entry import ModelEntry
 from appliance.config import Config
 from appliance.errors import ModelError
 from appliance.generation.jobs import Job
-from appliance.messages import (
-    Cancel,
-    Chunk,
-    Crashed,
-    Done,
-    Exited,
-    Failed,
-    Generate,
-    Load,
-    Loaded,
-    LoadFailed,
-    Pause,
-    Progress,
-    Ready,
-    Resume,
-    Stopped,
-    Throttle,
-    Unload,
-    Unloaded,
-    WorkerMessage,
-)
+from appliance.messages import message
 from appliance.metrics import Metrics
 from appliance.process.handle import ChildHandle, Spawn, WorkerProcess
 from appliance.process.llm_worker import LlmWorker
@@ -54,20 +34,20 @@ LOAD_CRASHES_BEFORE_GIVING_UP = 3
 CAPACITY = 1  # jobs one worker generates at once
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class FromWorker:
     """A message from worker process number ``generation``, as it waits in the scheduler's inbox."""
 
     generation: int
-    message: WorkerMessage
+    message: messages.WorkerMessage
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class JobUpdate:
-    """What happened to a running job: Progress, Chunk, Done, Failed, Stopped or Crashed."""
+    """What happened to a running job: Progress, Chunk, Done, Failed, Stopped or Crashed (appliance/messages.py)."""
 
     job: Job
-    event: Progress | Chunk | Done | Failed | Stopped | Crashed
+    event: messages.Progress | messages.Chunk | messages.Done | messages.Failed | messages.Stopped | messages.Crashed
 
 
 def describe_exit(code: int | None) -> str:
@@ -81,7 +61,7 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class _Model:
     """What the worker has loaded."""
 
@@ -181,32 +161,32 @@ class WorkerSlot:
             self._state, self._pending_load = "loading", entry  # sent once the new process is ready
             return
         self._held_model = True
-        self._send(Load(entry))
+        self._send(messages.Load(entry))
 
     def unload(self) -> None:
         log.info("unloading model %s", self.loaded)
         self._state = "unloading"
-        self._send(Unload())
+        self._send(messages.Unload())
 
     def pause(self, paused: bool) -> None:
         """Hold (or release) the running generations between tokens; also applies to later ones."""
         if paused != self._paused:
             self._paused = paused
-            self._send(Pause() if paused else Resume())
+            self._send(messages.Pause() if paused else messages.Resume())
 
     def throttle(self, threads: int, token_delay: float) -> None:
         if (threads, token_delay) != self._throttle:
             log.info("worker throttle: %d threads, %.3f s between tokens", threads, token_delay)
             self._throttle = (threads, token_delay)
-            self._send(Throttle(threads, token_delay))
+            self._send(messages.Throttle(threads, token_delay))
 
     def generate(self, job: Job) -> None:
         self.running[job.key] = job
-        self._send(Generate(job.key, job.task))
+        self._send(messages.Generate(job.key, job.task))
 
     def cancel(self, key: int) -> None:
         if key in self.running:
-            self._send(Cancel(key))
+            self._send(messages.Cancel(key))
 
     def kill(self) -> None:
         if self._process is not None:
@@ -235,23 +215,24 @@ class WorkerSlot:
 
     # -- messages ----------------------------------------------------------------------------------------------
 
-    def on_message(self, tagged: FromWorker) -> list[JobUpdate | LoadFailed]:
+    def on_message(self, tagged: FromWorker) -> list[JobUpdate | messages.LoadFailed]:
         if tagged.generation != self._generation or self._closing:
             return []
         match tagged.message:
-            case Ready():
+            case messages.Ready():
                 self._on_ready()
-            case Unloaded():
+            case messages.Unloaded():
                 self._state, self._model = "ready", None
-            case Loaded(info=info):
+            case messages.Loaded(info=info):
                 self._on_loaded(info)
-            case LoadFailed() as failed:
+            case messages.LoadFailed() as failed:
                 return [self._on_load_failed(failed)]
-            case Progress(key=key) | Chunk(key=key) as event if key in self.running:
+            case messages.Progress(key=key) | messages.Chunk(key=key) as event if key in self.running:
                 return [JobUpdate(self.running[key], event)]
-            case Done(key=key) | Failed(key=key) | Stopped(key=key) as event if key in self.running:
+            case (messages.Done(key=key) | messages.Failed(key=key) | messages.Stopped(key=key)) as event \
+                    if key in self.running:
                 return [JobUpdate(self.running.pop(key), event)]
-            case Exited(code=code):
+            case messages.Exited(code=code):
                 return self._on_exit(code)
         return []
 
@@ -259,13 +240,13 @@ class WorkerSlot:
         self._state, self._held_model = "ready", False
         # a restarted process starts unthrottled and running: tell it the current settings
         if self._throttle != (self.settings.threads, 0.0):
-            self._send(Throttle(*self._throttle))
+            self._send(messages.Throttle(*self._throttle))
         if self._paused:
-            self._send(Pause())
+            self._send(messages.Pause())
         if self._pending_load is not None:
             entry, self._pending_load = self._pending_load, None
             self._state, self._held_model = "loading", True
-            self._send(Load(entry))
+            self._send(messages.Load(entry))
 
     def _on_loaded(self, info: ModelInfo) -> None:
         assert self._loading is not None  # Loaded only ever answers a Load
@@ -275,14 +256,14 @@ class WorkerSlot:
         self._last_crash = ""
         log.info("model %s loaded (context %d, chat template: %s)", info.id, info.context_size, info.chat_template)
 
-    def _on_load_failed(self, failed: LoadFailed) -> LoadFailed:
+    def _on_load_failed(self, failed: messages.LoadFailed) -> messages.LoadFailed:
         self._loading, self._state = None, "ready"
         if failed.still_loaded is not None and self._before_load and self._before_load.entry.id == failed.still_loaded:
             self._model = self._before_load
         log.error("model %s failed to load: %s", failed.model_id, failed.error.message)
         return failed
 
-    def _on_exit(self, code: int | None) -> list[JobUpdate | LoadFailed]:
+    def _on_exit(self, code: int | None) -> list[JobUpdate | messages.LoadFailed]:
         how = describe_exit(code)
         was = "generating" if self.running else {"ready": "idle"}.get(self._state, self._state)
         loading, crashed = self._loading, self.running
@@ -307,12 +288,12 @@ class WorkerSlot:
             self._restart_at = now + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
         if crashed:
-            return [JobUpdate(job, Crashed(key, how)) for key, job in crashed.items()]
+            return [JobUpdate(job, messages.Crashed(key, how)) for key, job in crashed.items()]
         if was == "loading" and loading is not None:
             crashes = self._load_crashes.get(loading.id, 0) + 1
             self._load_crashes[loading.id] = crashes
             if crashes >= LOAD_CRASHES_BEFORE_GIVING_UP:
-                return [LoadFailed(loading.id, ModelError(
+                return [messages.LoadFailed(loading.id, ModelError(
                     f"model '{loading.id}': the worker died {crashes} times while loading it (last: {how})"))]
         return []
 

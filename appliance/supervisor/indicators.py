@@ -13,6 +13,7 @@ import subprocess
 import threading
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 from appliance.config.schema import GpioConfig
 from appliance.errors import ConfigError
@@ -37,7 +38,7 @@ def quiet_fallbacks() -> Iterator[None]:
         yield
 
 
-def make_pin_factory(name: str):
+def make_pin_factory(name: str) -> Any:
     """A gpiozero pin factory by name; None means gpiozero's own choice."""
     if not name:
         return None
@@ -52,7 +53,8 @@ def make_pin_factory(name: str):
 
 
 def parse_fan_curve(text: str) -> list[tuple[float, float]]:
-    return [tuple(float(x) for x in point.split(":")) for point in text.split(",") if point.strip()]
+    points = [point.split(":") for point in text.split(",") if point.strip()]
+    return [(float(celsius), float(speed)) for celsius, speed in points]
 
 
 def fan_speed(curve: list[tuple[float, float]], celsius: float, previous: float) -> float:
@@ -64,7 +66,7 @@ def fan_speed(curve: list[tuple[float, float]], celsius: float, previous: float)
 
 
 class Indicators:
-    def __init__(self, config: GpioConfig, pin_factory=None) -> None:
+    def __init__(self, config: GpioConfig, pin_factory: Any = None) -> None:
         self.config = config
         self.factory = None
         self.led = self.fan = self.button = None
@@ -90,7 +92,7 @@ class Indicators:
             self.close()
             self._unavailable(exc)
 
-    def _open_devices(self, gpiozero, pin_factory) -> None:
+    def _open_devices(self, gpiozero: Any, pin_factory: Any) -> None:
         config = self.config
         self.factory = pin_factory or make_pin_factory(config.pin_factory)
         if config.status_led:
@@ -98,18 +100,14 @@ class Indicators:
         if config.fan_pin:
             self.fan = gpiozero.PWMOutputDevice(config.fan_pin, pin_factory=self.factory)
         if config.shutdown_button:
-            self.button = gpiozero.Button(config.shutdown_button, hold_time=config.shutdown_hold,
-                                          pin_factory=self.factory)
-            self.button.when_held = self._shutdown
+            button = gpiozero.Button(config.shutdown_button, hold_time=config.shutdown_hold, pin_factory=self.factory)
+            button.when_held = self._shutdown
+            self.button = button
 
     def _unavailable(self, exc: Exception) -> None:
         if self.config.enabled == "true":
             raise ConfigError([f"gpio.enabled = true but GPIO is not usable here: {exc}"]) from None
         log.info("no GPIO on this machine (%s): no status LED, fan or shutdown button", exc)
-
-    @property
-    def active(self) -> bool:
-        return any((self.led, self.fan, self.button))
 
     def show(self, state: str, hot: bool) -> None:
         """Set the LED pattern for a status state ("hot" wins while the board is above its soft limit)."""

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from appliance.backends.probe import MiB
 from appliance.config.schema import Config
@@ -32,7 +33,7 @@ HEARTBEAT_LIMIT = 10.0  # seconds without a turn of the scheduler loop before th
 class Supervisor:
     def __init__(self, config: Config, scheduler: Scheduler, status: StatusBoard, metrics: Metrics,
                  sensors: Sensors, notifier: Notifier, indicators: Indicators,
-                 publish_telemetry: Callable[[dict], None] | None = None,
+                 publish_telemetry: Callable[[dict[str, Any]], None] | None = None,
                  extra_health: Callable[[], bool] = lambda: True) -> None:
         self.config = config
         self.scheduler = scheduler
@@ -48,7 +49,7 @@ class Supervisor:
         self.conditions = Conditions()
         # what first boot could not apply from the boot partition stays in view until a good file replaces it
         self.setup_warnings = tuple(firstboot_problems(config.device.state_dir))
-        self.telemetry: dict = {}
+        self.telemetry: dict[str, Any] = {}
         self._next_telemetry = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)

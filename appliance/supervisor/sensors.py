@@ -11,6 +11,7 @@ import logging
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,6 @@ class Throttle:
     @property
     def flags(self) -> tuple[str, ...]:
         return tuple(name for bit, name in THROTTLE_BITS.items() if self.raw & (1 << bit))
-
-    @property
-    def under_voltage(self) -> bool:
-        return bool(self.raw & 1)
 
 
 def parse_meminfo(text: str) -> dict[str, int]:
@@ -129,7 +126,7 @@ class Sensors:
             return None
 
 
-def _temperature_reader(sensor_file: Path, pin_factory: str):
+def _temperature_reader(sensor_file: Path, pin_factory: str) -> Callable[[], float | None]:
     """gpiozero's CPUTemperature when gpiozero can run here; the plain file otherwise (x86 without GPIO)."""
     def from_file() -> float | None:
         try:

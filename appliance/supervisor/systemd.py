@@ -23,7 +23,7 @@ class Notifier:
         usec, pid = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")
         watched = bool(usec) and (not pid or pid == str(os.getpid()))
         #: systemd's WatchdogSec, in seconds (None: no watchdog); ping at least twice per interval
-        self.watchdog_interval = int(usec) / 1e6 if watched and usec.isdigit() else None
+        self.watchdog_interval = int(usec) / 1e6 if watched and usec and usec.isdigit() else None
         self._warned = False
         self.ready_sent = False
         self._stopping = False

@@ -106,7 +106,7 @@ def to_arrays(inputs: Any, specs: tuple[TensorSpec, ...]) -> dict[str, Any]:
     return arrays
 
 
-def describe_outputs(results: dict[str, Any], specs: tuple[OutputSpec, ...]) -> dict[str, dict]:
+def describe_outputs(results: dict[str, Any], specs: tuple[OutputSpec, ...]) -> dict[str, dict[str, Any]]:
     """Each output's values, plus per-row labels and scores where the catalog declares labels."""
     import numpy as np
 
@@ -114,7 +114,7 @@ def describe_outputs(results: dict[str, Any], specs: tuple[OutputSpec, ...]) -> 
     out = {}
     for name, array in results.items():
         array = np.asarray(array)
-        body: dict = {"values": array.tolist(), "shape": list(array.shape)}
+        body: dict[str, Any] = {"values": array.tolist(), "shape": list(array.shape)}
         spec = declared.get(name)
         if spec is not None and spec.labels:
             rows = array.reshape(array.shape[0] if array.ndim else 1, -1)

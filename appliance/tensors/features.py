@@ -49,6 +49,7 @@ def problem(scheme: str, inputs: tuple[TensorSpec, ...]) -> str | None:
 
 def featurize(scheme: str, texts: Sequence[str], spec: TensorSpec) -> Any:
     """The input array for ``texts``: one row per text, of the input's declared dtype and width."""
-    if scheme != "hashed-words":
-        raise ValueError(f"unknown featurize scheme {scheme!r}")
-    return hashed_words(texts, spec.shape[1]).astype(spec.dtype)
+    width = spec.shape[-1]
+    if scheme != "hashed-words" or width is None:  # the catalog refuses both (problem() above)
+        raise ValueError(f"featurize scheme {scheme!r} cannot feed input {spec.name!r}")
+    return hashed_words(texts, width).astype(spec.dtype)

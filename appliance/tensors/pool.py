@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from appliance.catalog import Catalog
 from appliance.config.schema import Config
@@ -60,7 +61,7 @@ class InferencePool:
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._keys = itertools.count(1)
-        self._spawn = spawn
+        self._spawn_child = spawn
         self._program = OnnxWorker(verify=config.models.verify)
         self._process: ChildHandle | None = None
         self._generation = 0
@@ -75,7 +76,8 @@ class InferencePool:
     def _spawn(self) -> None:
         self._generation += 1
         generation = self._generation
-        self._process = self._spawn(self._program, generation, lambda message: self._on_message(generation, message))
+        self._process = self._spawn_child(self._program, generation,
+                                          lambda message: self._on_message(generation, message))
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -92,7 +94,8 @@ class InferencePool:
         arrays = to_arrays(body.get("inputs"), self.catalog.get(model_id).inputs)
         self.enqueue(model_id, request_id(body), arrays, reply, transport)
 
-    def enqueue(self, model_id: str, rid: str | int | None, arrays: dict, reply: Reply, transport: str | None) -> None:
+    def enqueue(self, model_id: str, rid: str | int | None, arrays: dict[str, Any], reply: Reply,
+                transport: str | None) -> None:
         """Queue validated arrays for a tensor model; raises the error to answer at once. With ``transport`` None
         (the moderation filter) the request counts in no metric: the generate request it serves does."""
         entry = self.catalog.get(model_id)

@@ -35,7 +35,7 @@ def port_is_free(host: str, port: int) -> bool:
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def die_with_parent() -> None:
@@ -60,7 +60,7 @@ class Mosquitto:
         self.persistence, self.extra = persistence, extra
         self.conf = self.data_dir / "mosquitto.conf"
         self.log_file = self.data_dir / "mosquitto.log"
-        self._process: subprocess.Popen | None = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     def _write_conf(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Flask, Response, request
-from waitress import create_server
+from waitress.server import create_server
 from werkzeug.exceptions import HTTPException
 
 from appliance import __version__
@@ -29,7 +30,8 @@ from appliance.errors import (
 )
 from appliance.generation.scheduler import Job, Scheduler
 from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
-from appliance.protocol import decode_json, tensor_result_payload
+from appliance.metrics import Metrics
+from appliance.protocol import GenerateRequest, decode_json, tensor_result_payload
 from appliance.status import SERVING, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports import openai
@@ -52,14 +54,14 @@ class QueueSink:
         self.items.put(event)
 
 
-def _sse(payload: dict | str) -> bytes:
+def _sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
 
 
-def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str | None, *,
+def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_key: str | None, *,
                max_body: int = 1 << 20, result_wait: float = 3600.0,
-               telemetry: Callable[[], dict] = dict, infer: InferencePool | None = None) -> Flask:
+               telemetry: Callable[[], dict[str, Any]] = dict[str, Any], infer: InferencePool | None = None) -> Flask:
     app = Flask("appliance")
     app.config["MAX_CONTENT_LENGTH"] = max_body
 
@@ -71,22 +73,22 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
                         mimetype="application/json", headers=headers)
 
     @app.errorhandler(ApplianceError)
-    def _appliance_error(error: ApplianceError):
+    def _appliance_error(error: ApplianceError) -> Response:
         return error_response(error)
 
     @app.errorhandler(HTTPException)
-    def _http_error(error: HTTPException):
+    def _http_error(error: HTTPException) -> Response:
         mapped = BadRequest(f"{error.code} {error.name}: {error.description}")
-        mapped.http_status = error.code
+        mapped.http_status = error.code or 500
         return error_response(mapped)
 
     @app.errorhandler(Exception)
-    def _unexpected(error: Exception):
+    def _unexpected(error: Exception) -> Response:
         log.exception("HTTP handler failed")
         return error_response(Internal(f"internal error ({type(error).__name__})"))
 
     @app.before_request
-    def _authorize():
+    def _authorize() -> None:
         if api_key is None or request.path in PUBLIC_ROUTES:
             return None
         header = request.headers.get("Authorization", "")
@@ -96,26 +98,26 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
         return None
 
     @app.get("/healthz")
-    def healthz():
+    def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
     @app.get("/readyz")
-    def readyz():
+    def readyz() -> tuple[dict[str, Any], int]:
         current = status.current
         body = {"status": current.state, "model": current.model, "reason": current.reason}
         return body, 200 if current.state in SERVING else 503
 
     @app.get("/status")
-    def status_route():
+    def status_route() -> dict[str, Any]:
         return {**status.current.to_dict(), "outstanding": scheduler.outstanding, "worker_pid": scheduler.worker.pid,
                 "telemetry": telemetry()}
 
     @app.get("/metrics")
-    def metrics_route():
+    def metrics_route() -> Response:
         return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    def models():
+    def models() -> dict[str, Any]:
         if scheduler.config.models.switch:
             ids = [e.id for e in scheduler.catalog if e.generates_text]
         else:
@@ -127,17 +129,17 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
         return decode_json(request.get_data(cache=False), limit=max_body)
 
     @app.post("/v1/completions")
-    def completions():
+    def completions() -> Response:
         body = body_json()
         return serve(openai.completion_request(body), body, "text")
 
     @app.post("/v1/chat/completions")
-    def chat_completions():
+    def chat_completions() -> Response:
         body = body_json()
         return serve(openai.chat_request(body), body, "chat")
 
     @app.post("/v1/infer/<model_id>")
-    def infer_route(model_id: str):
+    def infer_route(model_id: str) -> Response | dict[str, Any]:
         """A tensor model (ONNX): {"inputs": {name: nested list}} -> outputs with labels and scores."""
         if infer is None or not infer.models:
             raise UnknownModel(f"unknown tensor model '{model_id}' (available: none)", param="model")
@@ -151,7 +153,7 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
             return error_response(answer, transport_counted=True)
         return tensor_result_payload(answer)
 
-    def serve(generate_request, body: dict, kind: str) -> Response:
+    def serve(generate_request: GenerateRequest, body: object, kind: str) -> Response:
         sink = QueueSink()
         job = scheduler.submit(generate_request, sink, "http")
         shaper = openai.ResponseShaper(generate_request, job.model_id, kind)
@@ -162,7 +164,8 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
         return Response(stream, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def wait_for_result(job: Job, sink: QueueSink, shaper: openai.ResponseShaper, disconnected) -> Response:
+    def wait_for_result(job: Job, sink: QueueSink, shaper: openai.ResponseShaper,
+                        disconnected: Callable[[], bool]) -> Response:
         deadline = time.monotonic() + result_wait
         while True:
             try:
@@ -183,7 +186,7 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
                     return error_response(error, transport_counted=True)
 
     def stream_events(job: Job, sink: QueueSink, shaper: openai.ResponseShaper, include_usage: bool,
-                      disconnected) -> Iterator[bytes]:
+                      disconnected: Callable[[], bool]) -> Iterator[bytes]:
         try:
             first = shaper.first_chunk()
             if first is not None:
@@ -222,7 +225,7 @@ class HttpServer:
         # notices a client that went away (waitress.client_disconnected) before a reply is written
         self._server = create_server(app, host=host, port=port, threads=threads, ident="appliance",
                                      clear_untrusted_proxy_headers=True, channel_request_lookahead=5)
-        self.port = int(self._server.effective_port)
+        self.port = int(self._server.effective_port)  # type: ignore[union-attr]  # missing from the stubs
         self.host = host
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
         self._closed = False

@@ -15,23 +15,22 @@ import contextlib
 import multiprocessing
 import threading
 
-from appliance.messages import Exited, Shutdown
+from appliance.messages import Exited
 from appliance.process.bootstrap import Program
-from appliance.process.handle import OnMessage
+from appliance.process.handle import OnMessage, PipeHandle
 
 SIGKILL_EXIT = -9
 
 
-class ThreadWorker:
+class ThreadWorker(PipeHandle):
     pid = None  # no process of its own: nothing to measure or signal
 
     def __init__(self, program: Program, generation: int, on_message: OnMessage) -> None:
+        super().__init__()
         self._on_message = on_message
         self._conn, child_conn = multiprocessing.Pipe(duplex=True)
         self._exit_code: int | None = None
         self._killed = threading.Event()
-        self._closed = False
-        self._send_lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, args=(program, child_conn),
                                         name=f"{program.name}-{generation}", daemon=True)
         self._reader = threading.Thread(target=self._read, name=f"{program.name}-reader-{generation}", daemon=True)
@@ -68,24 +67,7 @@ class ThreadWorker:
             self._conn.close()
 
     def send(self, message: object) -> bool:
-        if self._killed.is_set():
-            return False
-        try:
-            with self._send_lock:
-                self._conn.send(message)
-            return True
-        except (OSError, ValueError):
-            return False
+        return not self._killed.is_set() and super().send(message)
 
     def kill(self) -> None:
         self._killed.set()
-
-    def close(self, timeout: float = 10.0) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.send(Shutdown())
-        self._reader.join(timeout)
-        if self._reader.is_alive():
-            self.kill()
-            self._reader.join(10)

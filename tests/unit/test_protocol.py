@@ -56,10 +56,6 @@ def test_invalid_requests_name_the_field(body, param):
     assert err.value.param == param and err.value.message
 
 
-def test_non_strict_ignores_unknown_fields():
-    assert parse_generate({"prompt": "a", "extra": 1}, strict=False).prompt == "a"
-
-
 def test_decode_json_errors_say_what_is_wrong():
     with pytest.raises(BadRequest, match="not valid JSON: Expecting"):
         decode_json(b'{"a":', limit=100)
