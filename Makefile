@@ -22,7 +22,7 @@ else
 LLAMA_CMAKE_ARGS ?=
 endif
 
-.PHONY: help run test test-fast test-no-image bench bench-rwkv lint clean bundle image image-boot image-boot-arm64
+.PHONY: help run test test-fast test-no-image bench bench-rwkv lint typecheck clean bundle image image-boot image-boot-arm64
 
 help: ## show this help
 	@echo "make targets:"
@@ -30,24 +30,21 @@ help: ## show this help
 	@echo "variables: CONFIG=file.toml (run), PYTEST_ARGS='-k mqtt' (test), NO_APT=1 (never apt-get install),"
 	@echo "           ARCH=arm64|amd64 and BUNDLE=dir (bundle, image)"
 
+# scripts/install-venv prints one line (what, how long) and keeps pip's output in $(VENV)/install.log unless it fails
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
-	touch $@ $(BIN)/.installed-run
+	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PYTHON=$(PYTHON) scripts/install-venv $(VENV) $(EXTRAS)
+	@touch $@ $(BIN)/.installed-run
 
 # a venv with everything (above) serves too; otherwise only the serving extras are installed
 $(BIN)/.installed-run: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[$(RUN_EXTRAS)]"
-	touch $@
+	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PYTHON=$(PYTHON) scripts/install-venv $(VENV) $(RUN_EXTRAS)
+	@touch $@
 
 run: $(BIN)/.installed-run ## set up and serve the embedded default model over MQTT and HTTP
 	@scripts/ensure-mosquitto || true
 	$(BIN)/appliance serve $(if $(CONFIG),-c $(CONFIG))
 
-test: $(BIN)/.installed ## every tier: unit, integration (mosquitto, llama.cpp, rwkv, onnx), system (images, QEMU)
+test: typecheck ## every tier: types, unit, integration (mosquitto, llama.cpp, rwkv, onnx), system (images, QEMU)
 	@scripts/ensure-mosquitto --required
 	@scripts/ensure-image-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -84,9 +81,12 @@ image-boot-arm64: $(BIN)/.installed ## boot the Pi image under qemu-system-aarch
 	$(BIN)/python -m image.qemu dist/boot-arm64.img --ready --timeout 3600
 	rm -f dist/boot-arm64.img
 
-lint: $(BIN)/.installed ## ruff, ansible-lint (production profile)
+lint: typecheck ## ruff, mypy (strict), ansible-lint (production profile)
 	$(BIN)/ruff check appliance tests bench image
 	cd ansible && ../$(BIN)/ansible-lint
 
+typecheck: $(BIN)/.installed ## mypy --strict on the whole package (pyproject.toml [tool.mypy])
+	$(BIN)/mypy
+
 clean: ## remove the venv and caches (not the state directory)
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
