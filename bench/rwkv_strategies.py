@@ -28,10 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance import __version__
+from appliance.backends.probe import MiB
 
 STRATEGIES = ("cpu fp32", "cpu bf16", "cpu fp32i8")
 PROMPT = "The weather station on the hill reports that the river is rising and the wind is strong tonight,"
-MiB = 1 << 20
 
 
 def _rss() -> int:
