@@ -110,7 +110,7 @@ def test_queued_requests_for_a_model_that_does_not_fit_get_memory(rig):
 
 
 def test_a_hot_board_pauses_the_generation_and_refuses_new_requests(rig):
-    r = rig(worker={"stall_timeout": 0.3})
+    r = rig(worker={"stall_timeout": 0.6})
     r.wait_state("ready")
     steps = [step for _ in range(50) for step in (["sleep", 0.01], ["piece", "b"])]
     job, sink = r.submit(script(["piece", "a"], *steps))
@@ -120,7 +120,7 @@ def test_a_hot_board_pauses_the_generation_and_refuses_new_requests(rig):
     with pytest.raises(Overheated, match="too hot"):
         r.submit("refused")
     seen = len(sink.chunks)
-    time.sleep(0.5)  # longer than the stall timeout: a pause is not a stall
+    time.sleep(0.8)  # longer than the stall timeout: a pause is not a stall
     while not sink.events.empty():
         sink.next_chunk()
     assert len(sink.chunks) - seen <= 2  # at most what was in flight when the pause arrived
