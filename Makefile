@@ -49,7 +49,7 @@ test: typecheck ## every tier: types, unit, integration (mosquitto, llama.cpp, r
 	@scripts/ensure-image-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-no-image: $(BIN)/.installed ## all but the image builds and boots (no root needed)
+test-no-image: typecheck ## types and all tests but the image builds and boots (no root needed)
 	@scripts/ensure-mosquitto --required
 	$(BIN)/pytest -m "not image" $(PYTEST_ARGS)
 
