@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
@@ -41,6 +42,7 @@ from appliance.protocol import (
 )
 from appliance.scheduler import Job, Scheduler
 from appliance.status import Status, StatusBoard
+from appliance.transports.ha_discovery import Discovery, board_model
 from appliance.transports.mqtt_acks import AckBook
 from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client
 
@@ -83,8 +85,9 @@ class MqttReply:
 
 class MqttTransport:
     def __init__(self, config: Config, scheduler: Scheduler, status: StatusBoard, metrics: Metrics,
-                 infer: InferencePool | None = None) -> None:
+                 infer: InferencePool | None = None, telemetry: Callable[[], dict] = dict) -> None:
         self.infer = infer
+        self._telemetry = telemetry  # the supervisor's latest reading
         self.config = config
         self.scheduler = scheduler
         self.metrics = metrics
@@ -109,6 +112,8 @@ class MqttTransport:
             client.on_publish = self._on_publish
             client.on_subscribe = self._on_subscribe
         status.subscribe(self._publish_status)
+        self.discovery = Discovery(config, self.topics, self._publish_discovery, self._republish_state,
+                                   board_model())
         logging.getLogger("paho").addFilter(self._quiet_after_close)
 
     def _quiet_after_close(self, record: logging.LogRecord) -> bool:
@@ -134,6 +139,7 @@ class MqttTransport:
             return
         self._closed = True
         self._accepting = False
+        self.discovery.close()
         if self.connected.is_set():
             info = self.publish(self.topics.status, {**self._status.current.to_dict(), "state": "offline",
                                                      "reason": "shut down"}, retain=True)
@@ -170,9 +176,12 @@ class MqttTransport:
                 topics = [self.topics.generate, self.topics.cancel]
                 if self.infer is not None and self.infer.models:
                     topics.append(self.topics.infer_prefix + "+")
+                if self.discovery.enabled:
+                    topics.append(self.discovery.birth_topic)
             client.subscribe([(t, options) for t in topics])
             if client is self.client:
                 self.publish(self.topics.status, self._status.current.to_dict(), retain=True)
+                self.discovery.on_connect()
                 self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -196,7 +205,10 @@ class MqttTransport:
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         with self._guard("on_message"):
-            if msg.retain:  # a retained request would be answered again on every reconnect
+            if msg.topic == self.discovery.birth_topic and self.discovery.enabled:
+                self.discovery.on_birth(msg.payload)
+                self._ack({(client, msg.mid, msg.qos)})
+            elif msg.retain:  # a retained request would be answered again on every reconnect
                 log.warning("MQTT: ignoring a retained message on %s", msg.topic)
                 self._ack({(client, msg.mid, msg.qos)})
             elif msg.topic in (self.topics.generate, self.topics.fleet_generate):
@@ -295,6 +307,17 @@ class MqttTransport:
     def publish_telemetry(self, payload: dict) -> None:
         if not self._closed:
             self.publish(self.topics.telemetry, payload, retain=True)
+
+    def _publish_discovery(self, topic: str, payload: dict | None) -> None:
+        if payload is None:  # an empty retained message removes the entity from Home Assistant
+            self.client.publish(topic, b"", qos=1, retain=True)
+        else:
+            self.publish(topic, payload, retain=True)
+
+    def _republish_state(self) -> None:
+        self._publish_status(self._status.current)
+        if telemetry := self._telemetry():
+            self.publish_telemetry(telemetry)
 
     def _publish_status(self, status: Status) -> None:
         if not self._closed:
