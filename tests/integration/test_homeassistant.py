@@ -63,8 +63,8 @@ def test_one_device_whose_every_payload_home_assistant_accepts(appliance_factory
         assert ha.messages[[m.topic for m in ha.messages].index(topic)].retain, "configs are retained"
     devices = {json.dumps(p["device"], sort_keys=True) for p in configs.values()}
     assert len(devices) == 1, "one device"
-    device = json.loads(devices.pop())
-    assert device["identifiers"] == [node(app.device)] and device["sw_version"] == __version__
+    announced = json.loads(devices.pop())
+    assert announced["identifiers"] == [node(app.device)] and announced["sw_version"] == __version__
     assert len({p["unique_id"] for p in configs.values()}) == len(EXPECTED)
     assert all(p["availability_topic"] == app.topic("status") for p in configs.values())
 
