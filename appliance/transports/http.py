@@ -38,7 +38,7 @@ from appliance.transports import openai
 
 log = logging.getLogger(__name__)
 
-PUBLIC_ROUTES = ("/healthz",)
+PUBLIC_ROUTES = ("/healthz", "/favicon.ico")  # the icon route answers 204: nothing to protect
 BROWSER_ROUTES = ("/", "/ui/")  # the operator page: a 401 there asks the browser for the key (HTTP Basic)
 POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is still there
 

@@ -101,6 +101,10 @@ def register(app: Flask, *, config: Config, catalog: Catalog, status: StatusBoar
     def index():
         return html(render_template("page.html", **context()))
 
+    @page.get("/favicon.ico")
+    def favicon():
+        return Response(status=204)  # every browser asks; without this each page view counted as a bad_request
+
     @page.get("/ui/panel")
     def panel():
         return html(render_template("panel.html", **context()))
