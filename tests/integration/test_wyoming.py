@@ -18,7 +18,7 @@ from wyoming.info import Describe, Info
 from appliance.broker import free_port
 from appliance.config import ConfigError, load_config
 from appliance.transports.wyoming_talk import DEFAULT_SYSTEM_PROMPT
-from tests.support.harness import http_post, toml_text
+from tests.support.harness import http_post, run_cli, toml_text
 
 SETTINGS = {"enabled": True, "temperature": 0, "max_tokens": 12}
 
@@ -208,3 +208,13 @@ def test_transcript_text_stays_out_of_the_log(appliance_factory):
     app, port = wyoming_app(appliance_factory)
     asyncio.run(converse(port, "my secret question about zebras"))
     assert "zebras" not in app.log_text()
+
+
+def test_appliance_ask_over_wyoming(appliance_factory):
+    app, port = wyoming_app(appliance_factory, "tiny-chat")
+    result = run_cli("ask", "What is the weather like?", "--wyoming", f"127.0.0.1:{port}")
+    assert result.returncode == 0, result.stderr
+    direct = Handled.from_event(asyncio.run(converse(port, "What is the weather like?"))[-2])
+    assert result.stdout.strip() == direct.text
+    refused = run_cli("ask", "hi", "--wyoming", f"127.0.0.1:{free_port()}")
+    assert refused.returncode == 1 and "error:" in refused.stderr
