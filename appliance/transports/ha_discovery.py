@@ -80,6 +80,11 @@ def node_id(device: str) -> str:
     return "appliance_" + re.sub(r"[^a-zA-Z0-9_-]", "_", device)
 
 
+def entity_object_id(node: str, key: str) -> str:
+    """Entity ids allow only lowercase letters, digits and single '_' (sensor.appliance_pi_07_temperature)."""
+    return re.sub(r"_+", "_", re.sub(r"[^a-z0-9_]", "_", f"{node}_{key}".lower())).strip("_")
+
+
 def board_model(path: Path = Path("/proc/device-tree/model")) -> str | None:
     """'Raspberry Pi 4 Model B Rev 1.4' on a Pi; None elsewhere."""
     try:
@@ -101,7 +106,7 @@ def discovery_configs(config: Config, topics: Topics, hardware: str | None = Non
     out = {}
     for entity in ENTITIES:
         payload = {"name": entity.name, "unique_id": f"{node}_{entity.key}",
-                   "default_entity_id": f"{entity.platform}.{node}_{entity.key}",
+                   "default_entity_id": f"{entity.platform}.{entity_object_id(node, entity.key)}",
                    "state_topic": topics.status if entity.source == "status" else topics.telemetry,
                    "value_template": entity.template, **entity.options,
                    "availability_topic": topics.status, "availability_template": _AVAILABILITY,

@@ -19,6 +19,8 @@ import re
 TOPIC = re.compile(r"^(?P<prefix>.+?)/(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?"
                    r"(?P<object_id>[a-zA-Z0-9_-]+)/config$")
 
+#: homeassistant/core.py VALID_ENTITY_ID
+ENTITY_ID = re.compile(r"^(?!.+__)(?!_)[\da-z_]+(?<!_)\.(?!_)[\da-z_]+(?<!_)$")
 SENSOR_DEVICE_CLASSES = {
     "apparent_power", "aqi", "area", "atmospheric_pressure", "battery", "blood_glucose_concentration", "co", "co2",
     "conductivity", "current", "data_rate", "data_size", "date", "distance", "duration", "energy", "energy_distance",
@@ -145,8 +147,8 @@ def validate(topic: str, payload: dict) -> list[str]:
     for key in ("unique_id", "default_entity_id", "object_id"):
         string(key)
     if "default_entity_id" in p and isinstance(p["default_entity_id"], str) and \
-            not p["default_entity_id"].startswith(platform + "."):
-        errors.append(f"default_entity_id: must be {platform}.<object id>")
+            not (p["default_entity_id"].startswith(platform + ".") and ENTITY_ID.match(p["default_entity_id"])):
+        errors.append(f"default_entity_id: must be a valid entity id {platform}.<lowercase letters, digits, _>")
     string("name", nullable=True)
     positive_int("expire_after")
     boolean("force_update")

@@ -20,7 +20,7 @@ from tests.support import ha_schema
 
 
 def _configs(**device):
-    config = load_config(None, env={"APPLIANCE_HOMEASSISTANT_DISCOVERY": "true", "APPLIANCE_DEVICE_ID": "pi.07",
+    config = load_config(None, env={"APPLIANCE_HOMEASSISTANT_DISCOVERY": "true", "APPLIANCE_DEVICE_ID": "Pi-07.lab",
                                     **device})
     return discovery_configs(config, Topics("appliance", config.device.id, "appliance"), "Raspberry Pi 4 Model B")
 
@@ -30,7 +30,7 @@ def test_every_payload_passes_home_assistants_schema():
     assert len(configs) == len(ENTITIES)
     for topic, payload in configs.items():
         assert ha_schema.validate(topic, payload) == [], topic
-        assert "/appliance_pi_07/" in topic, "ids in topics are [a-zA-Z0-9_-]"
+        assert "/appliance_Pi-07_lab/" in topic, "ids in topics are [a-zA-Z0-9_-]"
         assert payload["device"]["hw_version"] == "Raspberry Pi 4 Model B"
 
 
@@ -45,6 +45,7 @@ def test_every_payload_passes_home_assistants_schema():
     ({"origin": {"sw_version": "1"}}, "origin: name: required"),
     ({"icon": "robot"}, "icon"),
     ({"expire_after": -1}, "expire_after"),
+    ({"default_entity_id": "sensor.appliance_pi-07_temperature"}, "default_entity_id"),
 ])
 def test_the_schema_check_catches_what_home_assistant_refuses(change, complaint):
     topic, payload = next((t, p) for t, p in _configs().items() if t.endswith("/temperature/config"))
