@@ -1,7 +1,7 @@
-"""The last hour of the board (temperature, throttle flags, memory) and the last errors, kept in memory for the operator
-page. Bounded by construction: one bucket per ``bucket_seconds`` for ``window_seconds``, one row per error code (the
-codes are a fixed set) and the last ``recent_errors`` errors. Fed by the supervisor's readings and the error reporter;
-nothing of a request's text is ever stored here (an error is kept as its code, its transport and the field it named).
+"""The last hour of the board (temperature, throttle flags, memory) and the errors by code, kept in memory for the
+operator page. Bounded by construction: one bucket per ``bucket_seconds`` for ``window_seconds``, and one row per
+error code (the codes are a fixed set). Fed by the supervisor's readings and the error reporter; nothing of a
+request's text is ever stored here (an error is kept as its code, its transport and the field it named).
 """
 
 from __future__ import annotations
@@ -51,16 +51,13 @@ class ErrorCount:
 
 
 class History:
-    def __init__(self, window_seconds: float = 3600.0, bucket_seconds: float = 10.0, recent_errors: int = 20,
-                 clock=time.time) -> None:
+    def __init__(self, window_seconds: float = 3600.0, bucket_seconds: float = 10.0, clock=time.time) -> None:
         self.bucket_seconds = bucket_seconds
         self.window_seconds = window_seconds
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: deque[Bucket] = deque(maxlen=max(1, int(window_seconds // bucket_seconds)))
         self._by_code: dict[str, ErrorCount] = {}
-        self._recent: deque[ErrorRecord] = deque(maxlen=recent_errors)
-        self.last_reading: dict = {}
 
     # -- feeding (supervisor thread, scheduler and transport threads) -------------------------------------------
 
@@ -68,7 +65,6 @@ class History:
         now = self._clock()
         start = now - now % self.bucket_seconds
         with self._lock:
-            self.last_reading = reading
             if not self._buckets or self._buckets[-1].start != start:
                 self._buckets.append(Bucket(start))
             self._buckets[-1].add(reading)
@@ -79,7 +75,6 @@ class History:
             row = self._by_code.setdefault(error.code, ErrorCount(error.code))
             row.count += 1
             row.last = record
-            self._recent.append(record)
 
     # -- reading (HTTP threads) -----------------------------------------------------------------------------------
 
@@ -95,7 +90,3 @@ class History:
         with self._lock:
             rows = [ErrorCount(r.code, r.count, r.last) for r in self._by_code.values()]
         return sorted(rows, key=lambda r: r.last.ts if r.last else 0, reverse=True)
-
-    def recent_errors(self) -> list[ErrorRecord]:
-        with self._lock:
-            return list(reversed(self._recent))

@@ -39,7 +39,7 @@ from appliance.transports import openai
 log = logging.getLogger(__name__)
 
 PUBLIC_ROUTES = ("/healthz", "/favicon.ico")  # the icon route answers 204: nothing to protect
-BROWSER_ROUTES = ("/", "/ui/")  # the operator page: a 401 there asks the browser for the key (HTTP Basic)
+BROWSER_PAGE, BROWSER_PREFIX = "/", "/ui/"  # the operator page: a 401 there asks the browser for the key (Basic)
 POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is still there
 
 
@@ -102,7 +102,7 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
             return None
         given, browser = presented_key(request.headers.get("Authorization", ""))
         if not hmac.compare_digest(given.encode(), api_key.encode()):
-            if request.path == "/" or request.path.startswith(BROWSER_ROUTES[1]):
+            if request.path == BROWSER_PAGE or request.path.startswith(BROWSER_PREFIX):
                 return Response("<!doctype html><title>key needed</title><p>This appliance needs its API key: any "
                                 "user name, the key as the password.</p>", status=401, mimetype="text/html",
                                 headers={"WWW-Authenticate": 'Basic realm="appliance", charset="UTF-8"'})
