@@ -273,12 +273,13 @@ class _Connection:
 
     async def _stream(self, job: Job, sink: AsyncSink, question: str, conversation_id: str | None, language: str,
                       context: dict) -> None:
-        await self.send(HandledStart(context=context).event())
+        if not await self.send(HandledStart(context=context).event()):
+            return  # the client is gone: the caller frees the worker
         while True:
             kind, value = await sink.items.get()
             if kind == "piece":
-                if value:
-                    await self.send(HandledChunk(text=value).event())
+                if value and not await self.send(HandledChunk(text=value).event()):
+                    return
             elif kind == "result":
                 answer = value.text.strip()
                 self.server.conversations.add(conversation_id, question, answer)

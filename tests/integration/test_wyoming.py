@@ -146,6 +146,22 @@ def test_refusals_are_spoken_in_the_question_language(appliance_factory):
     assert app.metric('appliance_errors_total{code="busy"}') == 3.0
 
 
+def test_a_client_that_goes_away_frees_the_worker(appliance_factory):
+    app, port = wyoming_app(appliance_factory, "slow", {"context_size": 4096, "request_timeout": 300},
+                            max_tokens=3000)
+
+    async def scenario():
+        client, _ = await generating(port, "Tell me a long story.")
+        await client.disconnect()
+
+    asyncio.run(scenario())
+    deadline = time.monotonic() + 30
+    while app.metric('appliance_requests_total{outcome="cancelled",transport="wyoming"}') != 1.0:
+        assert time.monotonic() < deadline, "the generation went on for nobody"
+        time.sleep(0.1)
+    assert app.metric("appliance_requests_running") == 0.0
+
+
 def _raw(port: int, data: bytes) -> list[dict]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(data)
