@@ -70,7 +70,7 @@ def appliance_factory(tmp_path, broker, catalog_path):
 
 #: log lines that mean an exception was caught and logged somewhere it should never happen
 SWALLOWED = ("callback failed", "scheduler error", "reply sink failed", "status listener failed",
-             "HTTP handler failed", "Traceback")
+             "HTTP handler failed", "error listener failed", "Traceback")
 
 
 def _assert_no_swallowed_errors(instance) -> None:

@@ -54,7 +54,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    if args.mqtt is not None:
+    if args.wyoming is not None:
+        from appliance.transports.wyoming_client import ask_wyoming
+        host, port = client.parse_host_port(args.wyoming or f"{_client_host(config.wyoming.bind)}:"
+                                            f"{config.wyoming.port}", config.wyoming.port)
+        answer = ask_wyoming(host, port, args.prompt, on_delta=show if args.stream else lambda s: None,
+                             timeout=args.timeout)
+    elif args.mqtt is not None:
         host, port = client.parse_host_port(args.mqtt or f"{config.mqtt.host or '127.0.0.1'}:{config.mqtt.port}")
         prefix = config.mqtt.topic_prefix
         topic = f"{prefix}/{args.device}/generate" if args.device else f"{prefix}/fleet/generate"
@@ -154,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--mqtt", nargs="?", const="", metavar="HOST:PORT",
                        help="ask over MQTT (default address from the config)")
     where.add_argument("--http", metavar="URL", help="ask over HTTP (the default; URL from the config)")
+    where.add_argument("--wyoming", nargs="?", const="", metavar="HOST:PORT",
+                       help="ask the Wyoming conversation agent, as Home Assistant's Assist does")
     ask.add_argument("--device", help="MQTT: this device's topic instead of the fleet topic")
     ask.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT protocol version")
     ask.add_argument("--model", help="model id from the catalog")
