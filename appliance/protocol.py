@@ -133,6 +133,14 @@ def _messages(value: Any) -> tuple[Message, ...]:
     return tuple(out)
 
 
+def with_system_prompt(messages: tuple[Message, ...], system_prompt: str | None) -> tuple[Message, ...]:
+    """``messages`` with ``system_prompt`` put first when none of them is a system message (a request's own system
+    message always wins; no prompt, or an empty one, changes nothing)."""
+    if not system_prompt or any(m.role == "system" for m in messages):
+        return messages
+    return (Message("system", system_prompt), *messages)
+
+
 def request_id(body: dict) -> str | int | None:
     """The request's id if it has a usable one, so even a rejected request can be answered by id."""
     rid = body.get("id") if isinstance(body, dict) else None

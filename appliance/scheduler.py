@@ -39,7 +39,7 @@ from appliance.guard import Guard
 from appliance.jobs import Job, Reporter, Sink
 from appliance.metrics import Metrics
 from appliance.policies import Conditions
-from appliance.protocol import Completion, GenerateRequest
+from appliance.protocol import Completion, GenerateRequest, with_system_prompt
 from appliance.status import StatusBoard
 from appliance.worker.lifecycle import WorkerSlot
 
@@ -115,10 +115,11 @@ class Scheduler:
         params = request.params
         if params.max_tokens is None:
             params = replace(params, max_tokens=self.config.worker.default_max_tokens)
+        messages = request.messages and with_system_prompt(
+            request.messages, self.config.models.system_prompt or entry.system_prompt)
         now = time.monotonic()
         job = Job(key=next(self._keys), request=request, model_id=model_id,
-                  task=GenerationTask(prompt=request.prompt, messages=request.messages, params=params,
-                                      stream=request.stream),
+                  task=GenerationTask(prompt=request.prompt, messages=messages, params=params, stream=request.stream),
                   sink=sink, transport=transport, accepted=now, deadline=now + self.config.worker.request_timeout)
         self.gate(job, lambda: self._inbox.put(("submit", job)))  # moderation.py: returns at once
         return job

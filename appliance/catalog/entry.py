@@ -43,6 +43,7 @@ class ModelEntry:
     sha256: str | None  # None only for a file served directly with `serve --model`
     family: str = "unknown"
     template: str | None = None  # named prompt format; wins over a chat template the GGUF embeds
+    system_prompt: str | None = None  # put before a chat request that has no system message (None: no default)
     licence: str = "unknown"
     commercial_use: bool | None = None  # None: unknown
     size: int | None = None
@@ -70,6 +71,8 @@ class ModelEntry:
                 "family": self.family, "template": self.template, "licence": self.licence,
                 "commercial_use": "unknown" if self.commercial_use is None else self.commercial_use,
                 "backend": self.backend, "source": self.source}
+        if self.system_prompt is not None:
+            body["system_prompt"] = self.system_prompt
         if self.lora:
             body.update(lora=str(self.lora), lora_sha256=self.lora_sha256, lora_scale=self.lora_scale)
         if self.strategy or self.tokenizer:

@@ -14,7 +14,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 _STRINGS = ("id", "file", "sha256", "family", "template", "licence", "backend", "source", "lora", "lora_sha256",
-            "strategy", "tokenizer", "featurize")
+            "strategy", "tokenizer", "featurize", "system_prompt")
 _KEYS = set(_STRINGS) | {"size", "lora_scale", "commercial_use", "inputs", "outputs"}
 _REQUIRED = ("id", "file", "sha256")
 KNOWN_BACKENDS = ("llama_cpp", "rwkv", "onnx")
@@ -130,6 +130,8 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         problems.append(f"{where}.tokenizer: only rwkv models name a tokenizer")
     if backend != "onnx" and ("inputs" in raw or "outputs" in raw):
         problems.append(f"{where}: inputs/outputs are for onnx models")
+    if "system_prompt" in raw and backend == "onnx":
+        problems.append(f"{where}.system_prompt: only text models take a system prompt")
     featurize = raw.get("featurize")
     if featurize is not None and backend != "onnx":
         problems.append(f"{where}.featurize: only onnx text classifiers are featurized")
@@ -139,7 +141,7 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         return None
     return ModelEntry(
         id=raw["id"], path=path, sha256=raw["sha256"].lower(), family=raw.get("family", "unknown"),
-        template=template, licence=raw.get("licence", "unknown"),
+        template=template, system_prompt=raw.get("system_prompt"), licence=raw.get("licence", "unknown"),
         commercial_use=None if commercial == "unknown" else commercial, size=size, backend=backend,
         source=raw.get("source", ""), lora=_path(raw["lora"], base) if "lora" in raw else None,
         lora_sha256=raw["lora_sha256"].lower() if "lora_sha256" in raw else None, lora_scale=float(scale),
