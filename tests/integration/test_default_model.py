@@ -15,30 +15,13 @@ import pytest
 
 from appliance import default_model
 from appliance.catalog import sha256_file
-from tests.support.harness import http_post, new_appliance
+from tests.support.harness import DEFAULT_MODEL_WORKER, http_post, new_appliance
 
 pytestmark = pytest.mark.default_model
 llama_cpp = pytest.importorskip("llama_cpp")
-try:
-    importlib.metadata.distribution(default_model.DISTRIBUTION)
-except importlib.metadata.PackageNotFoundError:
-    pytest.skip(f"the default model is not installed ({default_model.INSTALL_HINT})", allow_module_level=True)
 
-CONTEXT, BATCH, THREADS = 2048, 256, 2
+CONTEXT, BATCH, THREADS = (DEFAULT_MODEL_WORKER[k] for k in ("context_size", "batch_size", "threads"))
 COLOURS = re.compile(r"\b(red|blue|green|yellow|orange|purple|violet|black|white|pink|brown|gr[ae]y)\b", re.I)
-
-
-@pytest.fixture(scope="module")
-def default_app(tmp_path_factory, broker):
-    """The appliance with no catalog file: the built-in catalog copies the default model into its state dir."""
-    workdir = tmp_path_factory.mktemp("default-model")
-    app = new_appliance(workdir, broker.port, workdir / "no-catalog.toml", default_model.MODEL_ID, {
-        "worker": {"context_size": CONTEXT, "batch_size": BATCH, "threads": THREADS},
-    })
-    app.config["models"].pop("catalog")
-    app.start(timeout=180)
-    yield app
-    app.stop()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +33,7 @@ def reference(default_app):
     llm.close()
 
 
-def test_the_llm_cli_never_comes_with_the_model():
+def test_the_llm_cli_never_comes_with_the_model(default_app):
     """The model's package is a plug-in for the `llm` CLI; it is installed without dependencies, so `llm` is absent
     (and the appliance finds the file without importing the package, whose __init__ imports llm)."""
     with pytest.raises(importlib.metadata.PackageNotFoundError):
