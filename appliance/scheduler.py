@@ -112,9 +112,8 @@ class Scheduler:
             if self._outstanding >= self._capacity:
                 raise Busy(f"the queue is full ({self._capacity - 1} waiting); try again later")
             self._outstanding += 1
-        params = request.params
-        if params.max_tokens is None:
-            params = replace(params, max_tokens=self.config.worker.default_max_tokens)
+        params = request.params.with_defaults(max_tokens=self.config.worker.default_max_tokens,
+                                              temperature=entry.temperature, top_p=entry.top_p)
         messages = request.messages and with_system_prompt(
             request.messages, self.config.models.system_prompt or entry.system_prompt)
         now = time.monotonic()

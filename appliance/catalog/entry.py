@@ -44,6 +44,8 @@ class ModelEntry:
     family: str = "unknown"
     template: str | None = None  # named prompt format; wins over a chat template the GGUF embeds
     system_prompt: str | None = None  # put before a chat request that has no system message (None: no default)
+    temperature: float | None = None  # sampling defaults for requests that set none (None: llama-cpp-python's)
+    top_p: float | None = None
     licence: str = "unknown"
     commercial_use: bool | None = None  # None: unknown
     size: int | None = None
@@ -71,8 +73,8 @@ class ModelEntry:
                 "family": self.family, "template": self.template, "licence": self.licence,
                 "commercial_use": "unknown" if self.commercial_use is None else self.commercial_use,
                 "backend": self.backend, "source": self.source}
-        if self.system_prompt is not None:
-            body["system_prompt"] = self.system_prompt
+        body.update({k: v for k, v in (("system_prompt", self.system_prompt), ("temperature", self.temperature),
+                                       ("top_p", self.top_p)) if v is not None})
         if self.lora:
             body.update(lora=str(self.lora), lora_sha256=self.lora_sha256, lora_scale=self.lora_scale)
         if self.strategy or self.tokenizer:
