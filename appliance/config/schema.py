@@ -130,7 +130,12 @@ class HttpConfig:
 class ModelsConfig:
     catalog: Path | None = _opt("Model catalog (TOML). Default `<state_dir>/models/catalog.toml`; when that file "
                                 "does not exist the built-in catalog (the embedded default model) is used.", None)
-    default: str = _opt("Id of the model loaded at start and used when a request names none.", "gemma3-270m")
+    default: str = _opt("Id of the model loaded at start and used when a request names none.",
+                        "smollm2-135m-instruct")
+    system_prompt: str = _opt("System message put before every chat (`messages`) request that has none, for every "
+                              "model; it replaces each catalog entry's own `system_prompt`. Empty: each model's "
+                              "`system_prompt` from the catalog (the embedded default model has one; "
+                              "docs/models.md). A request's own system message always wins.", "")
     verify: bool = _opt("Check each model file's sha256 against the catalog before loading it.", True)
     switch: bool = _opt("Let a request name another catalog model; the worker then swaps models (one model is "
                         "resident at a time). When false such requests get `unknown_model`.", True)
