@@ -157,8 +157,9 @@ class LlamaCppBackend(Backend):
             else:
                 yield from self._prefill(prompt_tokens, should_stop)
                 # the rest of create_completion's sampler settings stay at their defaults
-                token_stream = llm.generate(prompt_tokens, temp=params.temperature, top_p=params.top_p,
-                                            top_k=params.top_k, repeat_penalty=params.repeat_penalty)
+                token_stream = llm.generate(prompt_tokens, temp=params.sampling_temperature,
+                                            top_p=params.sampling_top_p, top_k=params.top_k,
+                                            repeat_penalty=params.repeat_penalty)
             if should_stop():
                 return
             yield from self._sample(loaded, token_stream, prompt_tokens, max_tokens, stops, should_stop, clock)

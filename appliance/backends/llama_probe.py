@@ -99,6 +99,18 @@ def check_architecture(path: Path) -> str:
     return arch
 
 
+def llama_footprint(model_id: str, arch: Architecture, weights: int, settings: EngineSettings,
+                    margin: int) -> Footprint:
+    """What llama.cpp allocates for a model of these sizes (also the model shelf's estimate, with no file at hand)."""
+    n_ctx = settings.context_size
+    n_ubatch = min(settings.batch_size, MAX_UBATCH)
+    kv = arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
+    compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32
+               + n_ubatch * (8 * arch.n_embd + 3 * arch.n_ff) * F32
+               + arch.n_vocab * F32)  # the output (logits) buffer
+    return Footprint(model_id=model_id, weights=weights, kv_cache=kv, compute=compute, margin=margin)
+
+
 class LlamaProbe(Probe):
     def check(self, entry: ModelEntry) -> None:
         check_architecture(entry.path)
@@ -106,14 +118,7 @@ class LlamaProbe(Probe):
     def footprint(self, entry: ModelEntry, settings: EngineSettings, margin: int) -> Footprint:
         check_architecture(entry.path)  # an architecture llama.cpp cannot run is refused as such, not as a size
         arch = Architecture.from_metadata(header(entry.path), entry.path)
-        n_ctx = settings.context_size
-        n_ubatch = min(settings.batch_size, MAX_UBATCH)
-        kv = arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
-        compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32
-                   + n_ubatch * (8 * arch.n_embd + 3 * arch.n_ff) * F32
-                   + arch.n_vocab * F32)  # the output (logits) buffer
-        return Footprint(model_id=entry.id, weights=entry.path.stat().st_size, kv_cache=kv, compute=compute,
-                         margin=margin)
+        return llama_footprint(entry.id, arch, entry.path.stat().st_size, settings, margin)
 
     def facts(self, entry: ModelEntry) -> dict[str, Any]:
         arch = check_architecture(entry.path)

@@ -24,16 +24,16 @@ if TYPE_CHECKING:
 def pick(logits: np.ndarray, params: SamplingParams, recent: list[int], rng: np.random.Generator) -> int:
     logits = logits.astype(np.float64)
     penalise_repeats(logits, recent, params.repeat_penalty)
-    if params.temperature == 0:
+    if params.sampling_temperature == 0:
         return int(np.argmax(logits))
     order = np.argsort(logits)[::-1]
     if params.top_k > 0:
         order = order[:params.top_k]
-    scaled = logits[order] / params.temperature
+    scaled = logits[order] / params.sampling_temperature
     probs = np.exp(scaled - scaled.max())
     probs /= probs.sum()
-    if params.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+    if params.sampling_top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), params.sampling_top_p) + 1)
         order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
     return int(rng.choice(order, p=probs))
 

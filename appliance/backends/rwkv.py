@@ -138,8 +138,8 @@ class RwkvBackend(Backend):
             while True:
                 scores = logits.float().numpy().copy()
                 penalise_repeats(scores, recent, params.repeat_penalty)
-                token = sample_like_chatrwkv(scores, temperature=params.temperature, top_p=params.top_p,
-                                             top_k=params.top_k, rng=rng)
+                token = sample_like_chatrwkv(scores, temperature=params.sampling_temperature,
+                                             top_p=params.sampling_top_p, top_k=params.top_k, rng=rng)
                 clock.token()
                 if token == END_OF_TEXT:
                     finish_reason = "stop"

@@ -42,6 +42,9 @@ class ModelEntry:
     sha256: str | None  # None only for a file served directly with `serve --model`
     family: str = "unknown"
     template: str | None = None  # named prompt format; wins over a chat template the GGUF embeds
+    system_prompt: str | None = None  # put before a chat request that has no system message (None: no default)
+    temperature: float | None = None  # sampling defaults for requests that set none (None: llama-cpp-python's)
+    top_p: float | None = None
     licence: str = "unknown"
     commercial_use: bool | None = None  # None: unknown
     size: int | None = None
@@ -70,6 +73,8 @@ class ModelEntry:
                 "family": self.family, "template": self.template, "licence": self.licence,
                 "commercial_use": "unknown" if self.commercial_use is None else self.commercial_use,
                 "backend": self.backend, "source": self.source}
+        body.update({k: v for k, v in (("system_prompt", self.system_prompt), ("temperature", self.temperature),
+                                       ("top_p", self.top_p)) if v is not None})
         if self.lora:
             body.update(lora=str(self.lora), lora_sha256=self.lora_sha256, lora_scale=self.lora_scale)
         if self.strategy or self.tokenizer:

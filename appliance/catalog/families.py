@@ -68,6 +68,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("olmo", "olmo", "Apache-2.0", True, "llama_cpp", "https://allenai.org/olmo"),
     Family("gemma", "gemma", "Gemma Terms of Use (https://ai.google.dev/gemma/terms)", True, "llama_cpp",
            "https://ai.google.dev/gemma"),
+    Family("smollm2", "chatml", "Apache-2.0", True, "llama_cpp", "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    Family("qwen2.5", "chatml", "Apache-2.0 (0.5B, 1.5B, 7B, 14B, 32B); the 3B and 72B have Qwen licences of their "
+           "own: see the model card", None, "llama_cpp", "https://huggingface.co/Qwen"),
     Family("chatml", "chatml", "see the model card", None, "llama_cpp"),
     Family("bert", "plain", "Apache-2.0 (most BERT-class classifiers; check the model card)", True, "onnx"),
 )}

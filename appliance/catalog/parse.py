@@ -17,8 +17,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 _STRINGS = ("id", "file", "sha256", "family", "template", "licence", "backend", "source", "lora", "lora_sha256",
-            "strategy", "tokenizer", "featurize")
-_KEYS = set(_STRINGS) | {"size", "lora_scale", "commercial_use", "inputs", "outputs"}
+            "strategy", "tokenizer", "featurize", "system_prompt")
+_KEYS = set(_STRINGS) | {"size", "lora_scale", "commercial_use", "inputs", "outputs", "temperature", "top_p"}
+_SAMPLING = {"temperature": 5.0, "top_p": 1.0}  # request defaults a text model's entry may set, and their maximum
 _REQUIRED = ("id", "file", "sha256")
 
 
@@ -133,6 +134,14 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         problems.append(f"{where}.tokenizer: only rwkv models name a tokenizer")
     if backend != "onnx" and ("inputs" in raw or "outputs" in raw):
         problems.append(f"{where}: inputs/outputs are for onnx models")
+    for key in ("system_prompt", *_SAMPLING):
+        if key in raw and backend == "onnx":
+            problems.append(f"{where}.{key}: only text models take it")
+    for key, high in _SAMPLING.items():
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= high):
+            problems.append(f"{where}.{key} = {value!r}: must be a number from 0 to {high}")
     featurize = raw.get("featurize")
     if featurize is not None and backend != "onnx":
         problems.append(f"{where}.featurize: only onnx text classifiers are featurized")
@@ -142,7 +151,8 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         return None
     return ModelEntry(
         id=raw["id"], path=path, sha256=raw["sha256"].lower(), family=raw.get("family", "unknown"),
-        template=template, licence=raw.get("licence", "unknown"),
+        template=template, system_prompt=raw.get("system_prompt"), licence=raw.get("licence", "unknown"),
+        **{k: float(raw[k]) for k in _SAMPLING if k in raw},
         commercial_use=None if commercial == "unknown" else commercial, size=size, backend=backend,
         source=raw.get("source", ""), lora=_path(raw["lora"], base) if "lora" in raw else None,
         lora_sha256=raw["lora_sha256"].lower() if "lora_sha256" in raw else None, lora_scale=float(scale),

@@ -32,6 +32,7 @@ class NewEntry:
     labels: tuple[str, ...] = ()  # onnx: labels of the first output
     threshold: float | None = None  # onnx: one score per row, labels[1] at or above it
     featurize: str | None = None  # onnx: a text classifier for the moderation filter (text_features.py)
+    system_prompt: str | None = None  # text models: put before a chat request that has no system message
 
 
 def default_id(path: Path) -> str:
@@ -74,6 +75,8 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict[str, Any], dict[str, A
         raise ModelError(f"{new.path}: --tokenizer and --strategy are for RWKV .pth checkpoints")
     if (new.labels or new.threshold is not None or new.featurize) and backend != "onnx":
         raise ModelError(f"{new.path}: --labels, --threshold and --featurize are for ONNX models")
+    if new.system_prompt is not None and backend == "onnx":
+        raise ModelError(f"{new.path}: --system-prompt is for text models")
     tables: dict[str, Any] = {}
     if backend == "onnx":
         from appliance.catalog import onnx_meta
@@ -101,6 +104,8 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict[str, Any], dict[str, A
                             "sha256": sha256_file(new.path), "size": new.path.stat().st_size, "family": new.family}
     if template:
         keys["template"] = template
+    if new.system_prompt is not None:
+        keys["system_prompt"] = new.system_prompt
     keys["licence"] = new.licence or known.licence
     keys["commercial_use"] = "unknown" if commercial is None else commercial
     if new.source or known.source:

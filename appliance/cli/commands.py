@@ -8,12 +8,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
 from appliance.cli import models as cli_models
 from appliance.config import Config, ConfigError, load_config, read_secret, reference_markdown
 from appliance.errors import ApplianceError
+
+if TYPE_CHECKING:
+    from appliance.cli.client import Answer, Asker
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -36,48 +39,78 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ask(args: argparse.Namespace) -> int:
+def _asker(args: argparse.Namespace, config: Config, *, chat: bool) -> Asker:
+    """Where `ask` and `chat` send requests: MQTT with --mqtt (the fleet topic unless --device), else HTTP."""
     from appliance.cli import client
-
-    config = _config(args)
-    body: dict[str, Any] = {"stream": args.stream, "max_tokens": args.max_tokens}
-    if args.model:
-        body["model"] = args.model
-    if args.temperature is not None:
-        body["temperature"] = args.temperature
-    if args.raw:
-        body["prompt"] = args.prompt
-    else:
-        body["messages"] = [{"role": "user", "content": args.prompt}]
-
-    def show(delta: str) -> None:
-        sys.stdout.write(delta)
-        sys.stdout.flush()
 
     if args.mqtt is not None:
         host, port = client.parse_host_port(args.mqtt or f"{config.mqtt.host or '127.0.0.1'}:{config.mqtt.port}")
         prefix = config.mqtt.topic_prefix
         topic = f"{prefix}/{args.device}/generate" if args.device else f"{prefix}/fleet/generate"
         password = read_secret(config.mqtt.password_file) if config.mqtt.password_file else None
-        answer = client.ask_mqtt(host, port, topic, body, protocol=args.protocol, username=config.mqtt.username or None,
-                                 password=password, reply_prefix=f"{prefix}/client", on_delta=show,
-                                 timeout=args.timeout)
+        return client.MqttAsker(host, port, topic, protocol=args.protocol, username=config.mqtt.username or None,
+                                password=password, reply_prefix=f"{prefix}/client")
+    url = args.http or f"http://{_client_host(config.http.bind)}:{config.http.port}"
+    api_key = read_secret(config.http.api_key_file) if config.http.api_key_file else None
+    if args.api_key_file:
+        api_key = read_secret(Path(args.api_key_file))
+    return client.HttpAsker(url, api_key=api_key, chat=chat)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature)) if v is not None}
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    config = _config(args)
+    body: dict[str, Any] = {"stream": args.stream, **_sampling(args)}
+    if args.model:
+        body["model"] = args.model
+    if args.raw:
+        body["prompt"] = args.prompt
     else:
-        url = args.http or f"http://{_client_host(config.http.bind)}:{config.http.port}"
-        api_key = read_secret(config.http.api_key_file) if config.http.api_key_file else None
-        if args.api_key_file:
-            api_key = read_secret(Path(args.api_key_file))
-        answer = client.ask_http(url, body, chat=not args.raw, api_key=api_key, on_delta=show, timeout=args.timeout)
-    if answer.error:
-        if args.stream and answer.text:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        body["messages"] = [*system, {"role": "user", "content": args.prompt}]
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    answer: Answer | None
+    if args.wyoming is not None:  # one Assist turn: the device's own conversation, no sampling options
+        from appliance.cli.client import parse_host_port
+        from appliance.transports.wyoming_client import ask_wyoming
+        host, port = parse_host_port(args.wyoming or f"{_client_host(config.wyoming.bind)}:{config.wyoming.port}",
+                                     config.wyoming.port)
+        error, answer = None, ask_wyoming(host, port, args.prompt, on_delta=show if args.stream else lambda s: None,
+                                          timeout=args.timeout)
+    else:
+        asker = _asker(args, config, chat=not args.raw)
+        error = asker.connect()
+        try:
+            answer = asker.ask(body, on_delta=show, timeout=args.timeout) if error is None else None
+        finally:
+            asker.close()
+    if answer is None or answer.error:
+        error = error or (answer.error if answer is not None else None) or {}
+        if args.stream and answer is not None and answer.text:
             sys.stdout.write("\n")
-        print(f"error: {answer.error.get('code')}: {answer.error.get('message')}", file=sys.stderr)
+        print(f"error: {error.get('code')}: {error.get('message')}", file=sys.stderr)
         return 1
     print("" if args.stream else answer.text)
     if args.verbose:
         print(json.dumps({"finish_reason": answer.finish_reason, "usage": answer.usage, "timings": answer.timings}),
               file=sys.stderr)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from appliance.cli import chat
+
+    config = _config(args)
+    asker = _asker(args, config, chat=True)
+    return chat.run(asker, str(asker), model=args.model, system=args.system, params=_sampling(args),
+                    timeout=args.timeout, verbose=args.verbose)
 
 
 def _client_host(bind: str) -> str:
@@ -136,6 +169,25 @@ def cmd_mqtt_users(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_options(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """Where to send requests and how: the options `ask` and `chat` share; returns the group of where-to options."""
+    p.add_argument("-c", "--config", help="read broker/HTTP addresses and secrets from this config")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--mqtt", nargs="?", const="", metavar="HOST:PORT",
+                       help="over MQTT (default address from the config)")
+    where.add_argument("--http", metavar="URL", help="over HTTP (the default; URL from the config)")
+    p.add_argument("--device", help="MQTT: this device's topic instead of the fleet topic")
+    p.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT protocol version")
+    p.add_argument("--model", help="model id from the catalog (default: the device's default model)")
+    p.add_argument("--system", help="your own system message (default: the one the device's catalog gives the "
+                   "model)")
+    p.add_argument("--max-tokens", type=int, help="default: the device's worker.default_max_tokens")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--api-key-file", help="HTTP API key file")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for an answer")
+    return where
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Offline LLM appliance: serve a quantized model "
                                      "over MQTT and HTTP, and talk to it.")
@@ -147,24 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", metavar="FILE.gguf", help="serve this GGUF file directly, no catalog entry needed")
     serve.set_defaults(func=cmd_serve)
 
-    ask = sub.add_parser("ask", help="send one prompt and print the answer")
+    ask = sub.add_parser("ask", help="send one question (or, with --raw, a prompt to complete) and print the answer")
     ask.add_argument("prompt")
-    ask.add_argument("-c", "--config", help="read broker/HTTP addresses and secrets from this config")
-    where = ask.add_mutually_exclusive_group()
-    where.add_argument("--mqtt", nargs="?", const="", metavar="HOST:PORT",
-                       help="ask over MQTT (default address from the config)")
-    where.add_argument("--http", metavar="URL", help="ask over HTTP (the default; URL from the config)")
-    ask.add_argument("--device", help="MQTT: this device's topic instead of the fleet topic")
-    ask.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT protocol version")
-    ask.add_argument("--model", help="model id from the catalog")
+    where = _client_options(ask)
+    where.add_argument("--wyoming", nargs="?", const="", metavar="HOST:PORT",
+                       help="ask the Wyoming conversation agent, as Home Assistant's Assist does")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    ask.add_argument("--raw", action="store_true", help="send a plain completion prompt instead of a chat message")
-    ask.add_argument("--max-tokens", type=int, default=128)
-    ask.add_argument("--temperature", type=float)
-    ask.add_argument("--api-key-file", help="HTTP API key file")
-    ask.add_argument("--timeout", type=float, default=600)
+    ask.add_argument("--raw", action="store_true", help="send a plain completion prompt instead of a chat message "
+                     "(no chat template, no system prompt)")
     ask.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
     ask.set_defaults(func=cmd_ask)
+
+    chat = sub.add_parser("chat", help="talk with a device in this terminal: streamed answers, the conversation "
+                          "kept for the session, /reset, /model ID; Ctrl-C stops an answer, Ctrl-D quits")
+    _client_options(chat)
+    chat.add_argument("-v", "--verbose", action="store_true", help="print tokens and speed after each answer")
+    chat.set_defaults(func=cmd_chat)
 
     cli_models.add_parser(sub)
 

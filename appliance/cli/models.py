@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from appliance.catalog import Catalog, families
-from appliance.config import Config, load_config
+from appliance.catalog import Catalog, families, shelf, shelf_report
+from appliance.config import Config, ConfigError, load_config
 from appliance.errors import ApplianceError, ModelError
 
 QUANT_TYPES = {"q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17}  # llama.cpp's llama_ftype values
@@ -19,13 +19,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     actions = models.add_subparsers(dest="action", required=True)
     for name, text in (("list", "list catalog entries, with their licence flag"),
                        ("verify", "check files and sha256 digests"),
-                       ("fit", "estimate each model's memory and compare with this machine's")):
+                       ("fit", "estimate the memory of each catalog and shelf model and compare it with this "
+                               "machine's (or a board's)"),
+                       ("shelf", "the recommended models per board (docs/models.md)")):
         p = actions.add_parser(name, help=text)
         p.add_argument("-c", "--config")
         if name == "list":
             p.add_argument("--json", action="store_true")
         elif name == "verify":
             p.add_argument("ids", nargs="*", help="only these model ids")
+        elif name == "fit":
+            p.add_argument("--board", help="compare with this board's planned free memory instead: "
+                                           "one of " + ", ".join(b.id for b in shelf.BOARDS))
+        elif name == "shelf":
+            p.add_argument("--markdown", action="store_true", help="the table docs/models.md holds")
 
     add = actions.add_parser("add", help="add a model file (.gguf, .pth, .onnx) to the catalog (digest, size and "
                                          "header facts computed)")
@@ -57,6 +64,8 @@ def _entry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", help="catalog id (default: from the file name)")
     p.add_argument("--template", help="prompt format; overrides a chat template the GGUF embeds (default: the "
                                       "GGUF's own, else the family's)")
+    p.add_argument("--system-prompt", help="system message put before a chat request that has none (default: none; "
+                                           "models.system_prompt replaces it)")
     p.add_argument("--licence", help="licence text (default: the family's)")
     p.add_argument("--commercial-use", choices=("true", "false", "unknown"), help="default: the family's")
     p.add_argument("--source", help="where the weights come from (URL)")
@@ -69,10 +78,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         return _add(args, config, args.file)
     if args.action == "quantize":
         return _quantize(args, config)
+    if args.action == "shelf":
+        return _shelf(args, config)
     from appliance.service import load_catalog
     catalog = load_catalog(config)
     if args.action == "fit":
-        return _fit(config, catalog)
+        return _fit(config, catalog, args.board)
     if args.action == "list":
         return _list(args, config, catalog)
     return _verify(args, catalog)
@@ -114,14 +125,20 @@ def _verify(args: argparse.Namespace, catalog: Catalog) -> int:
     return 1 if failures else 0
 
 
-def _fit(config: Config, catalog: Catalog) -> int:
-    """The memory estimate of each model against what this machine has now."""
+def _fit(config: Config, catalog: Catalog, board_id: str | None = None) -> int:
+    """The memory estimate of each catalog model, then of each shelf model, against what this machine has now (or
+    what a board would have); the exit status is about the catalog's models only."""
     from appliance.backends.probe import MiB
     from appliance.supervisor import admission
     from appliance.supervisor.sensors import Sensors
 
+    board = shelf.board(board_id) if board_id else None
+    if board_id and board is None:
+        raise ConfigError([f"--board {board_id!r}: unknown board (known: {', '.join(b.id for b in shelf.BOARDS)})"])
     reading = Sensors(config.memory, config.thermal, config.gpio).memory()
-    if config.memory.budget_mib:
+    if board is not None:
+        available, source = board.available_mib * MiB, shelf_report.board_source(board)
+    elif config.memory.budget_mib:
         available, source = config.memory.budget_mib * MiB, "memory.budget_mib"
     elif reading is not None:
         available, source = reading.available, f"MemAvailable in {config.memory.meminfo_path}"
@@ -131,6 +148,11 @@ def _fit(config: Config, catalog: Catalog) -> int:
     print(f"available: {shown} ({source}); context {config.worker.context_size}, batch {config.worker.batch_size}")
     misfits = 0
     for entry in catalog:
+        if not entry.path.is_file():
+            first_start = " (`appliance serve` copies the default model there on its first start)" \
+                if catalog.origin == "built-in" else ""
+            print(f"?        {entry.id}: no file at {entry.path} yet{first_start}")
+            continue
         try:
             footprint = admission.estimate(entry, config)
         except ApplianceError as exc:
@@ -142,7 +164,21 @@ def _fit(config: Config, catalog: Catalog) -> int:
         fits = available is None or footprint.total <= available
         misfits += not fits
         print(f"{'fits' if fits else 'TOO BIG':8} {entry.id}: {footprint.describe()}")
+    if available is not None:
+        print("\n".join(shelf_report.fit_lines(available, config)))
     return 1 if misfits else 0
+
+
+def _shelf(args: argparse.Namespace, config: Config) -> int:
+    if args.markdown:
+        print(shelf_report.markdown(config), end="")
+        return 0
+    for model in shelf.MODELS:
+        print(f"{model.id}: {model.name} {model.quant}; {model.languages}; {model.licence}; {model.source}"
+              + (f"; {model.note}" if model.note else ""))
+    for board in shelf.BOARDS:
+        print(f"{board.id}: {board.name}: English {board.english}, multilingual {board.multilingual}")
+    return 0
 
 
 def _add(args: argparse.Namespace, config: Config, path: Path) -> int:
@@ -154,7 +190,8 @@ def _add(args: argparse.Namespace, config: Config, path: Path) -> int:
                           commercial_use=commercial, source=args.source, lora=getattr(args, "lora", None),
                           lora_scale=getattr(args, "lora_scale", 1.0), tokenizer=getattr(args, "tokenizer", None),
                           strategy=getattr(args, "strategy", None), featurize=getattr(args, "featurize", None),
-                          labels=labels, threshold=getattr(args, "threshold", None))
+                          labels=labels, threshold=getattr(args, "threshold", None),
+                          system_prompt=args.system_prompt)
     keys, facts = writer.build(new, catalog_path.parent)
     writer.append(catalog_path, keys)
     described = ", ".join(f"{k} {v}" for k, v in facts.items() if v not in (None, False)) or "no header facts"

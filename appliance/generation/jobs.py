@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,11 +49,18 @@ class Reporter:
         self.config = config
         self.metrics = metrics
         self.last_tokens_per_s = 0.0
+        #: told of every error reply, e.g. the operator page's history; must not block
+        self.error_listeners: list[Callable[[str, ApplianceError], None]] = []
 
     def record_error(self, transport: str, error: ApplianceError) -> None:
         """Count an error reply (also used by transports for errors raised before a job exists)."""
         self.metrics.requests.labels(transport, error.code).inc()
         self.metrics.errors.labels(error.code).inc()
+        for listener in self.error_listeners:
+            try:
+                listener(transport, error)
+            except Exception:
+                log.exception("error listener failed")
 
     def record_outcome(self, transport: str, accepted: float, error: ApplianceError | None) -> None:
         """Count the reply to an accepted request, ok or an error, and its time since acceptance."""

@@ -40,7 +40,7 @@ from appliance.generation.slot import CAPACITY, FromWorker, JobUpdate, WorkerSlo
 from appliance.messages import Chunk, Crashed, Done, Failed, LoadFailed, Progress, Stopped, message
 from appliance.metrics import Metrics
 from appliance.process.handle import Spawn, WorkerProcess
-from appliance.protocol import Completion, GenerateRequest
+from appliance.protocol import Completion, GenerateRequest, with_system_prompt
 from appliance.status import StatusBoard
 from appliance.supervisor.guard import Guard
 from appliance.supervisor.policies import Conditions
@@ -141,13 +141,13 @@ class Scheduler:
             if self._outstanding >= self._capacity:
                 raise Busy(f"the queue is full ({self._capacity - 1} waiting); try again later")
             self._outstanding += 1
-        params = request.params
-        if params.max_tokens is None:
-            params = replace(params, max_tokens=self.config.worker.default_max_tokens)
+        params = request.params.with_defaults(max_tokens=self.config.worker.default_max_tokens,
+                                              temperature=entry.temperature, top_p=entry.top_p)
+        messages = request.messages and with_system_prompt(
+            request.messages, self.config.models.system_prompt or entry.system_prompt)
         now = time.monotonic()
         job = Job(key=next(self._keys), request=request, model_id=model_id,
-                  task=GenerationTask(prompt=request.prompt, messages=request.messages, params=params,
-                                      stream=request.stream),
+                  task=GenerationTask(prompt=request.prompt, messages=messages, params=params, stream=request.stream),
                   sink=sink, transport=transport, accepted=now, deadline=now + self.config.worker.request_timeout)
         self.gate(job, lambda: self._inbox.put(Submit(job)))  # moderation.py: returns at once
         return job

@@ -50,6 +50,8 @@ class Supervisor:
         # what first boot could not apply from the boot partition stays in view until a good file replaces it
         self.setup_warnings = tuple(firstboot_problems(config.device.state_dir))
         self.telemetry: dict[str, Any] = {}
+        #: told of every reading (each tick), e.g. the operator page's history; must not block
+        self.reading_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._next_telemetry = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
@@ -125,6 +127,8 @@ class Supervisor:
             "tokens_per_s": round(self.scheduler.reporter.last_tokens_per_s, 2),
             "worker": {"threads": threads, "token_delay_s": delay},
         }
+        for listener in self.reading_listeners:
+            listener(self.telemetry)
         now = time.monotonic()
         interval = self.config.supervisor.telemetry_interval
         if self.publish_telemetry is not None and interval and now >= self._next_telemetry:

@@ -6,6 +6,8 @@ away, so an abandoned stream frees the worker at once.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -39,7 +41,8 @@ from appliance.transports import openai
 
 log = logging.getLogger(__name__)
 
-PUBLIC_ROUTES = ("/healthz",)
+PUBLIC_ROUTES = ("/healthz", "/favicon.ico")  # the icon route answers 204: nothing to protect
+BROWSER_PAGE, BROWSER_PREFIX = "/", "/ui/"  # the operator page: a 401 there asks the browser for the key (Basic)
 POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is still there
 
 
@@ -62,7 +65,8 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_key: str | None, *,
                max_body: int = 1 << 20, result_wait: float = 3600.0,
-               telemetry: Callable[[], dict[str, Any]] = dict[str, Any], infer: InferencePool | None = None) -> Flask:
+               telemetry: Callable[[], dict[str, Any]] = dict[str, Any], infer: InferencePool | None = None,
+               page: Callable[[Flask], None] | None = None) -> Flask:
     app = Flask("appliance")
     app.config["MAX_CONTENT_LENGTH"] = max_body
 
@@ -89,13 +93,20 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
         return error_response(Internal(f"internal error ({type(error).__name__})"))
 
     @app.before_request
-    def _authorize() -> None:
+    def _authorize() -> Response | None:
         if api_key is None or request.path in PUBLIC_ROUTES:
             return None
-        header = request.headers.get("Authorization", "")
-        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        given, browser = presented_key(request.headers.get("Authorization", ""))
         if not hmac.compare_digest(given.encode(), api_key.encode()):
+            if request.path == BROWSER_PAGE or request.path.startswith(BROWSER_PREFIX):
+                return Response("<!doctype html><title>key needed</title><p>This appliance needs its API key: any "
+                                "user name, the key as the password.</p>", status=401, mimetype="text/html",
+                                headers={"WWW-Authenticate": 'Basic realm="appliance", charset="UTF-8"'})
             raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer <key>')")
+        if browser and request.method == "POST" and request.mimetype != "application/json":
+            # a browser repeats Basic credentials on a form another site submits; such forms cannot send JSON
+            # without a CORS preflight, which this server never grants
+            raise Unauthorized("with browser (Basic) credentials a POST must be application/json")
         return None
 
     @app.get("/healthz")
@@ -215,7 +226,24 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
             if not job.finished:  # the client went away mid-stream: free the worker
                 scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))
 
+    if page is not None:
+        page(app)
     return app
+
+
+def presented_key(header: str) -> tuple[str, bool]:
+    """The key in an Authorization header (Bearer, or Basic with the key as the password) and whether it came the
+    browser's way (Basic)."""
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip(), False
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return "", True
+        return decoded.partition(":")[2], True
+    return "", False
 
 
 class HttpServer:

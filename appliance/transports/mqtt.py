@@ -45,6 +45,7 @@ from appliance.protocol import (
 )
 from appliance.status import Status, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool
+from appliance.transports.ha_discovery import Discovery, board_model
 from appliance.transports.mqtt_acks import AckBook
 from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client, new_properties
 
@@ -92,8 +93,9 @@ class MqttReply:
 
 class MqttTransport:
     def __init__(self, config: Config, scheduler: Scheduler, status: StatusBoard, metrics: Metrics,
-                 infer: InferencePool | None = None) -> None:
+                 infer: InferencePool | None = None, telemetry: Callable[[], dict[str, Any]] = dict) -> None:
         self.infer = infer
+        self._telemetry = telemetry  # the supervisor's latest reading
         self.config = config
         self.scheduler = scheduler
         self.metrics = metrics
@@ -118,6 +120,8 @@ class MqttTransport:
             client.on_publish = self._on_publish
             client.on_subscribe = self._on_subscribe
         status.subscribe(self._publish_status)
+        self.discovery = Discovery(config, self.topics, self._publish_discovery, self._republish_state,
+                                   board_model())
         logging.getLogger("paho").addFilter(self._quiet_after_close)
 
     def _quiet_after_close(self, record: logging.LogRecord) -> bool:
@@ -143,6 +147,7 @@ class MqttTransport:
             return
         self._closed = True
         self._accepting = False
+        self.discovery.close()
         if self.connected.is_set():
             info = self.publish(self.topics.status, {**self._status.current.to_dict(), "state": "offline",
                                                      "reason": "shut down"}, retain=True)
@@ -179,6 +184,8 @@ class MqttTransport:
                 topics = [self.topics.generate, self.topics.cancel]
                 if self.infer is not None and self.infer.models:
                     topics.append(self.topics.infer_prefix + "+")
+                if self.discovery.enabled:
+                    topics.append(self.discovery.birth_topic)
             if self._v5:
                 options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
                 client.subscribe([(t, options) for t in topics])
@@ -186,6 +193,7 @@ class MqttTransport:
                 client.subscribe([(t, 1) for t in topics])
             if client is self.client:
                 self.publish(self.topics.status, self._status.current.to_dict(), retain=True)
+                self.discovery.on_connect()
                 self.connected.set()
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: paho.DisconnectFlags,
@@ -212,7 +220,10 @@ class MqttTransport:
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         with self._guard("on_message"):
-            if msg.retain:  # a retained request would be answered again on every reconnect
+            if msg.topic == self.discovery.birth_topic and self.discovery.enabled:
+                self.discovery.on_birth(bytes(msg.payload))
+                self._ack({(client, msg.mid, msg.qos)})
+            elif msg.retain:  # a retained request would be answered again on every reconnect
                 log.warning("MQTT: ignoring a retained message on %s", msg.topic)
                 self._ack({(client, msg.mid, msg.qos)})
             elif msg.topic in (self.topics.generate, self.topics.fleet_generate):
@@ -313,6 +324,17 @@ class MqttTransport:
     def publish_telemetry(self, payload: dict[str, Any]) -> None:
         if not self._closed:
             self.publish(self.topics.telemetry, payload, retain=True)
+
+    def _publish_discovery(self, topic: str, payload: dict[str, Any] | None) -> None:
+        if payload is None:  # an empty retained message removes the entity from Home Assistant
+            self.client.publish(topic, b"", qos=1, retain=True)
+        else:
+            self.publish(topic, payload, retain=True)
+
+    def _republish_state(self) -> None:
+        self._publish_status(self._status.current)
+        if telemetry := self._telemetry():
+            self.publish_telemetry(telemetry)
 
     def _publish_status(self, status: Status) -> None:
         if not self._closed:

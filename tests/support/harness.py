@@ -25,6 +25,8 @@ from appliance.transports.broker import free_port
 from appliance.transports.mqtt_session import disable_nagle
 
 REPO = Path(__file__).resolve().parents[2]
+#: the worker settings the real default model runs with in the tests (and its llama-cpp-python reference)
+DEFAULT_MODEL_WORKER = {"context_size": 2048, "batch_size": 256, "threads": 2}
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from appliance.errors import BadRequest
@@ -12,8 +14,13 @@ from appliance.protocol import Message, parse_generate
 def test_minimal_request_gets_an_id_and_defaults():
     request = parse_generate({"prompt": "hi"})
     assert isinstance(request.id, str) and len(request.id) == 32
-    assert request.params.max_tokens is None and request.params.temperature == 0.8
+    assert request.params.max_tokens is None and request.params.temperature is None and request.params.top_p is None
     assert request.stream is False and request.messages is None
+    # unset: the configured and the model's defaults, else llama-cpp-python's 0.8 and 0.95
+    resolved = request.params.with_defaults(max_tokens=256, temperature=None, top_p=0.9)
+    assert (resolved.max_tokens, resolved.temperature, resolved.top_p) == (256, 0.8, 0.9)
+    own = parse_generate({"prompt": "hi", "temperature": 0, "max_tokens": 3}).params
+    assert own.with_defaults(max_tokens=256, temperature=0.2, top_p=None) == replace(own, top_p=0.95)
 
 
 def test_full_request():
