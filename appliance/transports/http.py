@@ -31,9 +31,9 @@ from appliance.errors import (
     UnknownModel,
 )
 from appliance.generation.scheduler import Job, Scheduler
+from appliance.json_input import decode_json
 from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
-from appliance.json_input import decode_json
 from appliance.protocol import GenerateRequest, tensor_result_payload
 from appliance.status import SERVING, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool

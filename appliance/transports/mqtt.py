@@ -31,8 +31,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from appliance.config import Config
 from appliance.errors import ApplianceError, BadRequest, Busy
 from appliance.generation.scheduler import Job, Scheduler
-from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.json_input import decode_json
+from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
 from appliance.protocol import (
     chunk_payload,
