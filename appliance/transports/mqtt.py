@@ -46,7 +46,7 @@ from appliance.protocol import (
 from appliance.status import Status, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports.ha_discovery import Discovery, board_model
-from appliance.transports.mqtt_acks import AckBook
+from appliance.transports.mqtt_acks import AckBook, Pending, StoredReply
 from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client, new_properties
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,9 @@ log = logging.getLogger(__name__)
 class MqttReply:
     """The sink of one MQTT job: publishes chunks, then the result or error, then releases the request's ack."""
 
-    def __init__(self, transport: MqttTransport, topic: str, correlation: bytes | None, key: object,
+    def __init__(self, transport: MqttTransport, topic: str, correlation: bytes | None, pending: Pending,
                  stream: bool, fleet: bool) -> None:
-        self.transport, self.topic, self.correlation, self.key = transport, topic, correlation, key
+        self.transport, self.topic, self.correlation, self.pending = transport, topic, correlation, pending
         self.stream, self.fleet = stream, fleet
 
     def send(self, job: Job, event: JobEvent) -> None:
@@ -88,7 +88,7 @@ class MqttReply:
             # the fleet session ends with this connection, so the broker will not deliver it again: say so
             self.refuse(rid, Busy("this device is shutting down; send the request again"))
         else:
-            self.transport.acks.forget(self.key)  # unacked: the broker delivers it again after the restart
+            self.transport.acks.forget(self.pending)  # unacked: the broker delivers it again after the restart
 
 
 class MqttTransport:
@@ -100,7 +100,7 @@ class MqttTransport:
         self.scheduler = scheduler
         self.metrics = metrics
         self.topics = Topics.of(config.mqtt.topic_prefix, config.device.id, config.mqtt.fleet_group)
-        self.acks = AckBook()
+        self.acks = AckBook(window=config.mqtt.dedupe_window)
         self._v5 = config.mqtt.protocol == "5"
         self._accepting = True
         self._closed = False
@@ -261,16 +261,23 @@ class MqttTransport:
             key = (topic, "cd", bytes(correlation))
         elif rid is not None:
             key = (topic, "id", rid)
-        else:  # no id at all: only a broker redelivery (dup flag) counts as the same request
-            key = (topic, "sha", hashlib.sha256(msg.payload).hexdigest(), None if msg.dup else object())
-        seen = self.acks.begin(key, (client, msg.mid, msg.qos))
-        if seen != "new":
-            log.info("MQTT: duplicate delivery of request %r (%s)", rid, seen.replace("_", " "))
-            if seen == "answered":
-                self._ack({(client, msg.mid, msg.qos)})
+        else:  # no id at all: the payload tells a redelivery of the same message
+            key = (topic, "sha", hashlib.sha256(msg.payload).hexdigest())
+        seen = self.acks.begin(key, (client, msg.mid, msg.qos), redelivery=bool(msg.dup))
+        if seen.state != "new":
+            self.metrics.mqtt_redeliveries.labels(seen.state).inc()
+        if seen.state == "in_progress":
+            log.info("MQTT: redelivery of request %r, which is in progress: answered once", rid)
             return
-        reply = MqttReply(self, topic, correlation, key, stream=bool(isinstance(body, dict) and body.get("stream")),
-                          fleet=client is self.fleet_client)
+        assert seen.pending is not None
+        if seen.state == "answered" and (stored := seen.pending.reply) is not None:
+            log.info("MQTT: redelivery of request %r, already answered: its reply is sent again", rid)
+            info = self.publish(stored.topic, stored.payload, stored.correlation,
+                                expiry=self.config.mqtt.reply_expiry)
+            self._ack(self.acks.reply_sent(seen.pending, info.mid, stored))
+            return
+        reply = MqttReply(self, topic, correlation, seen.pending,
+                          stream=bool(isinstance(body, dict) and body.get("stream")), fleet=client is self.fleet_client)
         if not self._accepting:
             reply.abandon(rid)
             return
@@ -297,8 +304,8 @@ class MqttTransport:
 
     # -- publishing (any thread) -------------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: dict[str, Any], correlation: bytes | None = None, *, retain: bool = False,
-                expiry: int = 0) -> paho.MQTTMessageInfo:
+    def publish(self, topic: str, payload: dict[str, Any] | bytes, correlation: bytes | None = None, *,
+                retain: bool = False, expiry: int = 0) -> paho.MQTTMessageInfo:
         props = None
         if self._v5:
             props = new_properties(PacketTypes.PUBLISH)
@@ -307,12 +314,14 @@ class MqttTransport:
                 props.CorrelationData = correlation
             if expiry:
                 props.MessageExpiryInterval = expiry
-        return self.client.publish(topic, dumps(payload), qos=1, retain=retain, properties=props)
+        data = payload if isinstance(payload, bytes) else dumps(payload)
+        return self.client.publish(topic, data, qos=1, retain=retain, properties=props)
 
     def answer(self, reply: MqttReply, payload: dict[str, Any]) -> None:
         """Publish a final reply; the request is acked once the broker has the reply."""
-        info = self.publish(reply.topic, payload, reply.correlation, expiry=self.config.mqtt.reply_expiry)
-        self._ack(self.acks.reply_sent(reply.key, info.mid))
+        data = dumps(payload)
+        info = self.publish(reply.topic, data, reply.correlation, expiry=self.config.mqtt.reply_expiry)
+        self._ack(self.acks.reply_sent(reply.pending, info.mid, StoredReply(reply.topic, reply.correlation, data)))
 
     @staticmethod
     def _ack(acks: set[tuple[paho.Client, int, int]]) -> None:

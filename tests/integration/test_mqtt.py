@@ -191,19 +191,6 @@ def test_request_timeout(appliance_factory, mqtt_client):
     assert _final(client.request(app.topic("generate"), {"prompt": "a", "max_tokens": 3}))["type"] == "result"
 
 
-def test_duplicate_deliveries_are_answered_once(appliance, mqtt_client):
-    client = mqtt_client()
-    reply_topic = f"test/dup/{uuid.uuid4().hex}"
-    client.subscribe(reply_topic)
-    body = {"id": "same", "prompt": "a", "max_tokens": 3}
-    for _ in range(3):
-        client.publish(appliance.topic("generate"), body, response_topic=reply_topic, correlation=b"c1")
-    client.wait_for(lambda m: m.topic == reply_topic)
-    time.sleep(1.5)
-    finals = [json.loads(m.payload) for m in client.messages if m.topic == reply_topic]
-    assert len(finals) == 1 and finals[0]["type"] == "result"
-
-
 def test_mosquitto_command_line_clients(appliance, broker):
     """The stock mosquitto_pub/mosquitto_sub, MQTT v5 request/response with correlation data."""
     import shutil
