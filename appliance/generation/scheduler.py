@@ -31,6 +31,7 @@ from appliance.errors import (
     Cancelled,
     InsufficientMemory,
     ModelError,
+    QueueFull,
     RequestTimeout,
     UnknownModel,
     WorkerCrashed,
@@ -139,7 +140,7 @@ class Scheduler:
             if model_id in self._failed_models:
                 raise self._failed_models[model_id]
             if self._outstanding >= self._capacity:
-                raise Busy(f"the queue is full ({self._capacity - 1} waiting); try again later")
+                raise QueueFull(f"the queue is full ({self._capacity - 1} waiting); try again later")
             self._outstanding += 1
         params = request.params.with_defaults(max_tokens=self.config.worker.default_max_tokens,
                                               temperature=entry.temperature, top_p=entry.top_p)

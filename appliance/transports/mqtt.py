@@ -48,6 +48,7 @@ from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports.ha_discovery import Discovery, board_model
 from appliance.transports.mqtt_acks import AckBook, Pending, StoredReply
 from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client, new_properties
+from appliance.transports.mqtt_waiting import Waiting
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class MqttTransport:
         self.metrics = metrics
         self.topics = Topics.of(config.mqtt.topic_prefix, config.device.id, config.mqtt.fleet_group)
         self.acks = AckBook(window=config.mqtt.dedupe_window)
+        self.waiting = Waiting(lambda exc: scheduler.record_error("mqtt", exc))
         self._v5 = config.mqtt.protocol == "5"
         self._accepting = True
         self._closed = False
@@ -130,9 +132,13 @@ class MqttTransport:
         return not (self._closed and record.getMessage().startswith("Client is not connected"))
 
     def start(self, host: str, port: int) -> None:
-        log.info("MQTT: connecting to %s:%d as %s (MQTT %s)", host, port, self.config.mqtt_client_id,
-                 self.config.mqtt.protocol)
-        connect_async(self.client, self.config, host, port, session_expiry=self.config.mqtt.session_expiry)
+        window = self.config.worker.max_queue + 1
+        log.info("MQTT: connecting to %s:%d as %s (MQTT %s%s)", host, port, self.config.mqtt_client_id,
+                 self.config.mqtt.protocol, f", receive maximum {window}" if self._v5 else "")
+        # flow control: the broker holds what the queue cannot take (one running + worker.max_queue waiting), so a
+        # backlog it kept while the appliance was down is answered, not refused with busy
+        connect_async(self.client, self.config, host, port, session_expiry=self.config.mqtt.session_expiry,
+                      receive_maximum=window)
         if self.fleet_client is not None:
             connect_async(self.fleet_client, self.config, host, port,
                           session_expiry=self.config.mqtt.fleet_session_expiry)
@@ -140,6 +146,7 @@ class MqttTransport:
     def stop_accepting(self) -> None:
         """New requests are left unacked from now on, so the broker redelivers them after the restart."""
         self._accepting = False
+        self.waiting.close()
 
     def close(self) -> None:
         """Publish ``offline``, disconnect cleanly, stop the network thread. Idempotent."""
@@ -147,6 +154,7 @@ class MqttTransport:
             return
         self._closed = True
         self._accepting = False
+        self.waiting.close()
         self.discovery.close()
         if self.connected.is_set():
             info = self.publish(self.topics.status, {**self._status.current.to_dict(), "state": "offline",
@@ -178,19 +186,22 @@ class MqttTransport:
             disable_nagle(client)
             # Subscribe every time: Debian's mosquitto 2.0.11 does not restore $share subscriptions of durable
             # sessions, and a session may have expired. No retained requests: they would rerun on every reconnect.
+            # Requests at QoS 1 (they count against the Receive Maximum); cancels and Home Assistant's birth at
+            # QoS 0, so they are never held back behind a window full of requests.
+            topics: list[tuple[str, int]]
             if client is self.fleet_client:
-                topics = [self.topics.fleet_share, self.topics.fleet_cancel]
+                topics = [(self.topics.fleet_share, 1), (self.topics.fleet_cancel, 0)]
             else:
-                topics = [self.topics.generate, self.topics.cancel]
+                topics = [(self.topics.generate, 1), (self.topics.cancel, 0)]
                 if self.infer is not None and self.infer.models:
-                    topics.append(self.topics.infer_prefix + "+")
+                    topics.append((self.topics.infer_prefix + "+", 1))
                 if self.discovery.enabled:
-                    topics.append(self.discovery.birth_topic)
+                    topics.append((self.discovery.birth_topic, 0))
             if self._v5:
-                options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-                client.subscribe([(t, options) for t in topics])
+                client.subscribe([(t, SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
+                                  for t, qos in topics])
             else:
-                client.subscribe([(t, 1) for t in topics])
+                client.subscribe(topics)
             if client is self.client:
                 self.publish(self.topics.status, self._status.current.to_dict(), retain=True)
                 self.discovery.on_connect()
@@ -281,6 +292,9 @@ class MqttTransport:
         if not self._accepting:
             reply.abandon(rid)
             return
+        if problem is None and client is self.client:  # for this device alone: it waits for a place, never busy
+            self.waiting.offer(rid, lambda: handle(body, reply), reply)
+            return
         try:
             if problem is not None:
                 raise problem
@@ -300,6 +314,7 @@ class MqttTransport:
         if rid is None:
             log.warning("MQTT: ignoring a cancel without a valid 'id'")
             return
+        self.waiting.cancel(rid)
         self.scheduler.cancel(rid)
 
     # -- publishing (any thread) -------------------------------------------------------------------------------
@@ -322,6 +337,8 @@ class MqttTransport:
         data = dumps(payload)
         info = self.publish(reply.topic, data, reply.correlation, expiry=self.config.mqtt.reply_expiry)
         self._ack(self.acks.reply_sent(reply.pending, info.mid, StoredReply(reply.topic, reply.correlation, data)))
+        if len(self.waiting):
+            self.waiting.drain()
 
     @staticmethod
     def _ack(acks: set[tuple[paho.Client, int, int]]) -> None:

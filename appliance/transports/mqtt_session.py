@@ -82,11 +82,17 @@ def disable_nagle(client: paho.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect_async(client: paho.Client, config: Config, host: str, port: int, *, session_expiry: int) -> None:
-    """Connect in the background; paho keeps retrying (with back-off) until the broker answers."""
+def connect_async(client: paho.Client, config: Config, host: str, port: int, *, session_expiry: int,
+                  receive_maximum: int | None = None) -> None:
+    """Connect in the background; paho keeps retrying (with back-off) until the broker answers.
+
+    ``receive_maximum`` (v5): the broker sends at most this many QoS 1 requests that are not yet acked; the rest
+    stay with the broker until an answer frees a place (flow control, docs/protocol.md). paho sends none itself."""
     if config.mqtt.protocol == "5":
         props = new_properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = session_expiry
+        if receive_maximum is not None:
+            props.ReceiveMaximum = receive_maximum
         client.connect_async(host, port, keepalive=config.mqtt.keepalive, clean_start=session_expiry == 0,
                              properties=props)
     else:
