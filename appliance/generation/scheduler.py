@@ -299,7 +299,7 @@ class Scheduler:
                 self.worker.kill()
             elif job.stop_reason is not None and job.stop_deadline <= now:
                 log.warning("request did not stop within worker.cancel_grace; restarting the worker")
-                self.worker.kill()
+                self.worker.kill(deliberate="a request did not stop within worker.cancel_grace")
         self.worker.check_timers(now)
 
     def _dispatch(self) -> None:
