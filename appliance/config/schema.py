@@ -191,9 +191,9 @@ class WorkerConfig:
                                 "before the worker is killed and restarted; its requester gets `timeout`.", 120.0,
                                 check=_between(1, 86400))
     max_restarts: int = _opt("Worker restarts allowed within `restart_window`; one more and the status becomes "
-                             "`error` and the worker stays down for `restart_window` seconds, then is tried again. A worker killed "
-                             "because a cancelled or timed-out request did not stop within `cancel_grace` is not a "
-                             "crash and is not counted.", 5, check=_between(1, 1000))
+                             "`error` and the worker stays down for `restart_window` seconds, then is tried "
+                             "again. A worker killed because a cancelled or timed-out request did not stop within "
+                             "`cancel_grace` is not a crash and is not counted.", 5, check=_between(1, 1000))
     restart_window: float = _opt("Seconds over which `max_restarts` counts.", 300.0, check=_between(1, 86400))
 
 
