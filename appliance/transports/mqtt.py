@@ -47,7 +47,14 @@ from appliance.status import Status, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports.ha_discovery import Discovery, board_model
 from appliance.transports.mqtt_acks import AckBook, Pending, StoredReply
-from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client, new_properties
+from appliance.transports.mqtt_session import (
+    REPLY_ROOT,
+    Topics,
+    connect_async,
+    disable_nagle,
+    make_client,
+    new_properties,
+)
 from appliance.transports.mqtt_waiting import Waiting
 
 log = logging.getLogger(__name__)
@@ -189,12 +196,15 @@ class MqttTransport:
             # Requests at QoS 1 (they count against the Receive Maximum); cancels and Home Assistant's birth at
             # QoS 0, so they are never held back behind a window full of requests.
             topics: list[tuple[str, int]]
+            # Each also with a last level naming the requester's account (the shipped ACL's %u patterns).
             if client is self.fleet_client:
-                topics = [(self.topics.fleet_share, 1), (self.topics.fleet_cancel, 0)]
+                topics = [(self.topics.fleet_share, 1), (self.topics.fleet_share + "/+", 1),
+                          (self.topics.fleet_cancel, 0), (self.topics.fleet_cancel + "/+", 0)]
             else:
-                topics = [(self.topics.generate, 1), (self.topics.cancel, 0)]
+                topics = [(self.topics.generate, 1), (self.topics.generate + "/+", 1),
+                          (self.topics.cancel, 0), (self.topics.cancel + "/+", 0)]
                 if self.infer is not None and self.infer.models:
-                    topics.append((self.topics.infer_prefix + "+", 1))
+                    topics += [(self.topics.infer_prefix + "+", 1), (self.topics.infer_prefix + "+/+", 1)]
                 if self.discovery.enabled:
                     topics.append((self.discovery.birth_topic, 0))
             if self._v5:
@@ -237,13 +247,13 @@ class MqttTransport:
             elif msg.retain:  # a retained request would be answered again on every reconnect
                 log.warning("MQTT: ignoring a retained message on %s", msg.topic)
                 self._ack({(client, msg.mid, msg.qos)})
-            elif msg.topic in (self.topics.generate, self.topics.fleet_generate):
-                self._on_request(client, msg, self._generate)
-            elif msg.topic.startswith(self.topics.infer_prefix) and (infer := self.infer) is not None:
-                model_id = msg.topic[len(self.topics.infer_prefix):]
+            elif (route := self.topics.requester(msg.topic))[0] in (self.topics.generate, self.topics.fleet_generate):
+                self._on_request(client, msg, self._generate, route[1])
+            elif route[0].startswith(self.topics.infer_prefix) and (infer := self.infer) is not None:
+                model_id = route[0][len(self.topics.infer_prefix):]
                 self._on_request(client, msg, lambda body, reply: infer.submit(
-                    model_id, body, lambda answer: reply.tensor_answer(request_id(body), answer), "mqtt"))
-            elif msg.topic in (self.topics.cancel, self.topics.fleet_cancel):
+                    model_id, body, lambda answer: reply.tensor_answer(request_id(body), answer), "mqtt"), route[1])
+            elif route[0] in (self.topics.cancel, self.topics.fleet_cancel):
                 self._on_cancel(msg)
                 self._ack({(client, msg.mid, msg.qos)})
             else:
@@ -253,8 +263,10 @@ class MqttTransport:
         self.scheduler.submit(parse_generate(body), reply, "mqtt")
 
     def _on_request(self, client: paho.Client, msg: paho.MQTTMessage,
-                    handle: Callable[[object, MqttReply], None]) -> None:
-        """Decode, deduplicate and hand over one request; ``handle(body, reply)`` submits it or raises."""
+                    handle: Callable[[object, MqttReply], None], user: str | None) -> None:
+        """Decode, deduplicate and hand over one request; ``handle(body, reply)`` submits it or raises. A request
+        sent by ``user`` (its topic's last level, enforced by the broker's ACL) is answered under
+        ``replies/<user>/`` only: a reply topic elsewhere is refused, so no client can steer answers to another."""
         props = getattr(msg, "properties", None) if self._v5 else None
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
@@ -265,8 +277,14 @@ class MqttTransport:
             problem = exc
         rid = request_id(body) if isinstance(body, dict) else None
         reply_to = body.get("reply_to") if isinstance(body, dict) else None
-        topic = response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None) \
-            or self.topics.reply
+        asked = response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None)
+        topic = asked or self.topics.reply
+        if user is not None:
+            own = f"{REPLY_ROOT}/{user}/"
+            topic = asked if asked and asked.startswith(own) else own + self.config.device.id
+            if asked and not asked.startswith(own) and problem is None:
+                problem = BadRequest(f"replies to account {user!r} go under {own}..., not to {asked!r}",
+                                     param="reply_to")
         key: tuple[object, ...]
         if correlation is not None:
             key = (topic, "cd", bytes(correlation))

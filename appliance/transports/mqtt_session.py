@@ -24,6 +24,9 @@ from paho.mqtt.properties import Properties
 
 from appliance.config import Config, read_secret
 
+#: the root of every requester's reply tree: a user may only be answered under replies/<user>/ (the shipped ACL)
+REPLY_ROOT = "replies"
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -38,6 +41,19 @@ class Topics:
     fleet_generate: str
     fleet_share: str  # the shared subscription to fleet_generate
     fleet_cancel: str
+
+    def requester(self, topic: str) -> tuple[str, str | None]:
+        """Split a request or cancel topic that ends in its sender's user name (``<p>/<d>/generate/<user>``,
+        ``<p>/<d>/infer/<model>/<user>``; the broker's ``%u`` ACL lets each account write only its own) into the
+        plain topic and the user; a topic without one gives ``(topic, None)``."""
+        for base in (self.generate, self.cancel, self.fleet_generate, self.fleet_cancel):
+            if topic.startswith(base + "/") and "/" not in (user := topic[len(base) + 1:]) and user:
+                return base, user
+        if topic.startswith(self.infer_prefix):
+            model, _, user = topic[len(self.infer_prefix):].partition("/")
+            if user and "/" not in user:
+                return self.infer_prefix + model, user
+        return topic, None
 
     @classmethod
     def of(cls, prefix: str, device: str, group: str) -> Topics:

@@ -80,7 +80,7 @@ def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_ke
 
         client = MqttClient("127.0.0.1", vm.ports[LAN_MQTT], username=SENSOR, password=SECRET)
         try:
-            reply = client.request("appliance/twin-01/generate", {
+            reply = client.request(f"appliance/twin-01/generate/{SENSOR}", {
                 "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32,
                 "temperature": 0}, reply_topic=f"replies/{SENSOR}/{uuid.uuid4().hex}", timeout=120)[-1]
         finally:
