@@ -9,11 +9,13 @@ SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "U
                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"]
 
 
-def new_card(image: Path, path: Path, spare_mib: int = 768) -> Path:
-    """A fresh 'SD card' with the image written to it, bigger than the image (root grows into the rest)."""
-    from image import disk
+def new_card(image: Path, path: Path, spare_mib: int = 768, *, power_of_two: bool = False) -> Path:
+    """A fresh 'SD card' with the image written to it, bigger than the image (root grows into the rest);
+    ``power_of_two`` for QEMU's Pi, whose SD card model takes only such sizes."""
+    from image import disk, raspi
     subprocess.run(["cp", "--sparse=always", str(image), str(path)], check=True)
-    disk.grow(path, image.stat().st_size // 2**20 + spare_mib)
+    size = image.stat().st_size + spare_mib * 2**20
+    disk.grow(path, (raspi.card_size(size) if power_of_two else size) // 2**20)
     return path
 
 
