@@ -32,13 +32,6 @@ def card(amd64_image, tmp_path):
     return new_card(amd64_image, tmp_path / "card.img")
 
 
-@pytest.fixture
-def operator_key(tmp_path):
-    key = tmp_path / "operator"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return key
-
-
 def wait_status(vm: Vm, device: str, predicate, until: float) -> tuple[dict, float]:
     """The retained status of ``device`` once ``predicate`` holds, and when (seconds since power-on)."""
     client = None
