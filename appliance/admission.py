@@ -33,6 +33,10 @@ F32 = 4
 MAX_UBATCH = 512  # llama-cpp-python's default n_ubatch; the micro-batch is min(n_batch, this)
 TORCH_RUNTIME = 256 * MiB  # torch and rwkv.model imported: 232 MiB of RSS measured on x86-64
 RWKV_OVERHEAD = 1.25  # resident weights over the converted tensors' size (measured 1.04-1.22)
+#: MemAvailable when the worker loads its model on a 1 GiB Raspberry Pi (3B, 3B+) running the SD-card image, everything
+#: else up: measured on the image booted under QEMU's raspi3b, where Linux gets 960 MiB of the 1 GiB as under the
+#: firmware's default GPU share (docs/image.md). `appliance models fit` holds every model against it.
+PI_1GIB_AVAILABLE = 728 * MiB
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,22 @@ def check(footprint: Footprint, available: int, *, budget_set: bool) -> None:
     if footprint.total <= available:
         return
     source = "memory.budget_mib" if budget_set else "MemAvailable"
-    smaller = ("choose a smaller strategy (the entry's strategy or worker.rwkv_strategy)" if not footprint.mapped
-               else "lower worker.context_size or worker.batch_size")
     raise InsufficientMemory(
         f"model '{footprint.model_id}' needs about {footprint.total / MiB:.0f} MiB ({footprint.describe()}) but "
-        f"{available / MiB:.0f} MiB are available ({source}); {smaller}, or override with memory.budget_mib (or "
-        f"memory.admission = false)")
+        f"{available / MiB:.0f} MiB are available ({source}); {_smaller(footprint)}, or override with "
+        f"memory.budget_mib (or memory.admission = false)")
+
+
+def on_a_1gib_pi(footprint: Footprint) -> str:
+    """Whether the model fits a 1 GiB Pi with this config, from what the image leaves free there (measured)."""
+    spare = PI_1GIB_AVAILABLE - footprint.total
+    there = f"on a 1 GiB Pi (3B, 3B+: {PI_1GIB_AVAILABLE / MiB:.0f} MiB free for a model)"
+    if spare >= 0:
+        return f"{there}: fits, {spare / MiB:.0f} MiB to spare"
+    return f"{there}: TOO BIG by {-spare / MiB:.0f} MiB; {_smaller(footprint)}"
+
+
+def _smaller(footprint: Footprint) -> str:
+    if not footprint.mapped:
+        return "choose a smaller strategy (the entry's strategy or worker.rwkv_strategy)"
+    return "lower worker.context_size or worker.batch_size"

@@ -141,6 +141,7 @@ def _fit(config: Config, catalog) -> int:
         fits = available is None or footprint.total <= available
         misfits += not fits
         print(f"{'fits' if fits else 'TOO BIG':8} {entry.id}: {footprint.describe()}")
+        print(f"{'':8} {admission.on_a_1gib_pi(footprint)}")
     return 1 if misfits else 0
 
 

@@ -119,6 +119,19 @@ def test_models_fit_on_gguf_models(catalog_path):
     assert {"tiny", "slow"} <= verdicts.keys() and {v for v, _ in verdicts.values()} == {"fits"}, verdicts
 
 
+def test_models_fit_says_what_a_1gib_pi_makes_of_each_model(catalog_path):
+    """Under every verdict for this machine, one for a 1 GiB Pi from what the image leaves free there (728 MiB,
+    measured under QEMU's raspi3b): at a 65536-token context slow's attention scores alone are 512 MiB."""
+    env = {"APPLIANCE_MODELS_CATALOG": str(catalog_path), "APPLIANCE_MODELS_DEFAULT": "tiny",
+           "APPLIANCE_WORKER_CONTEXT_SIZE": "65536", "APPLIANCE_MEMORY_BUDGET_MIB": "100000"}
+    out = appliance_cmd("models", "fit", env=env).stdout.splitlines()
+    advice = {line.split(":")[0].split()[-1]: out[i + 1].strip() for i, line in enumerate(out)
+              if re.match(r"(fits|TOO BIG) +(tiny|slow):", line)}
+    there = "on a 1 GiB Pi (3B, 3B+: 728 MiB free for a model)"
+    assert advice["slow"] == f"{there}: TOO BIG by 61 MiB; lower worker.context_size or worker.batch_size", advice
+    assert re.fullmatch(rf"{re.escape(there)}: fits, \d+ MiB to spare", advice["tiny"]), advice
+
+
 def _fit_lines(out: str) -> dict[str, tuple[str, str]]:
     """model id -> (verdict, estimate) from `models fit` lines such as 'TOO BIG  slow: weights 16 + ... = 189 MiB'."""
     found = (re.fullmatch(r"(fits|TOO BIG) +(\S+): (.+)", line) for line in out.splitlines())
