@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import uuid
 from pathlib import Path
+
+from tests.support.harness import MqttClient
 
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"]
@@ -41,3 +44,14 @@ def power_off(vm, key: Path, timeout: float = 120) -> int:
     result = _ssh(vm, key, "sudo systemctl poweroff --no-block", timeout=60)
     assert result.returncode in (0, 255), f"ssh poweroff: {result.returncode} {result.stderr}"
     return vm.wait_closed(timeout=timeout)
+
+
+def generate_over_mqtt(vm, device: str, username: str, password: str, *, port: int = 1884,
+                       timeout: float = 120) -> dict:
+    """One generate request from a sensor's account on the device's LAN broker port; the final reply."""
+    client = MqttClient("127.0.0.1", vm.ports[port], username=username, password=password)
+    try:
+        return client.request(f"appliance/{device}/generate", {"prompt": "hello", "max_tokens": 4},
+                              reply_topic=f"replies/{username}/{uuid.uuid4().hex}", timeout=timeout)[-1]
+    finally:
+        client.close()

@@ -10,14 +10,13 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
 from image import disk
 from image.qemu import Vm
 from image.steps import REPO
-from tests.support.devices import SSH_OPTIONS, new_card, power_off, ssh
+from tests.support.devices import SSH_OPTIONS, generate_over_mqtt, new_card, power_off, ssh
 from tests.support.harness import MqttClient, http_get
 
 pytestmark = pytest.mark.image
@@ -68,12 +67,7 @@ def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_ke
         print(f"ready {ready_after:.1f} s after power-on")
         assert status["model"] == "tiny" and status["device"] == "twin-01"
 
-        client = MqttClient("127.0.0.1", vm.ports[LAN_MQTT], username=SENSOR, password=SECRET)
-        try:
-            reply = client.request("appliance/twin-01/generate", {"prompt": "hello", "max_tokens": 4},
-                                   reply_topic=f"replies/{SENSOR}/{uuid.uuid4().hex}", timeout=60)[-1]
-        finally:
-            client.close()
+        reply = generate_over_mqtt(vm, "twin-01", SENSOR, SECRET, port=LAN_MQTT, timeout=60)
         assert reply["type"] == "result" and reply["usage"]["completion_tokens"] >= 1, reply
         assert http_get(f"http://127.0.0.1:{vm.ports[HTTP]}/readyz", timeout=30)[0] == 200
 

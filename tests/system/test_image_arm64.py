@@ -12,7 +12,6 @@ import re
 import subprocess
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -21,8 +20,8 @@ from image import disk, raspi, rootfs
 from image.qemu import HTTP_PORT, Vm
 from image.steps import cache_dir
 from tests.support import tiny_onnx
-from tests.support.devices import new_card, power_off, ssh
-from tests.support.harness import MqttClient, http_get, http_post
+from tests.support.devices import generate_over_mqtt, new_card, power_off, ssh
+from tests.support.harness import http_get, http_post
 
 pytestmark = pytest.mark.image
 
@@ -152,14 +151,18 @@ class PinRecorder(threading.Thread):
         self.vm, self.pin, self.every = vm, pin, every
         self.changes: list[tuple[float, raspi.PinState]] = []  # (seconds since power-on, state)
         self._done = threading.Event()
+        self.failure: BaseException | None = None
 
     def run(self) -> None:
-        with self.vm.monitor() as monitor:
-            while not self._done.is_set() and self.vm.process.poll() is None:
-                state = raspi.gpio_pin(monitor, self.pin)
-                if not self.changes or self.changes[-1][1] != state:
-                    self.changes.append((time.monotonic() - self.vm.started_at, state))
-                time.sleep(self.every)
+        try:
+            with self.vm.monitor() as monitor:
+                while not self._done.is_set() and self.vm.process.poll() is None:
+                    state = raspi.gpio_pin(monitor, self.pin)
+                    if not self.changes or self.changes[-1][1] != state:
+                        self.changes.append((time.monotonic() - self.vm.started_at, state))
+                    time.sleep(self.every)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test by stop()
+            self.failure = exc
 
     def toggles(self, since: float, until: float) -> int:
         """Level changes while the pin was an output, between two times since power-on."""
@@ -169,6 +172,8 @@ class PinRecorder(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join(timeout=30)
+        if self.failure is not None:
+            raise AssertionError(f"reading GPIO{self.pin} through QEMU's monitor failed") from self.failure
 
 
 # What the device says about itself, in one SSH round trip (each one is seconds under emulation)
@@ -211,12 +216,7 @@ def test_the_image_boots_as_a_raspberry_pi_3b(arm64_image, operator_key, tmp_pat
             print(f"raspi3b: MemTotal {memory['total_mib']} MiB, MemAvailable {memory['available_mib']} MiB, worker "
                   f"RSS {status['telemetry']['worker_rss_mib']} MiB with the tiny model loaded")
 
-            client = MqttClient("127.0.0.1", vm.ports[LAN_MQTT], username=SENSOR, password=SECRET)
-            try:
-                reply = client.request("appliance/pi3-07/generate", {"prompt": "hello", "max_tokens": 4},
-                                       reply_topic=f"replies/{SENSOR}/{uuid.uuid4().hex}", timeout=120)[-1]
-            finally:
-                client.close()
+            reply = generate_over_mqtt(vm, "pi3-07", SENSOR, SECRET, port=LAN_MQTT)
             assert reply["type"] == "result" and reply["usage"]["completion_tokens"] >= 1, reply
             code, completion = http_post(f"{base}/v1/completions", {"prompt": "hello", "max_tokens": 4},
                                          timeout=120)
@@ -248,7 +248,7 @@ def _the_gpio_path(facts: dict, led: PinRecorder, ready_after: float, checked_at
     """The service's pins are claimed on the BCM2835 chip; the LED blinked while loading and is lit when ready."""
     lines = {m.group(1): m.groups()[1:] for m in
              re.finditer(r"\((GPIO\d+)\s*\|(\S+)\s*\)\s+(in|out)\s+(hi|lo)", facts["gpio"])}
-    print(facts["gpio"])
+    print(f"raspi3b: claimed on the BCM2835 chip: {lines}")
     assert lines.get(f"GPIO{LED_PIN}") == ("lg", "out", "hi"), (lines, facts["gpio_log"])
     assert lines.get(f"GPIO{BUTTON_PIN}", ())[:2] == ("lg", "in"), lines
     assert led.changes and led.changes[-1][1] == raspi.PinState(output=True, level=True), led.changes
