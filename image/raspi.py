@@ -25,7 +25,6 @@ MACHINE = "raspi3b"
 #: what QEMU's raspi3b answers to the firmware's "board revision" query: a Pi 3 Model B rev 1.2, 1 GiB, Sony UK
 BOARD_REVISION = 0xA02082
 CONFIG_FILTERS = ("all", "pi3")  # the config.txt sections a Pi 3 Model B applies
-UART = "ttyS1"  # the mini UART, QEMU's second -serial (the first, the PL011, is the Bluetooth UART on a Pi 3)
 GPIO_BASE = 0x3F200000  # the BCM2835 GPIO block in the BCM2837's ARM physical address space
 GPFSEL, GPLEV = 0x00, 0x34  # function select (3 bits per pin, 10 pins per word), pin level (1 bit per pin)
 OUTPUT_FUNCTION = 1
@@ -41,11 +40,12 @@ class PiBoot:
     cmdline: str
 
 
-def read_boot(image: Path) -> PiBoot:
-    """Follow config.txt as the firmware does for a Pi 3B; every file it names must be on the FAT partition."""
+def config_settings(text: str) -> dict[str, str]:
+    """The settings of a config.txt that a Pi 3B applies: lines outside a section or in ``[all]`` or ``[pi3]``
+    (each section header replaces the filter before it); ``initramfs FILE`` is stored as ``initramfs``."""
     settings: dict[str, str] = {}
     applies = True
-    for raw in disk.read_boot_file(image, "config.txt").decode().splitlines():
+    for raw in text.splitlines():
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -56,6 +56,12 @@ def read_boot(image: Path) -> PiBoot:
         elif applies and "=" in line:
             key, value = (part.strip() for part in line.split("=", 1))
             settings[key] = value
+    return settings
+
+
+def read_boot(image: Path) -> PiBoot:
+    """Follow config.txt as the firmware does for a Pi 3B; every file it names must be on the FAT partition."""
+    settings = config_settings(disk.read_boot_file(image, "config.txt").decode())
     if settings.get("arm_64bit") != "1":
         raise BuildError(f"{image}: config.txt does not set arm_64bit=1 for a Pi 3; this image's kernel is arm64")
     upstream = settings.get("upstream_kernel") == "1"
@@ -77,8 +83,7 @@ def load_boot_files(image: Path, boot: PiBoot, into: Path) -> tuple[Path, Path, 
     tree = disk.copy_from_boot(image, boot.device_tree, into / boot.device_tree)
     # The firmware puts the board revision into /system (Debian's upstream trees have no such node); gpiozero reads
     # it there on arm64, where /proc/cpuinfo has no Revision line, and refuses to drive a pin without it.
-    run(["fdtput", "-c", str(tree), "/system"])
-    run(["fdtput", "-t", "x", str(tree), "/system", "linux,revision", f"{BOARD_REVISION:x}"])
+    run(["fdtput", "--auto-path", "-t", "x", str(tree), "/system", "linux,revision", f"{BOARD_REVISION:x}"])
     return kernel, initramfs, tree
 
 
@@ -102,6 +107,7 @@ def command(vm, kernel: Path, initramfs: Path, tree: Path, cmdline: str, netdev:
             "-drive", f"file={vm.image},format=raw,if=sd,cache=unsafe",
             # no PCI on a Pi: the network is a USB Ethernet adapter on the dwc2 host port (cdc_ether in the guest)
             "-netdev", netdev, "-device", "usb-net,netdev=net0",
+            # the first serial port is the PL011 (Bluetooth on a Pi 3), the second the mini UART: ttyS1, the console
             "-serial", "null", "-serial", f"file:{vm.console}",
             "-display", "none", "-monitor", "none", "-qmp", f"unix:{monitor},server=on,wait=off", "-no-reboot"]
 
