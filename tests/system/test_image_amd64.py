@@ -41,6 +41,7 @@ def wait_status(vm: Vm, device: str, predicate, until: float) -> tuple[dict, flo
         except (ConnectionRefusedError, OSError):
             time.sleep(1)
     assert client is not None, "the broker never accepted the sensor's account:\n" + vm.console_text()[-3000:]
+    found: list[dict] = []
     try:
         client.subscribe(f"appliance/{device}/status")
         while time.monotonic() < until:
