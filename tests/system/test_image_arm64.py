@@ -12,13 +12,13 @@ import re
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from image import disk, raspi, rootfs
 from image.qemu import HTTP_PORT, Vm
-from image.steps import cache_dir
 from tests.support import tiny_onnx
 from tests.support.devices import generate_over_mqtt, new_card, power_off, ssh
 from tests.support.harness import http_get, http_post
@@ -100,7 +100,8 @@ def test_the_root_file_system_inside_the_image(arm64_image, tmp_path):
 
 def test_the_appliance_runs_inside_the_root_under_qemu_user(arm64_image):
     """llama.cpp generates and onnxruntime classifies inside the image's own root, as aarch64 code."""
-    tree = cache_dir() / "work" / "rootfs-arm64"
+    packed, _ = arm64_image
+    tree = Path(json.loads(packed.with_name(packed.name + ".json").read_text())["tree"])
     assert tree.is_dir(), "the build keeps its tree for this test (keep_tree=True)"
     tiny_onnx.write_classifier(tree / "var/tmp/classifier.onnx")
     features = [[0.3, -1.2, 2.0, 0.5]]
