@@ -202,10 +202,12 @@ class Vm:
 
 
 def report_serving(vm: Vm) -> None:
-    """One completion, then what the board has left with the model loaded (the appliance's own readings)."""
-    from appliance.client import ask_http, get_status
+    """One chat completion (the default model is an instruct model), then what the board has left with the model
+    loaded (the appliance's own readings)."""
+    from appliance.cli.client import ask_http, get_status
     base = f"http://127.0.0.1:{vm.ports[HTTP_PORT]}"
-    answer = ask_http(base, {"prompt": "The capital of France is", "max_tokens": 8}, chat=False, timeout=1800)
+    answer = ask_http(base, {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32,
+                             "temperature": 0}, chat=True, timeout=1800)
     if answer.error:
         raise BuildError(f"completion refused: {answer.error}")
     say(f"completion: {answer.text!r} ({answer.usage['completion_tokens']} tokens, {answer.timings})")
