@@ -57,9 +57,11 @@ def build(arch: str, out: Path, *, bundle: Path | None = None, key: Path = bundl
     try:
         timed("layer", rootfs.appliance_layer, arch, bundle, signers, tree)
         image = timed("disk", disk.build, tree, arch, image_path(out, release, arch))
-    finally:
-        if not keep_tree and tree.exists():
-            shutil.rmtree(tree)
+    except BaseException:
+        shutil.rmtree(tree, ignore_errors=True)  # a failed build's tree is no use to anyone
+        raise
+    if not keep_tree:
+        shutil.rmtree(tree)
     final = image
     if compress if compress is not None else arch == "arm64":
         final = timed("compress", disk.compress, image)

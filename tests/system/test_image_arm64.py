@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -46,7 +47,9 @@ def arm64_image(bundle_arm64, signing_key, tmp_path_factory):
     raw = out / "raw.img"
     with raw.open("wb") as f:
         subprocess.run(["xz", "-dc", str(packed)], stdout=f, check=True)
-    return packed, raw
+    yield packed, raw
+    # the kept tree is one of its own per build in the shared cache: nothing else removes it
+    shutil.rmtree(json.loads(packed.with_name(packed.name + ".json").read_text())["tree"], ignore_errors=True)
 
 
 def test_the_image_is_named_and_summarised(arm64_image):
