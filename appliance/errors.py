@@ -74,6 +74,11 @@ class Busy(ApplianceError, code="busy", status=HTTPStatus.SERVICE_UNAVAILABLE):
     """The queue is full; the request was refused at once rather than left waiting."""
 
 
+class QueueFull(Busy):
+    """Busy because every place in the queue is taken (not because the appliance is stopping): a request that can
+    wait (one the broker holds for this device) waits for a place instead."""
+
+
 class TooLong(ApplianceError, code="too_long", status=HTTPStatus.BAD_REQUEST):
     """The prompt does not fit in the model's context window."""
 

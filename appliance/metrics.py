@@ -34,6 +34,8 @@ class Metrics:
         self.condition = gauge("condition", "1 for the current memory and thermal level.", "kind", "level")
         self.worker_restarts = counter("worker_restarts", "Inference worker restarts.")
         self.callback_errors = counter("callback_errors", "Exceptions caught in MQTT callbacks.")
+        self.mqtt_redeliveries = counter("mqtt_redeliveries", "Broker redeliveries (DUP) of a request already in "
+                                         "progress or answered: not run again.", "state")
         # the board
         self.temperature = gauge("cpu_temperature_celsius", "CPU temperature.")
         self.throttle_flags = gauge("throttle", "Raspberry Pi firmware flags now (vcgencmd).", "flag")

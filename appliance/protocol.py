@@ -238,19 +238,6 @@ def parse_generate(body: Any) -> GenerateRequest:
                            model=model, params=params, stream=stream, reply_to=reply_to, priority=priority)
 
 
-def decode_json(payload: bytes | str, *, limit: int) -> Any:
-    """Decode a request payload; every failure is a :class:`BadRequest` that says what was wrong."""
-    if len(payload) > limit:
-        raise BadRequest(f"payload is {len(payload)} bytes, larger than the limit of {limit}")
-    try:
-        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
-        return json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise BadRequest(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"payload is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # replies
 

@@ -114,6 +114,10 @@ class MqttConfig:
     private_broker: bool = _opt("When `host` is empty, start a private mosquitto on 127.0.0.1:`port`.", True)
     max_payload: int = _opt("Largest request payload in bytes; larger ones get `bad_request`.", 1048576,
                             check=_between(1024, 268435455))
+    dedupe_window: float = _opt("Seconds an answered request's final reply is kept, so that a broker redelivery "
+                                "of it (DUP flag, after a reconnect) gets that reply again instead of a second run. "
+                                "A new publish reusing an id is always answered (docs/protocol.md).", 3600.0,
+                                check=_between(1, 604800))
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,9 @@ class WorkerConfig:
                                 "before the worker is killed and restarted; its requester gets `timeout`.", 120.0,
                                 check=_between(1, 86400))
     max_restarts: int = _opt("Worker restarts allowed within `restart_window`; one more and the status becomes "
-                             "`error` and the worker stays down.", 5, check=_between(1, 1000))
+                             "`error` and the worker stays down for `restart_window` seconds, then is tried "
+                             "again. A worker killed because a cancelled or timed-out request did not stop within "
+                             "`cancel_grace` is not a crash and is not counted.", 5, check=_between(1, 1000))
     restart_window: float = _opt("Seconds over which `max_restarts` counts.", 300.0, check=_between(1, 86400))
 
 

@@ -31,6 +31,7 @@ from appliance.errors import (
     Cancelled,
     InsufficientMemory,
     ModelError,
+    QueueFull,
     RequestTimeout,
     UnknownModel,
     WorkerCrashed,
@@ -139,7 +140,7 @@ class Scheduler:
             if model_id in self._failed_models:
                 raise self._failed_models[model_id]
             if self._outstanding >= self._capacity:
-                raise Busy(f"the queue is full ({self._capacity - 1} waiting); try again later")
+                raise QueueFull(f"the queue is full ({self._capacity - 1} waiting); try again later")
             self._outstanding += 1
         params = request.params.with_defaults(max_tokens=self.config.worker.default_max_tokens,
                                               temperature=entry.temperature, top_p=entry.top_p)
@@ -298,7 +299,7 @@ class Scheduler:
                 self.worker.kill()
             elif job.stop_reason is not None and job.stop_deadline <= now:
                 log.warning("request did not stop within worker.cancel_grace; restarting the worker")
-                self.worker.kill()
+                self.worker.kill(deliberate="a request did not stop within worker.cancel_grace")
         self.worker.check_timers(now)
 
     def _dispatch(self) -> None:

@@ -92,7 +92,9 @@ class WorkerSlot:
         self._load_crashes: dict[str, int] = {}
         self._last_crash = ""
         self._crashes: deque[float] = deque()
-        self.failure = ""  # set when the worker crashed too often and stays down
+        self.failure = ""  # set when the worker crashed too often; it stays down for worker.restart_window
+        self._deliberate = ""  # why the worker is being killed on purpose (not a crash), until it has exited
+        self._kill_sent = False
         self._closing = False
         self._held_model = False  # this process has loaded a model (the next load gets a fresh process)
         self._pending_load: ModelEntry | None = None
@@ -133,7 +135,7 @@ class WorkerSlot:
         self._generation += 1
         generation = self._generation
         self._state = "starting"
-        self._restart_at = None
+        self._restart_at, self._kill_sent = None, False
         self._process = self._spawn(self._program, generation,
                                     lambda message: self._post(FromWorker(generation, message)))
         log.info("worker process %s started", self._process.pid)
@@ -188,8 +190,11 @@ class WorkerSlot:
         if key in self.running:
             self._send(messages.Cancel(key))
 
-    def kill(self) -> None:
-        if self._process is not None:
+    def kill(self, *, deliberate: str = "") -> None:
+        """Kill the worker. ``deliberate`` names why when it is no fault of the worker (a request that did not stop
+        within worker.cancel_grace): such a stop restarts it at once and never counts toward max_restarts."""
+        if self._process is not None and not self._kill_sent:  # the first reason given is the one that counts
+            self._kill_sent, self._deliberate = True, deliberate
             self._process.kill()
 
     def close(self) -> None:
@@ -207,7 +212,11 @@ class WorkerSlot:
         return out
 
     def check_timers(self, now: float) -> None:
-        if self._state == "down" and self._restart_at is not None and now >= self._restart_at:
+        if self._state in ("down", "failed") and self._restart_at is not None and now >= self._restart_at:
+            if self._state == "failed":  # the back-off after too many crashes is over: try again, from a clean slate
+                log.warning("retrying the inference worker after %g s in error", self.config.worker.restart_window)
+                self.failure, self._backoff = "", BACKOFF_FIRST
+                self._crashes.clear()
             self.start()
         elif self._state == "loading" and now >= self._load_deadline:
             log.error("model load took longer than worker.load_timeout; killing the worker")
@@ -268,17 +277,24 @@ class WorkerSlot:
         was = "generating" if self.running else {"ready": "idle"}.get(self._state, self._state)
         loading, crashed = self._loading, self.running
         self._process, self._state, self._model, self._loading, self.running = None, "down", None, None, {}
-        self._last_crash = how
         now = time.monotonic()
+        deliberate, self._deliberate = self._deliberate, ""
+        if deliberate:  # stopped on purpose: not a crash, no back-off
+            self._last_crash = f"stopped on purpose: {deliberate}"
+            log.warning("worker process %s because %s; restarting it", how, deliberate)
+            self.metrics.worker_restarts.inc()
+            self._restart_at = now
+            return [JobUpdate(job, messages.Crashed(key, how)) for key, job in crashed.items()]
+        self._last_crash = how
         self._crashes.append(now)
         window = self.config.worker.restart_window
         while self._crashes and self._crashes[0] < now - window:
             self._crashes.popleft()
         if len(self._crashes) > self.config.worker.max_restarts:
-            self._state, self._restart_at = "failed", None
+            self._state, self._restart_at = "failed", now + window
             self.failure = (f"the inference worker died {len(self._crashes)} times within {window:g} s "
                             f"(worker.max_restarts = {self.config.worker.max_restarts}; last: {how}); not "
-                            f"restarting it")
+                            f"restarting it for {window:g} s (worker.restart_window)")
             log.error("worker process exited (%s) while %s", how, was)
             log.error("%s", self.failure)
         else:
@@ -304,6 +320,8 @@ class WorkerSlot:
         if self._state == "loading":
             return "loading", self._loading.id if self._loading else None, ""
         if self._state in ("down", "starting") and self._last_crash:
+            if self._last_crash.startswith("stopped on purpose"):
+                return "degraded", None, f"inference worker restarting ({self._last_crash})"
             return "degraded", None, f"inference worker restarting after it died ({self._last_crash})"
         if self.loaded is not None:
             return "ready", self.loaded, ""

@@ -32,9 +32,10 @@ from appliance.errors import (
     UnknownModel,
 )
 from appliance.generation.scheduler import Job, Scheduler
+from appliance.json_input import decode_json
 from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
-from appliance.protocol import GenerateRequest, decode_json, tensor_result_payload
+from appliance.protocol import GenerateRequest, tensor_result_payload
 from appliance.status import SERVING, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports import openai

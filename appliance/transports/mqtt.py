@@ -31,11 +31,11 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from appliance.config import Config
 from appliance.errors import ApplianceError, BadRequest, Busy
 from appliance.generation.scheduler import Job, Scheduler
+from appliance.json_input import decode_json
 from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
 from appliance.protocol import (
     chunk_payload,
-    decode_json,
     dumps,
     error_payload,
     parse_generate,
@@ -46,8 +46,16 @@ from appliance.protocol import (
 from appliance.status import Status, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports.ha_discovery import Discovery, board_model
-from appliance.transports.mqtt_acks import AckBook
-from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client, new_properties
+from appliance.transports.mqtt_acks import AckBook, Pending, StoredReply
+from appliance.transports.mqtt_session import (
+    REPLY_ROOT,
+    Topics,
+    connect_async,
+    disable_nagle,
+    make_client,
+    new_properties,
+)
+from appliance.transports.mqtt_waiting import Waiting
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +63,9 @@ log = logging.getLogger(__name__)
 class MqttReply:
     """The sink of one MQTT job: publishes chunks, then the result or error, then releases the request's ack."""
 
-    def __init__(self, transport: MqttTransport, topic: str, correlation: bytes | None, key: object,
+    def __init__(self, transport: MqttTransport, topic: str, correlation: bytes | None, pending: Pending,
                  stream: bool, fleet: bool) -> None:
-        self.transport, self.topic, self.correlation, self.key = transport, topic, correlation, key
+        self.transport, self.topic, self.correlation, self.pending = transport, topic, correlation, pending
         self.stream, self.fleet = stream, fleet
 
     def send(self, job: Job, event: JobEvent) -> None:
@@ -88,7 +96,7 @@ class MqttReply:
             # the fleet session ends with this connection, so the broker will not deliver it again: say so
             self.refuse(rid, Busy("this device is shutting down; send the request again"))
         else:
-            self.transport.acks.forget(self.key)  # unacked: the broker delivers it again after the restart
+            self.transport.acks.forget(self.pending)  # unacked: the broker delivers it again after the restart
 
 
 class MqttTransport:
@@ -100,7 +108,8 @@ class MqttTransport:
         self.scheduler = scheduler
         self.metrics = metrics
         self.topics = Topics.of(config.mqtt.topic_prefix, config.device.id, config.mqtt.fleet_group)
-        self.acks = AckBook()
+        self.acks = AckBook(window=config.mqtt.dedupe_window)
+        self.waiting = Waiting(lambda exc: scheduler.record_error("mqtt", exc))
         self._v5 = config.mqtt.protocol == "5"
         self._accepting = True
         self._closed = False
@@ -130,9 +139,13 @@ class MqttTransport:
         return not (self._closed and record.getMessage().startswith("Client is not connected"))
 
     def start(self, host: str, port: int) -> None:
-        log.info("MQTT: connecting to %s:%d as %s (MQTT %s)", host, port, self.config.mqtt_client_id,
-                 self.config.mqtt.protocol)
-        connect_async(self.client, self.config, host, port, session_expiry=self.config.mqtt.session_expiry)
+        window = self.config.worker.max_queue + 1
+        log.info("MQTT: connecting to %s:%d as %s (MQTT %s%s)", host, port, self.config.mqtt_client_id,
+                 self.config.mqtt.protocol, f", receive maximum {window}" if self._v5 else "")
+        # flow control: the broker holds what the queue cannot take (one running + worker.max_queue waiting), so a
+        # backlog it kept while the appliance was down is answered, not refused with busy
+        connect_async(self.client, self.config, host, port, session_expiry=self.config.mqtt.session_expiry,
+                      receive_maximum=window)
         if self.fleet_client is not None:
             connect_async(self.fleet_client, self.config, host, port,
                           session_expiry=self.config.mqtt.fleet_session_expiry)
@@ -140,6 +153,7 @@ class MqttTransport:
     def stop_accepting(self) -> None:
         """New requests are left unacked from now on, so the broker redelivers them after the restart."""
         self._accepting = False
+        self.waiting.close()
 
     def close(self) -> None:
         """Publish ``offline``, disconnect cleanly, stop the network thread. Idempotent."""
@@ -147,6 +161,7 @@ class MqttTransport:
             return
         self._closed = True
         self._accepting = False
+        self.waiting.close()
         self.discovery.close()
         if self.connected.is_set():
             info = self.publish(self.topics.status, {**self._status.current.to_dict(), "state": "offline",
@@ -178,19 +193,25 @@ class MqttTransport:
             disable_nagle(client)
             # Subscribe every time: Debian's mosquitto 2.0.11 does not restore $share subscriptions of durable
             # sessions, and a session may have expired. No retained requests: they would rerun on every reconnect.
+            # Requests at QoS 1 (they count against the Receive Maximum); cancels and Home Assistant's birth at
+            # QoS 0, so they are never held back behind a window full of requests.
+            topics: list[tuple[str, int]]
+            # Each also with a last level naming the requester's account (the shipped ACL's %u patterns).
             if client is self.fleet_client:
-                topics = [self.topics.fleet_share, self.topics.fleet_cancel]
+                topics = [(self.topics.fleet_share, 1), (self.topics.fleet_share + "/+", 1),
+                          (self.topics.fleet_cancel, 0), (self.topics.fleet_cancel + "/+", 0)]
             else:
-                topics = [self.topics.generate, self.topics.cancel]
+                topics = [(self.topics.generate, 1), (self.topics.generate + "/+", 1),
+                          (self.topics.cancel, 0), (self.topics.cancel + "/+", 0)]
                 if self.infer is not None and self.infer.models:
-                    topics.append(self.topics.infer_prefix + "+")
+                    topics += [(self.topics.infer_prefix + "+", 1), (self.topics.infer_prefix + "+/+", 1)]
                 if self.discovery.enabled:
-                    topics.append(self.discovery.birth_topic)
+                    topics.append((self.discovery.birth_topic, 0))
             if self._v5:
-                options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-                client.subscribe([(t, options) for t in topics])
+                client.subscribe([(t, SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
+                                  for t, qos in topics])
             else:
-                client.subscribe([(t, 1) for t in topics])
+                client.subscribe(topics)
             if client is self.client:
                 self.publish(self.topics.status, self._status.current.to_dict(), retain=True)
                 self.discovery.on_connect()
@@ -226,13 +247,13 @@ class MqttTransport:
             elif msg.retain:  # a retained request would be answered again on every reconnect
                 log.warning("MQTT: ignoring a retained message on %s", msg.topic)
                 self._ack({(client, msg.mid, msg.qos)})
-            elif msg.topic in (self.topics.generate, self.topics.fleet_generate):
-                self._on_request(client, msg, self._generate)
-            elif msg.topic.startswith(self.topics.infer_prefix) and (infer := self.infer) is not None:
-                model_id = msg.topic[len(self.topics.infer_prefix):]
+            elif (route := self.topics.requester(msg.topic))[0] in (self.topics.generate, self.topics.fleet_generate):
+                self._on_request(client, msg, self._generate, route[1])
+            elif route[0].startswith(self.topics.infer_prefix) and (infer := self.infer) is not None:
+                model_id = route[0][len(self.topics.infer_prefix):]
                 self._on_request(client, msg, lambda body, reply: infer.submit(
-                    model_id, body, lambda answer: reply.tensor_answer(request_id(body), answer), "mqtt"))
-            elif msg.topic in (self.topics.cancel, self.topics.fleet_cancel):
+                    model_id, body, lambda answer: reply.tensor_answer(request_id(body), answer), "mqtt"), route[1])
+            elif route[0] in (self.topics.cancel, self.topics.fleet_cancel):
                 self._on_cancel(msg)
                 self._ack({(client, msg.mid, msg.qos)})
             else:
@@ -242,8 +263,10 @@ class MqttTransport:
         self.scheduler.submit(parse_generate(body), reply, "mqtt")
 
     def _on_request(self, client: paho.Client, msg: paho.MQTTMessage,
-                    handle: Callable[[object, MqttReply], None]) -> None:
-        """Decode, deduplicate and hand over one request; ``handle(body, reply)`` submits it or raises."""
+                    handle: Callable[[object, MqttReply], None], user: str | None) -> None:
+        """Decode, deduplicate and hand over one request; ``handle(body, reply)`` submits it or raises. A request
+        sent by ``user`` (its topic's last level, enforced by the broker's ACL) is answered under
+        ``replies/<user>/`` only: a reply topic elsewhere is refused, so no client can steer answers to another."""
         props = getattr(msg, "properties", None) if self._v5 else None
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
@@ -254,25 +277,41 @@ class MqttTransport:
             problem = exc
         rid = request_id(body) if isinstance(body, dict) else None
         reply_to = body.get("reply_to") if isinstance(body, dict) else None
-        topic = response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None) \
-            or self.topics.reply
+        asked = response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None)
+        topic = asked or self.topics.reply
+        if user is not None:
+            own = f"{REPLY_ROOT}/{user}/"
+            topic = asked if asked and asked.startswith(own) else own + self.config.device.id
+            if asked and not asked.startswith(own) and problem is None:
+                problem = BadRequest(f"replies to account {user!r} go under {own}..., not to {asked!r}",
+                                     param="reply_to")
         key: tuple[object, ...]
         if correlation is not None:
             key = (topic, "cd", bytes(correlation))
         elif rid is not None:
             key = (topic, "id", rid)
-        else:  # no id at all: only a broker redelivery (dup flag) counts as the same request
-            key = (topic, "sha", hashlib.sha256(msg.payload).hexdigest(), None if msg.dup else object())
-        seen = self.acks.begin(key, (client, msg.mid, msg.qos))
-        if seen != "new":
-            log.info("MQTT: duplicate delivery of request %r (%s)", rid, seen.replace("_", " "))
-            if seen == "answered":
-                self._ack({(client, msg.mid, msg.qos)})
+        else:  # no id at all: the payload tells a redelivery of the same message
+            key = (topic, "sha", hashlib.sha256(msg.payload).hexdigest())
+        seen = self.acks.begin(key, (client, msg.mid, msg.qos), redelivery=bool(msg.dup))
+        if seen.state != "new":
+            self.metrics.mqtt_redeliveries.labels(seen.state).inc()
+        if seen.state == "in_progress":
+            log.info("MQTT: redelivery of request %r, which is in progress: answered once", rid)
             return
-        reply = MqttReply(self, topic, correlation, key, stream=bool(isinstance(body, dict) and body.get("stream")),
-                          fleet=client is self.fleet_client)
+        assert seen.pending is not None
+        if seen.state == "answered" and (stored := seen.pending.reply) is not None:
+            log.info("MQTT: redelivery of request %r, already answered: its reply is sent again", rid)
+            info = self.publish(stored.topic, stored.payload, stored.correlation,
+                                expiry=self.config.mqtt.reply_expiry)
+            self._ack(self.acks.reply_sent(seen.pending, info.mid, stored))
+            return
+        reply = MqttReply(self, topic, correlation, seen.pending,
+                          stream=bool(isinstance(body, dict) and body.get("stream")), fleet=client is self.fleet_client)
         if not self._accepting:
             reply.abandon(rid)
+            return
+        if problem is None and client is self.client:  # for this device alone: it waits for a place, never busy
+            self.waiting.offer(rid, lambda: handle(body, reply), reply)
             return
         try:
             if problem is not None:
@@ -293,12 +332,13 @@ class MqttTransport:
         if rid is None:
             log.warning("MQTT: ignoring a cancel without a valid 'id'")
             return
+        self.waiting.cancel(rid)
         self.scheduler.cancel(rid)
 
     # -- publishing (any thread) -------------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: dict[str, Any], correlation: bytes | None = None, *, retain: bool = False,
-                expiry: int = 0) -> paho.MQTTMessageInfo:
+    def publish(self, topic: str, payload: dict[str, Any] | bytes, correlation: bytes | None = None, *,
+                retain: bool = False, expiry: int = 0) -> paho.MQTTMessageInfo:
         props = None
         if self._v5:
             props = new_properties(PacketTypes.PUBLISH)
@@ -307,12 +347,16 @@ class MqttTransport:
                 props.CorrelationData = correlation
             if expiry:
                 props.MessageExpiryInterval = expiry
-        return self.client.publish(topic, dumps(payload), qos=1, retain=retain, properties=props)
+        data = payload if isinstance(payload, bytes) else dumps(payload)
+        return self.client.publish(topic, data, qos=1, retain=retain, properties=props)
 
     def answer(self, reply: MqttReply, payload: dict[str, Any]) -> None:
         """Publish a final reply; the request is acked once the broker has the reply."""
-        info = self.publish(reply.topic, payload, reply.correlation, expiry=self.config.mqtt.reply_expiry)
-        self._ack(self.acks.reply_sent(reply.key, info.mid))
+        data = dumps(payload)
+        info = self.publish(reply.topic, data, reply.correlation, expiry=self.config.mqtt.reply_expiry)
+        self._ack(self.acks.reply_sent(reply.pending, info.mid, StoredReply(reply.topic, reply.correlation, data)))
+        if len(self.waiting):
+            self.waiting.drain()
 
     @staticmethod
     def _ack(acks: set[tuple[paho.Client, int, int]]) -> None:

@@ -1,8 +1,14 @@
-"""Exactly-once answers over at-least-once MQTT: duplicate detection and acks that wait for the reply.
+"""Exactly-once answers over at-least-once MQTT: acks that wait for the reply, and the de-duplication rule.
 
 A request is acknowledged to the broker only after its final reply has itself been acknowledged by the broker
 (PUBACK), so a request the broker accepted survives an appliance crash or restart: unacked, it is delivered again.
-Redeliveries (same correlation data or id, same reply topic) are recognised and answered once.
+
+The rule (docs/protocol.md, "Repeats and redeliveries"): a *redelivery* is the broker sending the same message
+again (the DUP flag set, after a reconnect); it is answered once. While the original is still being worked on the
+redelivery is only acked with it; once answered, the stored final reply is published again (the first copy may
+not have reached the requester) and the redelivery is acked. A *new* publish (DUP clear) is always a new request,
+even when it reuses an id or correlation data: a sensor that reboots and counts from 1 again is answered. Answered
+requests are remembered for ``window`` seconds, at most ``capacity`` of them and ``max_bytes`` of stored replies.
 
 Locking: ``AckBook``'s lock is a leaf. Nothing is called while holding it, in particular never paho, whose own
 locks are held while it runs our ``on_publish`` callback.
@@ -13,7 +19,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 #: one delivery of a request, to ack on the connection it came by: (connection, mid, qos)
@@ -23,59 +30,112 @@ Delivery = tuple[Any, int, int]
 EARLY_PUBACK_TTL = 10.0
 
 
+@dataclass(frozen=True)
+class StoredReply:
+    """A final reply as it was published, kept to answer a redelivery of its request again."""
+
+    topic: str
+    correlation: bytes | None
+    payload: bytes
+
+
+@dataclass(eq=False)
+class Pending:
+    """One accepted request until its final reply is acknowledged; identity, not its key, tells two apart."""
+
+    key: Hashable
+    deliveries: set[Delivery] = field(default_factory=set)
+    reply: StoredReply | None = None
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What :meth:`AckBook.begin` found: ``state`` is 'new' (``pending`` to answer), 'in_progress' (a redelivery
+    of a request being worked on: acked with it) or 'answered' (``pending`` carries the stored reply to publish
+    again; its ack follows that publish's PUBACK)."""
+
+    state: str
+    pending: Pending | None = None
+
+
 class AckBook:
-    def __init__(self, answered_capacity: int = 4096) -> None:
+    def __init__(self, *, window: float = 3600.0, capacity: int = 4096, max_bytes: int = 4 << 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
-        #: request key -> deliveries to ack, each (connection, mid, qos)
-        self._inflight: dict[Hashable, set[Delivery]] = {}
-        self._answered: OrderedDict[Hashable, None] = OrderedDict()
-        self._answered_capacity = answered_capacity
-        self._awaiting_puback: dict[int, Hashable] = {}  # reply mid -> request key
+        self._window, self._capacity, self._max_bytes, self._clock = window, capacity, max_bytes, clock
+        self._live: dict[Hashable, Pending] = {}  # key -> the latest request with it still in progress
+        self._answered: OrderedDict[Hashable, tuple[float, StoredReply]] = OrderedDict()
+        self._answered_bytes = 0
+        self._awaiting_puback: dict[int, Pending] = {}  # reply mid -> request
         self._early_pubacks: dict[int, float] = {}
 
-    def begin(self, key: Hashable, delivery: Delivery) -> str:
-        """Record a delivered request: 'new', 'in_progress' (a redelivery of one being worked on: its mid is
-        acked with the original) or 'answered' (already answered: ack it and reply nothing)."""
+    def begin(self, key: Hashable, delivery: Delivery, *, redelivery: bool) -> Seen:
+        """Record a delivered request under the rule above."""
         with self._lock:
-            if key in self._answered:
-                return "answered"
-            if key in self._inflight:
-                self._inflight[key].add(delivery)
-                return "in_progress"
-            self._inflight[key] = {delivery}
-            return "new"
+            if redelivery:
+                self._expire()
+                if (live := self._live.get(key)) is not None:
+                    live.deliveries.add(delivery)
+                    return Seen("in_progress")
+                if (answered := self._answered.get(key)) is not None:
+                    return Seen("answered", Pending(key, {delivery}, answered[1]))
+            pending = Pending(key, {delivery})
+            self._live[key] = pending
+            return Seen("new", pending)
 
-    def forget(self, key: Hashable) -> None:
+    def forget(self, pending: Pending) -> None:
         """Drop a request without acking it (shutdown): the broker will deliver it again."""
         with self._lock:
-            self._inflight.pop(key, None)
+            if self._live.get(pending.key) is pending:
+                del self._live[pending.key]
 
-    def reply_sent(self, key: Hashable, reply_mid: int) -> set[Delivery]:
+    def reply_sent(self, pending: Pending, reply_mid: int, reply: StoredReply) -> set[Delivery]:
         """The final reply went out as ``reply_mid``. Returns request acks that are due now (their PUBACK came
         back already); otherwise they are returned later by :meth:`puback`."""
         with self._lock:
+            pending.reply = reply
             arrived = self._early_pubacks.pop(reply_mid, None)
             if arrived is not None and time.monotonic() - arrived < EARLY_PUBACK_TTL:
-                return self._answer(key)
-            self._awaiting_puback[reply_mid] = key
+                return self._answer(pending)
+            self._awaiting_puback[reply_mid] = pending
             return set()
 
     def puback(self, reply_mid: int) -> set[Delivery]:
         """The broker acknowledged one of our publishes; returns the request acks it releases."""
         with self._lock:
-            key = self._awaiting_puback.pop(reply_mid, None)
-            if key is None:
+            pending = self._awaiting_puback.pop(reply_mid, None)
+            if pending is None:
                 now = time.monotonic()
                 self._early_pubacks[reply_mid] = now
                 if len(self._early_pubacks) > 256:
                     self._early_pubacks = {m: t for m, t in self._early_pubacks.items()
                                            if now - t < EARLY_PUBACK_TTL}
                 return set()
-            return self._answer(key)
+            return self._answer(pending)
 
-    def _answer(self, key: Hashable) -> set[Delivery]:
-        acks = self._inflight.pop(key, set())
-        self._answered[key] = None
-        while len(self._answered) > self._answered_capacity:
-            self._answered.popitem(last=False)
+    def stored(self) -> tuple[int, int]:
+        """(answered requests remembered, bytes of their stored replies)."""
+        with self._lock:
+            return len(self._answered), self._answered_bytes
+
+    def _answer(self, pending: Pending) -> set[Delivery]:
+        if self._live.get(pending.key) is pending:
+            del self._live[pending.key]
+        if pending.reply is not None:
+            self._drop(pending.key)
+            self._answered[pending.key] = (self._clock(), pending.reply)
+            self._answered_bytes += len(pending.reply.payload)
+            self._expire()
+        acks, pending.deliveries = pending.deliveries, set()
         return acks
+
+    def _expire(self) -> None:
+        oldest_kept = self._clock() - self._window
+        while self._answered and (len(self._answered) > self._capacity or self._answered_bytes > self._max_bytes
+                                  or next(iter(self._answered.values()))[0] < oldest_kept):
+            self._drop(next(iter(self._answered)))
+
+    def _drop(self, key: Hashable) -> None:
+        entry = self._answered.pop(key, None)
+        if entry is not None:
+            self._answered_bytes -= len(entry[1].payload)

@@ -24,6 +24,9 @@ from paho.mqtt.properties import Properties
 
 from appliance.config import Config, read_secret
 
+#: the root of every requester's reply tree: a user may only be answered under replies/<user>/ (the shipped ACL)
+REPLY_ROOT = "replies"
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -38,6 +41,19 @@ class Topics:
     fleet_generate: str
     fleet_share: str  # the shared subscription to fleet_generate
     fleet_cancel: str
+
+    def requester(self, topic: str) -> tuple[str, str | None]:
+        """Split a request or cancel topic that ends in its sender's user name (``<p>/<d>/generate/<user>``,
+        ``<p>/<d>/infer/<model>/<user>``; the broker's ``%u`` ACL lets each account write only its own) into the
+        plain topic and the user; a topic without one gives ``(topic, None)``."""
+        for base in (self.generate, self.cancel, self.fleet_generate, self.fleet_cancel):
+            if topic.startswith(base + "/") and "/" not in (user := topic[len(base) + 1:]) and user:
+                return base, user
+        if topic.startswith(self.infer_prefix):
+            model, _, user = topic[len(self.infer_prefix):].partition("/")
+            if user and "/" not in user:
+                return self.infer_prefix + model, user
+        return topic, None
 
     @classmethod
     def of(cls, prefix: str, device: str, group: str) -> Topics:
@@ -82,11 +98,17 @@ def disable_nagle(client: paho.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect_async(client: paho.Client, config: Config, host: str, port: int, *, session_expiry: int) -> None:
-    """Connect in the background; paho keeps retrying (with back-off) until the broker answers."""
+def connect_async(client: paho.Client, config: Config, host: str, port: int, *, session_expiry: int,
+                  receive_maximum: int | None = None) -> None:
+    """Connect in the background; paho keeps retrying (with back-off) until the broker answers.
+
+    ``receive_maximum`` (v5): the broker sends at most this many QoS 1 requests that are not yet acked; the rest
+    stay with the broker until an answer frees a place (flow control, docs/protocol.md). paho sends none itself."""
     if config.mqtt.protocol == "5":
         props = new_properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = session_expiry
+        if receive_maximum is not None:
+            props.ReceiveMaximum = receive_maximum
         client.connect_async(host, port, keepalive=config.mqtt.keepalive, clean_start=session_expiry == 0,
                              properties=props)
     else:

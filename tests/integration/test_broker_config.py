@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -58,12 +59,30 @@ def test_shipped_acl(secured_broker, appliance_factory, tmp_path):
 
     sensor1, sensor2 = _client(secured_broker, "sensor1"), _client(secured_broker, "sensor2")
     sensor1.subscribe("replies/sensor2/#")  # granted by the broker, but never delivered: read ACL per message
-    reply = sensor2.request(app.topic("generate"), {"prompt": "a", "max_tokens": 3},
+    reply = sensor2.request(app.topic("generate") + "/sensor2", {"prompt": "a", "max_tokens": 3},
                             reply_topic=f"replies/sensor2/{uuid.uuid4().hex}")[-1]
     assert reply["type"] == "result"
-    reply = sensor1.request("appliance/fleet/generate", {"prompt": "a", "max_tokens": 3},
+    reply = sensor1.request("appliance/fleet/generate/sensor1", {"prompt": "a", "max_tokens": 3},
                             reply_topic=f"replies/sensor1/{uuid.uuid4().hex}")[-1]
     assert reply["type"] == "result", "the fleet subscription works under the ACL"
     assert not [m for m in sensor1.messages if m.topic.startswith("replies/sensor2/")]
+
+    # reply spoofing (issue 11.1): sensor1 cannot direct an answer into sensor2's tree
+    sensor2.subscribe("replies/sensor2/#")
+    sensor1.subscribe("replies/sensor1/#")
+    spoofed = f"replies/sensor2/{uuid.uuid4().hex}"
+    sensor1.publish(app.topic("generate") + "/sensor1", {"id": "spoof", "prompt": "a", "max_tokens": 3},
+                    response_topic=spoofed, correlation=b"2a")  # allowed to publish, refused by the appliance
+    (refused,) = sensor1.wait_for(lambda m: m.topic == f"replies/sensor1/{app.device}")
+    error = __import__("json").loads(refused.payload)["error"]
+    assert error["code"] == "bad_request" and error["param"] == "reply_to", error
+    for topic in (app.topic("generate") + "/sensor2", app.topic("generate"), "appliance/fleet/generate"):
+        sensor1.publish(topic, {"id": "spoof", "prompt": "a", "max_tokens": 3}, response_topic=spoofed,
+                        correlation=b"2a")  # another's name, or no name: the broker drops it
+    time.sleep(3)
+    got = [(m.topic, m.payload) for m in sensor2.messages if m.topic == spoofed]
+    assert not got, ("sensor2 got a spoofed reply", got, app.log_text()[-2500:])
+    assert "request 'spoof' refused: bad_request" in app.log_text()
+    assert app.log_text().count("request 'spoof'") == 1, "only the request under sensor1's own name arrived"
     sensor1.subscribe(app.topic("status"))
     sensor1.wait_for(lambda m: m.topic == app.topic("status"))

@@ -48,11 +48,12 @@ def power_off(vm, key: Path, timeout: float = 120) -> int:
 
 def generate_over_mqtt(vm, device: str, username: str, password: str, *, port: int = 1884,
                        request: dict | None = None, timeout: float = 120) -> dict:
-    """One generate request (by default a 4-token "hello") from a sensor's account on the device's LAN broker port;
-    the final reply."""
+    """One generate request (by default a 4-token "hello") from a sensor's account on the device's LAN broker port,
+    on the topic that ends in its account name (the shipped ACL's %u pattern); the final reply."""
     client = MqttClient("127.0.0.1", vm.ports[port], username=username, password=password)
     try:
-        return client.request(f"appliance/{device}/generate", request or {"prompt": "hello", "max_tokens": 4},
+        return client.request(f"appliance/{device}/generate/{username}",
+                              request or {"prompt": "hello", "max_tokens": 4},
                               reply_topic=f"replies/{username}/{uuid.uuid4().hex}", timeout=timeout)[-1]
     finally:
         client.close()

@@ -106,7 +106,7 @@ def answers(fleet) -> None:
     for name, vm in fleet.items():
         client = MqttClient("127.0.0.1", vm.ports[1884], username=SENSOR, password=SECRET)
         try:
-            reply = client.request(f"appliance/{name}/generate", {"prompt": "hello", "max_tokens": 3},
+            reply = client.request(f"appliance/{name}/generate/{SENSOR}", {"prompt": "hello", "max_tokens": 3},
                                    reply_topic=f"replies/{SENSOR}/{uuid.uuid4().hex}", timeout=120)[-1]
         finally:
             client.close()

@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 
 from appliance.errors import BadRequest
-from appliance.protocol import Message, decode_json, parse_generate
+from appliance.json_input import decode_json
+from appliance.protocol import Message, parse_generate
 
 
 def test_minimal_request_gets_an_id_and_defaults():
@@ -70,3 +71,27 @@ def test_decode_json_errors_say_what_is_wrong():
         decode_json(b"\xff", limit=100)
     with pytest.raises(BadRequest, match="larger than the limit of 10"):
         decode_json(b"x" * 11, limit=10)
+
+
+@pytest.mark.parametrize(("payload", "says"), [
+    (b"[" * 100_000 + b"]" * 100_000, "nested more than 32 levels"),  # the C parser's RecursionError
+    (b'{"a":' * 40 + b"1" + b"}" * 40, "nested more than 32 levels"),  # parses, but no request is that deep
+    (b'{"max_tokens": ' + b"9" * 5000 + b"}", "4300 digits"),
+    (b'{"temperature": NaN}', "NaN is not a number"),
+    (b'{"temperature": -Infinity}', "-Infinity is not a number"),
+    (b'{"temperature": 1e999}', "1e999 is too large"),
+    (b'{"prompt": "a", "prompt": "b"}', "'prompt' appears twice"),
+    (b'{"prompt": "\\ud800"}', "lone UTF-16 surrogate"),
+    (b'{"\\udfff": 1}', "lone UTF-16 surrogate"),
+    (b'\xef\xbb\xbf{"prompt": "a"}', "not valid JSON"),  # a UTF-8 byte order mark
+    (b'{"prompt": "a\xc3"}', "not UTF-8"),
+])
+def test_hostile_json_is_a_bad_request_naming_the_problem(payload, says):
+    with pytest.raises(BadRequest, match=says) as err:
+        decode_json(payload, limit=1 << 20)
+    assert err.value.code == "bad_request"
+
+
+def test_json_within_the_limits_decodes():
+    assert decode_json(b"[" * 32 + b"]" * 32, limit=100) is not None
+    assert decode_json('{"p": "\\ud83d\\ude00", "n": 1e300, "i": ' + "9" * 4000 + "}", limit=10_000)["p"] == "😀"

@@ -120,3 +120,17 @@ def test_a_load_past_its_timeout_kills_the_worker(rig, monkeypatch):
     monkeypatch.setattr(slot, "BACKOFF_FIRST", 0.02)
     r = rig({"m": {"load_seconds": 30}}, worker={"load_timeout": 0.2})
     r.wait(lambda: r.metrics.worker_restarts._value.get() >= 1, what="the load timeout to kill the worker")
+
+
+def test_error_recovers_after_the_restart_window(rig, monkeypatch):
+    """`error` is not for good: after worker.restart_window the worker is tried again from a clean slate."""
+    monkeypatch.setattr(slot, "BACKOFF_FIRST", 0.02)
+    r = rig(worker={"max_restarts": 1, "restart_window": 1})
+    for _ in range(2):
+        r.wait(lambda: r.scheduler.worker.free, what="a worker")
+        _, sink = r.submit(script(["exit", 1]))
+        sink.final()
+    r.wait_state("error")
+    r.wait_state("ready", timeout=30)
+    _, sink = r.submit("after the back-off")
+    assert isinstance(sink.final(), Done)

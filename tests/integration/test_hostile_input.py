@@ -1,0 +1,68 @@
+"""Hostile JSON on both transports (issue 10.5): every kind is `bad_request` naming the problem, on HTTP and on MQTT
+(v5 and 3.1.1), and the service keeps serving. On the old decoder 100,000 nested brackets were HTTP 500 `internal`
+and no MQTT reply at all."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from tests.support.harness import http_post
+
+HOSTILE = {
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "deep objects": b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    "huge integer": b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}",
+    "NaN": b'{"prompt": "a", "temperature": NaN}',
+    "Infinity": b'{"prompt": "a", "temperature": Infinity}',
+    "overflowing float": b'{"prompt": "a", "temperature": 1e999}',
+    "invalid UTF-8": b'{"prompt": "\xff\xfe"}',
+    "lone surrogate": b'{"prompt": "\\ud800", "id": "\\udc00"}',
+    "duplicate keys": b'{"prompt": "a", "prompt": "b"}',
+    "wrong type: prompt": b'{"prompt": {"a": 1}}',
+    "wrong type: messages": b'{"messages": [{"role": "user", "content": [1]}]}',
+    "wrong type: max_tokens": b'{"prompt": "a", "max_tokens": "12"}',
+    "wrong type: stop": b'{"prompt": "a", "stop": [[]]}',
+    "wrong type: stream": b'{"prompt": "a", "stream": "yes"}',
+    "wrong type: seed": b'{"prompt": "a", "seed": 1.5}',
+    "wrong type: model": b'{"prompt": "a", "model": ["tiny"]}',
+    "wrong type: priority": b'{"prompt": "a", "priority": {}}',
+    "not an object": b"[1, 2, 3]",
+}
+
+
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_hostile_json_over_http_is_a_bad_request(appliance, route):
+    for name, payload in HOSTILE.items():
+        if route.endswith("chat/completions"):
+            payload = payload.replace(b'"prompt"', b'"messages"') if b"messages" not in payload else payload
+        status, body = http_post(appliance.http_url + route, payload)
+        assert status == 400 and body["error"]["code"] == "bad_request", (name, status, body)
+    assert http_post(appliance.http_url + "/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_hostile_json_over_mqtt_is_answered_with_bad_request(appliance, mqtt_client, protocol):
+    client = mqtt_client(protocol)
+    if protocol == "5":
+        reply_topic = f"test/hostile/{uuid.uuid4().hex}"
+        client.subscribe(reply_topic)
+        for name, payload in HOSTILE.items():
+            client.publish(appliance.topic("generate"), payload, response_topic=reply_topic,
+                           correlation=name.encode())
+        for name in HOSTILE:
+            (final,) = client.replies(reply_topic, correlation=name.encode(), timeout=30)
+            assert final["type"] == "error" and final["error"]["code"] == "bad_request", (name, final)
+    else:  # 3.1.1: a payload that cannot be read names no reply topic: the answers come on the device's own
+        client.subscribe(appliance.topic("reply"))
+        for payload in HOSTILE.values():
+            client.publish(appliance.topic("generate"), payload)
+        finals = client.wait_for(lambda m: m.topic == appliance.topic("reply"), count=len(HOSTILE), timeout=30)
+        codes = [json.loads(m.payload)["error"]["code"] for m in finals]
+        assert codes == ["bad_request"] * len(HOSTILE), codes
+    ok = client.request(appliance.topic("generate"), {"prompt": "a", "max_tokens": 2})
+    assert ok[-1]["type"] == "result"
