@@ -180,6 +180,8 @@ def test_a_cancel_the_engine_does_not_notice_kills_the_worker_after_the_grace(ri
     sink.next_chunk()
     r.scheduler.cancel_job(job)
     assert _code(sink.final(timeout=5)) == "cancelled"
+    # the requester hears at once; the kill comes after the grace, while the state may still read "ready"
+    r.wait(lambda: r.metrics.worker_restarts._value.get() == 1, 10.0, "the worker restarted")
     r.wait_state("ready")
     assert r.metrics.worker_restarts._value.get() == 1
 
