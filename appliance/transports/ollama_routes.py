@@ -33,7 +33,7 @@ def _ndjson(payload: dict[str, Any]) -> bytes:
 
 
 def register(app: Flask, scheduler: Scheduler, status: StatusBoard, run: Run, final_response: FinalResponse,
-             body_json: Callable[[], object]) -> None:
+             body_json: Callable[[], object], seated: Callable[[Callable[[], Response]], Response]) -> None:
 
     def served_entries() -> list[ModelEntry]:
         if scheduler.config.models.switch:
@@ -74,7 +74,8 @@ def register(app: Flask, scheduler: Scheduler, status: StatusBoard, run: Run, fi
 
     @app.post("/api/chat")
     def chat() -> Response:
-        return generation(ollama.chat_request(body_json()), "chat")
+        generate_request = ollama.chat_request(body_json())
+        return seated(lambda: generation(generate_request, "chat"))
 
     @app.post("/api/generate")
     def generate() -> Response:
@@ -84,7 +85,7 @@ def register(app: Flask, scheduler: Scheduler, status: StatusBoard, run: Run, fi
             model = ollama.model_id(body.get("model") if isinstance(body, dict) else None)
             shaper = ollama.ResponseShaper(entry_named(model or scheduler.default_model).id, "text")
             return Response(json.dumps(shaper.loaded()), mimetype="application/json")
-        return generation(generate_request, "text")
+        return seated(lambda: generation(generate_request, "text"))
 
     def generation(generate_request: GenerateRequest, kind: str) -> Response:
         job, events = run(generate_request)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import subprocess
+import uuid
 from pathlib import Path
+
+from tests.support.harness import MqttClient
 
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"]
 
 
-def new_card(image: Path, path: Path, spare_mib: int = 768) -> Path:
-    """A fresh 'SD card' with the image written to it, bigger than the image (root grows into the rest)."""
-    from image import disk
+def new_card(image: Path, path: Path, spare_mib: int = 768, *, power_of_two: bool = False) -> Path:
+    """A fresh 'SD card' with the image written to it, bigger than the image (root grows into the rest);
+    ``power_of_two`` for QEMU's Pi, whose SD card model takes only such sizes."""
+    from image import disk, raspi
     subprocess.run(["cp", "--sparse=always", str(image), str(path)], check=True)
-    disk.grow(path, image.stat().st_size // 2**20 + spare_mib)
+    size = image.stat().st_size + spare_mib * 2**20
+    disk.grow(path, (raspi.card_size(size) if power_of_two else size) // 2**20)
     return path
 
 
@@ -39,3 +44,15 @@ def power_off(vm, key: Path, timeout: float = 120) -> int:
     result = _ssh(vm, key, "sudo systemctl poweroff --no-block", timeout=60)
     assert result.returncode in (0, 255), f"ssh poweroff: {result.returncode} {result.stderr}"
     return vm.wait_closed(timeout=timeout)
+
+
+def generate_over_mqtt(vm, device: str, username: str, password: str, *, port: int = 1884,
+                       request: dict | None = None, timeout: float = 120) -> dict:
+    """One generate request (by default a 4-token "hello") from a sensor's account on the device's LAN broker port;
+    the final reply."""
+    client = MqttClient("127.0.0.1", vm.ports[port], username=username, password=password)
+    try:
+        return client.request(f"appliance/{device}/generate", request or {"prompt": "hello", "max_tokens": 4},
+                              reply_topic=f"replies/{username}/{uuid.uuid4().hex}", timeout=timeout)[-1]
+    finally:
+        client.close()

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -20,7 +19,7 @@ from appliance.catalog import default_model
 from image import disk
 from image.qemu import Vm
 from image.steps import REPO
-from tests.support.devices import SSH_OPTIONS, new_card, power_off, ssh
+from tests.support.devices import SSH_OPTIONS, generate_over_mqtt, new_card, power_off, ssh
 from tests.support.harness import MqttClient, http_get
 
 pytestmark = pytest.mark.image
@@ -35,13 +34,6 @@ def card(amd64_default_image, tmp_path):
     return new_card(amd64_default_image, tmp_path / "card.img")
 
 
-@pytest.fixture
-def operator_key(tmp_path):
-    key = tmp_path / "operator"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return key
-
-
 def wait_status(vm: Vm, device: str, predicate, until: float) -> tuple[dict, float]:
     """The retained status of ``device`` once ``predicate`` holds, and when (seconds since power-on)."""
     client = None
@@ -52,6 +44,7 @@ def wait_status(vm: Vm, device: str, predicate, until: float) -> tuple[dict, flo
         except (ConnectionRefusedError, OSError):
             time.sleep(1)
     assert client is not None, "the broker never accepted the sensor's account:\n" + vm.console_text()[-3000:]
+    found: list[dict] = []
     try:
         client.subscribe(f"appliance/{device}/status")
         while time.monotonic() < until:
@@ -78,13 +71,8 @@ def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_ke
         print(f"ready {ready_after:.1f} s after power-on")
         assert status["model"] == default_model.MODEL_ID and status["device"] == "twin-01"
 
-        client = MqttClient("127.0.0.1", vm.ports[LAN_MQTT], username=SENSOR, password=SECRET)
-        try:
-            reply = client.request("appliance/twin-01/generate", {
-                "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32,
-                "temperature": 0}, reply_topic=f"replies/{SENSOR}/{uuid.uuid4().hex}", timeout=120)[-1]
-        finally:
-            client.close()
+        reply = generate_over_mqtt(vm, "twin-01", SENSOR, SECRET, port=LAN_MQTT, request={
+            "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32, "temperature": 0})
         assert reply["type"] == "result", reply
         colours = {c.lower() for c in re.findall(r"\b(red|blue|green|yellow|orange|purple|black|white|pink|brown)\b",
                                                  reply["text"], re.I)}
