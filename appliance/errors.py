@@ -83,6 +83,10 @@ class TooLong(ApplianceError, code="too_long", status=HTTPStatus.BAD_REQUEST):
     """The prompt does not fit in the model's context window."""
 
 
+class Truncated(ApplianceError, code="truncated", status=HTTPStatus.UNPROCESSABLE_ENTITY):
+    """A structured answer (JSON, schema or grammar) was cut (max_tokens, a stop sequence) before it closed."""
+
+
 class RequestTimeout(ApplianceError, TimeoutError, code="timeout", status=HTTPStatus.GATEWAY_TIMEOUT):
     """The request did not finish within the configured request timeout."""
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from appliance.errors import ApplianceError, BadRequest
+from appliance.structured import StructuredOutput, from_grammar, from_schema, parse_output, parsed_value
 
 ROLES = ("system", "user", "assistant")
 MAX_ID_LENGTH = 256
@@ -74,6 +75,8 @@ class GenerateRequest:
     reply_to: str | None = None
     #: "low" requests are the first refused when memory runs low
     priority: str = "normal"
+    #: the answer must be JSON (any object, or one a schema describes) or follow a GBNF grammar
+    structured: StructuredOutput | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ class TensorResult:
 # validation
 
 _FIELDS = {"id", "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "repeat_penalty",
-           "stop", "seed", "stream", "reply_to", "priority"}
+           "stop", "seed", "stream", "reply_to", "priority", "format", "json_schema", "grammar"}
+STRUCTURED_FIELDS = ("format", "json_schema", "grammar")
 PRIORITIES = ("normal", "low")
 
 
@@ -235,7 +239,23 @@ def parse_generate(body: Any) -> GenerateRequest:
         seed=seed,
     )
     return GenerateRequest(id=rid, prompt=prompt, messages=_messages(messages) if messages is not None else None,
-                           model=model, params=params, stream=stream, reply_to=reply_to, priority=priority)
+                           model=model, params=params, stream=stream, reply_to=reply_to, priority=priority,
+                           structured=_structured(body))
+
+
+def _structured(body: dict[str, Any]) -> StructuredOutput | None:
+    given = [name for name in STRUCTURED_FIELDS if body.get(name) is not None]
+    if len(given) > 1:
+        raise BadRequest(f"give at most one of {', '.join(STRUCTURED_FIELDS)} (got '{given[0]}' and '{given[1]}')",
+                         param=given[1])
+    if not given:
+        return None
+    name = given[0]
+    if name == "json_schema":
+        return from_schema(body[name], name)
+    if name == "grammar":
+        return from_grammar(body[name], name)
+    return parse_output(body[name], name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,8 +265,11 @@ def chunk_payload(rid: str | int, seq: int, delta: str) -> dict[str, Any]:
     return {"type": "chunk", "id": rid, "seq": seq, "delta": delta}
 
 
-def result_payload(rid: str | int, completion: Completion) -> dict[str, Any]:
+def result_payload(rid: str | int, completion: Completion,
+                   structured: StructuredOutput | None = None) -> dict[str, Any]:
+    """A finished answer; a JSON-shaped request's carries the answer parsed as well (``parsed``)."""
     usage = completion.usage
+    extra = {"parsed": parsed_value(structured, completion.text)} if structured and structured.is_json else {}
     return {
         "type": "result",
         "id": rid,
@@ -256,6 +279,7 @@ def result_payload(rid: str | int, completion: Completion) -> dict[str, Any]:
         "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                   "total_tokens": usage.total_tokens},
         "timings": {"ttft_ms": round(completion.ttft_ms, 2), "tokens_per_s": round(completion.tokens_per_s, 2)},
+        **extra,
     }
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from appliance.messages import message
 from appliance.protocol import Completion, Message, SamplingParams
+from appliance.structured import StructuredOutput
 
 if TYPE_CHECKING:
     from appliance.catalog.entry import ModelEntry
@@ -50,6 +51,7 @@ class GenerationTask:
     messages: tuple[Message, ...] | None
     params: SamplingParams  # max_tokens already resolved (never None here)
     stream: bool = True  # False: nobody reads pieces before the end, so the worker need not send them
+    structured: StructuredOutput | None = None  # the answer must follow this (backends with grammars only)
 
 
 @message

@@ -16,12 +16,14 @@ from appliance.backends import llama_seq2seq, templates
 from appliance.backends.base import Backend, GenerationEvent, GenerationTask, ModelInfo, Piece, PromptProgress
 from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_budget
 from appliance.catalog.entry import ModelEntry
-from appliance.errors import ModelError
-from appliance.protocol import Message
+from appliance.errors import BadRequest, ModelError
+from appliance.protocol import Completion, Message
+from appliance.structured import StructuredOutput, check_complete
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from llama_cpp.llama_grammar import LlamaGrammar
     from llama_cpp.llama_types import ChatCompletionRequestMessage
 
     from appliance.backends.base import EngineSettings
@@ -150,6 +152,9 @@ class LlamaCppBackend(Backend):
         seed = seed_of(params)
         llm.set_seed(seed)
 
+        grammar = _grammar(llm, task.structured) if task.structured is not None else None
+        if grammar is not None and loaded.encoder_decoder:
+            raise BadRequest("an encoder-decoder model cannot constrain its output to a grammar", param="format")
         clock = Clock()
         try:
             if loaded.encoder_decoder:
@@ -159,10 +164,13 @@ class LlamaCppBackend(Backend):
                 # the rest of create_completion's sampler settings stay at their defaults
                 token_stream = llm.generate(prompt_tokens, temp=params.sampling_temperature,
                                             top_p=params.sampling_top_p, top_k=params.top_k,
-                                            repeat_penalty=params.repeat_penalty)
+                                            repeat_penalty=params.repeat_penalty, grammar=grammar)
             if should_stop():
                 return
-            yield from self._sample(loaded, token_stream, prompt_tokens, max_tokens, stops, should_stop, clock)
+            for event in self._sample(loaded, token_stream, prompt_tokens, max_tokens, stops, should_stop, clock):
+                if isinstance(event, Completion) and task.structured is not None:
+                    check_complete(task.structured, event)
+                yield event
         except RuntimeError as exc:  # llama_decode failures surface as RuntimeError
             raise ModelError(f"llama.cpp failed while generating: {exc}") from None
 
@@ -193,6 +201,26 @@ class LlamaCppBackend(Backend):
         if tail := stream.finish():
             yield Piece(tail)
         yield clock.completion(stream.text, finish_reason, len(prompt_tokens), n_generated, loaded.entry.id)
+
+
+def _grammar(llm: Llama, output: StructuredOutput) -> LlamaGrammar:
+    """A fresh grammar for one request (a grammar sampler keeps state: never shared between requests)."""
+    import llama_cpp
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    try:
+        if output.kind == "json_schema":
+            grammar = LlamaGrammar.from_json_schema(output.schema or "{}")
+        else:
+            grammar = LlamaGrammar.from_string(output.grammar or JSON_GBNF)
+    except Exception as exc:  # the converter asserts on schemas check_schema should already have refused
+        raise BadRequest(f"the JSON schema could not be turned into a grammar: {exc}", param="json_schema") from None
+    # llama-cpp-python adds a grammar that fails to parse as a NULL sampler (a crash later): try it here first
+    probe = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode("utf-8"), b"root")
+    if not probe:
+        raise BadRequest("the grammar does not parse as GBNF (llama.cpp's grammar syntax)", param="grammar")
+    llama_cpp.llama_sampler_free(probe)
+    return grammar
 
 
 def _token_text(llm: Llama, token: int) -> str:

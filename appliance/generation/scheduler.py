@@ -47,6 +47,7 @@ from appliance.supervisor.guard import Guard
 from appliance.supervisor.policies import Conditions
 
 log = logging.getLogger(__name__)
+GRAMMAR_BACKENDS = ("llama_cpp",)  # engines that can constrain sampling to a grammar (JSON mode, schemas)
 
 __all__ = ["Job", "Scheduler", "Sink"]
 
@@ -126,6 +127,9 @@ class Scheduler:
         if not entry.generates_text:
             raise BadRequest(f"model '{model_id}' is a {entry.backend} model: send it tensors on the infer topic or "
                              f"POST /v1/infer/{model_id}", param="model")
+        if request.structured is not None and entry.backend not in GRAMMAR_BACKENDS:
+            raise BadRequest(f"model '{model_id}' ({entry.backend}) cannot constrain its output to JSON or a grammar; "
+                             f"use a llama.cpp (GGUF) model", param="format")
         problem = licence_problem(entry, self.config.models.allow_noncommercial)
         if problem:
             raise ModelError(problem, param="model")
@@ -148,7 +152,8 @@ class Scheduler:
             request.messages, self.config.models.system_prompt or entry.system_prompt)
         now = time.monotonic()
         job = Job(key=next(self._keys), request=request, model_id=model_id,
-                  task=GenerationTask(prompt=request.prompt, messages=messages, params=params, stream=request.stream),
+                  task=GenerationTask(prompt=request.prompt, messages=messages, params=params, stream=request.stream,
+                                     structured=request.structured),
                   sink=sink, transport=transport, accepted=now, deadline=now + self.config.worker.request_timeout)
         self.gate(job, lambda: self._inbox.put(Submit(job)))  # moderation.py: returns at once
         return job

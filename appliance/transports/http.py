@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from typing import Any
 
 from flask import Flask, Response, request
@@ -35,15 +36,17 @@ from appliance.generation.scheduler import Job, Scheduler
 from appliance.json_input import decode_json
 from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
-from appliance.protocol import GenerateRequest, tensor_result_payload
+from appliance.protocol import Completion, GenerateRequest, tensor_result_payload
 from appliance.status import SERVING, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool
-from appliance.transports import openai
+from appliance.transports import ollama, ollama_routes, openai
+from appliance.transports.ollama_routes import Events
 
 log = logging.getLogger(__name__)
 
 PUBLIC_ROUTES = ("/healthz", "/favicon.ico")  # the icon route answers 204: nothing to protect
 BROWSER_PAGE, BROWSER_PREFIX = "/", "/ui/"  # the operator page: a 401 there asks the browser for the key (Basic)
+OLLAMA_PREFIX = "/api/"  # Ollama's routes answer errors in Ollama's shape ({"error": text})
 POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is still there
 PROBE_THREADS = 4  # waitress threads a waiting request may never take: health, metrics and refusals stay quick
 
@@ -103,7 +106,8 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
         if not transport_counted:
             scheduler.record_error("http", error)
         headers = {"Retry-After": "2"} if error.code == "busy" else {}
-        return Response(json.dumps(openai.error_body(error)), status=int(error.http_status),
+        shape = ollama.error_body if request.path.startswith(OLLAMA_PREFIX) else openai.error_body
+        return Response(json.dumps(shape(error)), status=int(error.http_status),
                         mimetype="application/json", headers=headers)
 
     @app.errorhandler(ApplianceError)
@@ -199,9 +203,13 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
         return tensor_result_payload(answer)
 
     def serve(generate_request: GenerateRequest, body: object, kind: str) -> Response:
+        return seated(lambda: answer(generate_request, body, kind))
+
+    def seated(make_response: Callable[[], Response]) -> Response:
+        """A generation response that holds one of the HTTP seats until waitress closes it."""
         give_back = seats.take()
         try:
-            response = answer(generate_request, body, kind)
+            response = make_response()
         except BaseException:
             give_back()
             raise
@@ -210,50 +218,65 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
         return response
 
     def answer(generate_request: GenerateRequest, body: object, kind: str) -> Response:
-        sink = QueueSink()
-        job = scheduler.submit(generate_request, sink, "http")
+        job, events = run(generate_request)
         shaper = openai.ResponseShaper(generate_request, job.model_id, kind)
-        disconnected = request.environ.get("waitress.client_disconnected", lambda: False)
         if not generate_request.stream:
-            return wait_for_result(job, sink, shaper, disconnected)
-        stream = stream_events(job, sink, shaper, openai.wants_usage_in_stream(body), disconnected)
+            return final_response(events, lambda c: shaper.full(c), openai.error_body)
+        stream = openai_stream(events, shaper, openai.wants_usage_in_stream(body))
         return Response(stream, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def wait_for_result(job: Job, sink: QueueSink, shaper: openai.ResponseShaper,
-                        disconnected: Callable[[], bool]) -> Response:
-        deadline = time.monotonic() + result_wait
-        while True:
-            try:
-                event = sink.items.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                if disconnected():
-                    scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))
-                    return error_response(Cancelled("the HTTP client disconnected"), transport_counted=True)
-                if time.monotonic() > deadline:
-                    scheduler.cancel_job(job)
-                    return error_response(Internal("no reply from the scheduler"))
-                continue
-            match event:
-                case Done(completion=completion):
-                    return Response(json.dumps(shaper.full(completion), ensure_ascii=False),
-                                    mimetype="application/json")
-                case Failed(error=error):
-                    return error_response(error, transport_counted=True)
+    def run(generate_request: GenerateRequest) -> tuple[Job, Events]:
+        """Submit a request; its events end with one Done or Failed, and leaving them early cancels the job."""
+        sink = QueueSink()
+        job = scheduler.submit(generate_request, sink, "http")
+        return job, job_events(job, sink, request.environ.get("waitress.client_disconnected", lambda: False))
 
-    def stream_events(job: Job, sink: QueueSink, shaper: openai.ResponseShaper, include_usage: bool,
-                      disconnected: Callable[[], bool]) -> Iterator[bytes]:
+    def job_events(job: Job, sink: QueueSink, disconnected: Callable[[], bool]) -> Events:
+        deadline = time.monotonic() + result_wait
         try:
-            first = shaper.first_chunk()
-            if first is not None:
-                yield _sse(first)
             while True:
                 try:
                     event = sink.items.get(timeout=POLL_SECONDS)
                 except queue.Empty:
                     if disconnected():
+                        scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))
+                        yield Failed(job.key, Cancelled("the HTTP client disconnected"))
+                        return
+                    if time.monotonic() > deadline:
+                        scheduler.cancel_job(job)
+                        scheduler.record_error("http", Internal("no reply from the scheduler"))
+                        yield Failed(job.key, Internal("no reply from the scheduler"))
                         return
                     continue
+                yield event
+                if isinstance(event, (Done, Failed)):
+                    return
+        finally:
+            if not job.finished:  # the client went away mid-stream: free the worker
+                scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))
+
+    def final_response(events: Events, shape: Callable[[Completion], dict[str, Any]],
+                       error_shape: Callable[[ApplianceError], dict[str, Any]]) -> Response:
+        with closing(events):
+            for event in events:
+                match event:
+                    case Done(completion=completion):
+                        return Response(json.dumps(shape(completion), ensure_ascii=False),
+                                        mimetype="application/json")
+                    case Failed(error=error):
+                        return Response(json.dumps(error_shape(error)), status=int(error.http_status),
+                                        mimetype="application/json",
+                                        headers={"Retry-After": "2"} if error.code == "busy" else {})
+        raise Internal("the job ended without a result")
+
+    def openai_stream(events: Events, shaper: openai.ResponseShaper,
+                      include_usage: bool) -> Iterator[bytes]:
+        with closing(events):
+            first = shaper.first_chunk()
+            if first is not None:
+                yield _sse(first)
+            for event in events:
                 match event:
                     case Chunk(text=text):
                         yield _sse(shaper.delta_chunk(text))
@@ -261,15 +284,11 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
                         for chunk in shaper.final_chunks(completion, include_usage):
                             yield _sse(chunk)
                         yield _sse("[DONE]")
-                        return
                     case Failed(error=error):
                         yield _sse(openai.error_body(error))
                         yield _sse("[DONE]")
-                        return
-        finally:
-            if not job.finished:  # the client went away mid-stream: free the worker
-                scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))
 
+    ollama_routes.register(app, scheduler, status, run, final_response, body_json, seated)
     if page is not None:
         page(app)
     return app

@@ -75,7 +75,7 @@ class MqttReply:
                 self.transport.publish(self.topic, chunk_payload(rid, seq, text), self.correlation,
                                        expiry=self.transport.config.mqtt.reply_expiry)
             case Done(completion=completion):
-                self.transport.answer(self, result_payload(rid, completion))
+                self.transport.answer(self, result_payload(rid, completion, job.request.structured))
             case Failed(error=error):
                 self.refuse(rid, error)
             case Abandoned():

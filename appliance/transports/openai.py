@@ -2,8 +2,9 @@
 
 Requests are mapped onto the appliance's own :class:`GenerateRequest` (one validator for every transport); values
 the appliance cannot honour (``n > 1``, ``logprobs``, ``echo``, tools ...) are refused with ``bad_request`` naming
-the parameter rather than silently ignored. llama-cpp-python's extensions ``top_k`` and ``repeat_penalty`` are
-accepted.
+the parameter rather than silently ignored. ``response_format`` (``json_object`` or ``json_schema``) and
+llama-cpp-python's ``grammar`` constrain the answer (appliance/structured.py); its extensions ``top_k`` and
+``repeat_penalty`` are accepted.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ _COMMON = ("model", "max_tokens", "temperature", "top_p", "top_k", "repeat_penal
 # accepted for compatibility; their neutral values change nothing
 _NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "suffix": None,
             "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None, "tool_choice": None,
-            "functions": None, "function_call": None, "response_format": None, "parallel_tool_calls": None}
+            "functions": None, "function_call": None, "parallel_tool_calls": None}
 _IGNORED = ("user", "stream_options", "metadata", "store", "service_tier", "min_p", "typical_p")
 
 
 def _check_neutral(body: dict[str, Any]) -> None:
     for name, neutral in _NEUTRAL.items():
         value = body.get(name, neutral)
-        if value in (neutral, None, {}, []) or (name == "response_format" and value == {"type": "text"}):
+        if value in (neutral, None, {}, []):
             continue
         raise BadRequest(f"'{name}' = {value!r} is not supported by this appliance", param=name)
 
@@ -36,7 +37,8 @@ def _to_request(body: Any, kind: str) -> GenerateRequest:
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
     _check_neutral(body)
-    known = set(_COMMON) | set(_NEUTRAL) | set(_IGNORED) | {"prompt", "messages", "max_completion_tokens"}
+    known = set(_COMMON) | set(_NEUTRAL) | set(_IGNORED) | {"prompt", "messages", "max_completion_tokens",
+                                                             "response_format", "grammar"}
     unknown = sorted(set(body) - known)
     if unknown:
         raise BadRequest(f"unknown parameter '{unknown[0]}'", param=unknown[0])
@@ -62,8 +64,31 @@ def _to_request(body: Any, kind: str) -> GenerateRequest:
         if prompt is None:
             raise BadRequest("'prompt' is required", param="prompt")
         mapped["prompt"] = prompt
+    mapped.update(_response_format(body.get("response_format")))
+    if body.get("grammar") is not None:  # llama-cpp-python's server extension: a GBNF grammar
+        mapped["grammar"] = body["grammar"]
     mapped["id"] = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     return parse_generate(mapped)
+
+
+def _response_format(value: object) -> dict[str, Any]:
+    """OpenAI's response_format as the appliance's structured-output fields (see appliance/structured.py)."""
+    if value is None:
+        return {}
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"format": "json"}
+    if kind == "json_schema":
+        spec = value.get("json_schema") if isinstance(value, dict) else None
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest("'response_format.json_schema.schema' must be a JSON schema object",
+                             param="response_format.json_schema.schema")
+        return {"json_schema": schema}
+    raise BadRequest("'response_format.type' must be text, json_object or json_schema",
+                     param="response_format.type")
 
 
 def completion_request(body: Any) -> GenerateRequest:
