@@ -171,7 +171,11 @@ def test_releases_switch_roll_back_and_prune_with_their_models(bundle_amd64, mod
         assert link.is_symlink() and link.resolve().parent == device / "state/models"
 
     result, body = install(None, device, signing_key, command="list", tool=other / "bin/appliance-install-bundle")
-    assert body == {"current": "0.1.1", "previous": "0.1.0", "releases": ["0.1.0", "0.1.1"], "changed": False}
+    trial = body.pop("trial")
+    assert body == {"current": "0.1.1", "previous": "0.1.0", "releases": ["0.1.0", "0.1.1"], "rolled_back": None,
+                    "changed": False}
+    assert (trial["release"], trial["previous"], trial["starts"]) == ("0.1.1", "0.1.0", 0), \
+        "a switch puts the new release on trial until the service has served from it"
     result, body = install(None, device, signing_key, command="rollback",
                            tool=other / "bin/appliance-install-bundle")
     assert result.returncode == 0 and body["release"] == "0.1.0" and body["rolled_back_from"] == "0.1.1"
