@@ -31,7 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = Service(config, catalog)
     service.start()
     service.run_until_stopped()
-    return 0
+    return service.exit_code
 
 
 def cmd_ask(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ class Status:
     version: str = __version__
     since: float = 0.0  # wall-clock time of the last state change
     warnings: tuple[str, ...] = ()  # serving, but: under-voltage, warm, memory low ...
+    release: dict | None = None  # the installed release, its trial, a rollback by itself (release_trial.py)
 
     def to_dict(self) -> dict:
         body = asdict(self)
@@ -40,9 +41,9 @@ Listener = Callable[[Status], None]
 
 
 class StatusBoard:
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, release: dict | None = None) -> None:
         self._lock = threading.Lock()
-        self._status = Status(device=device, since=time.time())
+        self._status = Status(device=device, since=time.time(), release=release)
         self._listeners: list[Listener] = []
 
     @property

@@ -32,7 +32,8 @@ class Supervisor:
     def __init__(self, config: Config, scheduler: Scheduler, status: StatusBoard, metrics: Metrics,
                  sensors: Sensors, notifier: Notifier, indicators: Indicators,
                  publish_telemetry: Callable[[dict], None] | None = None,
-                 extra_health: Callable[[], bool] = lambda: True) -> None:
+                 extra_health: Callable[[], bool] = lambda: True,
+                 ready_when: Callable[[Status], bool] | None = None, warnings: tuple[str, ...] = ()) -> None:
         self.config = config
         self.scheduler = scheduler
         self.status = status
@@ -42,11 +43,14 @@ class Supervisor:
         self.indicators = indicators
         self.publish_telemetry = publish_telemetry
         self.extra_health = extra_health
+        # when to tell systemd READY=1: by default once the first load is over, failed or not (the service is up
+        # and says why); a release on trial only once it serves (release_trial.py)
+        self.ready_when = ready_when or (lambda status: status.state not in ("starting", "loading"))
         self.memory_policy = MemoryPolicy(config.memory)
         self.thermal_policy = ThermalPolicy(config.thermal)
         self.conditions = Conditions()
         # what first boot could not apply from the boot partition stays in view until a good file replaces it
-        self.setup_warnings = tuple(firstboot_problems(config.device.state_dir))
+        self.setup_warnings = tuple(firstboot_problems(config.device.state_dir)) + warnings
         self.telemetry: dict = {}
         self._next_telemetry = 0.0
         self._stop = threading.Event()
@@ -138,7 +142,7 @@ class Supervisor:
 
     def _on_status(self, status: Status) -> None:
         line = f"{status.state}: {status.model or 'no model'}" + (f" ({status.reason})" if status.reason else "")
-        if status.state not in ("starting", "loading"):
+        if self.ready_when(status):
             self.notifier.ready(line)  # once: the service answers now (maybe with a reason it cannot serve)
         self.notifier.status(line)
         self.indicators.show(status.state, hot=self.conditions.thermal != "normal")

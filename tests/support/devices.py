@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -39,3 +40,24 @@ def power_off(vm, key: Path, timeout: float = 120) -> int:
     result = _ssh(vm, key, "sudo systemctl poweroff --no-block", timeout=60)
     assert result.returncode in (0, 255), f"ssh poweroff: {result.returncode} {result.stderr}"
     return vm.wait_closed(timeout=timeout)
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # what a device has: Debian bookworm's python3, not this checkout's venv
+
+
+def install(bundle: Path | None, device: Path, signing_key: Path, *args: str, command: str = "install",
+            tool: Path | None = None):
+    """The installer a bundle ships (its zipapp, run by Debian's python3 as on a device) on a scratch device:
+    (the process, its JSON answer when it succeeded)."""
+    from image import bundle as bundles
+    signers = device / "bundle-signers"
+    signers.parent.mkdir(parents=True, exist_ok=True)
+    signers.write_text(bundles.allowed_signers(signing_key))
+    tool = tool or bundle / "bin" / "appliance-install-bundle"
+    result = subprocess.run([SYSTEM_PYTHON, str(tool), "--signers", str(signers), "--prefix",
+                             str(device / "opt"), "--state-dir", str(device / "state"), "--units-dir",
+                             str(device / "units"), "--tool", str(device / "sbin/appliance-install-bundle"), command,
+                             *args, *([str(bundle)] if bundle else [])],
+                            capture_output=True, text=True, timeout=600)
+    body = json.loads(result.stdout) if result.returncode == 0 else None
+    return result, body

@@ -3,7 +3,6 @@ Debian's own python3 into a scratch prefix, and refused, with nothing installed,
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -14,25 +13,8 @@ import pytest
 from appliance.broker import free_port
 from image import bundle as bundles
 from tests.support import tiny_models
+from tests.support.devices import install
 from tests.support.harness import http_get, http_post
-
-SYSTEM_PYTHON = "/usr/bin/python3"  # what a device has: Debian bookworm's python3, not this checkout's venv
-
-
-def install(bundle: Path | None, device: Path, signing_key: Path, *args: str, command: str = "install",
-            tool: Path | None = None):
-    """The installer a bundle ships (its zipapp, run by Debian's python3 as on a device) on a scratch device."""
-    signers = device / "bundle-signers"
-    signers.parent.mkdir(parents=True, exist_ok=True)
-    signers.write_text(bundles.allowed_signers(signing_key))
-    tool = tool or bundle / "bin" / "appliance-install-bundle"
-    result = subprocess.run([SYSTEM_PYTHON, str(tool), "--signers", str(signers), "--prefix",
-                             str(device / "opt"), "--state-dir", str(device / "state"), "--units-dir",
-                             str(device / "units"), "--tool", str(device / "sbin/appliance-install-bundle"), command,
-                             *args, *([str(bundle)] if bundle else [])],
-                            capture_output=True, text=True, timeout=600)
-    body = json.loads(result.stdout) if result.returncode == 0 else None
-    return result, body
 
 
 def test_a_bundle_installs_and_serves_with_debians_python(bundle_amd64, signing_key, tmp_path):
