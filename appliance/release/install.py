@@ -74,7 +74,8 @@ def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_model
     """Install a verified bundle; returns what changed (for Ansible's ``changed_when`` and for people). With
     ``discard_models`` the bundle's model files are deleted once the store holds them (a staging copy). A
     switch starts the release's ``trial`` (starts it gets to reach ready, seconds each may take; 0 starts: none)."""
-    with locked(layout):
+    # the store first: one the service's account tampered with is refused before minutes of work
+    with locked(layout), ModelStore(layout.models, create=True) as store:
         changes = {"release": bundle.release, "version": bundle.version, "installed": False, "models": [],
                    "units": [], "activated": False, "running": current_release(layout)}
         if not allow_downgrade:
@@ -84,7 +85,7 @@ def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_model
         stamped = stamp.is_file() and stamp.read_text().strip() == bundle.manifest_sha256
         if not stamped:
             _install_release(bundle, target, layout, log)
-        changes["models"] = _install_models(bundle, target, layout, log)
+        changes["models"] = _install_models(bundle, target, store, layout, log)
         if not stamped:
             flush_filesystem(target)  # every file pip and cp wrote, before the stamp that vouches for them
             with Directory(target) as d:
@@ -191,11 +192,11 @@ def _retarget(bin_dir: Path, old: str, new: str) -> None:
                 script.write_bytes(data.replace(old.encode(), new.encode()))
 
 
-def _install_models(bundle: Bundle, release_dir: Path, layout: Layout, log) -> list[str]:
+def _install_models(bundle: Bundle, release_dir: Path, store: ModelStore, layout: Layout, log) -> list[str]:
     """Copy the model files the store lacks (checked against their digest after the copy), then give the release
     its catalog and a link per file; returns the store files written."""
     written = []
-    with ModelStore(layout.models, create=True) as store, Directory(release_dir / "models", create=True) as links:
+    with Directory(release_dir / "models", create=True) as links:
         for rel in bundle.files_under("models"):
             name = rel[len("models/"):]
             if name == "catalog.toml":
