@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -61,3 +62,29 @@ def install(bundle: Path | None, device: Path, signing_key: Path, *args: str, co
                             capture_output=True, text=True, timeout=600)
     body = json.loads(result.stdout) if result.returncode == 0 else None
     return result, body
+
+
+def wait_status(vm, device: str, predicate, until: float, username: str, password: str,
+                port: int = 1884) -> tuple[dict, float]:
+    """The retained status of ``device`` once ``predicate`` holds, and when (seconds since power-on), read over the
+    LAN listener with a sensor's account."""
+    from tests.support.harness import MqttClient
+    client = None
+    while time.monotonic() < until:
+        try:
+            client = client or MqttClient("127.0.0.1", vm.ports[port], username=username, password=password)
+            break
+        except (ConnectionRefusedError, OSError):
+            time.sleep(1)
+    assert client is not None, "the broker never accepted the sensor's account:\n" + vm.console_text()[-3000:]
+    try:
+        client.subscribe(f"appliance/{device}/status")
+        while time.monotonic() < until:
+            found = [json.loads(m.payload) for m in client.messages if m.topic.endswith("/status")]
+            if found and predicate(found[-1]):
+                return found[-1], time.monotonic() - vm.started_at
+            time.sleep(0.5)
+        raise AssertionError(f"status never matched; last: {found[-1] if found else None}\n"
+                             + vm.console_text()[-3000:])
+    finally:
+        client.close()

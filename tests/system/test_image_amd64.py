@@ -17,7 +17,7 @@ import pytest
 from image import disk
 from image.qemu import Vm
 from image.steps import REPO
-from tests.support.devices import SSH_OPTIONS, new_card, power_off, ssh
+from tests.support.devices import SSH_OPTIONS, new_card, power_off, ssh, wait_status
 from tests.support.harness import MqttClient, http_get
 
 pytestmark = pytest.mark.image
@@ -39,29 +39,6 @@ def operator_key(tmp_path):
     return key
 
 
-def wait_status(vm: Vm, device: str, predicate, until: float) -> tuple[dict, float]:
-    """The retained status of ``device`` once ``predicate`` holds, and when (seconds since power-on)."""
-    client = None
-    while time.monotonic() < until:
-        try:
-            client = client or MqttClient("127.0.0.1", vm.ports[LAN_MQTT], username=SENSOR, password=SECRET)
-            break
-        except (ConnectionRefusedError, OSError):
-            time.sleep(1)
-    assert client is not None, "the broker never accepted the sensor's account:\n" + vm.console_text()[-3000:]
-    try:
-        client.subscribe(f"appliance/{device}/status")
-        while time.monotonic() < until:
-            found = [json.loads(m.payload) for m in client.messages if m.topic.endswith("/status")]
-            if found and predicate(found[-1]):
-                return found[-1], time.monotonic() - vm.started_at
-            time.sleep(0.5)
-        raise AssertionError(f"status never matched; last: {found[-1] if found else None}\n"
-                             + vm.console_text()[-3000:])
-    finally:
-        client.close()
-
-
 def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_key, tmp_path):
     disk.write_boot_file(card, "appliance.toml", (
         f'[device]\nid = "twin-01"\n\n[mqtt_users]\n{SENSOR} = "{SECRET}"\n').encode())
@@ -71,7 +48,7 @@ def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_ke
 
     with Vm(card, [LAN_MQTT, HTTP, SSH], workdir=tmp_path) as vm:
         status, ready_after = wait_status(vm, "twin-01", lambda s: s["state"] == "ready",
-                                          vm.started_at + READY_WITHIN)
+                                          vm.started_at + READY_WITHIN, SENSOR, SECRET)
         print(f"ready {ready_after:.1f} s after power-on")
         assert status["model"] == "tiny" and status["device"] == "twin-01"
 
