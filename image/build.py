@@ -49,13 +49,17 @@ def build(arch: str, out: Path, *, bundle: Path | None = None, key: Path = bundl
     release = tomllib.loads((bundle / "bundle.toml").read_text())["release"]
     timed("base", rootfs.base, arch)
     tree = cache_dir() / "work" / f"rootfs-{arch}"
+    tree.parent.mkdir(parents=True, exist_ok=True)
     signers = bundles.allowed_signers(bundles.signing_key(key))
-    try:
-        timed("layer", rootfs.appliance_layer, arch, bundle, signers, tree)
-        image = timed("disk", disk.build, tree, arch, image_path(out, release, arch))
-    finally:
-        if not keep_tree and tree.exists():
-            shutil.rmtree(tree)
+    # one build of an arch at a time on a machine: the tree is shared (seen: two test sessions unpacking their
+    # bundles into the same tree, each then missing the other's files)
+    with rootfs.locked(tree):
+        try:
+            timed("layer", rootfs.appliance_layer, arch, bundle, signers, tree)
+            image = timed("disk", disk.build, tree, arch, image_path(out, release, arch))
+        finally:
+            if not keep_tree and tree.exists():
+                shutil.rmtree(tree)
     final = image
     if compress if compress is not None else arch == "arm64":
         final = timed("compress", disk.compress, image)
