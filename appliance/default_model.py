@@ -14,6 +14,7 @@ from pathlib import Path
 
 from appliance.catalog import Catalog, ModelEntry
 from appliance.errors import ModelError
+from appliance.release.safefs import replace_durably
 
 log = logging.getLogger(__name__)
 
@@ -61,5 +62,5 @@ def ensure(models_dir: Path) -> Path:
     log.info("assembling the default model into %s", target)
     partial = target.with_suffix(".partial")
     package.assemble(partial, overwrite=True)  # checks the digest itself
-    partial.replace(target)
+    replace_durably(partial, target)  # a power cut leaves no half model under the final name
     return target

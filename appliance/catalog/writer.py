@@ -12,6 +12,7 @@ from appliance.catalog.entry import BACKEND_BY_SUFFIX
 from appliance.catalog.store import Catalog, sha256_file
 from appliance.config.schema import rwkv_strategy_problem
 from appliance.errors import ConfigError, ModelError
+from appliance.release.safefs import replace_durably
 
 
 @dataclass(frozen=True)
@@ -161,4 +162,4 @@ def append(catalog_path: Path, keys: dict) -> None:
     except ConfigError:
         candidate.unlink()
         raise
-    candidate.replace(catalog_path)
+    replace_durably(candidate, catalog_path)
