@@ -84,6 +84,7 @@ def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_model
         stamp = target / STAMP
         stamped = stamp.is_file() and stamp.read_text().strip() == bundle.manifest_sha256
         if not stamped:
+            changes["removed"] = remove_unfinished(layout)  # what power cuts left, before it fills the card
             _install_release(bundle, target, layout, log)
         changes["models"] = _install_models(bundle, target, store, layout, log)
         if not stamped:
@@ -101,7 +102,7 @@ def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_model
             changes["activated"] = switch(layout, bundle.release, trial=trial)
             if changes["activated"]:
                 log(f"switched current to {bundle.release}")
-                changes["removed"] = prune(layout)
+                changes["removed"] = changes.get("removed", []) + prune(layout)
     changes["changed"] = any(changes.get(k) for k in ("installed", "models", "discarded", "units", "activated"))
     return changes
 
@@ -212,6 +213,18 @@ def _install_models(bundle: Bundle, release_dir: Path, store: ModelStore, layout
             if not (link.is_symlink() and Path(os.readlink(link)) == layout.models / stored):
                 links.symlink(layout.models / stored, name)
     return written
+
+
+def remove_unfinished(layout: Layout) -> list[str]:
+    """Release directories without their stamp (an install a power cut or a failure stopped): nothing names them."""
+    root = layout.prefix / "releases"
+    keep = {current_release(layout), current_release(layout, "previous")}
+    removed = []
+    for release in sorted(root.iterdir()) if root.is_dir() else []:
+        if release.name not in keep and not (release / STAMP).is_file():
+            shutil.rmtree(release)
+            removed.append(str(release))
+    return removed
 
 
 def prune(layout: Layout) -> list[str]:

@@ -15,6 +15,7 @@ device back, and the broker and service on it are then asked what was answered.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -25,7 +26,10 @@ from image import disk
 from image.qemu import Vm
 from tests.support.devices import SSH_OPTIONS
 
-READY_WITHIN = 90.0  # seconds from power-on to a serving appliance (the twin's acceptance bound)
+# seconds from power-on to a serving appliance: the twin's acceptance bound. The environment variable is for
+# debugging the rest of a test on a machine loaded by other work, where TCG boots take minutes; figures and CI
+# use the bound.
+READY_WITHIN = float(os.environ.get("APPLIANCE_TWIN_READY_WITHIN", "90"))
 SSH, LAN_MQTT, HTTP = 22, 1884, 8080
 RELEASE_CHECK = Path(__file__).with_name("release_check.py")
 

@@ -313,3 +313,20 @@ def test_a_trial_left_by_a_power_cut_before_the_switch_is_dropped(bundle_amd64, 
     tool = device / "sbin/appliance-install-bundle"
     assert trial(device, signing_key, "start", tool) == {"changed": True, "trial": None, "stale": "0.1.1"}
     assert not (device / "opt/trial.json").exists() and (device / "opt/current").resolve().name == "0.1.0"
+
+
+def test_what_an_interrupted_install_left_is_removed_by_the_next(bundle_amd64, tiny_catalog, signing_key, tmp_path):
+    """A power cut mid-install leaves a release without its stamp and maybe a half-copied model file: the next
+    install removes the first before it writes (a few of them would fill a card), the switch's prune the second."""
+    device = tmp_path / "device"
+    assert install(bundle_amd64, device, signing_key)[0].returncode == 0
+    half = device / "opt/releases/0.1.5"
+    (half / "venv/lib").mkdir(parents=True)
+    (half / "venv/lib/big.so").write_bytes(b"\0" * 2**20)
+    (device / "state/models/.0123456789abcdef-tiny.gguf.1a2b3c4d.tmp").write_bytes(b"half")
+    newer = bundles.build("amd64", tmp_path / "dist", catalog=tiny_catalog, key=signing_key, version="0.1.1",
+                          tarball=False)
+    result, body = install(newer, device, signing_key)
+    assert result.returncode == 0, result.stderr
+    assert str(half) in body["removed"] and not half.exists()
+    assert [p.name for p in (device / "state/models").iterdir() if p.name.startswith(".")] == []
