@@ -84,7 +84,10 @@ def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_model
         stamp = target / STAMP
         stamped = stamp.is_file() and stamp.read_text().strip() == bundle.manifest_sha256
         if not stamped:
-            changes["removed"] = remove_unfinished(layout)  # what power cuts left, before it fills the card
+            # room first: releases nothing names any more, and what an interrupted install or prune left (a power
+            # cut seconds after a switch stops the prune that follows it; a few such releases fill a card)
+            changes["removed"] = prune(layout, also_keep=bundle.release,
+                                       keep_files={store_name(rel, bundle.digests[rel]) for rel in bundle.stored})
             _install_release(bundle, target, layout, log)
         changes["models"] = _install_models(bundle, target, store, layout, log)
         if not stamped:
@@ -215,22 +218,11 @@ def _install_models(bundle: Bundle, release_dir: Path, store: ModelStore, layout
     return written
 
 
-def remove_unfinished(layout: Layout) -> list[str]:
-    """Release directories without their stamp (an install a power cut or a failure stopped): nothing names them."""
-    root = layout.prefix / "releases"
-    keep = {current_release(layout), current_release(layout, "previous")}
-    removed = []
-    for release in sorted(root.iterdir()) if root.is_dir() else []:
-        if release.name not in keep and not (release / STAMP).is_file():
-            shutil.rmtree(release)
-            removed.append(str(release))
-    return removed
-
-
-def prune(layout: Layout) -> list[str]:
-    """Remove releases other than current and previous, then store files no kept release links to (and copies
-    that a power cut or a failure left half-done)."""
-    keep = {current_release(layout), current_release(layout, "previous")} - {None}
+def prune(layout: Layout, also_keep: str | None = None, keep_files: set[str] = frozenset()) -> list[str]:
+    """Remove releases other than current and previous (and ``also_keep``, one being installed), then store files
+    no kept release links to (but ``keep_files``: the store's copies a bundle being installed relies on), and
+    copies that a power cut or a failure left half-done."""
+    keep = {current_release(layout), current_release(layout, "previous"), also_keep} - {None}
     removed = []
     root = layout.prefix / "releases"
     for release in sorted(root.iterdir()) if root.is_dir() else []:
@@ -243,7 +235,7 @@ def prune(layout: Layout) -> list[str]:
     store = ModelStore.open_existing(layout.models)
     if store is not None:
         with store:
-            removed += [str(p) for p in store.prune(linked)]
+            removed += [str(p) for p in store.prune(linked | keep_files)]
     return removed
 
 

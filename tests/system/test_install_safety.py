@@ -316,10 +316,13 @@ def test_a_trial_left_by_a_power_cut_before_the_switch_is_dropped(bundle_amd64, 
 
 
 def test_what_an_interrupted_install_left_is_removed_by_the_next(bundle_amd64, tiny_catalog, signing_key, tmp_path):
-    """A power cut mid-install leaves a release without its stamp and maybe a half-copied model file: the next
-    install removes the first before it writes (a few of them would fill a card), the switch's prune the second."""
+    """A power cut mid-install leaves a release without its stamp and maybe a half-copied model file; one seconds
+    after a switch stops the prune that follows it, leaving an old complete release. The next install removes them
+    before it writes: a few such releases (250 MiB each) fill a card."""
     device = tmp_path / "device"
     assert install(bundle_amd64, device, signing_key)[0].returncode == 0
+    stale = device / "opt/releases/0.0.9"
+    subprocess.run(["cp", "-a", str(device / "opt/releases/0.1.0"), str(stale)], check=True)
     half = device / "opt/releases/0.1.5"
     (half / "venv/lib").mkdir(parents=True)
     (half / "venv/lib/big.so").write_bytes(b"\0" * 2**20)
@@ -328,5 +331,5 @@ def test_what_an_interrupted_install_left_is_removed_by_the_next(bundle_amd64, t
                           tarball=False)
     result, body = install(newer, device, signing_key)
     assert result.returncode == 0, result.stderr
-    assert str(half) in body["removed"] and not half.exists()
+    assert {str(half), str(stale)} <= set(body["removed"]) and not half.exists() and not stale.exists()
     assert [p.name for p in (device / "state/models").iterdir() if p.name.startswith(".")] == []
