@@ -148,6 +148,7 @@ def test_power_cuts_within_seconds_of_the_switch(device, update_bundles):
         row.update(outcome="new" if row["release"] == version else "old", delay_s=delay, cut_at_s=cut.at,
                    idle_when_cut=cut.finished_first)
         rows.append(row)
+        print(f"\ncut {len(rows)}: {row}", flush=True)
         old = row["release"]
     device.power_off()
     device.check_filesystem()
@@ -173,6 +174,7 @@ def test_power_cuts_in_the_middle_of_the_copy(device, update_bundles):
         row.update(outcome="old, copy interrupted" if interrupted else "new", delay_s=round(fraction * copy_s, 1),
                    cut_at_s=cut.at)
         rows.append(row)
+        print(f"\ncut {len(rows)}: {row}", flush=True)
         old = row["release"]
     # the last interrupted update, done again, completes and clears what the cuts left
     last = VERSIONS[-1]
