@@ -311,6 +311,8 @@ def rollback(layout: Layout, expected_from: str | None = None) -> dict:
 def start_attempt(layout: Layout) -> dict:
     """A start of the appliance (its ExecStartPre): counted when the current release is on trial; past its
     starts, the device goes back to the release it came from (and the service then starts that one)."""
+    if not layout.prefix.is_dir():  # not installed from bundles: nothing to count
+        return {"changed": False, "trial": None}
     with locked(layout):
         trial, running = trials.read(layout.prefix), current_release(layout)
         if trial is None:
@@ -337,6 +339,8 @@ def start_attempt(layout: Layout) -> dict:
 
 def mark_ready(layout: Layout) -> dict:
     """The service told systemd it serves (its ExecStartPost): the current release's trial is over, it stays."""
+    if not layout.prefix.is_dir():
+        return {"changed": False}
     with locked(layout):
         trial = trials.read(layout.prefix)
         if trial is None or trial.release != current_release(layout):
