@@ -196,7 +196,7 @@ class Directory:
         return result["sha256"]
 
     def _replace(self, name: str, fill, mode: int, owner: tuple[int, int] | None) -> None:
-        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+        tmp = _temporary(name)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
         try:
             with os.fdopen(fd, "w+b") as f:
@@ -206,24 +206,28 @@ class Directory:
                 if owner is not None:
                     os.fchown(f.fileno(), *owner)
                 os.fsync(f.fileno())
-            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=self.fd)
+            self._discard(tmp)
             raise
-        self.sync()
+        self._rename_into_place(tmp, name)
 
     def symlink(self, target: str | os.PathLike, name: str) -> None:
         """Point the link ``name`` at ``target`` with one rename: never missing, even on a power cut."""
-        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+        tmp = _temporary(name)
         os.symlink(target, tmp, dir_fd=self.fd)
+        self._rename_into_place(tmp, name)
+
+    def _rename_into_place(self, tmp: str, name: str) -> None:
         try:
             os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=self.fd)
+            self._discard(tmp)
             raise
         self.sync()
+
+    def _discard(self, tmp: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=self.fd)
 
     def unlink(self, name: str) -> bool:
         """Remove a name (a link is removed, never followed); False when it was not there."""
@@ -233,6 +237,11 @@ class Directory:
             return False
         self.sync()
         return True
+
+
+def _temporary(name: str) -> str:
+    """A name beside ``name`` that nobody can have planted in advance (O_EXCL fails if someone did)."""
+    return f".{name}.{secrets.token_hex(4)}.tmp"
 
 
 def _child(parent: Directory, name: str, *, create: bool, mode: int, own: bool) -> Directory:
