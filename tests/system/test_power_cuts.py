@@ -117,8 +117,11 @@ def kept(device: CardDevice) -> dict:
     after READY=1, which a release on trial sends once it serves)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        code, body = http_get(f"http://127.0.0.1:{device.vm.ports[HTTP]}/status", timeout=10)
-        status = json.loads(body) if code == 200 else {}
+        try:
+            code, body = http_get(f"http://127.0.0.1:{device.vm.ports[HTTP]}/status", timeout=10)
+            status = json.loads(body) if code == 200 else {}
+        except OSError:  # the service restarting: the forwarded port resets the connection
+            status = {}
         listed = device.installer("list")
         if status.get("state") == "ready" and listed["trial"] is None:
             assert listed["rolled_back"] is None, listed
