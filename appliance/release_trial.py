@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from appliance.release import trial as trials
 from appliance.status import SERVING, Status
@@ -32,7 +33,7 @@ class RunningRelease:
     name: str
     previous: str | None
     trial: trials.Trial | None  # this release's trial, while it is on one
-    rolled_back: dict | None  # the device's last rollback by itself, when it went back to this release
+    rolled_back: dict[str, Any] | None  # the device's last rollback by itself, when it went back to this release
 
     @classmethod
     def detect(cls, python_prefix: str | None = None) -> RunningRelease | None:
@@ -49,7 +50,7 @@ class RunningRelease:
                    trial=trial if trial is not None and trial.release == name else None,
                    rolled_back=record if record is not None and record.get("to") == name else None)
 
-    def to_status(self) -> dict:
+    def to_status(self) -> dict[str, Any]:
         t = self.trial
         return {"name": self.name, "previous": self.previous,
                 "trial": None if t is None else {"start": t.starts, "of": t.max_starts, "back_to": t.previous,

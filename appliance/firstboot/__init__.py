@@ -21,6 +21,7 @@ import os
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from appliance.firstboot import apply
 from appliance.firstboot.settings import SETTINGS_FILE, Settings, read
@@ -43,9 +44,9 @@ def problems(state_dir: Path) -> list[str]:
 
 
 def run(boot: Path, root: Path = Path("/"), state_dir: Path = Path("/var/lib/appliance"),
-        live: bool = True) -> dict:
+        live: bool = True) -> dict[str, Any]:
     """One first-boot pass; ``live`` also acts on the running system (host name, growing the root)."""
-    report: dict = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": [], "applied": [], "problems": []}
+    report: dict[str, Any] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": [], "applied": [], "problems": []}
     if not _initialized(state_dir):
         report["device"] += [f"ssh host key {k}" for k in apply.ensure_host_keys(root)]
         apply.set_mqtt_users(root, {})  # the service's own account
@@ -124,7 +125,7 @@ def _redacted(path: Path) -> str:
                               "To change settings, put a new appliance.toml here.")
 
 
-def _write_report(state_dir: Path, report: dict) -> None:
+def _write_report(state_dir: Path, report: dict[str, Any]) -> None:
     apply.write_file(state_dir / REPORT, json.dumps(report, indent=2) + "\n")
     for line in report["device"]:
         log.info("device: %s", line)

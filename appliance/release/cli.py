@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import trial as trials
 from .install import Layout, install, mark_ready, releases, rollback, start_attempt
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layout = Layout(prefix=args.prefix, state_dir=args.state_dir, units_dir=Path(args.units_dir) if args.units_dir
                     else None, tool=Path(args.tool) if args.tool else None)
+    result: dict[str, Any]
     try:
         if args.command in ("verify", "install"):
             bundle = verify(args.bundle, args.signers, args.arch, store=layout.models)

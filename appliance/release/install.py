@@ -27,9 +27,10 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from . import trial as trials
 from .safefs import Directory, flush_filesystem, write_file
@@ -70,14 +71,14 @@ def locked(layout: Layout) -> Iterator[None]:
 
 def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_models: bool = False,
             allow_downgrade: bool = False, trial: tuple[int, float] = (trials.MAX_STARTS, trials.READY_WITHIN_S),
-            log=print) -> dict:
+            log: Callable[[str], None] = print) -> dict[str, Any]:
     """Install a verified bundle; returns what changed (for Ansible's ``changed_when`` and for people). With
     ``discard_models`` the bundle's model files are deleted once the store holds them (a staging copy). A
     switch starts the release's ``trial`` (starts it gets to reach ready, seconds each may take; 0 starts: none)."""
     # the store first: one the service's account tampered with is refused before minutes of work
     with locked(layout), ModelStore(layout.models, create=True) as store:
-        changes = {"release": bundle.release, "version": bundle.version, "installed": False, "models": [],
-                   "units": [], "activated": False, "running": current_release(layout)}
+        changes: dict[str, Any] = {"release": bundle.release, "version": bundle.version, "installed": False,
+                                   "models": [], "units": [], "activated": False, "running": current_release(layout)}
         if not allow_downgrade:
             refuse_downgrade(bundle, layout)
         target = layout.release(bundle.release)
@@ -114,7 +115,7 @@ def release_version(layout: Layout, release: str) -> str:
     import tomllib
     path = layout.release(release) / "bundle.toml"
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))["version"]
+        return str(tomllib.loads(path.read_text(encoding="utf-8"))["version"])
     except (OSError, ValueError, KeyError) as exc:
         raise BundleError(f"{path}: cannot read the installed release's version ({exc}); pass --allow-downgrade "
                           f"to install without comparing") from None
@@ -132,7 +133,7 @@ def refuse_downgrade(bundle: Bundle, layout: Layout) -> None:
                           f"`rollback` goes back to the kept previous release without a bundle")
 
 
-def _install_release(bundle: Bundle, target: Path, layout: Layout, log) -> None:
+def _install_release(bundle: Bundle, target: Path, layout: Layout, log: Callable[[str], None]) -> None:
     if target.exists():
         if current_release(layout) == bundle.release:
             raise BundleError(f"{target} is the running release but differs from this bundle; install the bundle "
@@ -196,7 +197,8 @@ def _retarget(bin_dir: Path, old: str, new: str) -> None:
                 script.write_bytes(data.replace(old.encode(), new.encode()))
 
 
-def _install_models(bundle: Bundle, release_dir: Path, store: ModelStore, layout: Layout, log) -> list[str]:
+def _install_models(bundle: Bundle, release_dir: Path, store: ModelStore, layout: Layout,
+                    log: Callable[[str], None]) -> list[str]:
     """Copy the model files the store lacks (checked against their digest after the copy), then give the release
     its catalog and a link per file; returns the store files written."""
     written = []
@@ -218,11 +220,12 @@ def _install_models(bundle: Bundle, release_dir: Path, store: ModelStore, layout
     return written
 
 
-def prune(layout: Layout, also_keep: str | None = None, keep_files: set[str] = frozenset()) -> list[str]:
+def prune(layout: Layout, also_keep: str | None = None,
+          keep_files: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """Remove releases other than current and previous (and ``also_keep``, one being installed), then store files
     no kept release links to (but ``keep_files``: the store's copies a bundle being installed relies on), and
     copies that a power cut or a failure left half-done."""
-    keep = {current_release(layout), current_release(layout, "previous"), also_keep} - {None}
+    keep = {name for name in (current_release(layout), current_release(layout, "previous"), also_keep) if name}
     removed = []
     root = layout.prefix / "releases"
     for release in sorted(root.iterdir()) if root.is_dir() else []:
@@ -291,7 +294,7 @@ def switch(layout: Layout, release: str, trial: tuple[int, float] = (0, 0.0)) ->
     return True
 
 
-def rollback(layout: Layout, expected_from: str | None = None) -> dict:
+def rollback(layout: Layout, expected_from: str | None = None) -> dict[str, Any]:
     """Make the previous release current again (``expected_from``: only if the current one is that release,
     so that a rollback the device already did by itself is not undone)."""
     with locked(layout):
@@ -308,7 +311,7 @@ def rollback(layout: Layout, expected_from: str | None = None) -> dict:
     return {"changed": True, "release": previous, "rolled_back_from": failed, "units": units}
 
 
-def start_attempt(layout: Layout) -> dict:
+def start_attempt(layout: Layout) -> dict[str, Any]:
     """A start of the appliance (its ExecStartPre): counted when the current release is on trial; past its
     starts, the device goes back to the release it came from (and the service then starts that one)."""
     if not layout.prefix.is_dir():  # not installed from bundles: nothing to count
@@ -337,7 +340,7 @@ def start_attempt(layout: Layout) -> dict:
         return {"changed": True, "trial": None, "rolled_back": record}
 
 
-def mark_ready(layout: Layout) -> dict:
+def mark_ready(layout: Layout) -> dict[str, Any]:
     """The service told systemd it serves (its ExecStartPost): the current release's trial is over, it stays."""
     if not layout.prefix.is_dir():
         return {"changed": False}
@@ -349,7 +352,7 @@ def mark_ready(layout: Layout) -> dict:
         return {"changed": True, "kept": trial.release, "starts": trial.starts}
 
 
-def releases(layout: Layout) -> dict:
+def releases(layout: Layout) -> dict[str, Any]:
     root = layout.prefix / "releases"
     names = sorted(p.name for p in root.iterdir() if (p / STAMP).is_file()) if root.is_dir() else []
     trial = trials.read(layout.prefix)

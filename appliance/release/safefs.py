@@ -22,7 +22,9 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _MAX_LINKS = 40
@@ -47,7 +49,7 @@ def _owner(st: os.stat_result) -> str:
     return f"{who} can change it"
 
 
-def open_dir(path: str | os.PathLike, *, create: bool = False, mode: int = 0o755) -> int:
+def open_dir(path: str | os.PathLike[str], *, create: bool = False, mode: int = 0o755) -> int:
     """A descriptor of the directory ``path``, resolved one component at a time without following a link that
     lies in a directory someone else can change (``create``: missing directories are made, ``mode``)."""
     text = os.fspath(path)
@@ -97,7 +99,7 @@ class Directory:
     ``own``: the directory must be root's (or this process's user's) alone, e.g. the model store inside the
     service's state directory; otherwise refused, because whoever can change it could swap files under root."""
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = False, mode: int = 0o755,
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False, mode: int = 0o755,
                  own: bool = False) -> None:
         self.path = Path(path)
         self.fd = open_dir(path, create=create, mode=mode)
@@ -108,7 +110,7 @@ class Directory:
     def __enter__(self) -> Directory:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -132,7 +134,7 @@ class Directory:
     def subdir(self, name: str, *, create: bool = False, mode: int = 0o755, own: bool = False) -> Directory:
         return _child(self, name, create=create, mode=mode, own=own)
 
-    def open_file(self, name: str):
+    def open_file(self, name: str) -> BinaryIO | None:
         """A plain file of this directory, opened for reading without following a link (None when missing)."""
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.fd)
@@ -178,9 +180,9 @@ class Directory:
     def copy_in(self, source: Path, name: str, *, mode: int = 0o644) -> str:
         """Copy ``source`` in as ``name`` (durably, as :meth:`write`); returns the sha256 of what was written, read
         back from the written file (a bad card or a full disk shows here)."""
-        result = {}
+        result: dict[str, str] = {}
 
-        def fill(f) -> None:
+        def fill(f: BinaryIO) -> None:
             with open(source, "rb") as src:
                 while chunk := src.read(CHUNK):
                     f.write(chunk)
@@ -195,7 +197,7 @@ class Directory:
         self._replace(name, fill, mode, None)
         return result["sha256"]
 
-    def _replace(self, name: str, fill, mode: int, owner: tuple[int, int] | None) -> None:
+    def _replace(self, name: str, fill: Callable[[BinaryIO], object], mode: int, owner: tuple[int, int] | None) -> None:
         tmp = _temporary(name)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
         try:
@@ -211,7 +213,7 @@ class Directory:
             raise
         self._rename_into_place(tmp, name)
 
-    def symlink(self, target: str | os.PathLike, name: str) -> None:
+    def symlink(self, target: str | os.PathLike[str], name: str) -> None:
         """Point the link ``name`` at ``target`` with one rename: never missing, even on a power cut."""
         tmp = _temporary(name)
         os.symlink(target, tmp, dir_fd=self.fd)
@@ -270,7 +272,7 @@ def write_file(path: Path, data: bytes | str, mode: int = 0o644, owner: tuple[in
         d.write(path.name, data, mode=mode, owner=owner)
 
 
-def flush_filesystem(path: str | os.PathLike) -> None:
+def flush_filesystem(path: str | os.PathLike[str]) -> None:
     """Everything written to the file system that holds ``path`` reaches the disk (syncfs(2)): the data, inodes and
     directory entries of a tree pip or cp wrote, in one call instead of one fsync per file."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

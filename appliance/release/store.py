@@ -32,7 +32,7 @@ class ModelStore:
     def __enter__(self) -> ModelStore:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:

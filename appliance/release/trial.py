@@ -20,6 +20,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .safefs import Directory, UnsafePathError
 
@@ -47,7 +48,7 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _load(prefix: Path, name: str) -> dict | None:
+def _load(prefix: Path, name: str) -> dict[str, Any] | None:
     try:
         with Directory(prefix) as d:
             data = d.read(name, limit=64 * 1024)
@@ -82,12 +83,12 @@ def end(prefix: Path) -> bool:
         return d.unlink(TRIAL)
 
 
-def rolled_back(prefix: Path) -> dict | None:
+def rolled_back(prefix: Path) -> dict[str, Any] | None:
     """What the device went back from by itself, when, and after how many starts; None when it has not."""
     return _load(prefix, ROLLED_BACK)
 
 
-def record_rollback(prefix: Path, record: dict) -> None:
+def record_rollback(prefix: Path, record: dict[str, Any]) -> None:
     with Directory(prefix) as d:
         d.write(ROLLED_BACK, json.dumps(record) + "\n")
 
@@ -98,6 +99,6 @@ def forget_rollback(prefix: Path) -> bool:
         return d.unlink(ROLLED_BACK)
 
 
-def rollback_warning(record: dict) -> str:
+def rollback_warning(record: dict[str, Any]) -> str:
     return (f"update to release {record.get('from')} did not reach ready in {record.get('starts')} starts; the "
             f"device went back to {record.get('to')} by itself at {record.get('at')}")

@@ -15,6 +15,7 @@ import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 NAMESPACE = "appliance-bundle"  # ssh-keygen -Y namespace: a signature made for anything else does not verify
 PRINCIPAL = "appliance-bundle"  # the identity in the allowed-signers file
@@ -118,7 +119,7 @@ def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None) 
     from .store import ModelStore  # (store imports this module)
     held = ModelStore.open_existing(store) if store and digests.keys() - present else None
     try:
-        stored = set()
+        stored: set[str] = set()
         for rel in sorted(digests.keys() - present):
             if held is None or not is_model(rel) or not held.holds(store_name(rel, digests[rel])):
                 raise BundleError(f"{rel}: listed in MANIFEST but missing"
@@ -126,7 +127,7 @@ def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None) 
             stored.add(rel)
         for rel, expected in sorted(digests.items()):
             # the store's copy is read without following links: root reads nothing the service could point it at
-            actual = held.sha256(store_name(rel, expected)) if rel in stored else sha256_file(bundle_dir / rel)
+            actual = held.sha256(store_name(rel, expected)) if held and rel in stored else sha256_file(bundle_dir / rel)
             if actual != expected:
                 raise BundleError(f"{rel}: sha256 {actual} does not match MANIFEST's {expected}")
     finally:
@@ -139,7 +140,7 @@ def is_model(rel: str) -> bool:
     return rel.startswith("models/") and rel != "models/catalog.toml"
 
 
-def _metadata(bundle_dir: Path) -> dict:
+def _metadata(bundle_dir: Path) -> dict[str, Any]:
     try:
         meta = tomllib.loads((bundle_dir / "bundle.toml").read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -159,7 +160,8 @@ def store_name(rel: str, digest: str) -> str:
     return f"{digest[:16]}-{PurePosixPath(rel).name}"
 
 
-def _ssh_keygen(args: list[str], stdin=None, check: bool = True) -> subprocess.CompletedProcess:
+def _ssh_keygen(args: list[str], stdin: IO[bytes] | None = None,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
         result = subprocess.run(["ssh-keygen", *args], stdin=stdin, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:

@@ -9,6 +9,9 @@ import re
 
 from .verify import BundleError
 
+# (release numbers, pre-release rank and number, post number, dev number): compared as PEP 440 orders versions
+VersionKey = tuple[tuple[int, ...], tuple[float, int], int, float]
+
 _VERSION = re.compile(
     r"^v?(?P<release>\d+(?:\.\d+)*)"
     r"(?:[-_.]?(?P<pre>a|b|c|rc|alpha|beta|pre|preview)[-_.]?(?P<pre_n>\d*))?"
@@ -19,7 +22,7 @@ _PRE = {"a": 0, "alpha": 0, "b": 1, "beta": 1, "c": 2, "rc": 2, "pre": 2, "previ
 _LAST = float("inf")
 
 
-def version_key(text: str) -> tuple:
+def version_key(text: str) -> VersionKey:
     """A key that sorts versions as PEP 440 does: 1.0.dev1 < 1.0a1 < 1.0rc1 < 1.0 == 1.0.0 < 1.0.post1."""
     match = _VERSION.match(text.strip())
     if match is None:
@@ -29,7 +32,7 @@ def version_key(text: str) -> tuple:
         release.pop()
     post = match["post_n"] if match["post_n"] is not None else match["post_implicit"]
     if match["pre"]:
-        pre: tuple = (_PRE[match["pre"].lower()], int(match["pre_n"] or 0))
+        pre: tuple[float, int] = (_PRE[match["pre"].lower()], int(match["pre_n"] or 0))
     elif match["dev"] and post is None:
         pre = (-1, 0)  # 1.0.dev1 sorts before 1.0a1
     else:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.broker import Mosquitto, free_port
 from appliance.firstboot import problems
 from appliance.firstboot.settings import check_config
+from appliance.transports.broker import Mosquitto, free_port
 from tests.support.harness import REPO, MqttClient, run_cli
 
 SECRET = "correct horse battery staple"
