@@ -24,11 +24,11 @@ from appliance.generation import moderation
 from appliance.generation.scheduler import Scheduler
 from appliance.history import History
 from appliance.metrics import Metrics
-from appliance.release_trial import TRIAL_FAILED, RunningRelease, TrialWatch
 from appliance.status import StatusBoard
 from appliance.supervisor.guard import Guard
 from appliance.supervisor.indicators import Indicators
 from appliance.supervisor.loop import Supervisor
+from appliance.supervisor.release_trial import TRIAL_FAILED, RunningRelease, TrialWatch
 from appliance.supervisor.sensors import Sensors
 from appliance.supervisor.systemd import Notifier
 from appliance.tensors.pool import InferencePool

@@ -31,7 +31,7 @@ class Status:
     version: str = __version__
     since: float = 0.0  # wall-clock time of the last state change
     warnings: tuple[str, ...] = ()  # serving, but: under-voltage, warm, memory low ...
-    release: dict[str, Any] | None = None  # the installed release, its trial, a rollback by itself (release_trial.py)
+    release: dict[str, Any] | None = None  # the installed release, its trial, a self-rollback (release_trial.py)
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)

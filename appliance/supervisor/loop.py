@@ -46,7 +46,7 @@ class Supervisor:
         self.publish_telemetry = publish_telemetry
         self.extra_health = extra_health
         # when to tell systemd READY=1: by default once the first load is over, failed or not (the service is up
-        # and says why); a release on trial only once it serves (release_trial.py)
+        # and says why); a release on trial only once it serves (supervisor/release_trial.py)
         self.ready_when = ready_when or (lambda status: status.state not in ("starting", "loading"))
         self.memory_policy = MemoryPolicy(config.memory)
         self.thermal_policy = ThermalPolicy(config.thermal)

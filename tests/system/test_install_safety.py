@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.broker import free_port
-from appliance.release_trial import TRIAL_FAILED
+from appliance.supervisor.release_trial import TRIAL_FAILED
+from appliance.transports.broker import free_port
 from image import bundle as bundles
 from tests.support import tiny_models
 from tests.support.devices import SYSTEM_PYTHON, install
