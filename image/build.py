@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -48,25 +49,26 @@ def build(arch: str, out: Path, *, bundle: Path | None = None, key: Path = bundl
         bundle = timed("bundle", bundles.build, arch, out, catalog=catalog, key=key)
     release = tomllib.loads((bundle / "bundle.toml").read_text())["release"]
     timed("base", rootfs.base, arch)
-    tree = cache_dir() / "work" / f"rootfs-{arch}"
-    tree.parent.mkdir(parents=True, exist_ok=True)
+    # one tree per build: builders share the cache, and a fixed path let two builds delete each other's tree
+    (cache_dir() / "work").mkdir(parents=True, exist_ok=True)
+    tree = Path(tempfile.mkdtemp(prefix=f"rootfs-{arch}-", dir=cache_dir() / "work"))
+    tree.chmod(0o755)  # it becomes the image's /
     signers = bundles.allowed_signers(bundles.signing_key(key))
-    # one build of an arch at a time on a machine: the tree is shared (seen: two test sessions unpacking their
-    # bundles into the same tree, each then missing the other's files)
-    with rootfs.locked(tree):
-        try:
-            timed("layer", rootfs.appliance_layer, arch, bundle, signers, tree)
-            image = timed("disk", disk.build, tree, arch, image_path(out, release, arch))
-        finally:
-            if not keep_tree and tree.exists():
-                shutil.rmtree(tree)
+    try:
+        timed("layer", rootfs.appliance_layer, arch, bundle, signers, tree)
+        image = timed("disk", disk.build, tree, arch, image_path(out, release, arch))
+    except BaseException:
+        shutil.rmtree(tree, ignore_errors=True)  # a failed build's tree is no use to anyone
+        raise
+    if not keep_tree:
+        shutil.rmtree(tree)
     final = image
     if compress if compress is not None else arch == "arm64":
         final = timed("compress", disk.compress, image)
         image.unlink()
     summary = {"image": final.name, "arch": arch, "release": release, "bytes": final.stat().st_size,
                "seconds": round(time.monotonic() - started, 1), "steps": times,
-               "bundle": bundle.name}
+               "bundle": bundle.name, **({"tree": str(tree)} if keep_tree else {})}
     final.with_name(final.name + ".json").write_text(json.dumps(summary, indent=2) + "\n")
     say(f"image: {final} ({final.stat().st_size / 2**20:.0f} MiB) in {summary['seconds']:.0f} s: {times}")
     return final

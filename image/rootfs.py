@@ -74,9 +74,8 @@ def _mmdebstrap(arch: str, packages: list[str], out: Path, *, variant: str, hook
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """One user of a shared build path at a time: a second one (a prefetch beside the tests, another session
-    building the same image) waits for it."""
+def _locked(path: Path) -> Iterator[None]:
+    """One builder of a cache entry at a time: a second one (a prefetch running beside the tests) waits for it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -85,7 +84,7 @@ def locked(path: Path) -> Iterator[None]:
 
 def _cached(kind: str, arch: str, key: str, build) -> Path:
     out = cache_dir() / "rootfs" / f"{kind}-{arch}-{key}.tar"
-    with locked(out):
+    with _locked(out):
         if out.is_file():
             say(f"{kind} root file system for {arch}: cached {out.name}")
             return out

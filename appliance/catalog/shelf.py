@@ -131,18 +131,24 @@ class Board:
     english: str  # recommended shelf ids
     multilingual: str
     image: bool = True  # the SD-card image boots it (docs/image.md)
+    measured_mib: int | None = None  # MemAvailable measured when the image's worker loads its model, where known
 
     @property
     def available_mib(self) -> int:
-        """MemAvailable to plan with before a model loads: RAM less OS_RESERVE_MIB."""
-        return self.ram_mib - OS_RESERVE_MIB
+        """MemAvailable to plan with before a model loads: the measured figure, else RAM less OS_RESERVE_MIB."""
+        return self.measured_mib if self.measured_mib is not None else self.ram_mib - OS_RESERVE_MIB
 
 
 #: kernel, firmware and CMA, Debian, mosquitto and the appliance's own process: a planning figure, not a measurement
 OS_RESERVE_MIB = 320
+#: MemAvailable when the worker loads its model on a 1 GiB Pi 3B running the SD-card image, everything else up:
+#: measured on the image booted under QEMU's raspi3b, where Linux gets 960 MiB of the 1 GiB as under the firmware's
+#: default GPU share on a Pi 3 (docs/image.md, tests/system/test_image_arm64.py prints it)
+PI3_1GIB_MEASURED_MIB = 728
 
 BOARDS: tuple[Board, ...] = (
-    Board("pi3b+", "Pi 3B+ (1 GB)", 1024, "4x Cortex-A53 1.4 GHz", "smollm2-135m-instruct", "qwen2.5-0.5b-instruct"),
+    Board("pi3b+", "Pi 3B/3B+ (1 GB)", 1024, "4x Cortex-A53 1.2/1.4 GHz", "smollm2-135m-instruct",
+          "qwen2.5-0.5b-instruct", measured_mib=PI3_1GIB_MEASURED_MIB),
     Board("pi4-1gb", "Pi 4 / CM4 1 GB", 1024, "4x Cortex-A72 1.5 GHz", "smollm2-135m-instruct",
           "qwen2.5-0.5b-instruct"),
     Board("pi4-2gb", "Pi 4 / CM4 2 GB", 2048, "4x Cortex-A72 1.5 GHz", "smollm2-360m-instruct",

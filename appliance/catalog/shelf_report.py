@@ -19,6 +19,9 @@ def fit_lines(available: int, config: Config) -> list[str]:
 
 
 def board_source(board: shelf.Board) -> str:
+    if board.measured_mib is not None:
+        return (f"measured for {board.name}: free when the image's worker loads its model, the image booted under "
+                f"QEMU's raspi3b (--board {board.id})")
     return (f"planned for {board.name}: {board.ram_mib} MiB of RAM less {shelf.OS_RESERVE_MIB} for the OS "
             f"(--board {board.id})")
 
@@ -41,7 +44,7 @@ def markdown(config: Config) -> str:
         note = f": {m.note}" if m.note else ""
         out.append(f"| `{m.id}` | [{m.name}]({m.source}){note} | {m.quant} | {m.languages} | {m.licence} | "
                    f"{weights} | {need.total / MiB:.0f} MiB | {_published(m)} |")
-    out += ["", "| board | planned free memory | English | multilingual (es, zh) "
+    out += ["", "| board | free memory (planned, or measured) | English | multilingual (es, zh) "
                 "| `appliance models fit --board` says |", "|---|---|---|---|---|"]
     for b in shelf.BOARDS:
         verdicts: dict[str, list[str]] = {}
@@ -50,7 +53,8 @@ def markdown(config: Config) -> str:
         said = "; ".join(f"{v}: {', '.join(ids) if len(ids) < len(shelf.MODELS) else f'all {len(ids)}'}"
                          for v, ids in sorted(verdicts.items(), key=lambda kv: _ORDER[kv[0]]))
         image = "" if b.image else " (no image: Raspberry Pi OS and `make run`)"
-        out.append(f"| {b.name}, {b.cpu}{image} | {b.available_mib} MiB (`--board {b.id}`) | `{b.english}` | "
+        measured = ", measured" if b.measured_mib is not None else ""
+        out.append(f"| {b.name}, {b.cpu}{image} | {b.available_mib} MiB{measured} (`--board {b.id}`) | `{b.english}` | "
                    f"`{b.multilingual}` | {said} |")
     return "\n".join(out) + "\n"
 

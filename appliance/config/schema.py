@@ -123,7 +123,9 @@ class HttpConfig:
     port: int = _opt("Port to listen on; 0 picks a free one (logged at start).", 8080, check=_between(0, 65535))
     api_key_file: Path | None = _opt("File holding a bearer API key; when set, every route but `/healthz` "
                                      "needs `Authorization: Bearer <key>`.", None)
-    threads: int = _opt("HTTP worker threads (each open stream holds one).", 8, check=_between(1, 256))
+    threads: int = _opt("HTTP worker threads. A request waiting for its answer holds one; 4 of them (half, below 8) "
+                        "are kept for health, metrics and `busy` refusals, so a request that finds the rest taken "
+                        "gets `busy` at once.", 16, check=_between(1, 256))
 
 
 @dataclass(frozen=True)

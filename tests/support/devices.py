@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import uuid
 from pathlib import Path
+
+from tests.support.harness import MqttClient
 
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"]
 
 
-def new_card(image: Path, path: Path, spare_mib: int = 768) -> Path:
-    """A fresh 'SD card' with the image written to it, bigger than the image (root grows into the rest)."""
-    from image import disk
+def new_card(image: Path, path: Path, spare_mib: int = 768, *, power_of_two: bool = False) -> Path:
+    """A fresh 'SD card' with the image written to it, bigger than the image (root grows into the rest);
+    ``power_of_two`` for QEMU's Pi, whose SD card model takes only such sizes."""
+    from image import disk, raspi
     subprocess.run(["cp", "--sparse=always", str(image), str(path)], check=True)
-    disk.grow(path, image.stat().st_size // 2**20 + spare_mib)
+    size = image.stat().st_size + spare_mib * 2**20
+    disk.grow(path, (raspi.card_size(size) if power_of_two else size) // 2**20)
     return path
 
 
@@ -68,7 +73,6 @@ def wait_status(vm, device: str, predicate, until: float, username: str, passwor
                 port: int = 1884) -> tuple[dict, float]:
     """The retained status of ``device`` once ``predicate`` holds, and when (seconds since power-on), read over the
     LAN listener with a sensor's account."""
-    from tests.support.harness import MqttClient
     client = None
     while time.monotonic() < until:
         try:
@@ -77,6 +81,7 @@ def wait_status(vm, device: str, predicate, until: float, username: str, passwor
         except (ConnectionRefusedError, OSError):
             time.sleep(1)
     assert client is not None, "the broker never accepted the sensor's account:\n" + vm.console_text()[-3000:]
+    found: list[dict] = []
     try:
         client.subscribe(f"appliance/{device}/status")
         while time.monotonic() < until:
@@ -86,5 +91,17 @@ def wait_status(vm, device: str, predicate, until: float, username: str, passwor
             time.sleep(0.5)
         raise AssertionError(f"status never matched; last: {found[-1] if found else None}\n"
                              + vm.console_text()[-3000:])
+    finally:
+        client.close()
+
+
+def generate_over_mqtt(vm, device: str, username: str, password: str, *, port: int = 1884,
+                       request: dict | None = None, timeout: float = 120) -> dict:
+    """One generate request (by default a 4-token "hello") from a sensor's account on the device's LAN broker port;
+    the final reply."""
+    client = MqttClient("127.0.0.1", vm.ports[port], username=username, password=password)
+    try:
+        return client.request(f"appliance/{device}/generate", request or {"prompt": "hello", "max_tokens": 4},
+                              reply_topic=f"replies/{username}/{uuid.uuid4().hex}", timeout=timeout)[-1]
     finally:
         client.close()

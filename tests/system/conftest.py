@@ -39,6 +39,14 @@ def signing_key(tmp_path_factory) -> Path:
     return key
 
 
+@pytest.fixture
+def operator_key(tmp_path) -> Path:
+    """The SSH key an operator puts on a card's FAT partition (``authorized_keys``) to log in as ``admin``."""
+    key = tmp_path / "operator"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
 @pytest.fixture(scope="session")
 def bundle_amd64(tmp_path_factory, tiny_catalog, signing_key) -> Path:
     from image import bundle

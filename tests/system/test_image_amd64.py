@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -20,8 +19,8 @@ from appliance.catalog import default_model
 from image import disk
 from image.qemu import Vm
 from image.steps import REPO
-from tests.support.devices import SSH_OPTIONS, new_card, power_off, ssh, wait_status
-from tests.support.harness import MqttClient, http_get
+from tests.support.devices import SSH_OPTIONS, generate_over_mqtt, new_card, power_off, ssh, wait_status
+from tests.support.harness import http_get
 
 pytestmark = pytest.mark.image
 
@@ -35,11 +34,6 @@ def card(amd64_default_image, tmp_path):
     return new_card(amd64_default_image, tmp_path / "card.img")
 
 
-@pytest.fixture
-def operator_key(tmp_path):
-    key = tmp_path / "operator"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return key
 
 
 def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_key, tmp_path):
@@ -51,17 +45,12 @@ def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_ke
 
     with Vm(card, [LAN_MQTT, HTTP, SSH], workdir=tmp_path) as vm:
         status, ready_after = wait_status(vm, "twin-01", lambda s: s["state"] == "ready",
-                                          vm.started_at + READY_WITHIN, SENSOR, SECRET)
+                                          vm.started_at + READY_WITHIN, SENSOR, SECRET, port=LAN_MQTT)
         print(f"ready {ready_after:.1f} s after power-on")
         assert status["model"] == default_model.MODEL_ID and status["device"] == "twin-01"
 
-        client = MqttClient("127.0.0.1", vm.ports[LAN_MQTT], username=SENSOR, password=SECRET)
-        try:
-            reply = client.request("appliance/twin-01/generate", {
-                "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32,
-                "temperature": 0}, reply_topic=f"replies/{SENSOR}/{uuid.uuid4().hex}", timeout=120)[-1]
-        finally:
-            client.close()
+        reply = generate_over_mqtt(vm, "twin-01", SENSOR, SECRET, port=LAN_MQTT, request={
+            "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32, "temperature": 0})
         assert reply["type"] == "result", reply
         colours = {c.lower() for c in re.findall(r"\b(red|blue|green|yellow|orange|purple|black|white|pink|brown)\b",
                                                  reply["text"], re.I)}
