@@ -28,6 +28,7 @@ from appliance.status import StatusBoard
 from appliance.supervisor.guard import Guard
 from appliance.supervisor.indicators import Indicators
 from appliance.supervisor.loop import Supervisor
+from appliance.supervisor.release_trial import TRIAL_FAILED, RunningRelease, TrialWatch
 from appliance.supervisor.sensors import Sensors
 from appliance.supervisor.systemd import Notifier
 from appliance.tensors.pool import InferencePool
@@ -69,7 +70,8 @@ class Service:
     def __init__(self, config: Config, catalog: Catalog) -> None:
         self.config = config
         self.catalog = catalog
-        self.status = StatusBoard(config.device.id)
+        self.release = RunningRelease.detect()
+        self.status = StatusBoard(config.device.id, release=self.release.to_status() if self.release else None)
         self.metrics = Metrics()
         self.status.subscribe(self.metrics.on_status)
         self.sensors = Sensors(config.memory, config.thermal, config.gpio)
@@ -83,9 +85,16 @@ class Service:
             if problems:
                 raise ConfigError(problems)
             self.scheduler.gate = moderation.Moderator(config.moderation, catalog, self.infer).check
+        self.trial = None
+        if self.release is not None and self.release.trial is not None:
+            self.trial = TrialWatch(self.release, lambda: self.scheduler.default_model_failure, self.give_up)
         self.supervisor = Supervisor(config, self.scheduler, self.status, self.metrics, self.sensors, self.notifier,
                                      self.indicators, publish_telemetry=self._publish_telemetry,
-                                     extra_health=lambda: self.http is None or self.http.alive)
+                                     extra_health=lambda: self.http is None or self.http.alive,
+                                     ready_when=self.trial.may_report_ready if self.trial else None,
+                                     warnings=self.release.warnings() if self.release else ())
+        if self.trial is not None:
+            self.status.subscribe(self.trial.on_status)
         self.history = History()  # the operator page's last hour and last errors
         self.supervisor.reading_listeners.append(self.history.on_reading)
         self.scheduler.reporter.error_listeners.append(self.history.on_error)
@@ -95,12 +104,16 @@ class Service:
         self.wyoming: WyomingServer | None = None
         self.mqtt_address: tuple[str, int] | None = None
         self._stop = threading.Event()
+        self._stop_reason = "shut down"
+        self.exit_code = 0
         self._closed = False
 
     def start(self) -> None:
         """Start everything; on any failure, stop what was started and raise."""
         try:
             self._prepare_default_model()
+            if self.trial is not None:
+                self.trial.start()
             self.supervisor.start()  # first reading before the first request or model load
             self.scheduler.start()
             self.infer.start()
@@ -200,6 +213,12 @@ class Service:
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
+    def give_up(self, reason: str) -> None:
+        """Stop and exit with :data:`TRIAL_FAILED`: this start of a release on trial did not serve."""
+        self._stop_reason = reason
+        self.exit_code = TRIAL_FAILED
+        self._stop.set()
+
     def run_until_stopped(self) -> None:
         """Block until SIGTERM or SIGINT (systemd stop, Ctrl-C), then shut down."""
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -216,6 +235,8 @@ class Service:
         self._closed = True
         log.info("shutting down")
         self.notifier.stopping()
+        if self.trial is not None:
+            self.trial.close()
         self.supervisor.close()
         if self.wyoming is not None:
             self.wyoming.close()
@@ -225,7 +246,7 @@ class Service:
         self.infer.close()
         if self.http is not None:
             self.http.close()
-        self.status.set("offline", reason="shut down")
+        self.status.set("offline", reason=self._stop_reason)
         if self.mqtt is not None:
             self.mqtt.close()
         self.indicators.close()

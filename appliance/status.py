@@ -31,6 +31,7 @@ class Status:
     version: str = __version__
     since: float = 0.0  # wall-clock time of the last state change
     warnings: tuple[str, ...] = ()  # serving, but: under-voltage, warm, memory low ...
+    release: dict[str, Any] | None = None  # the installed release, its trial, a self-rollback (release_trial.py)
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
@@ -42,9 +43,9 @@ Listener = Callable[[Status], None]
 
 
 class StatusBoard:
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, release: dict[str, Any] | None = None) -> None:
         self._lock = threading.Lock()
-        self._status = Status(device=device, since=time.time())
+        self._status = Status(device=device, since=time.time(), release=release)
         self._listeners: list[Listener] = []
 
     @property

@@ -97,12 +97,13 @@ class Vm:
     """One booted image. ``ports`` maps guest ports to the loopback ports they are reachable on."""
 
     def __init__(self, image: Path, forwards: list[int], *, memory_mib: int = 2048, cpus: int = 2,
-                 workdir: Path | None = None, offline: bool = False) -> None:
+                 workdir: Path | None = None, offline: bool = False, drives: tuple[Path, ...] = ()) -> None:
         self.image = image
         self.arch = arch_of(image)
         self.ports = {guest: free_port() for guest in forwards}
         self.memory_mib, self.cpus = memory_mib, cpus
         self.offline = offline  # restrict=on: the guest reaches nothing but its forwarded ports
+        self.drives = drives  # more disks, read-only: /dev/vdb, /dev/vdc ... in the guest
         self._tmp = None if workdir else tempfile.TemporaryDirectory()
         self.workdir = workdir or Path(self._tmp.name)
         self.console = self.workdir / "console.log"
@@ -131,6 +132,7 @@ class Vm:
                 "-kernel", str(self.workdir / "kernel"), "-initrd", str(self.workdir / "initrd"),
                 "-append", disk.read_boot_file(self.image, "cmdline.txt").decode().strip(),
                 "-drive", f"file={self.image},format=raw,if=virtio,cache=unsafe",
+                *(arg for drive in self.drives for arg in ("-drive", f"file={drive},format=raw,if=virtio,readonly=on")),
                 "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0", "-device", "virtio-rng-pci",
                 "-display", "none", "-monitor", "none", "-qmp", f"unix:{self.monitor_socket},server=on,wait=off",
                 "-serial", f"file:{self.console}", "-no-reboot"]
@@ -179,6 +181,17 @@ class Vm:
     def wait_closed(self, timeout: float) -> int:
         """Wait for the guest to power off by itself (after ``poweroff``)."""
         return self.process.wait(timeout=timeout)
+
+    def power_cut(self) -> float:
+        """Pull the plug now: QEMU killed (SIGKILL), the guest shut nothing down. Whatever the guest had handed to
+        its disk is in the image file (the guest's own page cache is lost, as on a device); seconds since power-on.
+        A virtual disk honours every write it completed, which a worn SD card's controller may not: this tests the
+        software's ordering, not the card's firmware."""
+        at = time.monotonic() - self.started_at
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        return at
 
     def stop(self) -> None:
         """Pull the plug (what a power cut does); the image file keeps whatever the guest had written."""

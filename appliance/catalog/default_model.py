@@ -20,6 +20,7 @@ from typing import Any
 
 from appliance.catalog import Catalog, ModelEntry
 from appliance.errors import ModelError
+from appliance.release.safefs import replace_durably
 
 log = logging.getLogger(__name__)
 
@@ -99,5 +100,5 @@ def ensure(models_dir: Path) -> Path:
         partial.unlink()
         raise ModelError(f"{source}: sha256 {digest.hexdigest()}, this appliance pins {SHA256} "
                          f"(reinstall: {INSTALL_HINT})")
-    partial.replace(target)
+    replace_durably(partial, target)  # a power cut leaves no half model under the final name
     return target

@@ -14,6 +14,7 @@ from appliance.catalog.store import Catalog, sha256_file
 from appliance.config import toml_text
 from appliance.config.schema import rwkv_strategy_problem
 from appliance.errors import ConfigError, ModelError
+from appliance.release.safefs import replace_durably
 
 
 @dataclass(frozen=True)
@@ -141,4 +142,4 @@ def append(catalog_path: Path, keys: dict[str, Any]) -> None:
     except ConfigError:
         candidate.unlink()
         raise
-    candidate.replace(catalog_path)
+    replace_durably(candidate, catalog_path)

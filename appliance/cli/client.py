@@ -159,6 +159,11 @@ def format_status(status: dict[str, Any]) -> str:
              + (f" ({status['reason']})" if status.get("reason") else "")
              + f", model {status.get('model') or '-'}, appliance {status.get('version')}"]
     lines += [f"  warning: {w}" for w in status.get("warnings", [])]
+    release = status.get("release") or {}
+    if release:
+        trial = release.get("trial")
+        lines.append(f"  release {release.get('name')} (previous {release.get('previous') or '-'})"
+                     + (f", on trial: start {trial['start']} of {trial['of']}" if trial else ""))
     if t.get("temperature_c") is not None:
         lines.append(f"  temperature {t['temperature_c']:.1f} °C ({t.get('thermal')})")
     if t.get("throttle"):

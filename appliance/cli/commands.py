@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = Service(config, catalog)
     service.start()
     service.run_until_stopped()
-    return 0
+    return service.exit_code
 
 
 def _asker(args: argparse.Namespace, config: Config, *, chat: bool) -> Asker:

@@ -47,8 +47,7 @@ def run(boot: Path, root: Path = Path("/"), state_dir: Path = Path("/var/lib/app
         live: bool = True) -> dict[str, Any]:
     """One first-boot pass; ``live`` also acts on the running system (host name, growing the root)."""
     report: dict[str, Any] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": [], "applied": [], "problems": []}
-    stamp = state_dir / INITIALIZED
-    if not stamp.exists():
+    if not _initialized(state_dir):
         report["device"] += [f"ssh host key {k}" for k in apply.ensure_host_keys(root)]
         apply.set_mqtt_users(root, {})  # the service's own account
         if (name := apply.unique_hostname(root)) is not None:
@@ -56,14 +55,18 @@ def run(boot: Path, root: Path = Path("/"), state_dir: Path = Path("/var/lib/app
             report["device"].append(f"hostname {name}")
         if live:
             report["device"].append(apply.grow_root())
-        state_dir.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(report["at"] + "\n")
+        apply.write_file(state_dir / INITIALIZED, report["at"] + "\n")
     settings, report["problems"] = read(boot, root / apply.CONFIG, root)
     if not settings.empty:
         report["applied"] = _apply(settings, root, live)
         _retire(settings)
     _write_report(state_dir, report)
     return report
+
+
+def _initialized(state_dir: Path) -> bool:
+    """Whether this device made its keys already (a link in its place counts, and is not followed)."""
+    return os.path.lexists(state_dir / INITIALIZED)
 
 
 def _apply(settings: Settings, root: Path, live: bool) -> list[str]:
@@ -123,7 +126,6 @@ def _redacted(path: Path) -> str:
 
 
 def _write_report(state_dir: Path, report: dict[str, Any]) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
     apply.write_file(state_dir / REPORT, json.dumps(report, indent=2) + "\n")
     for line in report["device"]:
         log.info("device: %s", line)

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from appliance.firstboot.settings import SERVICE_USER, Settings, Wifi, dumps, merged
+from appliance.release import safefs
 
 ADMIN_USER = "admin"
 CONFIG = "etc/appliance/appliance.toml"
@@ -29,20 +30,9 @@ WIFI = "etc/NetworkManager/system-connections/appliance-wifi.nmconnection"
 
 
 def write_file(path: Path, text: str, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        if owner is not None:
-            os.chown(tmp, *owner)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace a file durably (written, fsynced, renamed, directory fsynced) without following a link planted
+    where it goes: first boot runs as root and writes into /var/lib/appliance, which the service's account owns."""
+    safefs.write_file(path, text, mode, owner)
 
 
 def ids(root: Path, user: str | None = None, group: str | None = None) -> tuple[int, int] | None:
@@ -175,7 +165,7 @@ def write_authorized_keys(root: Path, keys: list[str]) -> None:
     ssh.mkdir(parents=True, exist_ok=True, mode=0o700)
     if owner is not None:
         for path in (home, ssh):
-            os.chown(path, *owner)
+            os.chown(path, *owner, follow_symlinks=False)
     write_file(ssh / "authorized_keys", "\n".join(keys) + "\n", 0o600, owner)
 
 

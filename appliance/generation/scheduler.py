@@ -395,6 +395,12 @@ class Scheduler:
             self._outstanding -= 1
         self.reporter.finish(job, result)
 
+    @property
+    def default_model_failure(self) -> str | None:
+        """Why the default model will not load until a restart; None while it may (read from any thread)."""
+        failed = self._failed_models.get(self.default_model)
+        return failed.message if failed else None
+
     def _publish_status(self) -> None:
         if not self._accepting:
             return

@@ -116,17 +116,23 @@ def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None) 
             present.add(rel)
     if unlisted := sorted(present - digests.keys()):
         raise BundleError(f"{unlisted[0]}: in the bundle but not in MANIFEST ({len(unlisted)} such files)")
-    stored = set()
-    for rel in sorted(digests.keys() - present):
-        held = store / store_name(rel, digests[rel]) if store and is_model(rel) else None
-        if held is None or not held.is_file():
-            raise BundleError(f"{rel}: listed in MANIFEST but missing"
-                              + (" (and not in the device's model store)" if store and is_model(rel) else ""))
-        stored.add(rel)
-    for rel, expected in sorted(digests.items()):
-        actual = sha256_file(store / store_name(rel, expected) if store and rel in stored else bundle_dir / rel)
-        if actual != expected:
-            raise BundleError(f"{rel}: sha256 {actual} does not match MANIFEST's {expected}")
+    from .store import ModelStore  # (store imports this module)
+    held = ModelStore.open_existing(store) if store and digests.keys() - present else None
+    try:
+        stored: set[str] = set()
+        for rel in sorted(digests.keys() - present):
+            if held is None or not is_model(rel) or not held.holds(store_name(rel, digests[rel])):
+                raise BundleError(f"{rel}: listed in MANIFEST but missing"
+                                  + (" (and not in the device's model store)" if store and is_model(rel) else ""))
+            stored.add(rel)
+        for rel, expected in sorted(digests.items()):
+            # the store's copy is read without following links: root reads nothing the service could point it at
+            actual = held.sha256(store_name(rel, expected)) if held and rel in stored else sha256_file(bundle_dir / rel)
+            if actual != expected:
+                raise BundleError(f"{rel}: sha256 {actual} does not match MANIFEST's {expected}")
+    finally:
+        if held is not None:
+            held.close()
     return frozenset(stored)
 
 

@@ -34,7 +34,8 @@ class Supervisor:
     def __init__(self, config: Config, scheduler: Scheduler, status: StatusBoard, metrics: Metrics,
                  sensors: Sensors, notifier: Notifier, indicators: Indicators,
                  publish_telemetry: Callable[[dict[str, Any]], None] | None = None,
-                 extra_health: Callable[[], bool] = lambda: True) -> None:
+                 extra_health: Callable[[], bool] = lambda: True,
+                 ready_when: Callable[[Status], bool] | None = None, warnings: tuple[str, ...] = ()) -> None:
         self.config = config
         self.scheduler = scheduler
         self.status = status
@@ -44,11 +45,14 @@ class Supervisor:
         self.indicators = indicators
         self.publish_telemetry = publish_telemetry
         self.extra_health = extra_health
+        # when to tell systemd READY=1: by default once the first load is over, failed or not (the service is up
+        # and says why); a release on trial only once it serves (supervisor/release_trial.py)
+        self.ready_when = ready_when or (lambda status: status.state not in ("starting", "loading"))
         self.memory_policy = MemoryPolicy(config.memory)
         self.thermal_policy = ThermalPolicy(config.thermal)
         self.conditions = Conditions()
         # what first boot could not apply from the boot partition stays in view until a good file replaces it
-        self.setup_warnings = tuple(firstboot_problems(config.device.state_dir))
+        self.setup_warnings = tuple(firstboot_problems(config.device.state_dir)) + warnings
         self.telemetry: dict[str, Any] = {}
         #: told of every reading (each tick), e.g. the operator page's history; must not block
         self.reading_listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -144,7 +148,7 @@ class Supervisor:
 
     def _on_status(self, status: Status) -> None:
         line = f"{status.state}: {status.model or 'no model'}" + (f" ({status.reason})" if status.reason else "")
-        if status.state not in ("starting", "loading"):
+        if self.ready_when(status):
             self.notifier.ready(line)  # once: the service answers now (maybe with a reason it cannot serve)
         self.notifier.status(line)
         self.indicators.show(status.state, hot=self.conditions.thermal != "normal")

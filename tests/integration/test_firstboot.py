@@ -203,3 +203,25 @@ def test_broker_accounts_from_stdin_are_idempotent(device, tmp_path):
         MqttClient(broker.host, broker.port, username="sensor-2", password="a different password").close()
     finally:
         broker.stop()
+
+
+def test_first_boot_never_follows_a_link_planted_in_the_state_directory(device, tmp_path):
+    """The service's account owns /var/lib/appliance and could leave links there for root's first boot to write
+    through: to a file that does not exist yet (a new sudoers or cron file) or to a trusted key file."""
+    boot, root, state = device
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    signers = victims / "bundle-signers"
+    signers.write_text("appliance-bundle the operator's key\n")
+    (state / ".device-initialized").symlink_to(victims / "sudoers-evil")
+    (state / "firstboot.json").symlink_to(signers)
+    if os.geteuid() == 0:
+        os.chown(state, 65534, 65534)  # as on a device: the state directory is the service's
+    (boot / "hostname").write_text("planted-links\n")
+
+    result = firstboot(boot, root, state)
+    assert result.returncode == 0, result.stderr
+    assert not (victims / "sudoers-evil").exists(), "first boot created a file through a planted link"
+    assert signers.read_text() == "appliance-bundle the operator's key\n", "the link's target is untouched"
+    report = state / "firstboot.json"
+    assert not report.is_symlink() and json.loads(report.read_text())["applied"] == ["hostname: planted-links"]

@@ -73,6 +73,7 @@ def units(tmp_path) -> Path:
     out.mkdir()
     for unit in UNITS.glob("*.service"):
         text = unit.read_text().replace("/opt/appliance/current/venv/bin/appliance", f"{sys.executable} -m appliance")
+        text = text.replace("/usr/local/sbin/appliance-install-bundle", shutil.which("true"))  # not on this machine
         (out / unit.name).write_text(text)
     return out
 

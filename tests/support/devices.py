@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -44,6 +46,53 @@ def power_off(vm, key: Path, timeout: float = 120) -> int:
     result = _ssh(vm, key, "sudo systemctl poweroff --no-block", timeout=60)
     assert result.returncode in (0, 255), f"ssh poweroff: {result.returncode} {result.stderr}"
     return vm.wait_closed(timeout=timeout)
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # what a device has: Debian bookworm's python3, not this checkout's venv
+
+
+def install(bundle: Path | None, device: Path, signing_key: Path, *args: str, command: str = "install",
+            tool: Path | None = None):
+    """The installer a bundle ships (its zipapp, run by Debian's python3 as on a device) on a scratch device:
+    (the process, its JSON answer when it succeeded)."""
+    from image import bundle as bundles
+    signers = device / "bundle-signers"
+    signers.parent.mkdir(parents=True, exist_ok=True)
+    signers.write_text(bundles.allowed_signers(signing_key))
+    tool = tool or bundle / "bin" / "appliance-install-bundle"
+    result = subprocess.run([SYSTEM_PYTHON, str(tool), "--signers", str(signers), "--prefix",
+                             str(device / "opt"), "--state-dir", str(device / "state"), "--units-dir",
+                             str(device / "units"), "--tool", str(device / "sbin/appliance-install-bundle"), command,
+                             *args, *([str(bundle)] if bundle else [])],
+                            capture_output=True, text=True, timeout=600)
+    body = json.loads(result.stdout) if result.returncode == 0 else None
+    return result, body
+
+
+def wait_status(vm, device: str, predicate, until: float, username: str, password: str,
+                port: int = 1884) -> tuple[dict, float]:
+    """The retained status of ``device`` once ``predicate`` holds, and when (seconds since power-on), read over the
+    LAN listener with a sensor's account."""
+    client = None
+    while time.monotonic() < until:
+        try:
+            client = client or MqttClient("127.0.0.1", vm.ports[port], username=username, password=password)
+            break
+        except (ConnectionRefusedError, OSError):
+            time.sleep(1)
+    assert client is not None, "the broker never accepted the sensor's account:\n" + vm.console_text()[-3000:]
+    found: list[dict] = []
+    try:
+        client.subscribe(f"appliance/{device}/status")
+        while time.monotonic() < until:
+            found = [json.loads(m.payload) for m in client.messages if m.topic.endswith("/status")]
+            if found and predicate(found[-1]):
+                return found[-1], time.monotonic() - vm.started_at
+            time.sleep(0.5)
+        raise AssertionError(f"status never matched; last: {found[-1] if found else None}\n"
+                             + vm.console_text()[-3000:])
+    finally:
+        client.close()
 
 
 def generate_over_mqtt(vm, device: str, username: str, password: str, *, port: int = 1884,

@@ -3,7 +3,6 @@ Debian's own python3 into a scratch prefix, and refused, with nothing installed,
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -14,25 +13,8 @@ import pytest
 from appliance.transports.broker import free_port
 from image import bundle as bundles
 from tests.support import tiny_models
+from tests.support.devices import install
 from tests.support.harness import http_get, http_post
-
-SYSTEM_PYTHON = "/usr/bin/python3"  # what a device has: Debian bookworm's python3, not this checkout's venv
-
-
-def install(bundle: Path | None, device: Path, signing_key: Path, *args: str, command: str = "install",
-            tool: Path | None = None):
-    """The installer a bundle ships (its zipapp, run by Debian's python3 as on a device) on a scratch device."""
-    signers = device / "bundle-signers"
-    signers.parent.mkdir(parents=True, exist_ok=True)
-    signers.write_text(bundles.allowed_signers(signing_key))
-    tool = tool or bundle / "bin" / "appliance-install-bundle"
-    result = subprocess.run([SYSTEM_PYTHON, str(tool), "--signers", str(signers), "--prefix",
-                             str(device / "opt"), "--state-dir", str(device / "state"), "--units-dir",
-                             str(device / "units"), "--tool", str(device / "sbin/appliance-install-bundle"), command,
-                             *args, *([str(bundle)] if bundle else [])],
-                            capture_output=True, text=True, timeout=600)
-    body = json.loads(result.stdout) if result.returncode == 0 else None
-    return result, body
 
 
 def test_a_bundle_installs_and_serves_with_debians_python(bundle_amd64, signing_key, tmp_path):
@@ -171,7 +153,11 @@ def test_releases_switch_roll_back_and_prune_with_their_models(bundle_amd64, mod
         assert link.is_symlink() and link.resolve().parent == device / "state/models"
 
     result, body = install(None, device, signing_key, command="list", tool=other / "bin/appliance-install-bundle")
-    assert body == {"current": "0.1.1", "previous": "0.1.0", "releases": ["0.1.0", "0.1.1"], "changed": False}
+    trial = body.pop("trial")
+    assert body == {"current": "0.1.1", "previous": "0.1.0", "releases": ["0.1.0", "0.1.1"], "rolled_back": None,
+                    "changed": False}
+    assert (trial["release"], trial["previous"], trial["starts"]) == ("0.1.1", "0.1.0", 0), \
+        "a switch puts the new release on trial until the service has served from it"
     result, body = install(None, device, signing_key, command="rollback",
                            tool=other / "bin/appliance-install-bundle")
     assert result.returncode == 0 and body["release"] == "0.1.0" and body["rolled_back_from"] == "0.1.1"

@@ -19,8 +19,8 @@ from appliance.catalog import default_model
 from image import disk
 from image.qemu import Vm
 from image.steps import REPO
-from tests.support.devices import SSH_OPTIONS, generate_over_mqtt, new_card, power_off, ssh
-from tests.support.harness import MqttClient, http_get
+from tests.support.devices import SSH_OPTIONS, generate_over_mqtt, new_card, power_off, ssh, wait_status
+from tests.support.harness import http_get
 
 pytestmark = pytest.mark.image
 
@@ -34,28 +34,6 @@ def card(amd64_default_image, tmp_path):
     return new_card(amd64_default_image, tmp_path / "card.img")
 
 
-def wait_status(vm: Vm, device: str, predicate, until: float) -> tuple[dict, float]:
-    """The retained status of ``device`` once ``predicate`` holds, and when (seconds since power-on)."""
-    client = None
-    while time.monotonic() < until:
-        try:
-            client = client or MqttClient("127.0.0.1", vm.ports[LAN_MQTT], username=SENSOR, password=SECRET)
-            break
-        except (ConnectionRefusedError, OSError):
-            time.sleep(1)
-    assert client is not None, "the broker never accepted the sensor's account:\n" + vm.console_text()[-3000:]
-    found: list[dict] = []
-    try:
-        client.subscribe(f"appliance/{device}/status")
-        while time.monotonic() < until:
-            found = [json.loads(m.payload) for m in client.messages if m.topic.endswith("/status")]
-            if found and predicate(found[-1]):
-                return found[-1], time.monotonic() - vm.started_at
-            time.sleep(0.5)
-        raise AssertionError(f"status never matched; last: {found[-1] if found else None}\n"
-                             + vm.console_text()[-3000:])
-    finally:
-        client.close()
 
 
 def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_key, tmp_path):
@@ -67,7 +45,7 @@ def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_ke
 
     with Vm(card, [LAN_MQTT, HTTP, SSH], workdir=tmp_path) as vm:
         status, ready_after = wait_status(vm, "twin-01", lambda s: s["state"] == "ready",
-                                          vm.started_at + READY_WITHIN)
+                                          vm.started_at + READY_WITHIN, SENSOR, SECRET, port=LAN_MQTT)
         print(f"ready {ready_after:.1f} s after power-on")
         assert status["model"] == default_model.MODEL_ID and status["device"] == "twin-01"
 
