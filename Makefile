@@ -25,7 +25,7 @@ else
 LLAMA_CMAKE_ARGS ?=
 endif
 
-.PHONY: help run test test-fast test-no-image bench bench-rwkv eval lint typecheck clean bundle image image-boot image-boot-arm64
+.PHONY: help run test test-long test-fast test-no-image bench bench-rwkv eval lint typecheck clean bundle image image-boot image-boot-arm64
 
 help: ## show this help
 	@echo "make targets:"
@@ -52,7 +52,12 @@ run: $(BIN)/.installed-run ## set up and serve the embedded default model over M
 test: typecheck ## every tier: types, unit, integration (mosquitto, llama.cpp, rwkv, onnx), system (images, QEMU)
 	@scripts/ensure-mosquitto --required
 	@scripts/ensure-image-tools
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not long" $(PYTEST_ARGS)
+
+# the measurements that take many minutes each: card writes (~20 min) and five power cuts at each kind of moment
+test-long: typecheck ## the long twin measurements: card writes, 5 power cuts per kind of moment (docs/image.md)
+	@scripts/ensure-image-tools
+	APPLIANCE_POWERCUT_CUTS=5 $(BIN)/pytest tests/system/test_card_writes.py tests/system/test_power_cuts.py $(PYTEST_ARGS)
 
 test-no-image: typecheck ## types and all tests but the image builds and boots (no root needed)
 	@scripts/ensure-mosquitto --required

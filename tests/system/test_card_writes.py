@@ -5,7 +5,8 @@ them, so a change that makes an idle device wear its card (logging to disk on ev
 every second) shows here.
 
 APPLIANCE_WRITES_IDLE_S (default 600) and APPLIANCE_WRITES_REQUESTS (default 300) make the windows longer for a
-measurement to quote.
+measurement to quote. It runs for about 20 minutes, so it is marked `long`: `make test-long` runs it, `make test`
+does not.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tests.support.devices import new_card
 from tests.support.harness import MqttClient
 from tests.support.powercut import LAN_MQTT, CardDevice
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.long]
 
 IDLE_S = float(os.environ.get("APPLIANCE_WRITES_IDLE_S", "600"))
 REQUESTS = int(os.environ.get("APPLIANCE_WRITES_REQUESTS", "300"))

@@ -5,6 +5,8 @@ installed), and the boot counting must have kept a release that served.
 
 One boot serves two cuts' worth of checking: cut, check the file system, boot, check, start the next update, cut.
 The moments come from ``APPLIANCE_POWERCUT_SEED`` (default below); each test prints its schedule and outcomes.
+``make test`` cuts once at each kind of moment (``APPLIANCE_POWERCUT_CUTS``, default 1: the CI budget); ``make
+test-long`` cuts five times at each, as the issue asks and as docs/image.md's figures were measured.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tests.support.powercut import HTTP, READY_WITHIN, CardDevice
 pytestmark = pytest.mark.image
 
 SEED = int(os.environ.get("APPLIANCE_POWERCUT_SEED", "1212"))
-CUTS = 5  # per kind of moment (the issue asks for at least 5)
+CUTS = int(os.environ.get("APPLIANCE_POWERCUT_CUTS", "1"))  # per kind of moment; `make test-long`: 5
 SWITCH_WINDOW = (0.0, 4.0)  # seconds after the switch
 SENSOR, SECRET = "power-sensor", "a long power password"
 VERSIONS = [f"0.2.{i}" for i in range(1, CUTS + 2)]  # one more than the cuts: (b) measures a copy first
