@@ -19,6 +19,7 @@ from appliance import default_model, moderation
 from appliance.broker import BrokerError, Mosquitto, free_port, port_is_free
 from appliance.catalog import Catalog
 from appliance.config import Config, ConfigError, read_secret
+from appliance.config.loader import is_loopback
 from appliance.errors import ApplianceError
 from appliance.guard import Guard
 from appliance.indicators import Indicators
@@ -128,6 +129,9 @@ class Service:
             raise StartupError(f"HTTP: cannot listen on {h.bind}:{h.port}: {exc.strerror} "
                                f"(set http.port or APPLIANCE_HTTP_PORT)") from None
         self.http.start()
+        if api_key is None and not is_loopback(h.bind):
+            log.warning("HTTP: serving %s:%d without an API key (http.allow_anonymous = true): anyone who can reach "
+                        "it can use the models and read the status", h.bind, self.http.port)
 
     def _prepare_default_model(self) -> None:
         entry = self.catalog.get(self.config.models.default)
