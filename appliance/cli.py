@@ -121,14 +121,17 @@ def cmd_firstboot(args: argparse.Namespace) -> int:
 
 
 def cmd_mqtt_users(args: argparse.Namespace) -> int:
-    from appliance.firstboot.apply import set_mqtt_users
+    from appliance.config.credentials import account_problems
+    from appliance.firstboot.accounts import set_mqtt_users
 
     try:
         users = json.load(sys.stdin)  # on stdin, never on a command line where `ps` would show the passwords
     except ValueError as exc:
         raise ConfigError([f"stdin: not JSON: {exc}"]) from None
-    if not isinstance(users, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in users.items()):
+    if not isinstance(users, dict):
         raise ConfigError(["stdin: expected a JSON object of user name -> password"])
+    if problems := account_problems(users, "stdin"):
+        raise ConfigError(problems)  # names the accounts, never their passwords (Ansible shows this on failure)
     accounts, changed = set_mqtt_users(Path(args.root), users, exact=args.exact)
     print(json.dumps({"changed": changed, "accounts": accounts}))
     return 0

@@ -22,7 +22,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from appliance.firstboot import apply
+from appliance.firstboot import accounts, apply
 from appliance.firstboot.settings import SETTINGS_FILE, Settings, read
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def run(boot: Path, root: Path = Path("/"), state_dir: Path = Path("/var/lib/app
     stamp = state_dir / INITIALIZED
     if not stamp.exists():
         report["device"] += [f"ssh host key {k}" for k in apply.ensure_host_keys(root)]
-        apply.set_mqtt_users(root, {})  # the service's own account
+        accounts.set_mqtt_users(root, {})  # the service's own account
         if (name := apply.unique_hostname(root)) is not None:
             apply.set_hostname(root, name, live)
             report["device"].append(f"hostname {name}")
@@ -69,9 +69,10 @@ def _apply(settings: Settings, root: Path, live: bool) -> list[str]:
     done = []
     if settings.config or settings.api_key is not None:
         apply.write_config(root, settings)
-        done.append("config: " + ", ".join(sorted(settings.config)) if settings.config else "config: http.api_key")
+        key = {None: "", "": " (API key removed)"}.get(settings.api_key, " (API key set)")
+        done.append("config: " + ", ".join(sorted(settings.config)) + key)
     if settings.mqtt_users:
-        apply.set_mqtt_users(root, settings.mqtt_users)
+        accounts.set_mqtt_users(root, settings.mqtt_users)
         done.append("broker accounts: " + ", ".join(sorted(settings.mqtt_users)))
     if settings.wifi is not None:
         apply.write_wifi(root, settings.wifi)
@@ -115,7 +116,7 @@ def _redacted(path: Path) -> str:
         data["mqtt_users"][name] = REDACTED
     if "psk" in data.get("wifi", {}):
         data["wifi"]["psk"] = REDACTED
-    if "api_key" in data.get("http", {}):
+    if data.get("http", {}).get("api_key"):
         data["http"]["api_key"] = REDACTED
     return dumps(data, header="Applied by appliance-firstboot at the boot that found it; secrets blanked.\n"
                               "To change settings, put a new appliance.toml here.")

@@ -26,9 +26,10 @@ from appliance.transports.mqtt_session import disable_nagle
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``python -m appliance ARGS`` from this checkout."""
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True,
+def run_cli(*args: str, env: dict | None = None, timeout: float = 180,
+            input: str | None = None) -> subprocess.CompletedProcess:  # noqa: A002 (subprocess's name)
+    """``python -m appliance ARGS`` from this checkout, ``input`` on its stdin."""
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, input=input,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
