@@ -11,6 +11,7 @@ from pathlib import Path
 
 from appliance import __version__, cli_models
 from appliance.config import Config, ConfigError, load_config, read_secret, reference_markdown
+from appliance.config.loader import read_toml
 from appliance.errors import ApplianceError
 
 
@@ -103,6 +104,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "reference":
         print(reference_markdown())
         return 0
+    if args.action == "show":
+        print(json.dumps(read_toml(Path(args.file)), default=str))
+        return 0
     load_config(args.file)  # raises ConfigError listing every problem
     print(f"{args.file}: ok")
     return 0
@@ -194,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a config file and print every problem")
     check.add_argument("file")
     config_sub.add_parser("reference", help="print the config reference (Markdown)")
+    show = config_sub.add_parser("show", help="print the keys a config file sets, as JSON (no defaults added; the "
+                                 "Ansible role reads what first boot set with it)")
+    show.add_argument("file")
     config.set_defaults(func=cmd_config)
     return parser
 

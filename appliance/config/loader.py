@@ -74,6 +74,17 @@ def _shown(section: str, key: str, value: Any, source: str | None = None) -> str
     return f"{source} = {str(value)!r}" if isinstance(value, Path) else f"{source} = {value!r}"
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A config file's own tables, unchecked; ConfigError naming the file when it is missing or not TOML."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+
+
 def _suggest(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -88,13 +99,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     problems: list[str] = []
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError([f"{path}: file not found"]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+        data = read_toml(Path(path))
 
     for name, value in data.items():
         if name not in SECTIONS:
