@@ -6,11 +6,15 @@ the image's cmdline.txt (the Pi firmware's job on real hardware). Guest ports ar
 
     python -m image.qemu dist/appliance-0.1.0-amd64.img --forward 1884 --forward 8080 --forward 22
     python -m image.qemu dist/appliance-0.1.0-rpi-arm64.img --ready      # how long until it serves
+
+An image serves HTTP to its own device only until an API key is set; ``--ready`` (and ``--api-key``) put one on
+the card's boot partition, as an operator would, so that the forwarded port answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import shutil
 import signal
 import subprocess
@@ -98,13 +102,15 @@ class Vm:
         raise TimeoutError(f"{text!r} not on the console after {timeout:.0f} s; last lines:\n"
                            + "\n".join(self.console_text().splitlines()[-30:]))
 
-    def wait_ready(self, timeout: float) -> float:
-        """Seconds since power-on when the appliance's /readyz first answered 200 (needs port 8080 forwarded)."""
-        url = f"http://127.0.0.1:{self.ports[HTTP_PORT]}/readyz"
+    def wait_ready(self, timeout: float, api_key: str) -> float:
+        """Seconds since power-on when the appliance's /readyz first answered 200 (needs port 8080 forwarded and
+        the API key the card was given)."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.ports[HTTP_PORT]}/readyz",
+                                         headers={"Authorization": f"Bearer {api_key}"})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(url, timeout=5) as reply:
+                with urllib.request.urlopen(request, timeout=5) as reply:  # noqa: S310 (http to the guest)
                     if reply.status == 200:
                         return time.monotonic() - self.started_at
             except (OSError, urllib.error.URLError):
@@ -145,9 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=int, default=2048, help="MiB")
     parser.add_argument("--ready", action="store_true", help="print when the appliance's /readyz answers 200 "
                         "(forwards port 8080) and how long after power-on, then power off")
+    parser.add_argument("--api-key", help="write this HTTP API key to the card's boot partition (appliance.toml), "
+                        "which opens the API to the forwarded port; --ready makes one up when not given")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
     forwards = sorted({*args.forward, *([HTTP_PORT] if args.ready else [])})
+    api_key = args.api_key or (secrets.token_urlsafe(24) if args.ready else None)
+    if api_key is not None:
+        disk.write_boot_file(args.image, "appliance.toml", f'[http]\napi_key = "{api_key}"\n'.encode())
+        say(f"HTTP API key {api_key} written to the card's appliance.toml")
     vm = Vm(args.image, forwards, memory_mib=args.memory)
     vm.start()
     for guest, host in vm.ports.items():
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{vm.arch} guest booting; console: {vm.console}")
     try:
         if args.ready:
-            say(f"appliance ready {vm.wait_ready(args.timeout):.0f} s after power-on")
+            say(f"appliance ready {vm.wait_ready(args.timeout, api_key):.0f} s after power-on")
         else:
             vm.process.wait()
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -39,3 +40,21 @@ def power_off(vm, key: Path, timeout: float = 120) -> int:
     result = _ssh(vm, key, "sudo systemctl poweroff --no-block", timeout=60)
     assert result.returncode in (0, 255), f"ssh poweroff: {result.returncode} {result.stderr}"
     return vm.wait_closed(timeout=timeout)
+
+
+def wait_serving(vm, key: Path, timeout: float) -> float:
+    """Seconds since power-on when the appliance said it is ready, asked on the device itself over SSH (`appliance
+    status` with the device's own config): a device without an API key serves HTTP to itself only."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            result = _ssh(vm, key, "sudo /opt/appliance/current/venv/bin/appliance status --config "
+                                   "/etc/appliance/appliance.toml", timeout=60)
+            if result.returncode == 0:
+                return time.monotonic() - vm.started_at
+            last = result.stdout + result.stderr
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(3)
+    raise TimeoutError(f"not serving after {timeout:.0f} s ({last.strip()}); console:\n" + vm.console_text()[-3000:])

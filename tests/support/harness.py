@@ -196,7 +196,7 @@ class MqttClient:
     """A paho client for tests that records everything it receives."""
 
     def __init__(self, host: str, port: int, *, protocol: str = "5", client_id: str | None = None,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None, tls_ca: Path | None = None) -> None:
         self.v5 = protocol == "5"
         self.client_id = client_id or f"test-{uuid.uuid4().hex[:10]}"
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
@@ -209,6 +209,8 @@ class MqttClient:
         self.client.on_subscribe = self._on_subscribe
         if username:
             self.client.username_pw_set(username, password)
+        if tls_ca is not None:
+            self.client.tls_set(ca_certs=str(tls_ca))
         self._refused = None
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()

@@ -121,13 +121,15 @@ def test_the_image_boots_under_qemu_system_aarch64(arm64_image, tmp_path):
     """Power-on to serving on an emulated arm64 board, first boot included (about a minute under TCG here)."""
     _, raw = arm64_image
     card = new_card(raw, tmp_path / "card.img", spare_mib=512)
-    disk.write_boot_file(card, "appliance.toml", b'[device]\nid = "pi-twin-07"\n')
+    key = "the-api-key-of-pi-twin-07"
+    disk.write_boot_file(card, "appliance.toml", f'[device]\nid = "pi-twin-07"\n[http]\napi_key = "{key}"\n'.encode())
     with Vm(card, [HTTP_PORT], workdir=tmp_path) as vm:
-        ready_after = vm.wait_ready(timeout=900)
+        ready_after = vm.wait_ready(timeout=900, api_key=key)
         print(f"arm64: /readyz 200 {ready_after:.0f} s after power-on")
-        base = f"http://127.0.0.1:{vm.ports[HTTP_PORT]}"
-        status = json.loads(http_get(f"{base}/status", timeout=30)[1])
+        base, auth = f"http://127.0.0.1:{vm.ports[HTTP_PORT]}", {"Authorization": f"Bearer {key}"}
+        status = json.loads(http_get(f"{base}/status", headers=auth, timeout=30)[1])
         assert status["device"] == "pi-twin-07" and status["model"] == "tiny", status
-        code, reply = http_post(f"{base}/v1/completions", {"prompt": "hello", "max_tokens": 4}, timeout=120)
+        code, reply = http_post(f"{base}/v1/completions", {"prompt": "hello", "max_tokens": 4}, headers=auth,
+                                timeout=120)
         assert code == 200 and reply["usage"]["completion_tokens"] >= 1, reply
     assert "appliance.toml" not in disk.boot_files(card), "first boot moved the settings off the FAT partition"
