@@ -6,7 +6,9 @@ appliance start:
 - once per device: its own SSH host keys, its own broker password, a host name of its own (``appliance-`` and
   the start of its machine id, so the default device ids of a fleet differ), the root grown to fill the card;
 - whenever the boot partition holds ``appliance.toml``, ``authorized_keys`` or ``hostname``: they are checked as a
-  whole, applied, and retired as ``<name>.applied`` with every secret blanked (passwords live on in /etc only).
+  whole, applied, and retired as ``<name>.applied`` with every secret blanked (passwords live on in /etc only);
+- a config from before API keys were needed on the network (an earlier image served 0.0.0.0 without one) is
+  brought back to loopback, so the new release starts instead of refusing it.
 
 A file with a problem is applied not at all (the others are): the device boots with the settings it had, the
 problems go to the console and to ``<state>/firstboot.json``, and the appliance shows them as warnings in its
@@ -57,6 +59,8 @@ def run(boot: Path, root: Path = Path("/"), state_dir: Path = Path("/var/lib/app
             report["device"].append(apply.grow_root())
         state_dir.mkdir(parents=True, exist_ok=True)
         stamp.write_text(report["at"] + "\n")
+    if (closed := apply.close_keyless_api(root)) is not None:
+        report["device"].append(closed)
     settings, report["problems"] = read(boot, root / apply.CONFIG, root)
     if not settings.empty:
         report["applied"] = _apply(settings, root, live)

@@ -10,11 +10,13 @@ import os
 import socket
 import subprocess
 import tempfile
+import tomllib
 import uuid
 from pathlib import Path
 
 from appliance.config.credentials import SERVICE_USER
-from appliance.firstboot.settings import Settings, Wifi, dumps, merged, with_api_key
+from appliance.config.loader import is_loopback
+from appliance.firstboot.settings import LOOPBACK_BIND, Settings, Wifi, dumps, merged, with_api_key
 
 ADMIN_USER = "admin"
 CONFIG = "etc/appliance/appliance.toml"
@@ -63,6 +65,23 @@ def write_config(root: Path, settings: Settings) -> None:
     write_file(root / CONFIG, dumps(sections))
     if settings.api_key == "":
         (root / API_KEY).unlink(missing_ok=True)
+
+
+def close_keyless_api(root: Path) -> str | None:
+    """Bind the HTTP API to loopback when the config serves the network without a key or the operator's opt-in
+    (what images before API keys shipped); what was done, or None."""
+    path = root / CONFIG
+    if not path.is_file():
+        return None
+    sections = tomllib.loads(path.read_text(encoding="utf-8"))
+    http = sections.get("http", {})
+    bind = http.get("bind", LOOPBACK_BIND)
+    if http.get("api_key_file") or http.get("allow_anonymous") or http.get("enabled") is False or is_loopback(bind):
+        return None
+    http["bind"] = LOOPBACK_BIND
+    write_file(path, dumps(sections))
+    return (f"HTTP API: http.bind was {bind!r} with no API key; now {LOOPBACK_BIND} (this device only). Put "
+            f"[http] api_key in appliance.toml on the boot partition to serve the network")
 
 
 def _keyfile_value(text: str) -> str:

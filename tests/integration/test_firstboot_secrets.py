@@ -160,3 +160,18 @@ def test_the_image_serves_this_device_only_until_a_key_is_set(device):
     (boot / "appliance.toml").write_text(f'[http]\napi_key = "{API_KEY}"\nbind = "192.0.2.7"\n')
     assert firstboot(boot, root, state).returncode == 0, "an address the file sets wins"
     assert tomllib.loads((root / "etc/appliance/appliance.toml").read_text())["http"]["bind"] == "192.0.2.7"
+
+
+def test_a_config_that_served_the_network_without_a_key_is_closed_at_boot(device):
+    """Images before API keys served 0.0.0.0 with none: the new release would refuse that config, so first boot
+    binds it to loopback (and says so), and a settings file adding a sensor still applies."""
+    boot, root, state = device
+    config = root / "etc/appliance/appliance.toml"
+    config.write_text(config.read_text().replace('bind = "127.0.0.1"', 'bind = "0.0.0.0"'))
+    (boot / "appliance.toml").write_text('[mqtt_users]\nsensor = "a long password"\n')
+    result = firstboot(boot, root, state)
+    assert result.returncode == 0, result.stdout
+    assert tomllib.loads(config.read_text())["http"]["bind"] == "127.0.0.1"
+    report = json.loads((state / "firstboot.json").read_text())
+    assert any("http.bind was '0.0.0.0' with no API key" in line for line in report["device"]), report
+    assert "sensor" in _accounts(root) and check_config(tomllib.loads(config.read_text()), root) == []
