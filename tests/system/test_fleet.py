@@ -55,7 +55,8 @@ def control_key(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(amd64_image, control_key, tmp_path_factory):
-    """Three devices flashed from the same image, each told only its name and the operator's key."""
+    """Three devices flashed from the same image, each told its name and the operator's key; fleet-1 also an API
+    key, a sensor account and a worker setting."""
     vms = []
     try:
         for name in HOSTS:
