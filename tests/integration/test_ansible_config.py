@@ -52,6 +52,10 @@ def render(tmp_path: Path, cases: dict[str, tuple[dict, dict | None, dict]]) -> 
                    json.loads((tmp_path / f"{name}.json").read_text())) for name in cases}
 
 
+def rendered(tmp_path: Path, name: str) -> str:
+    return (tmp_path / f"{name}.toml").read_text()
+
+
 def test_the_roles_config_cases(tmp_path):
     first = render(tmp_path, {
         "first-boot": (FIRST_BOOT, None, {"appliance_config": {"worker": {"context_size": 1024}}}),
@@ -73,8 +77,12 @@ def test_the_roles_config_cases(tmp_path):
     assert first["address"][0]["http"]["bind"] == "192.0.2.7", "an address the inventory sets wins"
 
     # the next run: the keys the role set the last time are the role's to drop, the others stay
+    first_text = rendered(tmp_path, "first-boot")
     second = render(tmp_path, {"first-boot-again": (first["first-boot"][0], first["first-boot"][1], {}),
+                               "first-boot-same": (first["first-boot"][0], first["first-boot"][1],
+                                                   {"appliance_config": {"worker": {"context_size": 1024}}}),
                                "vault-key-gone": (first["vault-key"][0], first["vault-key"][1], {})})
+    assert rendered(tmp_path, "first-boot-same") == first_text, "a second run with the same inventory: no change"
     config, _ = second["first-boot-again"]
     assert config["worker"] == {"max_queue": 6}, "a key the inventory no longer sets goes"
     assert config["http"]["api_key_file"] == "/etc/appliance/api-key", "the card's key still stays"
