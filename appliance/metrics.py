@@ -13,37 +13,42 @@ _DURATION_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter("appliance_requests", "Requests received, by transport and outcome "
-                                "(ok or an error code).", ["transport", "outcome"], registry=r)
-        self.errors = Counter("appliance_errors", "Error replies, by error code.", ["code"], registry=r)
-        self.queue_depth = Gauge("appliance_queue_depth", "Requests waiting behind the running one.", registry=r)
-        self.running = Gauge("appliance_requests_running", "Requests being generated now (0 or 1).", registry=r)
-        self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens evaluated.", registry=r)
-        self.completion_tokens = Counter("appliance_completion_tokens", "Tokens generated.", registry=r)
-        self.tokens_per_second = Gauge("appliance_tokens_per_second", "Generation speed of the last request.",
-                                       registry=r)
+        counter, gauge = self._counter, self._gauge
+        # requests
+        self.requests = counter("requests", "Requests received, by transport and outcome (ok or an error code).",
+                                "transport", "outcome")
+        self.errors = counter("errors", "Error replies, by error code.", "code")
+        self.queue_depth = gauge("queue_depth", "Requests waiting behind the running one.")
+        self.running = gauge("requests_running", "Requests being generated now (0 or 1).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens evaluated.")
+        self.completion_tokens = counter("completion_tokens", "Tokens generated.")
+        self.tokens_per_second = gauge("tokens_per_second", "Generation speed of the last request.")
         self.ttft = Histogram("appliance_time_to_first_token_seconds", "Time from start of generation to the "
-                              "first token (prompt evaluation included).", buckets=_TTFT_BUCKETS, registry=r)
+                              "first token (prompt evaluation included).", buckets=_TTFT_BUCKETS,
+                              registry=self.registry)
         self.duration = Histogram("appliance_request_duration_seconds", "Time from acceptance to the final reply.",
-                                  buckets=_DURATION_BUCKETS, registry=r)
-        self.model_loaded = Gauge("appliance_model_loaded", "1 for the model that is loaded.", ["model"], registry=r)
-        self.state = Gauge("appliance_state", "1 for the current state.", ["state"], registry=r)
-        self.worker_restarts = Counter("appliance_worker_restarts", "Inference worker restarts.", registry=r)
-        self.temperature = Gauge("appliance_cpu_temperature_celsius", "CPU temperature.", registry=r)
-        self.mem_available = Gauge("appliance_memory_available_bytes", "MemAvailable.", registry=r)
-        self.swap_free = Gauge("appliance_swap_free_bytes", "SwapFree.", registry=r)
-        self.memory_pressure = Gauge("appliance_memory_pressure_avg10", "PSI memory stall, % of the last 10 s.",
-                                     ["kind"], registry=r)
-        self.worker_rss = Gauge("appliance_worker_rss_bytes", "Resident memory of the inference worker.", registry=r)
-        self.throttle_flags = Gauge("appliance_throttle", "Raspberry Pi firmware flags now (vcgencmd).", ["flag"],
-                                    registry=r)
-        self.condition = Gauge("appliance_condition", "1 for the current memory and thermal level.",
-                               ["kind", "level"], registry=r)
-        self.callback_errors = Counter("appliance_callback_errors", "Exceptions caught in MQTT callbacks.",
-                                       registry=r)
+                                  buckets=_DURATION_BUCKETS, registry=self.registry)
+        # the service
+        self.model_loaded = gauge("model_loaded", "1 for the model that is loaded.", "model")
+        self.state = gauge("state", "1 for the current state.", "state")
+        self.condition = gauge("condition", "1 for the current memory and thermal level.", "kind", "level")
+        self.worker_restarts = counter("worker_restarts", "Inference worker restarts.")
+        self.callback_errors = counter("callback_errors", "Exceptions caught in MQTT callbacks.")
+        # the board
+        self.temperature = gauge("cpu_temperature_celsius", "CPU temperature.")
+        self.throttle_flags = gauge("throttle", "Raspberry Pi firmware flags now (vcgencmd).", "flag")
+        self.mem_available = gauge("memory_available_bytes", "MemAvailable.")
+        self.memory_pressure = gauge("memory_pressure_avg10", "PSI memory stall, % of the last 10 s.", "kind")
+        self.swap_free = gauge("swap_free_bytes", "SwapFree.")
+        self.worker_rss = gauge("worker_rss_bytes", "Resident memory of the inference worker.")
         for state in STATES:
             self.state.labels(state).set(0)
+
+    def _counter(self, name: str, doc: str, *labels: str) -> Counter:
+        return Counter(f"appliance_{name}", doc, labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, *labels: str) -> Gauge:
+        return Gauge(f"appliance_{name}", doc, labels, registry=self.registry)
 
     def on_status(self, status: Status) -> None:
         for state in STATES:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from appliance.errors import ApplianceError, BadRequest
@@ -19,17 +19,39 @@ MAX_ID_LENGTH = 256
 MAX_STOP_SEQUENCES = 8
 
 
+TEMPERATURE, TOP_P = 0.8, 0.95  # llama-cpp-python's own defaults, so results match it
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Generation settings; the defaults are llama-cpp-python's own, so results match it."""
+    """Generation settings; the defaults are llama-cpp-python's own, so results match it. A request leaves
+    ``max_tokens``, ``temperature`` and ``top_p`` None when it does not set them: the scheduler then fills in the
+    configured and the model's defaults (:meth:`with_defaults`)."""
 
-    max_tokens: int | None = None  # None: the configured default
-    temperature: float = 0.8
-    top_p: float = 0.95
+    max_tokens: int | None = None  # None: worker.default_max_tokens
+    temperature: float | None = TEMPERATURE  # None: the catalog entry's, else TEMPERATURE
+    top_p: float | None = TOP_P  # None: the catalog entry's, else TOP_P
     top_k: int = 40
     repeat_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    def with_defaults(self, *, max_tokens: int, temperature: float | None, top_p: float | None) -> SamplingParams:
+        """Every field set: the request's own values, else these defaults (None: llama-cpp-python's)."""
+        def pick(own: float | None, default: float | None, fallback: float) -> float:
+            return own if own is not None else default if default is not None else fallback
+        return replace(self, max_tokens=self.max_tokens if self.max_tokens is not None else max_tokens,
+                       temperature=pick(self.temperature, temperature, TEMPERATURE),
+                       top_p=pick(self.top_p, top_p, TOP_P))
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature engines sample with: the request's or the defaults' (with_defaults), else TEMPERATURE."""
+        return TEMPERATURE if self.temperature is None else self.temperature
+
+    @property
+    def sampling_top_p(self) -> float:
+        return TOP_P if self.top_p is None else self.top_p
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,16 @@ class Completion:
     model: str
 
 
+@dataclass(frozen=True)
+class TensorResult:
+    """The outcome of one tensor-model request: each output's values, with labels and scores where declared."""
+
+    id: str | int | None
+    model: str
+    outputs: dict[str, dict[str, Any]]
+    inference_ms: float
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # validation
 
@@ -84,7 +116,8 @@ _FIELDS = {"id", "model", "prompt", "messages", "max_tokens", "temperature", "to
 PRIORITIES = ("normal", "low")
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, *, integer: bool = False) -> Any:
+def _number(body: dict[str, Any], name: str, default: float | None, low: float, high: float, *,
+            integer: bool = False) -> Any:
     value = body.get(name, default)
     if value is None:
         return default
@@ -96,7 +129,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float, *, i
     return value if integer else float(value)
 
 
-def _stop(body: dict) -> tuple[str, ...]:
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
         return ()
@@ -124,16 +157,25 @@ def _messages(value: Any) -> tuple[Message, ...]:
             raise BadRequest(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", param=f"{where}.role")
         if isinstance(content, list):  # OpenAI content parts: only text parts are meaningful here
             parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+            texts = [p for p in parts if isinstance(p, str)]
+            if len(texts) != len(content):
                 raise BadRequest(f"'{where}.content' parts must all be text", param=f"{where}.content")
-            content = "".join(parts)
+            content = "".join(texts)
         if not isinstance(content, str):
             raise BadRequest(f"'{where}.content' must be a string", param=f"{where}.content")
         out.append(Message(role, content))
     return tuple(out)
 
 
-def request_id(body: dict) -> str | int | None:
+def with_system_prompt(messages: tuple[Message, ...], system_prompt: str | None) -> tuple[Message, ...]:
+    """``messages`` with ``system_prompt`` put first when none of them is a system message (a request's own system
+    message always wins; no prompt, or an empty one, changes nothing)."""
+    if not system_prompt or any(m.role == "system" for m in messages):
+        return messages
+    return (Message("system", system_prompt), *messages)
+
+
+def request_id(body: object) -> str | int | None:
     """The request's id if it has a usable one, so even a rejected request can be answered by id."""
     rid = body.get("id") if isinstance(body, dict) else None
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
@@ -143,18 +185,14 @@ def request_id(body: dict) -> str | int | None:
     return rid
 
 
-def parse_generate(body: Any, *, strict: bool = True) -> GenerateRequest:
-    """Validate a generate request body (already JSON-decoded).
-
-    ``strict`` rejects unknown fields (MQTT: a typo such as ``max_token`` should not pass silently); the HTTP
-    layer maps OpenAI fields first and passes ``strict=False``.
-    """
+def parse_generate(body: Any) -> GenerateRequest:
+    """Validate a generate request body (already JSON-decoded). Unknown fields are refused: a typo such as
+    ``max_token`` must not pass silently (the HTTP layer maps OpenAI's fields onto these first)."""
     if not isinstance(body, dict):
         raise BadRequest(f"request must be a JSON object, got {type(body).__name__}")
-    if strict:
-        unknown = sorted(set(body) - _FIELDS)
-        if unknown:
-            raise BadRequest(f"unknown field '{unknown[0]}'", param=unknown[0])
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field '{unknown[0]}'", param=unknown[0])
     rid = body.get("id")
     if rid is None:
         rid = uuid.uuid4().hex
@@ -189,8 +227,8 @@ def parse_generate(body: Any, *, strict: bool = True) -> GenerateRequest:
 
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.8, 0.0, 5.0),
-        top_p=_number(body, "top_p", 0.95, 0.0, 1.0),
+        temperature=_number(body, "temperature", None, 0.0, 5.0),
+        top_p=_number(body, "top_p", None, 0.0, 1.0),
         top_k=_number(body, "top_k", 40, 0, 1 << 20, integer=True),
         repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.0, 10.0),
         stop=_stop(body),
@@ -216,11 +254,11 @@ def decode_json(payload: bytes | str, *, limit: int) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # replies
 
-def chunk_payload(rid: str | int, seq: int, delta: str) -> dict:
+def chunk_payload(rid: str | int, seq: int, delta: str) -> dict[str, Any]:
     return {"type": "chunk", "id": rid, "seq": seq, "delta": delta}
 
 
-def result_payload(rid: str | int, completion: Completion) -> dict:
+def result_payload(rid: str | int, completion: Completion) -> dict[str, Any]:
     usage = completion.usage
     return {
         "type": "result",
@@ -234,9 +272,14 @@ def result_payload(rid: str | int, completion: Completion) -> dict:
     }
 
 
-def error_payload(rid: str | int | None, error: ApplianceError) -> dict:
+def tensor_result_payload(result: TensorResult) -> dict[str, Any]:
+    return {"type": "result", "id": result.id, "model": result.model, "outputs": result.outputs,
+            "timings": {"inference_ms": round(result.inference_ms, 3)}}
+
+
+def error_payload(rid: str | int | None, error: ApplianceError) -> dict[str, Any]:
     return {"type": "error", "id": rid, "error": error.to_dict()}
 
 
-def dumps(payload: dict) -> bytes:
+def dumps(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

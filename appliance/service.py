@@ -10,28 +10,35 @@ scheduler and worker -> stop HTTP -> publish ``offline`` and disconnect -> stop 
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from appliance import default_model, moderation
-from appliance.broker import BrokerError, Mosquitto, free_port, port_is_free
-from appliance.catalog import Catalog
+from appliance.catalog import Catalog, default_model
 from appliance.config import Config, ConfigError, read_secret
 from appliance.config.loader import is_loopback
 from appliance.errors import ApplianceError
-from appliance.guard import Guard
-from appliance.indicators import Indicators
-from appliance.infer.pool import InferencePool
+from appliance.generation import moderation
+from appliance.generation.scheduler import Scheduler
+from appliance.history import History
 from appliance.metrics import Metrics
-from appliance.scheduler import Scheduler
-from appliance.sensors import Sensors
 from appliance.status import StatusBoard
-from appliance.supervisor import Supervisor
-from appliance.systemd import Notifier
+from appliance.supervisor.guard import Guard
+from appliance.supervisor.indicators import Indicators
+from appliance.supervisor.loop import Supervisor
+from appliance.supervisor.sensors import Sensors
+from appliance.supervisor.systemd import Notifier
+from appliance.tensors.pool import InferencePool
+from appliance.transports import page as operator_page
+from appliance.transports.broker import BrokerError, Mosquitto, free_port, port_is_free
 from appliance.transports.http import HttpServer, create_app
 from appliance.transports.mqtt import MqttTransport
+
+if TYPE_CHECKING:
+    from appliance.transports.wyoming import WyomingServer
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +87,13 @@ class Service:
         self.supervisor = Supervisor(config, self.scheduler, self.status, self.metrics, self.sensors, self.notifier,
                                      self.indicators, publish_telemetry=self._publish_telemetry,
                                      extra_health=lambda: self.http is None or self.http.alive)
+        self.history = History()  # the operator page's last hour and last errors
+        self.supervisor.reading_listeners.append(self.history.on_reading)
+        self.scheduler.reporter.error_listeners.append(self.history.on_error)
         self.broker: Mosquitto | None = None
         self.mqtt: MqttTransport | None = None
         self.http: HttpServer | None = None
+        self.wyoming: WyomingServer | None = None
         self.mqtt_address: tuple[str, int] | None = None
         self._stop = threading.Event()
         self._closed = False
@@ -98,6 +109,8 @@ class Service:
                 self._start_http()
             if self.config.mqtt.enabled:
                 self._start_mqtt()
+            if self.config.wyoming.enabled:
+                self._start_wyoming()
         except BaseException:
             self.close()
             raise
@@ -114,15 +127,20 @@ class Service:
         else:
             parts.append("no MQTT")
         if self.http is not None:
-            parts.append(f"HTTP http://{self.http.host}:{self.http.port}/v1")
+            parts.append(f"HTTP http://{self.http.host}:{self.http.port}/v1 (operator page /)")
+        if self.wyoming is not None:
+            parts.append(f"Wyoming tcp://{self.wyoming.host}:{self.wyoming.port}")
         log.info("serving %s", "; ".join(parts))
 
     def _start_http(self) -> None:
         h, w = self.config.http, self.config.worker
         api_key = read_secret(h.api_key_file) if h.api_key_file else None
+        page = functools.partial(operator_page.register, config=self.config, catalog=self.catalog,
+                                 status=self.status, history=self.history, telemetry=lambda: self.supervisor.telemetry,
+                                 outstanding=lambda: self.scheduler.outstanding)
         app = create_app(self.scheduler, self.status, self.metrics, api_key, max_body=self.config.mqtt.max_payload,
                          result_wait=w.request_timeout + w.cancel_grace + 30,
-                         telemetry=lambda: self.supervisor.telemetry, infer=self.infer)
+                         telemetry=lambda: self.supervisor.telemetry, infer=self.infer, page=page)
         try:
             self.http = HttpServer(app, h.bind, h.port, h.threads)
         except OSError as exc:
@@ -132,6 +150,19 @@ class Service:
         if api_key is None and not is_loopback(h.bind):
             log.warning("HTTP: serving %s:%d without an API key (http.allow_anonymous = true): anyone who can reach "
                         "it can use the models and read the status", h.bind, self.http.port)
+
+    def _start_wyoming(self) -> None:
+        w = self.config.wyoming
+        if w.model and (w.model not in self.catalog or not self.catalog.get(w.model).generates_text):
+            raise ConfigError([f"wyoming.model = {w.model!r}: not a text model of the catalog {self.catalog.origin}"])
+        from appliance.transports.wyoming import WyomingServer  # imported only when it is used
+        self.wyoming = WyomingServer(self.config, self.scheduler)
+        try:
+            self.wyoming.start()
+        except OSError as exc:
+            self.wyoming = None
+            raise StartupError(f"Wyoming: cannot listen on {w.bind}:{w.port}: {exc.strerror} "
+                               f"(set wyoming.port or APPLIANCE_WYOMING_PORT)") from None
 
     def _prepare_default_model(self) -> None:
         entry = self.catalog.get(self.config.models.default)
@@ -161,10 +192,11 @@ class Service:
                 return
             host = "127.0.0.1"
         self.mqtt_address = (host, port)
-        self.mqtt = MqttTransport(self.config, self.scheduler, self.status, self.metrics, self.infer)
+        self.mqtt = MqttTransport(self.config, self.scheduler, self.status, self.metrics, self.infer,
+                                  telemetry=lambda: self.supervisor.telemetry)
         self.mqtt.start(host, port)
 
-    def _publish_telemetry(self, payload: dict) -> None:
+    def _publish_telemetry(self, payload: dict[str, Any]) -> None:
         if self.mqtt is not None:
             self.mqtt.publish_telemetry(payload)
 
@@ -188,6 +220,8 @@ class Service:
         log.info("shutting down")
         self.notifier.stopping()
         self.supervisor.close()
+        if self.wyoming is not None:
+            self.wyoming.close()
         if self.mqtt is not None:
             self.mqtt.stop_accepting()
         self.scheduler.close()

@@ -10,6 +10,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from types import EllipsisType
+from typing import Any
 
 from appliance import __version__
 
@@ -30,7 +32,7 @@ class Status:
     since: float = 0.0  # wall-clock time of the last state change
     warnings: tuple[str, ...] = ()  # serving, but: under-voltage, warm, memory low ...
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
         body["warnings"] = list(self.warnings)
         return body
@@ -53,14 +55,15 @@ class StatusBoard:
         with self._lock:
             self._listeners.append(listener)
 
-    def set(self, state: str, *, model: str | None | type = ..., reason: str = "",
+    def set(self, state: str, *, model: str | None | EllipsisType = ..., reason: str = "",
             warnings: tuple[str, ...] | None = None) -> None:
         """Change the state; listeners run only when something visible changed."""
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
         with self._lock:
             old = self._status
-            new = replace(old, state=state, reason=reason, model=old.model if model is ... else model,
+            kept = old.model if isinstance(model, EllipsisType) else model
+            new = replace(old, state=state, reason=reason, model=kept,
                           warnings=old.warnings if warnings is None else warnings)
             if (new.state, new.model, new.reason, new.warnings) == (old.state, old.model, old.reason, old.warnings):
                 return

@@ -1,6 +1,6 @@
 """`make bench`: the appliance against raw llama-cpp-python and against llama-cpp-python's own server.
 
-One run, one model (the embedded default, Gemma-3 270M Q4_K_M), the same prompt, parameters and thread count on
+One run, one model (the embedded default, SmolLM2-135M-Instruct Q4_1), the same prompt, parameters and thread count on
 every path. The paths are measured in interleaved rounds (raw, MQTT, HTTP, peer, raw, ...) so that clock or
 thermal drift affects them alike; medians are reported as ratios to raw llama-cpp-python measured in the same run.
 
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from appliance import __version__, default_model
-from appliance.broker import Mosquitto, free_port
+from appliance import __version__
+from appliance.catalog import default_model
+from appliance.transports.broker import Mosquitto, free_port
 from tests.support.harness import MqttClient, new_appliance
 
 PROMPT = "The history of the Raspberry Pi began in 2006, when"
@@ -100,7 +101,7 @@ class Paths:
         self.broker.start()
         catalog = workdir / "catalog.toml"
         catalog.write_text(f'[[models]]\nid = "{default_model.MODEL_ID}"\nfile = "{model}"\n'
-                           f'sha256 = "{default_model.SHA256}"\ntemplate = "gemma"\n')
+                           f'sha256 = "{default_model.SHA256}"\n')
         self.app = new_appliance(workdir, self.broker.port, catalog, default_model.MODEL_ID, {
             "worker": {"threads": threads, "context_size": context, "batch_size": batch, "max_queue": 4,
                        "request_timeout": 600}, "logging": {"level": "warning"}})
@@ -188,7 +189,7 @@ def report(result: dict, args: argparse.Namespace, model: Path) -> str:
         f"--overhead-calls {args.overhead_calls}`) on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. "
         "Re-run it to refresh this page; figures are only comparable within one run.", "",
         f"- machine: {cpu}, {os.cpu_count()} logical CPUs, {platform.machine()}, Python {platform.python_version()}",
-        f"- model: {model.name} (Gemma-3 270M, Q4_K_M), llama-cpp-python {llama_cpp.__version__}, "
+        f"- model: {model.name} ({default_model.DESCRIPTION}), llama-cpp-python {llama_cpp.__version__}, "
         f"appliance {__version__}",
         f"- every path: {args.threads} threads, context {args.context}, batch {args.batch}, temperature 0, "
         f"repeat_penalty 1.0, a {len(PROMPT)}-character prompt; {args.tokens}-token generations; "

@@ -28,10 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance import __version__
+from appliance.backends.probe import MiB
 
 STRATEGIES = ("cpu fp32", "cpu bf16", "cpu fp32i8")
 PROMPT = "The weather station on the hill reports that the river is rising and the wind is strong tonight,"
-MiB = 1 << 20
 
 
 def _rss() -> int:
@@ -90,9 +90,9 @@ def _run_child(spec: dict) -> dict:
 
 
 def _estimate_mib(model: Path, strategy: str) -> float:
-    from appliance import admission
     from appliance.catalog import ModelEntry
     from appliance.config.loader import load_config
+    from appliance.supervisor import admission
 
     config = load_config(None, env={})
     footprint = admission.estimate(ModelEntry(id="m", path=model, sha256=None, backend="rwkv", strategy=strategy),
@@ -115,7 +115,7 @@ def measure(model: Path, args: argparse.Namespace) -> dict:
 
 
 def report(runs: dict, model: Path, args: argparse.Namespace) -> str:
-    from appliance.pth_meta import read_checkpoint
+    from appliance.catalog.pth_meta import read_checkpoint
 
     checkpoint = read_checkpoint(model)
     baseline = statistics.median(r["decode_tok_s"] for r in runs[("raw", "cpu fp32")])

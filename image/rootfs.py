@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -190,8 +191,9 @@ def _copy_overlay(rootfs: Path) -> None:
 
 
 def default_config(model_id: str) -> str:
-    return (OVERLAY / "etc/appliance/appliance.toml").read_text().replace('default = "gemma3-270m"',
-                                                                         f'default = "{model_id}"')
+    """The overlay's appliance.toml with ``models.default`` set to the bundle's first model."""
+    text = (OVERLAY / "etc/appliance/appliance.toml").read_text()
+    return re.sub(r'(?m)^default = "[^"]*"', f'default = "{model_id}"', text, count=1)
 
 
 def appliance_layer(arch: str, bundle: Path, signers: str, rootfs: Path) -> None:

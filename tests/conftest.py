@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
 import pytest
 
-from appliance.broker import Mosquitto, free_port, mosquitto_binary
+from appliance.catalog import default_model
+from appliance.transports.broker import Mosquitto, free_port, mosquitto_binary
 from tests.support import tiny_models
-from tests.support.harness import MqttClient, new_appliance
+from tests.support.harness import DEFAULT_MODEL_WORKER, MqttClient, new_appliance
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -70,7 +72,7 @@ def appliance_factory(tmp_path, broker, catalog_path):
 
 #: log lines that mean an exception was caught and logged somewhere it should never happen
 SWALLOWED = ("callback failed", "scheduler error", "reply sink failed", "status listener failed",
-             "HTTP handler failed", "Traceback")
+             "HTTP handler failed", "error listener failed", "Traceback")
 
 
 def _assert_no_swallowed_errors(instance) -> None:
@@ -78,6 +80,24 @@ def _assert_no_swallowed_errors(instance) -> None:
     callback, the scheduler loop, a sink), even if the test's own checks passed."""
     bad = [line for line in instance.log_text().splitlines() if any(s in line for s in SWALLOWED)]
     assert not bad, f"{instance.device} logged caught exceptions:\n" + "\n".join(bad[:20])
+
+
+@pytest.fixture(scope="module")
+def default_app(tmp_path_factory, broker):
+    """The appliance as `make run` serves it: no catalog file, so the built-in catalog copies the real default model
+    (SmolLM2-135M-Instruct, installed by requirements/default-model.txt) into its state dir."""
+    try:
+        importlib.metadata.distribution(default_model.DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"the default model is not installed ({default_model.INSTALL_HINT})")
+    workdir = tmp_path_factory.mktemp("default-model")
+    app = new_appliance(workdir, broker.port, workdir / "no-catalog.toml", default_model.MODEL_ID,
+                        {"worker": DEFAULT_MODEL_WORKER})
+    app.config["models"].pop("catalog")
+    app.start(timeout=180)
+    yield app
+    app.stop()
+    _assert_no_swallowed_errors(app)
 
 
 @pytest.fixture

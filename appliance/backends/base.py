@@ -1,17 +1,23 @@
-"""The interface every inference engine implements.
+"""The interface every text engine implements.
 
 A backend lives inside the worker child process and serves one loaded model at a time. It knows nothing about
-MQTT, HTTP or queues: it loads a file, generates text pieces for one request at a time, counts tokens and closes.
+MQTT, HTTP or queues: it loads a file, generates text pieces for one request at a time and closes. What the parent
+may learn about a model file without the engine is its probe's job (probe.py).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from appliance.catalog import ModelEntry
+from appliance.messages import message
 from appliance.protocol import Completion, Message, SamplingParams
+
+if TYPE_CHECKING:
+    from appliance.catalog.entry import ModelEntry
+    from appliance.config.schema import WorkerConfig
 
 
 @dataclass(frozen=True)
@@ -24,8 +30,19 @@ class EngineSettings:
     mmap: bool = True
     rwkv_strategy: str = "cpu fp32i8"
 
+    @classmethod
+    def from_config(cls, worker: WorkerConfig) -> EngineSettings:
+        """The settings of ``[worker]``, with ``threads = 0`` resolved to this machine's physical cores."""
+        return cls(threads=worker.threads or physical_cores(), context_size=worker.context_size,
+                   batch_size=worker.batch_size, mmap=worker.mmap, rwkv_strategy=worker.rwkv_strategy)
 
-@dataclass(frozen=True)
+
+def physical_cores() -> int:
+    import psutil
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+@message
 class GenerationTask:
     """One request, as the engine sees it: text or messages, and resolved sampling settings."""
 
@@ -35,14 +52,14 @@ class GenerationTask:
     stream: bool = True  # False: nobody reads pieces before the end, so the worker need not send them
 
 
-@dataclass(frozen=True)
+@message
 class Piece:
     """A piece of generated text, ready to send (never splits a UTF-8 character or a stop sequence)."""
 
     text: str
 
 
-@dataclass(frozen=True)
+@message
 class PromptProgress:
     """Prompt evaluation advanced; lets the parent tell a long prompt from a stuck worker."""
 
@@ -50,12 +67,11 @@ class PromptProgress:
     total: int
 
 
-@dataclass(frozen=True)
+@message
 class ModelInfo:
     id: str
     context_size: int
     chat_template: str  # "embedded" or the catalog's named template
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 GenerationEvent = Piece | PromptProgress | Completion
@@ -70,12 +86,9 @@ class Backend(ABC):
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
 
-    def check(self, entry: ModelEntry) -> None:  # noqa: B027 - nothing to check is a fine default
-        """Refuse a model that cannot work, cheaply and before anything is unloaded (e.g. its architecture)."""
-
     @abstractmethod
     def load(self, entry: ModelEntry) -> ModelInfo:
-        """Load the model file (already digest-checked). Raises ModelError with a reason."""
+        """Load the model file (already digest-checked and probed). Raises ModelError with a reason."""
 
     @abstractmethod
     def generate(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
@@ -84,10 +97,6 @@ class Backend(ABC):
         ``should_stop`` is polled between prompt batches and between tokens; when it returns True the generator
         ends early without a Completion. Raises TooLong when the prompt does not fit the context.
         """
-
-    @abstractmethod
-    def count_tokens(self, text: str) -> int:
-        """Number of tokens ``text`` takes in the loaded model's vocabulary."""
 
     def set_threads(self, threads: int) -> None:  # noqa: B027 - engines without a thread knob ignore it
         """Use this many threads from the next token on (the supervisor slows a hot board down)."""

@@ -8,28 +8,33 @@ and text is released only when it can no longer turn into a stop sequence or the
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
-from appliance import templates
-from appliance.backends import llama_seq2seq
-from appliance.backends.base import (
-    Backend,
-    EngineSettings,
-    GenerationEvent,
-    GenerationTask,
-    ModelInfo,
-    Piece,
-    PromptProgress,
-)
-from appliance.backends.llama_archs import check_architecture
-from appliance.backends.text import TextStream
-from appliance.catalog import ModelEntry
-from appliance.errors import ModelError, TooLong
-from appliance.protocol import Completion, Message, Usage
+from appliance.backends import llama_seq2seq, templates
+from appliance.backends.base import Backend, GenerationEvent, GenerationTask, ModelInfo, Piece, PromptProgress
+from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_budget
+from appliance.catalog.entry import ModelEntry
+from appliance.errors import ModelError
+from appliance.protocol import Message
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from llama_cpp.llama_types import ChatCompletionRequestMessage
+
+    from appliance.backends.base import EngineSettings
 
 _FALLBACK_TEMPLATE = "chatml"  # what llama-server uses for a GGUF without a template and no catalog entry
+
+
+@dataclass
+class _Loaded:
+    llm: Llama
+    entry: ModelEntry
+    jinja: Jinja2ChatFormatter | None  # when the GGUF embeds a chat template (and the catalog names none)
+    encoder_decoder: bool  # T5: the prompt goes through the encoder (llama_seq2seq)
 
 
 class LlamaCppBackend(Backend):
@@ -37,10 +42,13 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, settings: EngineSettings) -> None:
         super().__init__(settings)
-        self._llm = None
-        self._entry: ModelEntry | None = None
-        self._jinja = None  # a Jinja2ChatFormatter when the GGUF embeds a chat template
-        self._encoder_decoder = False  # T5: the prompt goes through the encoder (llama_seq2seq)
+        self._model: _Loaded | None = None
+
+    @property
+    def _loaded(self) -> _Loaded:
+        if self._model is None:
+            raise ModelError("no model is loaded")
+        return self._model
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -49,65 +57,56 @@ class LlamaCppBackend(Backend):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.close()
-        self.check(entry)
         threads = self.settings.threads
-        lora = {"lora_path": str(entry.lora), "lora_scale": entry.lora_scale} if entry.lora else {}
         try:
-            self._llm = llama_cpp.Llama(
+            llm = llama_cpp.Llama(
                 model_path=str(entry.path), n_ctx=self.settings.context_size, n_batch=self.settings.batch_size,
-                n_threads=threads, n_threads_batch=threads, use_mmap=self.settings.mmap, verbose=False, **lora)
+                n_threads=threads, n_threads_batch=threads, use_mmap=self.settings.mmap, verbose=False,
+                lora_path=str(entry.lora) if entry.lora else None, lora_scale=entry.lora_scale)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"model '{entry.id}': llama.cpp could not load {entry.path}"
                              f"{' with LoRA ' + entry.lora.name if entry.lora else ''}: {exc}") from None
-        self._entry = entry
-        self._encoder_decoder = bool(llama_cpp.llama_model_has_encoder(self._llm.model))
-        embedded = self._llm.metadata.get("tokenizer.chat_template")
+        embedded = llm.metadata.get("tokenizer.chat_template")
+        jinja = None
         if embedded and entry.template is None:
-            self._jinja = Jinja2ChatFormatter(template=embedded, eos_token=self._token_text(self._llm.token_eos()),
-                                              bos_token=self._token_text(self._llm.token_bos()))
-        meta = {k: v for k, v in self._llm.metadata.items() if not k.startswith("tokenizer.")}
-        return ModelInfo(id=entry.id, context_size=self._llm.n_ctx(),
-                         chat_template="embedded" if self._jinja else (entry.template or _FALLBACK_TEMPLATE),
-                         metadata=meta)
+            jinja = Jinja2ChatFormatter(template=embedded, eos_token=_token_text(llm, llm.token_eos()),
+                                        bos_token=_token_text(llm, llm.token_bos()))
+        self._model = _Loaded(llm, entry, jinja, bool(llama_cpp.llama_model_has_encoder(llm.model)))
+        return ModelInfo(id=entry.id, context_size=llm.n_ctx(),
+                         chat_template="embedded" if jinja else (entry.template or _FALLBACK_TEMPLATE))
 
     def set_threads(self, threads: int) -> None:
         import llama_cpp
-        if self._llm is not None:
-            llama_cpp.llama_set_n_threads(self._llm.ctx, threads, threads)
-
-    def check(self, entry: ModelEntry) -> None:
-        check_architecture(entry.path)  # refuse what llama.cpp cannot run before it sees the file
+        if self._model is not None:
+            llama_cpp.llama_set_n_threads(self._model.llm.ctx, threads, threads)
 
     def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-        self._llm, self._entry, self._jinja = None, None, None
+        if self._model is not None:
+            self._model.llm.close()
+        self._model = None
 
     # -- tokens ------------------------------------------------------------------------------------------------
 
-    def _token_text(self, token: int) -> str:
-        return self._llm.detokenize([token], special=True).decode("utf-8", errors="ignore") if token >= 0 else ""
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-
     def _prompt_tokens(self, task: GenerationTask) -> tuple[list[int], tuple[str, ...]]:
         """Token ids of the prompt and the template's stop sequences."""
+        loaded = self._loaded
+        llm = loaded.llm
         if task.messages is None:
             # create_completion: BOS (when the vocabulary asks for it) + the text, special tokens parsed
-            return self._llm.tokenize(task.prompt.encode("utf-8"), add_bos=True, special=True), ()
-        if self._jinja is not None:
-            rendered = self._jinja(messages=[_as_dict(m) for m in task.messages])
+            return llm.tokenize((task.prompt or "").encode("utf-8"), add_bos=True, special=True), ()
+        if loaded.jinja is not None:
+            rendered = loaded.jinja(messages=[_as_dict(m) for m in task.messages])
             # the template writes BOS itself, exactly as create_chat_completion tokenises it
-            tokens = self._llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
-            return tokens, tuple(rendered.stop or ())
-        rendered = templates.render(self._entry.template or _FALLBACK_TEMPLATE, task.messages)
-        return self._llm.tokenize(rendered.text.encode("utf-8"), add_bos=True, special=True), rendered.stop
+            tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+            stop = rendered.stop or ()
+            return tokens, (stop,) if isinstance(stop, str) else tuple(stop)
+        text = templates.render(loaded.entry.template or _FALLBACK_TEMPLATE, task.messages)
+        return llm.tokenize(text.text.encode("utf-8"), add_bos=True, special=True), text.stop
 
     def _is_end_of_generation(self, token: int) -> bool:
         import llama_cpp
         # pinned llama-cpp-python 0.3.x: the vocab handle lives on the private model wrapper
-        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self._loaded.llm._model.vocab, token))
 
     # -- generation --------------------------------------------------------------------------------------------
 
@@ -117,7 +116,7 @@ class LlamaCppBackend(Backend):
         Afterwards ``generate`` finds the whole prompt cached and samples at once; the batches are the same ones it
         would have evaluated, so results do not change.
         """
-        llm = self._llm
+        llm = self._loaded.llm
         cached = llm.input_ids[: llm.n_tokens].tolist()
         common = 0
         for a, b in zip(cached, tokens, strict=False):
@@ -129,7 +128,7 @@ class LlamaCppBackend(Backend):
         if common == len(tokens):
             common -= 1  # re-evaluate the last prompt token to refresh its logits
         if common == 0 or getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False):
-            llm.reset()  # recurrent state cannot be truncated to a prefix
+            llm.reset()  # type: ignore[no-untyped-call]  # recurrent state cannot be truncated to a prefix
         else:
             llm.n_tokens = common  # eval() drops the cache cells past n_tokens
         step = llm.n_batch
@@ -140,46 +139,41 @@ class LlamaCppBackend(Backend):
             yield PromptProgress(done=min(start + step, len(tokens)), total=len(tokens))
 
     def generate(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
-        if self._llm is None:
-            raise ModelError("no model is loaded")
-        llm, params = self._llm, task.params
+        loaded = self._loaded
+        llm, params = loaded.llm, task.params
         try:
             prompt_tokens, template_stop = self._prompt_tokens(task)
         except (ValueError, TypeError) as exc:  # a chat template that raises on these messages
             raise ModelError(f"the chat template could not render these messages: {exc}") from None
-        n_ctx = llm.n_ctx()
-        if len(prompt_tokens) >= n_ctx:
-            raise TooLong(f"prompt is {len(prompt_tokens)} tokens; the context window is {n_ctx} tokens "
-                          f"(worker.context_size)", param="prompt" if task.messages is None else "messages")
-        max_tokens = min(params.max_tokens, n_ctx - len(prompt_tokens))
-        stops = tuple(dict.fromkeys(params.stop + template_stop))
-        seed = params.seed if params.seed is not None else random.SystemRandom().randint(0, 2**32 - 1)
+        max_tokens = token_budget(len(prompt_tokens), llm.n_ctx(), task)
+        stops = stops_of(params, template_stop)
+        seed = seed_of(params)
         llm.set_seed(seed)
 
-        started = time.perf_counter()
+        clock = Clock()
         try:
-            if self._encoder_decoder:
+            if loaded.encoder_decoder:
                 token_stream = llama_seq2seq.tokens(llm, prompt_tokens, params, seed)
             else:
                 yield from self._prefill(prompt_tokens, should_stop)
                 # the rest of create_completion's sampler settings stay at their defaults
-                token_stream = llm.generate(prompt_tokens, temp=params.temperature, top_p=params.top_p,
-                                            top_k=params.top_k, repeat_penalty=params.repeat_penalty)
+                token_stream = llm.generate(prompt_tokens, temp=params.sampling_temperature,
+                                            top_p=params.sampling_top_p, top_k=params.top_k,
+                                            repeat_penalty=params.repeat_penalty)
             if should_stop():
                 return
-            yield from self._sample(token_stream, prompt_tokens, max_tokens, stops, should_stop, started)
+            yield from self._sample(loaded, token_stream, prompt_tokens, max_tokens, stops, should_stop, clock)
         except RuntimeError as exc:  # llama_decode failures surface as RuntimeError
             raise ModelError(f"llama.cpp failed while generating: {exc}") from None
 
-    def _sample(self, token_stream: Iterator[int], prompt_tokens: list[int], max_tokens: int,
-                stops: tuple[str, ...], should_stop: Callable[[], bool], started: float) -> Iterator[GenerationEvent]:
-        llm = self._llm
-        sampling_started = time.perf_counter()
+    def _sample(self, loaded: _Loaded, token_stream: Iterator[int], prompt_tokens: list[int], max_tokens: int,
+                stops: tuple[str, ...], should_stop: Callable[[], bool], clock: Clock) -> Iterator[GenerationEvent]:
+        llm = loaded.llm
+        clock.sampling()
         stream = TextStream(stops)
-        n_generated, first_token_at, finish_reason = 0, None, "length"
+        n_generated, finish_reason = 0, "length"
         for token in token_stream:
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
+            clock.token()
             if self._is_end_of_generation(token):
                 finish_reason = "stop"
                 break
@@ -198,12 +192,12 @@ class LlamaCppBackend(Backend):
                 return
         if tail := stream.finish():
             yield Piece(tail)
-        ended = time.perf_counter()
-        first_token_at = first_token_at or ended
-        yield Completion(text=stream.text, finish_reason=finish_reason, usage=Usage(len(prompt_tokens), n_generated),
-                         ttft_ms=(first_token_at - started) * 1000.0,
-                         tokens_per_s=n_generated / max(ended - sampling_started, 1e-9), model=self._entry.id)
+        yield clock.completion(stream.text, finish_reason, len(prompt_tokens), n_generated, loaded.entry.id)
 
 
-def _as_dict(message: Message) -> dict:
-    return {"role": message.role, "content": message.content}
+def _token_text(llm: Llama, token: int) -> str:
+    return llm.detokenize([token], special=True).decode("utf-8", errors="ignore") if token >= 0 else ""
+
+
+def _as_dict(message: Message) -> ChatCompletionRequestMessage:
+    return cast("ChatCompletionRequestMessage", {"role": message.role, "content": message.content})

@@ -14,27 +14,19 @@ import gc
 import importlib.util
 import io
 import os
-import random
-import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from appliance import templates
-from appliance.backends import rwkv_files
-from appliance.backends.base import (
-    Backend,
-    EngineSettings,
-    GenerationEvent,
-    GenerationTask,
-    ModelInfo,
-    Piece,
-    PromptProgress,
-)
-from appliance.backends.rwkv_vocab import END_OF_TEXT, WORLD, PileVocab, WorldVocab, open_vocabulary
-from appliance.backends.text import TextStream
+from appliance.backends import rwkv_probe, templates
+from appliance.backends.base import Backend, GenerationEvent, GenerationTask, ModelInfo, Piece, PromptProgress
+from appliance.backends.rwkv_vocab import END_OF_TEXT, PileVocab, WorldVocab, open_vocabulary
+from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_budget
 from appliance.catalog import ModelEntry
-from appliance.errors import ModelError, TooLong
-from appliance.protocol import Completion, Usage
-from appliance.pth_meta import engine_strategy
+from appliance.catalog.pth_meta import engine_strategy
+from appliance.errors import ModelError
+
+if TYPE_CHECKING:
+    from appliance.backends.base import EngineSettings
 
 _engine_classes: dict[bool, type] = {}  # is RWKV-7 -> the rwkv package's model class
 
@@ -50,12 +42,14 @@ def _engine_class(rwkv7: bool) -> type:
                 from rwkv.model import RWKV
                 _engine_classes[False] = RWKV
             else:
-                spec = importlib.util.find_spec("rwkv.model")
+                installed = importlib.util.find_spec("rwkv.model")
+                assert installed is not None and installed.origin is not None  # imported just above for v4-v6
+                spec = importlib.util.spec_from_file_location("appliance_rwkv7_model", installed.origin)
+                assert spec is not None and spec.loader is not None
                 os.environ["RWKV_V7_ON"] = "1"
                 try:
-                    module = importlib.util.module_from_spec(
-                        importlib.util.spec_from_file_location("appliance_rwkv7_model", spec.origin))
-                    module.__spec__.loader.exec_module(module)
+                    module = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(module)
                 finally:
                     del os.environ["RWKV_V7_ON"]
                 _engine_classes[True] = module.RWKV_x070
@@ -74,14 +68,11 @@ class RwkvBackend(Backend):
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    def check(self, entry: ModelEntry) -> None:
-        rwkv_files.inspect(entry)
-
     def load(self, entry: ModelEntry) -> ModelInfo:
         import torch  # lazy: torch is the rwkv package's engine
 
         self.close()
-        checkpoint, vocabulary = rwkv_files.inspect(entry)
+        checkpoint, vocabulary = rwkv_probe.inspect(entry)
         vocab = open_vocabulary(vocabulary)
         if vocab.size > checkpoint.n_vocab:
             raise ModelError(f"model '{entry.id}': the tokenizer has {vocab.size} tokens but the model's embedding "
@@ -100,10 +91,7 @@ class RwkvBackend(Backend):
                              f"'{strategy}': {type(exc).__name__}: {exc}") from None
         self._vocab, self._entry = vocab, entry
         self._template = entry.template or ("raven" if isinstance(vocab, PileVocab) else "rwkv-world")
-        return ModelInfo(id=entry.id, context_size=self.settings.context_size, chat_template=self._template,
-                         metadata={"rwkv.version": str(checkpoint.version), "rwkv.strategy": strategy,
-                                   "rwkv.n_layer": str(checkpoint.n_layer), "rwkv.n_embd": str(checkpoint.n_embd),
-                                   "rwkv.vocabulary": WORLD if isinstance(vocab, WorldVocab) else "file"})
+        return ModelInfo(id=entry.id, context_size=self.settings.context_size, chat_template=self._template)
 
     def set_threads(self, threads: int) -> None:
         import torch
@@ -114,9 +102,6 @@ class RwkvBackend(Backend):
             self._model = None
             gc.collect()  # the weights are one large graph of tensors: give the memory back now
         self._vocab, self._entry = None, None
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._vocab.encode(text))
 
     # -- generation --------------------------------------------------------------------------------------------
 
@@ -136,15 +121,10 @@ class RwkvBackend(Backend):
             text, template_stop = rendered.text, rendered.stop
         # an empty prompt starts a new document, which is what token 0 means to an RWKV model
         prompt_tokens = self._vocab.encode(text) or [END_OF_TEXT]
-        n_ctx = self.settings.context_size
-        if len(prompt_tokens) >= n_ctx:
-            raise TooLong(f"prompt is {len(prompt_tokens)} tokens; the context window is {n_ctx} tokens "
-                          f"(worker.context_size)", param="prompt" if task.messages is None else "messages")
-        max_tokens = min(params.max_tokens, n_ctx - len(prompt_tokens))
-        seed = params.seed if params.seed is not None else random.SystemRandom().randint(0, 2**32 - 1)
-        rng = np.random.RandomState(seed % 2**32)
-        stream = TextStream(tuple(dict.fromkeys(params.stop + template_stop)))
-        started = time.perf_counter()
+        max_tokens = token_budget(len(prompt_tokens), self.settings.context_size, task)
+        rng = np.random.RandomState(seed_of(params) % 2**32)
+        stream = TextStream(stops_of(params, template_stop))
+        clock = Clock()
 
         state, logits, step = None, None, self.settings.batch_size
         with torch.no_grad():
@@ -153,14 +133,14 @@ class RwkvBackend(Backend):
                     return
                 logits, state = self._model.forward(prompt_tokens[start:start + step], state)
                 yield PromptProgress(done=min(start + step, len(prompt_tokens)), total=len(prompt_tokens))
-            sampling_started, first_token_at = time.perf_counter(), None
+            clock.sampling()
             recent, n_generated, finish_reason = list(prompt_tokens), 0, "length"
             while True:
                 scores = logits.float().numpy().copy()
                 penalise_repeats(scores, recent, params.repeat_penalty)
-                token = sample_like_chatrwkv(scores, temperature=params.temperature, top_p=params.top_p,
-                                             top_k=params.top_k, rng=rng)
-                first_token_at = first_token_at or time.perf_counter()
+                token = sample_like_chatrwkv(scores, temperature=params.sampling_temperature,
+                                             top_p=params.sampling_top_p, top_k=params.top_k, rng=rng)
+                clock.token()
                 if token == END_OF_TEXT:
                     finish_reason = "stop"
                     break
@@ -179,7 +159,4 @@ class RwkvBackend(Backend):
                 logits, state = self._model.forward([token], state)
         if tail := stream.finish():
             yield Piece(tail)
-        ended = time.perf_counter()
-        yield Completion(text=stream.text, finish_reason=finish_reason, usage=Usage(len(prompt_tokens), n_generated),
-                         ttft_ms=(first_token_at - started) * 1000.0,
-                         tokens_per_s=n_generated / max(ended - sampling_started, 1e-9), model=self._entry.id)
+        yield clock.completion(stream.text, finish_reason, len(prompt_tokens), n_generated, self._entry.id)

@@ -1,4 +1,5 @@
-"""Turning generated token bytes into text that is safe to send, shared by the text backends.
+"""What every text backend does the same way around its engine: the token budget, the seed, the stop sequences,
+the timings of the Completion, and turning generated token bytes into text that is safe to send.
 
 Text leaves the worker only when it can no longer change: never half of a UTF-8 character (one token is often a
 single byte of one), and never the first characters of what may turn out to be a stop sequence, since a stop
@@ -8,6 +9,58 @@ sequence is cut from the answer and must not have been streamed already.
 from __future__ import annotations
 
 import codecs
+import random
+import time
+from typing import TYPE_CHECKING
+
+from appliance.errors import TooLong
+from appliance.protocol import Completion, SamplingParams, Usage
+
+if TYPE_CHECKING:
+    from appliance.backends.base import GenerationTask
+
+
+def token_budget(n_prompt: int, n_ctx: int, task: GenerationTask) -> int:
+    """How many tokens may be generated: ``max_tokens``, cut to what the context leaves after the prompt. TooLong
+    (naming the prompt or the messages) when the prompt does not fit at all."""
+    if n_prompt >= n_ctx:
+        raise TooLong(f"prompt is {n_prompt} tokens; the context window is {n_ctx} tokens (worker.context_size)",
+                      param="prompt" if task.messages is None else "messages")
+    return min(task.params.max_tokens or n_ctx, n_ctx - n_prompt)
+
+
+def seed_of(params: SamplingParams) -> int:
+    """The request's seed, or a fresh random one (so two unseeded requests differ)."""
+    return params.seed if params.seed is not None else random.SystemRandom().randint(0, 2**32 - 1)
+
+
+def stops_of(params: SamplingParams, template_stop: tuple[str, ...]) -> tuple[str, ...]:
+    """The request's stop sequences, then the template's, each once."""
+    return tuple(dict.fromkeys(params.stop + template_stop))
+
+
+class Clock:
+    """Times one generation for its Completion: from the start (prompt included) to the first token, and the
+    tokens per second of sampling alone."""
+
+    def __init__(self) -> None:
+        self.started = self.sampling_started = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def sampling(self) -> None:
+        """The prompt is evaluated; sampling starts now."""
+        self.sampling_started = time.perf_counter()
+
+    def token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def completion(self, text: str, finish_reason: str, n_prompt: int, n_generated: int, model: str) -> Completion:
+        ended = time.perf_counter()
+        first = self.first_token_at or ended
+        return Completion(text=text, finish_reason=finish_reason, usage=Usage(n_prompt, n_generated),
+                          ttft_ms=(first - self.started) * 1000.0,
+                          tokens_per_s=n_generated / max(ended - self.sampling_started, 1e-9), model=model)
 
 
 class TextStream:

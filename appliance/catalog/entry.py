@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-#: the engine for a file type, when the entry names none
-BACKEND_BY_SUFFIX = {".gguf": "llama_cpp", ".pth": "rwkv", ".onnx": "onnx"}
-#: backends that generate text (the rest answer /v1/infer and <prefix>/<device>/infer/<model>)
-TEXT_BACKENDS = ("llama_cpp", "rwkv")
+from appliance import backends
+
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 
@@ -20,7 +19,7 @@ class TensorSpec:
     dtype: str
     shape: tuple[int | None, ...]  # None: any size (a batch or sequence axis)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": [-1 if d is None else d for d in self.shape]}
 
 
@@ -32,7 +31,7 @@ class OutputSpec:
     labels: tuple[str, ...] = ()
     threshold: float | None = None  # one score per row: >= threshold is labels[1], else labels[0]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"name": self.name, "labels": list(self.labels), "threshold": self.threshold}
 
 
@@ -43,6 +42,9 @@ class ModelEntry:
     sha256: str | None  # None only for a file served directly with `serve --model`
     family: str = "unknown"
     template: str | None = None  # named prompt format; wins over a chat template the GGUF embeds
+    system_prompt: str | None = None  # put before a chat request that has no system message (None: no default)
+    temperature: float | None = None  # sampling defaults for requests that set none (None: llama-cpp-python's)
+    top_p: float | None = None
     licence: str = "unknown"
     commercial_use: bool | None = None  # None: unknown
     size: int | None = None
@@ -58,18 +60,21 @@ class ModelEntry:
     # onnx: declared inputs and outputs
     inputs: tuple[TensorSpec, ...] = field(default=())
     outputs: tuple[OutputSpec, ...] = field(default=())
-    # onnx text classifiers (the moderation filter): how text becomes the input tensor (text_features.py)
+    # onnx text classifiers (the moderation filter): how text becomes the input tensor (tensors/features.py)
     featurize: str | None = None
 
     @property
     def generates_text(self) -> bool:
-        return self.backend in TEXT_BACKENDS
+        """False for tensor models, which answer /v1/infer and <prefix>/<device>/infer/<model> instead."""
+        return backends.generates_text(self.backend)
 
-    def describe(self) -> dict:
-        body = {"id": self.id, "file": str(self.path), "sha256": self.sha256, "size": self.size,
+    def describe(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": self.id, "file": str(self.path), "sha256": self.sha256, "size": self.size,
                 "family": self.family, "template": self.template, "licence": self.licence,
                 "commercial_use": "unknown" if self.commercial_use is None else self.commercial_use,
                 "backend": self.backend, "source": self.source}
+        body.update({k: v for k, v in (("system_prompt", self.system_prompt), ("temperature", self.temperature),
+                                       ("top_p", self.top_p)) if v is not None})
         if self.lora:
             body.update(lora=str(self.lora), lora_sha256=self.lora_sha256, lora_scale=self.lora_scale)
         if self.strategy or self.tokenizer:

@@ -5,6 +5,7 @@ is refused at ``models add`` rather than at the first request."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from appliance.catalog.entry import DTYPES
 from appliance.errors import BackendUnavailable, ModelError
@@ -22,7 +23,7 @@ def _dim(value: object) -> int | str:
     return value if isinstance(value, str) and value else -1
 
 
-def read(path: Path) -> tuple[list[dict], list[dict]]:
+def read(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``([{"name", "dtype", "shape"}, ...], [{"name"}, ...])``: the ``[[models.inputs]]`` and ``[[models.outputs]]``
     tables of a catalog entry for this file."""
     try:
@@ -48,7 +49,7 @@ def read(path: Path) -> tuple[list[dict], list[dict]]:
     return inputs, [{"name": spec.name} for spec in session.get_outputs()]
 
 
-def describe(inputs: list[dict], outputs: list[dict]) -> dict:
+def describe(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> dict[str, Any]:
     """The facts `models add` prints."""
     return {"inputs": "; ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in inputs),
             "outputs": ", ".join(o["name"] for o in outputs)}

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance import templates, text_features
-from appliance.catalog.entry import BACKEND_BY_SUFFIX, DTYPES, ModelEntry, OutputSpec, TensorSpec
+from appliance import backends
+from appliance.backends import templates
+from appliance.catalog.entry import DTYPES, ModelEntry, OutputSpec, TensorSpec
 from appliance.config.schema import rwkv_strategy_problem
+from appliance.tensors import features as text_features
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 _STRINGS = ("id", "file", "sha256", "family", "template", "licence", "backend", "source", "lora", "lora_sha256",
-            "strategy", "tokenizer", "featurize")
-_KEYS = set(_STRINGS) | {"size", "lora_scale", "commercial_use", "inputs", "outputs"}
+            "strategy", "tokenizer", "featurize", "system_prompt")
+_KEYS = set(_STRINGS) | {"size", "lora_scale", "commercial_use", "inputs", "outputs", "temperature", "top_p"}
+_SAMPLING = {"temperature": 5.0, "top_p": 1.0}  # request defaults a text model's entry may set, and their maximum
 _REQUIRED = ("id", "file", "sha256")
-KNOWN_BACKENDS = ("llama_cpp", "rwkv", "onnx")
 
 
 def _path(value: str, base: Path) -> Path:
@@ -25,16 +28,27 @@ def _path(value: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _tensor_specs(raw: Any, where: str, problems: list[str]) -> tuple[TensorSpec, ...]:
-    if not isinstance(raw, list) or not raw:
-        problems.append(f"{where}: must be a non-empty array of tables ([[models.inputs]])")
-        return ()
-    specs = []
+def _named_tables(raw: list[Any], where: str, keys: set[str],
+                  problems: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each table of an array with a string 'name' and where it is (``models[0].inputs[1]``); a problem for each
+    that is not one, and for its first unknown key."""
     for i, item in enumerate(raw):
         at = f"{where}[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             problems.append(f"{at}: must be a table with a string 'name'")
             continue
+        unknown = sorted(set(item) - keys - {"name"})
+        if unknown:
+            problems.append(f"{at}.{unknown[0]}: unknown key")
+        yield at, item
+
+
+def _tensor_specs(raw: Any, where: str, problems: list[str]) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        problems.append(f"{where}: must be a non-empty array of tables ([[models.inputs]])")
+        return ()
+    specs = []
+    for at, item in _named_tables(raw, where, {"dtype", "shape"}, problems):
         dtype = item.get("dtype", "float32")
         if dtype not in DTYPES:
             problems.append(f"{at}.dtype = {dtype!r}: must be one of {', '.join(DTYPES)}")
@@ -44,9 +58,6 @@ def _tensor_specs(raw: Any, where: str, problems: list[str]) -> tuple[TensorSpec
                 for d in shape):
             problems.append(f"{at}.shape = {shape!r}: must be a list of positive sizes, -1 or names for any size")
             continue
-        unknown = sorted(set(item) - {"name", "dtype", "shape"})
-        if unknown:
-            problems.append(f"{at}.{unknown[0]}: unknown key")
         specs.append(TensorSpec(item["name"], dtype, tuple(d if isinstance(d, int) and d > 0 else None
                                                             for d in shape)))
     return tuple(specs)
@@ -59,11 +70,7 @@ def _output_specs(raw: Any, where: str, problems: list[str]) -> tuple[OutputSpec
         problems.append(f"{where}: must be an array of tables ([[models.outputs]])")
         return ()
     specs = []
-    for i, item in enumerate(raw):
-        at = f"{where}[{i}]"
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            problems.append(f"{at}: must be a table with a string 'name'")
-            continue
+    for at, item in _named_tables(raw, where, {"labels", "threshold"}, problems):
         labels = item.get("labels", [])
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             problems.append(f"{at}.labels: must be a list of strings")
@@ -73,9 +80,6 @@ def _output_specs(raw: Any, where: str, problems: list[str]) -> tuple[OutputSpec
                                       or len(labels) != 2):
             problems.append(f"{at}.threshold: must be a number, with exactly two labels (below, at or above)")
             threshold = None
-        unknown = sorted(set(item) - {"name", "labels", "threshold"})
-        if unknown:
-            problems.append(f"{at}.{unknown[0]}: unknown key")
         specs.append(OutputSpec(item["name"], tuple(labels), None if threshold is None else float(threshold)))
     return tuple(specs)
 
@@ -112,11 +116,11 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
     if template is not None and template not in templates.names():
         problems.append(f"{where}.template = {template!r}: unknown template (known: {', '.join(templates.names())})")
     path = _path(raw["file"], base)
-    backend = raw.get("backend") or BACKEND_BY_SUFFIX.get(path.suffix.lower())
-    if backend is None:
+    backend = raw.get("backend") or backends.for_suffix(path.suffix)
+    if not isinstance(backend, str):
         problems.append(f"{where}.backend: missing, and '{path.suffix}' files have no default backend")
-    elif backend not in KNOWN_BACKENDS:
-        problems.append(f"{where}.backend = {backend!r}: must be one of {', '.join(KNOWN_BACKENDS)}")
+    elif backend not in backends.names():
+        problems.append(f"{where}.backend = {backend!r}: must be one of {', '.join(backends.names())}")
     inputs = _tensor_specs(raw["inputs"], f"{where}.inputs", problems) if "inputs" in raw else ()
     outputs = _output_specs(raw.get("outputs"), f"{where}.outputs", problems)
     if backend == "onnx" and "inputs" not in raw:
@@ -130,16 +134,25 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         problems.append(f"{where}.tokenizer: only rwkv models name a tokenizer")
     if backend != "onnx" and ("inputs" in raw or "outputs" in raw):
         problems.append(f"{where}: inputs/outputs are for onnx models")
+    for key in ("system_prompt", *_SAMPLING):
+        if key in raw and backend == "onnx":
+            problems.append(f"{where}.{key}: only text models take it")
+    for key, high in _SAMPLING.items():
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= high):
+            problems.append(f"{where}.{key} = {value!r}: must be a number from 0 to {high}")
     featurize = raw.get("featurize")
     if featurize is not None and backend != "onnx":
         problems.append(f"{where}.featurize: only onnx text classifiers are featurized")
     elif featurize is not None and inputs and (problem := text_features.problem(featurize, inputs)):
         problems.append(f"{where}.featurize = {featurize!r}: {problem}")
-    if len(problems) > before:
+    if len(problems) > before or not isinstance(backend, str):
         return None
     return ModelEntry(
         id=raw["id"], path=path, sha256=raw["sha256"].lower(), family=raw.get("family", "unknown"),
-        template=template, licence=raw.get("licence", "unknown"),
+        template=template, system_prompt=raw.get("system_prompt"), licence=raw.get("licence", "unknown"),
+        **{k: float(raw[k]) for k in _SAMPLING if k in raw},
         commercial_use=None if commercial == "unknown" else commercial, size=size, backend=backend,
         source=raw.get("source", ""), lora=_path(raw["lora"], base) if "lora" in raw else None,
         lora_sha256=raw["lora_sha256"].lower() if "lora_sha256" in raw else None, lora_scale=float(scale),

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.catalog.entry import BACKEND_BY_SUFFIX, ModelEntry
+from appliance import backends
+from appliance.catalog.entry import ModelEntry
 from appliance.catalog.parse import parse_entry
 from appliance.errors import ChecksumMismatch, ConfigError, ModelError, UnknownModel
 
@@ -54,17 +56,17 @@ class Catalog:
     @classmethod
     def single_file(cls, path: Path) -> Catalog:
         """A catalog of one file served directly (``serve --model``): no digest to check against."""
-        backend = BACKEND_BY_SUFFIX.get(path.suffix.lower())
+        backend = backends.for_suffix(path.suffix)
         if backend is None:
             raise ConfigError([f"--model {path}: unsupported file type '{path.suffix}' "
-                               f"(expected {', '.join(BACKEND_BY_SUFFIX)})"])
+                               f"(expected {', '.join(backends.suffixes())})"])
         if not path.is_file():
             raise ConfigError([f"--model {path}: file not found"])
         entry = ModelEntry(id=path.stem, path=path.resolve(), sha256=None, backend=backend,
                            size=path.stat().st_size, source="--model")
         return cls([entry], "--model")
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self._entries.values())
 
     def __len__(self) -> int:

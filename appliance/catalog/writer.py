@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from appliance import families
-from appliance.catalog.entry import BACKEND_BY_SUFFIX
+from appliance import backends
+from appliance.catalog import families
+from appliance.catalog.entry import ModelEntry
 from appliance.catalog.store import Catalog, sha256_file
+from appliance.config import toml_text
 from appliance.config.schema import rwkv_strategy_problem
 from appliance.errors import ConfigError, ModelError
 
@@ -30,76 +32,52 @@ class NewEntry:
     labels: tuple[str, ...] = ()  # onnx: labels of the first output
     threshold: float | None = None  # onnx: one score per row, labels[1] at or above it
     featurize: str | None = None  # onnx: a text classifier for the moderation filter (text_features.py)
+    system_prompt: str | None = None  # text models: put before a chat request that has no system message
 
 
 def default_id(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]+", "-", path.stem.lower()).strip("-.")[:128] or "model"
 
 
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return _toml(value)
-
-
-def dumps(entries: list[dict]) -> str:
+def dumps(entries: list[dict[str, Any]]) -> str:
     """A catalog file of ``[[models]]`` tables; lists of tables (an ONNX model's inputs, outputs) as sub-tables."""
     blocks = []
     for entry in entries:
         nested = {k: v for k, v in entry.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)}
-        lines = ["[[models]]"] + [f"{k} = {_toml_value(v)}" for k, v in entry.items() if k not in nested]
+        lines = toml_text.table("models", {k: v for k, v in entry.items() if k not in nested}, array=True)
         for key, tables in nested.items():
             for table in tables:
-                lines += ["", f"[[models.{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+                lines += ["", *toml_text.table(f"models.{key}", table, array=True)]
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
 
 
-def describe_gguf(path: Path) -> dict:
-    """What the GGUF header says that a catalog entry needs (and the architecture check)."""
-    from appliance.backends.llama_archs import check_architecture
-    from appliance.gguf_meta import read_metadata
-    arch = check_architecture(path)
-    meta = read_metadata(path)
-    return {"architecture": arch, "context": meta.get(f"{arch}.context_length"),
-            "chat_template": isinstance(meta.get("tokenizer.chat_template"), str), "name": meta.get("general.name")}
-
-
-def describe_rwkv(new: NewEntry) -> dict:
-    """What the checkpoint's layout says, after the checks a load would make (vocabulary, tokenizer file)."""
-    from appliance.backends import rwkv_files
-    from appliance.catalog.entry import ModelEntry
+def _probe_facts(new: NewEntry, backend: str) -> dict[str, Any]:
+    """What the file's header says, after the checks a load would make (architecture; RWKV vocabulary and
+    tokenizer file)."""
     if new.tokenizer is not None and not new.tokenizer.is_file():
         raise ModelError(f"{new.tokenizer}: tokenizer file not found")
     if new.strategy is not None and (problem := rwkv_strategy_problem(new.strategy)):
         raise ModelError(f"--strategy {new.strategy!r}: {problem}")
-    entry = ModelEntry(id=new.id or default_id(new.path), path=new.path, sha256=None, backend="rwkv",
-                       tokenizer=str(new.tokenizer.resolve()) if new.tokenizer else None)
-    checkpoint, vocabulary = rwkv_files.inspect(entry)
-    return {"rwkv_version": checkpoint.version, "layers": checkpoint.n_layer, "embedding": checkpoint.n_embd,
-            "vocabulary": "world" if vocabulary == "world" else f"{checkpoint.n_vocab} tokens"}
+    entry = ModelEntry(id=new.id or default_id(new.path), path=new.path, sha256=None, backend=backend,
+                       tokenizer=str(new.tokenizer.resolve()) if new.tokenizer else None, strategy=new.strategy)
+    return backends.probe_for(backend).facts(entry)
 
 
-def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
+def build(new: NewEntry, catalog_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The entry's keys (relative paths where the file sits under the catalog's directory) and header facts."""
     if not new.path.is_file():
         raise ModelError(f"{new.path}: file not found")
-    backend = BACKEND_BY_SUFFIX.get(new.path.suffix.lower())
+    backend = backends.for_suffix(new.path.suffix)
     if backend is None:
-        raise ModelError(f"{new.path}: unsupported file type (expected {', '.join(BACKEND_BY_SUFFIX)})")
+        raise ModelError(f"{new.path}: unsupported file type (expected {', '.join(backends.suffixes())})")
     if (new.tokenizer or new.strategy) and backend != "rwkv":
         raise ModelError(f"{new.path}: --tokenizer and --strategy are for RWKV .pth checkpoints")
     if (new.labels or new.threshold is not None or new.featurize) and backend != "onnx":
         raise ModelError(f"{new.path}: --labels, --threshold and --featurize are for ONNX models")
-    tables: dict = {}
+    if new.system_prompt is not None and backend == "onnx":
+        raise ModelError(f"{new.path}: --system-prompt is for text models")
+    tables: dict[str, Any] = {}
     if backend == "onnx":
         from appliance.catalog import onnx_meta
         inputs, outputs = onnx_meta.read(new.path)
@@ -109,7 +87,7 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
             outputs[0].update({"threshold": float(new.threshold)} if new.threshold is not None else {})
         tables = {"inputs": inputs, "outputs": outputs}
     else:
-        facts = describe_gguf(new.path) if backend == "llama_cpp" else describe_rwkv(new)
+        facts = _probe_facts(new, backend)
     known = families.get(new.family)
     template = new.template
     if template is None and not facts.get("chat_template") and backend != "onnx":
@@ -122,10 +100,12 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
         except ValueError:
             return str(path.resolve())
 
-    keys: dict = {"id": new.id or default_id(new.path), "file": rel(new.path), "sha256": sha256_file(new.path),
-                  "size": new.path.stat().st_size, "family": new.family}
+    keys: dict[str, Any] = {"id": new.id or default_id(new.path), "file": rel(new.path),
+                            "sha256": sha256_file(new.path), "size": new.path.stat().st_size, "family": new.family}
     if template:
         keys["template"] = template
+    if new.system_prompt is not None:
+        keys["system_prompt"] = new.system_prompt
     keys["licence"] = new.licence or known.licence
     keys["commercial_use"] = "unknown" if commercial is None else commercial
     if new.source or known.source:
@@ -143,7 +123,7 @@ def build(new: NewEntry, catalog_dir: Path) -> tuple[dict, dict]:
     return {**keys, **tables}, facts  # the tables last: TOML sub-tables follow the entry's own keys
 
 
-def append(catalog_path: Path, keys: dict) -> None:
+def append(catalog_path: Path, keys: dict[str, Any]) -> None:
     """Append an entry; the result is parsed again and the file left unchanged if it would not be valid."""
     catalog_path.parent.mkdir(parents=True, exist_ok=True)
     before = catalog_path.read_text(encoding="utf-8") if catalog_path.exists() else ""

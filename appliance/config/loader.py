@@ -20,7 +20,7 @@ from appliance.config.schema import ENV_PREFIX, SECTIONS, Config
 from appliance.errors import ConfigError
 
 
-def field_kind(f: dataclasses.Field) -> tuple[type, bool]:
+def field_kind(f: dataclasses.Field[Any]) -> tuple[type, bool]:
     """(base type, optional?) from the annotation string, e.g. ``'Path | None'`` -> (Path, True)."""
     text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     optional = text.endswith("| None")
@@ -109,7 +109,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
     sections: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
-        raw = data.get(section) if isinstance(data.get(section), dict) else {}
+        given = data.get(section)
+        raw: dict[str, Any] = given if isinstance(given, dict) else {}
         names = [f.name for f in dataclasses.fields(cls)]
         for key in raw:
             if key not in names:
@@ -190,6 +191,23 @@ def _cross_checks(config: Config) -> list[str]:
     if thermal.hard_limit <= thermal.soft_limit:
         problems.append(f"thermal.hard_limit = {thermal.hard_limit}: must be above thermal.soft_limit "
                         f"({thermal.soft_limit})")
+    return problems + _home_checks(config)
+
+
+def _home_checks(config: Config) -> list[str]:
+    problems = []
+    ha, wyoming = config.homeassistant, config.wyoming
+    if ha.discovery and not config.mqtt.enabled:
+        problems.append("homeassistant.discovery = true: needs MQTT, but mqtt.enabled is false")
+    if ha.discovery and config.supervisor.telemetry_interval == 0:
+        problems.append("homeassistant.discovery = true: the sensors read the telemetry topic, but "
+                        "supervisor.telemetry_interval is 0 (no telemetry)")
+    if ha.status_topic and any(c in ha.status_topic for c in "+#\0"):
+        problems.append(f"homeassistant.status_topic = {ha.status_topic!r}: must be a topic without wildcards")
+    if wyoming.enabled and not is_loopback(wyoming.bind) and not wyoming.allow_anonymous:
+        problems.append(f"wyoming.bind = {wyoming.bind!r}: not a loopback address, and Wyoming clients cannot "
+                        f"present a credential; set wyoming.allow_anonymous = true to serve it anyway (anyone who "
+                        f"reaches the port can use the model; narrow it with wyoming.allowed_clients)")
     return problems
 
 

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
+from appliance.config import toml_text
 from appliance.config.loader import field_kind
 from appliance.config.schema import SECTIONS
-
-
-def _toml_literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f'"{value}"' if isinstance(value, str) else str(value)
 
 
 def reference_markdown() -> str:
@@ -31,7 +25,7 @@ def reference_markdown() -> str:
             elif f.default is None:
                 default = "(unset)"
             else:
-                default = "`" + _toml_literal(f.default) + "`"
+                default = "`" + toml_text.value(f.default) + "`"
             type_name = kind.__name__ + (" (optional)" if optional else "")
             doc = f.metadata["doc"]
             if f.metadata.get("choices"):

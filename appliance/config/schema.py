@@ -75,6 +75,8 @@ class DeviceConfig:
                    factory=default_device_id, check=_topic_safe)
     state_dir: Path = _opt("Writable directory for models, the private broker's data and other state.",
                            factory=default_state_dir)
+    release_dir: Path = _opt("Where the bundle installer keeps the releases and the `current` and `previous` links; "
+                             "the operator page shows both.", Path("/opt/appliance"))
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,12 @@ class HttpConfig:
 class ModelsConfig:
     catalog: Path | None = _opt("Model catalog (TOML). Default `<state_dir>/models/catalog.toml`; when that file "
                                 "does not exist the built-in catalog (the embedded default model) is used.", None)
-    default: str = _opt("Id of the model loaded at start and used when a request names none.", "gemma3-270m")
+    default: str = _opt("Id of the model loaded at start and used when a request names none.",
+                        "smollm2-135m-instruct")
+    system_prompt: str = _opt("System message put before every chat (`messages`) request that has none, for every "
+                              "model; it replaces each catalog entry's own `system_prompt`. Empty: each model's "
+                              "`system_prompt` from the catalog (the embedded default model has one; "
+                              "docs/models.md). A request's own system message always wins.", "")
     verify: bool = _opt("Check each model file's sha256 against the catalog before loading it.", True)
     switch: bool = _opt("Let a request name another catalog model; the worker then swaps models (one model is "
                         "resident at a time). When false such requests get `unknown_model`.", True)
@@ -268,6 +275,61 @@ class GpioConfig:
     shutdown_command: str = _opt("Command run when the button is held.", "systemctl poweroff")
 
 
+def _languages(v: str) -> str | None:
+    codes = [x.strip() for x in v.split(",")]
+    if not all(re.fullmatch(r"[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*", c) for c in codes):
+        return "must be a comma-separated list of language codes, e.g. \"en,es,zh\""
+    return None
+
+
+def _addresses(v: str) -> str | None:
+    import ipaddress
+    for part in filter(None, (x.strip() for x in v.split(","))):
+        try:
+            ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            return f"{part!r} is not an IP address or network (e.g. \"192.168.1.10\" or \"192.168.1.0/24\")"
+    return None
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    discovery: bool = _opt("Announce the device to Home Assistant by MQTT discovery: one device with sensors for its "
+                           "state, temperature, memory, throttle flags, tokens/s, queue depth, loaded model and "
+                           "version, and a binary sensor for under-voltage, read from the retained status and "
+                           "telemetry topics. Off, nothing is published under `prefix` (and what an earlier run "
+                           "announced there is withdrawn).", False)
+    prefix: str = _opt("Home Assistant's discovery prefix.", "homeassistant", check=_prefix_check)
+    status_topic: str = _opt("Where Home Assistant publishes its birth (`online`) and will (`offline`) messages; "
+                             "on `online` the device announces itself again. Empty: `<prefix>/status`.", "")
+    name: str = _opt("The device's name in Home Assistant; empty: `device.id`.", "")
+
+
+@dataclass(frozen=True)
+class WyomingConfig:
+    enabled: bool = _opt("Serve the Wyoming protocol as a conversation agent (a `handle` program): Home Assistant's "
+                         "Assist sends the recognised text and speaks the model's reply.", False)
+    bind: str = _opt("Address to listen on. Wyoming has no credentials: any address but loopback needs "
+                     "`allow_anonymous = true`.", "127.0.0.1")
+    port: int = _opt("TCP port.", 10600, check=_between(0, 65535))
+    allow_anonymous: bool = _opt("Allow `bind` to be a non-loopback address although Wyoming clients cannot present "
+                                 "a credential: anyone who can reach the port can use the model. Narrow it with "
+                                 "`allowed_clients`.", False)
+    allowed_clients: str = _opt("Comma-separated addresses or networks (`192.168.1.10`, `10.0.0.0/24`) allowed to "
+                                "connect; empty: any. Others are disconnected at once.", "", check=_addresses)
+    languages: str = _opt("Languages advertised to Home Assistant (comma-separated codes).", "en,es,zh",
+                          check=_languages)
+    model: str = _opt("Catalog id of the model that answers; empty: `models.default`.", "")
+    max_tokens: int = _opt("Longest reply in tokens (a spoken answer should be short).", 160,
+                           check=_between(1, 131072))
+    temperature: float = _opt("Sampling temperature of replies.", 0.7, check=_between(0, 5))
+    system_prompt: str = _opt("System message sent before the conversation; empty: a short instruction to answer "
+                              "briefly, in the language of the question, for speech.", "")
+    history_turns: int = _opt("Earlier turns of the same Home Assistant conversation sent with each question "
+                              "(kept in memory for 5 minutes; 0: every question stands alone).", 4,
+                              check=_between(0, 32))
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = _opt("Log level.", "info", choices=("debug", "info", "warning", "error"))
@@ -289,10 +351,16 @@ class Config:
     thermal: ThermalConfig = field(default_factory=ThermalConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     gpio: GpioConfig = field(default_factory=GpioConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    wyoming: WyomingConfig = field(default_factory=WyomingConfig)
 
     @property
     def catalog_path(self) -> Path:
         return self.models.catalog or self.device.state_dir / "models" / "catalog.toml"
+
+    @property
+    def homeassistant_status_topic(self) -> str:
+        return self.homeassistant.status_topic or f"{self.homeassistant.prefix}/status"
 
     @property
     def mqtt_client_id(self) -> str:
@@ -306,6 +374,7 @@ class Config:
 SECTIONS: dict[str, type] = {"device": DeviceConfig, "mqtt": MqttConfig, "http": HttpConfig,
                              "models": ModelsConfig, "moderation": ModerationConfig, "worker": WorkerConfig,
                              "logging": LoggingConfig, "memory": MemoryConfig, "thermal": ThermalConfig,
-                             "supervisor": SupervisorConfig, "gpio": GpioConfig}
+                             "supervisor": SupervisorConfig, "gpio": GpioConfig,
+                             "homeassistant": HomeAssistantConfig, "wyoming": WyomingConfig}
 
 

@@ -23,6 +23,7 @@ import os
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from appliance.firstboot import accounts, apply
 from appliance.firstboot.settings import SETTINGS_FILE, Settings, read
@@ -45,9 +46,9 @@ def problems(state_dir: Path) -> list[str]:
 
 
 def run(boot: Path, root: Path = Path("/"), state_dir: Path = Path("/var/lib/appliance"),
-        live: bool = True) -> dict:
+        live: bool = True) -> dict[str, Any]:
     """One first-boot pass; ``live`` also acts on the running system (host name, growing the root)."""
-    report: dict = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": [], "applied": [], "problems": []}
+    report: dict[str, Any] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": [], "applied": [], "problems": []}
     stamp = state_dir / INITIALIZED
     if not stamp.exists():
         report["device"] += [f"ssh host key {k}" for k in apply.ensure_host_keys(root)]
@@ -126,7 +127,7 @@ def _redacted(path: Path) -> str:
                               "To change settings, put a new appliance.toml here.")
 
 
-def _write_report(state_dir: Path, report: dict) -> None:
+def _write_report(state_dir: Path, report: dict[str, Any]) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     apply.write_file(state_dir / REPORT, json.dumps(report, indent=2) + "\n")
     for line in report["device"]:

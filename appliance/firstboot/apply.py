@@ -52,7 +52,7 @@ def ids(root: Path, user: str | None = None, group: str | None = None) -> tuple[
         return None
     if user is not None:
         return lookup("passwd", user)
-    found = lookup("group", group)
+    found = lookup("group", group) if group is not None else None
     return (0, found[0]) if found else None
 
 

@@ -17,9 +17,12 @@ import re
 import subprocess
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from appliance.config import toml_text
 from appliance.config.credentials import account_problems, api_key_problem, control_character
 from appliance.config.loader import load_config
 from appliance.errors import ConfigError
@@ -43,7 +46,8 @@ class Wifi:
 
 @dataclass
 class Settings:
-    config: dict[str, dict] = field(default_factory=dict)  # sections merged into /etc/appliance/appliance.toml
+    # sections merged into /etc/appliance/appliance.toml
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)
     mqtt_users: dict[str, str] = field(default_factory=dict)  # name -> password; "" removes the account
     wifi: Wifi | None = None
     api_key: str | None = None  # "" removes the key
@@ -64,7 +68,7 @@ def read(boot: Path, current_config: Path, root: Path = Path("/")) -> tuple[Sett
     current one (whose absolute paths are taken under ``root``)."""
     settings, problems = Settings(), []
 
-    def take(path: Path, reader) -> None:
+    def take(path: Path, reader: Callable[[Path, Settings, list[str]], None]) -> None:
         mine: list[str] = []
         candidate = Settings()
         reader(path, candidate, mine)
@@ -150,7 +154,7 @@ def _read_wifi(raw: object, problems: list[str]) -> Wifi | None:
         problems.append(f"{SETTINGS_FILE}: wifi.country = {country!r}: a two-letter country code such as \"GB\"")
     if not isinstance(raw.get("hidden", False), bool):
         problems.append(f"{SETTINGS_FILE}: wifi.hidden must be true or false")
-    if any(p.startswith(f"{SETTINGS_FILE}: wifi.") or "[wifi]" in p for p in problems):
+    if not isinstance(ssid, str) or any(p.startswith(f"{SETTINGS_FILE}: wifi.") or "[wifi]" in p for p in problems):
         return None
     return Wifi(ssid=ssid, psk=psk, country=country, hidden=raw.get("hidden", False))
 
@@ -176,9 +180,9 @@ def _read_keys(path: Path, problems: list[str]) -> list[str]:
     return keys
 
 
-def merged(current_config: Path, sections: dict[str, dict]) -> dict[str, dict]:
+def merged(current_config: Path, sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The config on the device with the new sections' keys laid over it."""
-    base: dict[str, dict] = {}
+    base: dict[str, dict[str, Any]] = {}
     if current_config.is_file():
         base = tomllib.loads(current_config.read_text(encoding="utf-8"))
     out = {section: dict(values) for section, values in base.items()}
@@ -205,15 +209,14 @@ CONFIG_HEADER = ("Written by appliance-firstboot from the boot partition's appli
                  "appliance.toml on the boot partition (its keys are laid over these at the next boot).")
 
 
-def dumps(sections: dict[str, dict], header: str = CONFIG_HEADER) -> str:
-    from appliance.catalog.writer import _toml_value
+def dumps(sections: dict[str, dict[str, Any]], header: str = CONFIG_HEADER) -> str:
     lines = [f"# {line}" for line in header.splitlines()]
     for section, values in sections.items():
-        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines += ["", *toml_text.table(section, values)]
     return "\n".join(lines) + "\n"
 
 
-def check_config(sections: dict[str, dict], root: Path = Path("/"), api_key: str | None = None) -> list[str]:
+def check_config(sections: dict[str, dict[str, Any]], root: Path = Path("/"), api_key: str | None = None) -> list[str]:
     """Every problem the appliance would refuse to start with, in its own words (key and value named), once the
     settings' ``api_key`` (if any) is in place."""
     if root != Path("/"):  # a scratch tree: the files the config names are under it

@@ -17,8 +17,10 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .verify import Bundle, BundleError, is_model, parse_manifest, sha256_file, store_name
 
@@ -39,10 +41,11 @@ class Layout:
         return self.state_dir / "models"
 
 
-def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_models: bool = False, log=print) -> dict:
+def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_models: bool = False,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
     """Install a verified bundle; returns what changed (for Ansible's ``changed_when`` and for people). With
     ``discard_models`` the bundle's model files are deleted once the store holds them (a staging copy)."""
-    changes = {"release": bundle.release, "version": bundle.version, "installed": False, "models": [],
+    changes: dict[str, Any] = {"release": bundle.release, "version": bundle.version, "installed": False, "models": [],
                "units": [], "activated": False, "running": current_release(layout)}
     target = layout.release(bundle.release)
     stamp = target / ".complete"
@@ -65,7 +68,7 @@ def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_model
     return changes
 
 
-def _install_release(bundle: Bundle, target: Path, layout: Layout, log) -> None:
+def _install_release(bundle: Bundle, target: Path, layout: Layout, log: Callable[[str], None]) -> None:
     if target.exists():
         if current_release(layout) == bundle.release:
             raise BundleError(f"{target} is the running release but differs from this bundle; install the bundle "
@@ -129,7 +132,8 @@ def _retarget(bin_dir: Path, old: str, new: str) -> None:
                 script.write_bytes(data.replace(old.encode(), new.encode()))
 
 
-def _install_models(bundle: Bundle, release_dir: Path, layout: Layout, log) -> list[str]:
+def _install_models(bundle: Bundle, release_dir: Path, layout: Layout,
+                    log: Callable[[str], None]) -> list[str]:
     """Copy the model files the store lacks (checked against their digest after the copy), then give the release
     its catalog and a link per file; returns the store files written."""
     written = []
@@ -162,7 +166,7 @@ def _install_models(bundle: Bundle, release_dir: Path, layout: Layout, log) -> l
 
 def prune(layout: Layout) -> list[str]:
     """Remove releases other than current and previous, then store files no kept release links to."""
-    keep = {current_release(layout), current_release(layout, "previous")} - {None}
+    keep = {name for name in (current_release(layout), current_release(layout, "previous")) if name is not None}
     removed = []
     root = layout.prefix / "releases"
     for release in sorted(root.iterdir()) if root.is_dir() else []:
@@ -220,7 +224,7 @@ def switch(layout: Layout, release: str) -> bool:
     return True
 
 
-def rollback(layout: Layout) -> dict:
+def rollback(layout: Layout) -> dict[str, Any]:
     previous = current_release(layout, "previous")
     if previous is None:
         raise BundleError(f"{layout.prefix}/previous: no previous release to go back to")
@@ -230,7 +234,7 @@ def rollback(layout: Layout) -> dict:
     return {"changed": True, "release": previous, "rolled_back_from": failed, "units": units}
 
 
-def releases(layout: Layout) -> dict:
+def releases(layout: Layout) -> dict[str, Any]:
     root = layout.prefix / "releases"
     names = sorted(p.name for p in root.iterdir() if (p / ".complete").is_file()) if root.is_dir() else []
     return {"current": current_release(layout), "previous": current_release(layout, "previous"), "releases": names,

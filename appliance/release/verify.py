@@ -15,6 +15,7 @@ import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 NAMESPACE = "appliance-bundle"  # ssh-keygen -Y namespace: a signature made for anything else does not verify
 PRINCIPAL = "appliance-bundle"  # the identity in the allowed-signers file
@@ -123,7 +124,7 @@ def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None) 
                               + (" (and not in the device's model store)" if store and is_model(rel) else ""))
         stored.add(rel)
     for rel, expected in sorted(digests.items()):
-        actual = sha256_file(store / store_name(rel, expected) if rel in stored else bundle_dir / rel)
+        actual = sha256_file(store / store_name(rel, expected) if store and rel in stored else bundle_dir / rel)
         if actual != expected:
             raise BundleError(f"{rel}: sha256 {actual} does not match MANIFEST's {expected}")
     return frozenset(stored)
@@ -133,7 +134,7 @@ def is_model(rel: str) -> bool:
     return rel.startswith("models/") and rel != "models/catalog.toml"
 
 
-def _metadata(bundle_dir: Path) -> dict:
+def _metadata(bundle_dir: Path) -> dict[str, Any]:
     try:
         meta = tomllib.loads((bundle_dir / "bundle.toml").read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -153,7 +154,8 @@ def store_name(rel: str, digest: str) -> str:
     return f"{digest[:16]}-{PurePosixPath(rel).name}"
 
 
-def _ssh_keygen(args: list[str], stdin=None, check: bool = True) -> subprocess.CompletedProcess:
+def _ssh_keygen(args: list[str], stdin: IO[bytes] | None = None,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
         result = subprocess.run(["ssh-keygen", *args], stdin=stdin, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:

@@ -6,6 +6,8 @@ away, so an abandoned stream frees the worker at once.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -13,9 +15,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Flask, Response, request
-from waitress import create_server
+from waitress.server import create_server
 from werkzeug.exceptions import HTTPException
 
 from appliance import __version__
@@ -26,47 +29,43 @@ from appliance.errors import (
     Internal,
     Unauthorized,
     UnknownModel,
-    error_from_code,
 )
-from appliance.infer.pool import InferencePool
-from appliance.protocol import Completion, decode_json
-from appliance.scheduler import Job, Scheduler
+from appliance.generation.scheduler import Job, Scheduler
+from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
+from appliance.metrics import Metrics
+from appliance.protocol import GenerateRequest, decode_json, tensor_result_payload
 from appliance.status import SERVING, StatusBoard
+from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports import openai
 
 log = logging.getLogger(__name__)
 
-PUBLIC_ROUTES = ("/healthz",)
+PUBLIC_ROUTES = ("/healthz", "/favicon.ico")  # the icon route answers 204: nothing to protect
+BROWSER_PAGE, BROWSER_PREFIX = "/", "/ui/"  # the operator page: a 401 there asks the browser for the key (Basic)
 POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is still there
 
 
 class QueueSink:
-    """Hands a job's output from the scheduler thread to the HTTP thread serving the request."""
+    """Hands a job's events from the scheduler thread to the HTTP thread serving the request."""
 
     def __init__(self) -> None:
-        self.items: queue.SimpleQueue = queue.SimpleQueue()
+        self.items: queue.SimpleQueue[Chunk | Done | Failed] = queue.SimpleQueue()
 
-    def on_piece(self, job: Job, seq: int, text: str) -> None:
-        self.items.put(("piece", text))
-
-    def on_result(self, job: Job, completion: Completion) -> None:
-        self.items.put(("result", completion))
-
-    def on_error(self, job: Job, error: ApplianceError) -> None:
-        self.items.put(("error", error))
-
-    def on_abandon(self, job: Job) -> None:
-        self.items.put(("error", Cancelled("the appliance is shutting down")))
+    def send(self, job: Job, event: JobEvent) -> None:
+        if isinstance(event, Abandoned):
+            event = Failed(job.key, Cancelled("the appliance is shutting down"))
+        self.items.put(event)
 
 
-def _sse(payload: dict | str) -> bytes:
+def _sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
 
 
-def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str | None, *,
+def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_key: str | None, *,
                max_body: int = 1 << 20, result_wait: float = 3600.0,
-               telemetry: Callable[[], dict] = dict, infer: InferencePool | None = None) -> Flask:
+               telemetry: Callable[[], dict[str, Any]] = dict[str, Any], infer: InferencePool | None = None,
+               page: Callable[[Flask], None] | None = None) -> Flask:
     app = Flask("appliance")
     app.config["MAX_CONTENT_LENGTH"] = max_body
 
@@ -78,51 +77,58 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
                         mimetype="application/json", headers=headers)
 
     @app.errorhandler(ApplianceError)
-    def _appliance_error(error: ApplianceError):
+    def _appliance_error(error: ApplianceError) -> Response:
         return error_response(error)
 
     @app.errorhandler(HTTPException)
-    def _http_error(error: HTTPException):
+    def _http_error(error: HTTPException) -> Response:
         mapped = BadRequest(f"{error.code} {error.name}: {error.description}")
-        mapped.http_status = error.code
+        mapped.http_status = error.code or 500
         return error_response(mapped)
 
     @app.errorhandler(Exception)
-    def _unexpected(error: Exception):
+    def _unexpected(error: Exception) -> Response:
         log.exception("HTTP handler failed")
         return error_response(Internal(f"internal error ({type(error).__name__})"))
 
     @app.before_request
-    def _authorize():
+    def _authorize() -> Response | None:
         if api_key is None or request.path in PUBLIC_ROUTES:
             return None
-        header = request.headers.get("Authorization", "")
-        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        given, browser = presented_key(request.headers.get("Authorization", ""))
         if not hmac.compare_digest(given.encode(), api_key.encode()):
+            if request.path == BROWSER_PAGE or request.path.startswith(BROWSER_PREFIX):
+                return Response("<!doctype html><title>key needed</title><p>This appliance needs its API key: any "
+                                "user name, the key as the password.</p>", status=401, mimetype="text/html",
+                                headers={"WWW-Authenticate": 'Basic realm="appliance", charset="UTF-8"'})
             raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer <key>')")
+        if browser and request.method == "POST" and request.mimetype != "application/json":
+            # a browser repeats Basic credentials on a form another site submits; such forms cannot send JSON
+            # without a CORS preflight, which this server never grants
+            raise Unauthorized("with browser (Basic) credentials a POST must be application/json")
         return None
 
     @app.get("/healthz")
-    def healthz():
+    def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
     @app.get("/readyz")
-    def readyz():
+    def readyz() -> tuple[dict[str, Any], int]:
         current = status.current
         body = {"status": current.state, "model": current.model, "reason": current.reason}
         return body, 200 if current.state in SERVING else 503
 
     @app.get("/status")
-    def status_route():
+    def status_route() -> dict[str, Any]:
         return {**status.current.to_dict(), "outstanding": scheduler.outstanding, "worker_pid": scheduler.worker.pid,
                 "telemetry": telemetry()}
 
     @app.get("/metrics")
-    def metrics_route():
+    def metrics_route() -> Response:
         return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    def models():
+    def models() -> dict[str, Any]:
         if scheduler.config.models.switch:
             ids = [e.id for e in scheduler.catalog if e.generates_text]
         else:
@@ -134,33 +140,31 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
         return decode_json(request.get_data(cache=False), limit=max_body)
 
     @app.post("/v1/completions")
-    def completions():
+    def completions() -> Response:
         body = body_json()
         return serve(openai.completion_request(body), body, "text")
 
     @app.post("/v1/chat/completions")
-    def chat_completions():
+    def chat_completions() -> Response:
         body = body_json()
         return serve(openai.chat_request(body), body, "chat")
 
     @app.post("/v1/infer/<model_id>")
-    def infer_route(model_id: str):
+    def infer_route(model_id: str) -> Response | dict[str, Any]:
         """A tensor model (ONNX): {"inputs": {name: nested list}} -> outputs with labels and scores."""
         if infer is None or not infer.models:
             raise UnknownModel(f"unknown tensor model '{model_id}' (available: none)", param="model")
-        answers: queue.SimpleQueue = queue.SimpleQueue()
+        answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
         infer.submit(model_id, body_json(), answers.put, "http")
         try:
-            payload = answers.get(timeout=result_wait)
+            answer = answers.get(timeout=result_wait)
         except queue.Empty:
             return error_response(Internal("no reply from the inference worker"))
-        if payload["type"] == "error":
-            error = error_from_code(payload["error"]["code"], payload["error"]["message"],
-                                    payload["error"].get("param"))
-            return error_response(error, transport_counted=True)
-        return payload
+        if isinstance(answer, ApplianceError):
+            return error_response(answer, transport_counted=True)
+        return tensor_result_payload(answer)
 
-    def serve(generate_request, body: dict, kind: str) -> Response:
+    def serve(generate_request: GenerateRequest, body: object, kind: str) -> Response:
         sink = QueueSink()
         job = scheduler.submit(generate_request, sink, "http")
         shaper = openai.ResponseShaper(generate_request, job.model_id, kind)
@@ -171,11 +175,12 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
         return Response(stream, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def wait_for_result(job: Job, sink: QueueSink, shaper: openai.ResponseShaper, disconnected) -> Response:
+    def wait_for_result(job: Job, sink: QueueSink, shaper: openai.ResponseShaper,
+                        disconnected: Callable[[], bool]) -> Response:
         deadline = time.monotonic() + result_wait
         while True:
             try:
-                kind, value = sink.items.get(timeout=POLL_SECONDS)
+                event = sink.items.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 if disconnected():
                     scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))
@@ -184,40 +189,60 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics, api_key: str 
                     scheduler.cancel_job(job)
                     return error_response(Internal("no reply from the scheduler"))
                 continue
-            if kind == "result":
-                return Response(json.dumps(shaper.full(value), ensure_ascii=False), mimetype="application/json")
-            if kind == "error":
-                return error_response(value, transport_counted=True)
+            match event:
+                case Done(completion=completion):
+                    return Response(json.dumps(shaper.full(completion), ensure_ascii=False),
+                                    mimetype="application/json")
+                case Failed(error=error):
+                    return error_response(error, transport_counted=True)
 
     def stream_events(job: Job, sink: QueueSink, shaper: openai.ResponseShaper, include_usage: bool,
-                      disconnected) -> Iterator[bytes]:
+                      disconnected: Callable[[], bool]) -> Iterator[bytes]:
         try:
             first = shaper.first_chunk()
             if first is not None:
                 yield _sse(first)
             while True:
                 try:
-                    kind, value = sink.items.get(timeout=POLL_SECONDS)
+                    event = sink.items.get(timeout=POLL_SECONDS)
                 except queue.Empty:
                     if disconnected():
                         return
                     continue
-                if kind == "piece":
-                    yield _sse(shaper.delta_chunk(value))
-                elif kind == "result":
-                    for chunk in shaper.final_chunks(value, include_usage):
-                        yield _sse(chunk)
-                    yield _sse("[DONE]")
-                    return
-                else:
-                    yield _sse(openai.error_body(value))
-                    yield _sse("[DONE]")
-                    return
+                match event:
+                    case Chunk(text=text):
+                        yield _sse(shaper.delta_chunk(text))
+                    case Done(completion=completion):
+                        for chunk in shaper.final_chunks(completion, include_usage):
+                            yield _sse(chunk)
+                        yield _sse("[DONE]")
+                        return
+                    case Failed(error=error):
+                        yield _sse(openai.error_body(error))
+                        yield _sse("[DONE]")
+                        return
         finally:
             if not job.finished:  # the client went away mid-stream: free the worker
                 scheduler.cancel_job(job, Cancelled("the HTTP client disconnected"))
 
+    if page is not None:
+        page(app)
     return app
+
+
+def presented_key(header: str) -> tuple[str, bool]:
+    """The key in an Authorization header (Bearer, or Basic with the key as the password) and whether it came the
+    browser's way (Basic)."""
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip(), False
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return "", True
+        return decoded.partition(":")[2], True
+    return "", False
 
 
 class HttpServer:
@@ -228,7 +253,7 @@ class HttpServer:
         # notices a client that went away (waitress.client_disconnected) before a reply is written
         self._server = create_server(app, host=host, port=port, threads=threads, ident="appliance",
                                      clear_untrusted_proxy_headers=True, channel_request_lookahead=5)
-        self.port = int(self._server.effective_port)
+        self.port = int(self._server.effective_port)  # type: ignore[union-attr]  # missing from the stubs
         self.host = host
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
         self._closed = False

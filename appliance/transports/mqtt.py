@@ -19,18 +19,21 @@ import contextlib
 import hashlib
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.config import Config
 from appliance.errors import ApplianceError, BadRequest, Busy
-from appliance.infer.pool import InferencePool
+from appliance.generation.scheduler import Job, Scheduler
+from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
 from appliance.protocol import (
-    Completion,
     chunk_payload,
     decode_json,
     dumps,
@@ -38,11 +41,13 @@ from appliance.protocol import (
     parse_generate,
     request_id,
     result_payload,
+    tensor_result_payload,
 )
-from appliance.scheduler import Job, Scheduler
 from appliance.status import Status, StatusBoard
+from appliance.tensors.pool import Answer, InferencePool
+from appliance.transports.ha_discovery import Discovery, board_model
 from appliance.transports.mqtt_acks import AckBook
-from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client
+from appliance.transports.mqtt_session import Topics, connect_async, disable_nagle, make_client, new_properties
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +60,27 @@ class MqttReply:
         self.transport, self.topic, self.correlation, self.key = transport, topic, correlation, key
         self.stream, self.fleet = stream, fleet
 
-    def on_piece(self, job: Job, seq: int, text: str) -> None:
-        if self.stream:
-            self.transport.publish(self.topic, chunk_payload(job.request.id, seq, text), self.correlation,
-                                   expiry=self.transport.config.mqtt.reply_expiry)
-
-    def on_result(self, job: Job, completion: Completion) -> None:
-        self.transport.answer(self, result_payload(job.request.id, completion))
-
-    def on_error(self, job: Job, error: ApplianceError) -> None:
-        self.refuse(job.request.id, error)
+    def send(self, job: Job, event: JobEvent) -> None:
+        rid = job.request.id
+        match event:
+            case Chunk(seq=seq, text=text) if self.stream:
+                self.transport.publish(self.topic, chunk_payload(rid, seq, text), self.correlation,
+                                       expiry=self.transport.config.mqtt.reply_expiry)
+            case Done(completion=completion):
+                self.transport.answer(self, result_payload(rid, completion))
+            case Failed(error=error):
+                self.refuse(rid, error)
+            case Abandoned():
+                self.abandon(rid)
 
     def refuse(self, rid: str | int | None, error: ApplianceError) -> None:
         self.transport.answer(self, error_payload(rid, error))
 
-    def on_abandon(self, job: Job) -> None:
-        self.abandon(job.request.id)
+    def tensor_answer(self, rid: str | int | None, answer: Answer) -> None:
+        if isinstance(answer, ApplianceError):
+            self.refuse(rid, answer)
+        else:
+            self.transport.answer(self, tensor_result_payload(answer))
 
     def abandon(self, rid: str | int | None) -> None:
         """The appliance is stopping before it could answer."""
@@ -83,12 +93,13 @@ class MqttReply:
 
 class MqttTransport:
     def __init__(self, config: Config, scheduler: Scheduler, status: StatusBoard, metrics: Metrics,
-                 infer: InferencePool | None = None) -> None:
+                 infer: InferencePool | None = None, telemetry: Callable[[], dict[str, Any]] = dict) -> None:
         self.infer = infer
+        self._telemetry = telemetry  # the supervisor's latest reading
         self.config = config
         self.scheduler = scheduler
         self.metrics = metrics
-        self.topics = Topics(config.mqtt.topic_prefix, config.device.id, config.mqtt.fleet_group)
+        self.topics = Topics.of(config.mqtt.topic_prefix, config.device.id, config.mqtt.fleet_group)
         self.acks = AckBook()
         self._v5 = config.mqtt.protocol == "5"
         self._accepting = True
@@ -109,6 +120,8 @@ class MqttTransport:
             client.on_publish = self._on_publish
             client.on_subscribe = self._on_subscribe
         status.subscribe(self._publish_status)
+        self.discovery = Discovery(config, self.topics, self._publish_discovery, self._republish_state,
+                                   board_model())
         logging.getLogger("paho").addFilter(self._quiet_after_close)
 
     def _quiet_after_close(self, record: logging.LogRecord) -> bool:
@@ -134,6 +147,7 @@ class MqttTransport:
             return
         self._closed = True
         self._accepting = False
+        self.discovery.close()
         if self.connected.is_set():
             info = self.publish(self.topics.status, {**self._status.current.to_dict(), "state": "offline",
                                                      "reason": "shut down"}, retain=True)
@@ -146,14 +160,15 @@ class MqttTransport:
     # -- callbacks (paho's network thread) ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _guard(self, where: str):
+    def _guard(self, where: str) -> Iterator[None]:
         try:
             yield
         except Exception:
             self.metrics.callback_errors.inc()
             log.exception("MQTT %s callback failed", where)
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags, reason_code: ReasonCode,
+                    properties: Properties | None) -> None:
         with self._guard("on_connect"):
             which = "fleet" if client is self.fleet_client else "device"
             if reason_code.is_failure:
@@ -163,48 +178,60 @@ class MqttTransport:
             disable_nagle(client)
             # Subscribe every time: Debian's mosquitto 2.0.11 does not restore $share subscriptions of durable
             # sessions, and a session may have expired. No retained requests: they would rerun on every reconnect.
-            options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND) if self._v5 else 1
             if client is self.fleet_client:
                 topics = [self.topics.fleet_share, self.topics.fleet_cancel]
             else:
                 topics = [self.topics.generate, self.topics.cancel]
                 if self.infer is not None and self.infer.models:
                     topics.append(self.topics.infer_prefix + "+")
-            client.subscribe([(t, options) for t in topics])
+                if self.discovery.enabled:
+                    topics.append(self.discovery.birth_topic)
+            if self._v5:
+                options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+                client.subscribe([(t, options) for t in topics])
+            else:
+                client.subscribe([(t, 1) for t in topics])
             if client is self.client:
                 self.publish(self.topics.status, self._status.current.to_dict(), retain=True)
+                self.discovery.on_connect()
                 self.connected.set()
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: paho.DisconnectFlags,
+                       reason_code: ReasonCode, properties: Properties | None) -> None:
         with self._guard("on_disconnect"):
             if client is self.client:
                 self.connected.clear()
             if not self._closed:
                 log.warning("MQTT: disconnected (%s); reconnecting", reason_code)
 
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reason_codes: list[ReasonCode],
+                      properties: Properties | None) -> None:
         with self._guard("on_subscribe"):
             for code in reason_codes:
                 if code.is_failure:
                     log.error("MQTT: broker refused a subscription: %s", code)
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason_code: ReasonCode,
+                    properties: Properties | None) -> None:
         with self._guard("on_publish"):
             if reason_code.is_failure:
                 log.error("MQTT: broker refused a publish (mid %d): %s", mid, reason_code)
             self._ack(self.acks.puback(mid))
 
-    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         with self._guard("on_message"):
-            if msg.retain:  # a retained request would be answered again on every reconnect
+            if msg.topic == self.discovery.birth_topic and self.discovery.enabled:
+                self.discovery.on_birth(bytes(msg.payload))
+                self._ack({(client, msg.mid, msg.qos)})
+            elif msg.retain:  # a retained request would be answered again on every reconnect
                 log.warning("MQTT: ignoring a retained message on %s", msg.topic)
                 self._ack({(client, msg.mid, msg.qos)})
             elif msg.topic in (self.topics.generate, self.topics.fleet_generate):
                 self._on_request(client, msg, self._generate)
-            elif msg.topic.startswith(self.topics.infer_prefix) and self.infer is not None:
+            elif msg.topic.startswith(self.topics.infer_prefix) and (infer := self.infer) is not None:
                 model_id = msg.topic[len(self.topics.infer_prefix):]
-                self._on_request(client, msg, lambda body, reply: self.infer.submit(
-                    model_id, body, lambda payload: self.answer(reply, payload), "mqtt"))
+                self._on_request(client, msg, lambda body, reply: infer.submit(
+                    model_id, body, lambda answer: reply.tensor_answer(request_id(body), answer), "mqtt"))
             elif msg.topic in (self.topics.cancel, self.topics.fleet_cancel):
                 self._on_cancel(msg)
                 self._ack({(client, msg.mid, msg.qos)})
@@ -214,20 +241,22 @@ class MqttTransport:
     def _generate(self, body: object, reply: MqttReply) -> None:
         self.scheduler.submit(parse_generate(body), reply, "mqtt")
 
-    def _on_request(self, client: paho.Client, msg: paho.MQTTMessage, handle) -> None:
+    def _on_request(self, client: paho.Client, msg: paho.MQTTMessage,
+                    handle: Callable[[object, MqttReply], None]) -> None:
         """Decode, deduplicate and hand over one request; ``handle(body, reply)`` submits it or raises."""
         props = getattr(msg, "properties", None) if self._v5 else None
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
         body, problem = None, None
         try:
-            body = decode_json(msg.payload, limit=self.config.mqtt.max_payload)
+            body = decode_json(bytes(msg.payload), limit=self.config.mqtt.max_payload)
         except BadRequest as exc:
             problem = exc
         rid = request_id(body) if isinstance(body, dict) else None
         reply_to = body.get("reply_to") if isinstance(body, dict) else None
         topic = response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None) \
             or self.topics.reply
+        key: tuple[object, ...]
         if correlation is not None:
             key = (topic, "cd", bytes(correlation))
         elif rid is not None:
@@ -256,7 +285,7 @@ class MqttTransport:
 
     def _on_cancel(self, msg: paho.MQTTMessage) -> None:
         try:
-            body = decode_json(msg.payload, limit=4096)
+            body = decode_json(bytes(msg.payload), limit=4096)
         except BadRequest as exc:
             log.warning("MQTT: ignoring a cancel: %s", exc.message)
             return
@@ -268,11 +297,11 @@ class MqttTransport:
 
     # -- publishing (any thread) -------------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: dict, correlation: bytes | None = None, *, retain: bool = False,
+    def publish(self, topic: str, payload: dict[str, Any], correlation: bytes | None = None, *, retain: bool = False,
                 expiry: int = 0) -> paho.MQTTMessageInfo:
         props = None
         if self._v5:
-            props = Properties(PacketTypes.PUBLISH)
+            props = new_properties(PacketTypes.PUBLISH)
             props.ContentType = "application/json"
             if correlation is not None:
                 props.CorrelationData = correlation
@@ -280,7 +309,7 @@ class MqttTransport:
                 props.MessageExpiryInterval = expiry
         return self.client.publish(topic, dumps(payload), qos=1, retain=retain, properties=props)
 
-    def answer(self, reply: MqttReply, payload: dict) -> None:
+    def answer(self, reply: MqttReply, payload: dict[str, Any]) -> None:
         """Publish a final reply; the request is acked once the broker has the reply."""
         info = self.publish(reply.topic, payload, reply.correlation, expiry=self.config.mqtt.reply_expiry)
         self._ack(self.acks.reply_sent(reply.key, info.mid))
@@ -292,9 +321,20 @@ class MqttTransport:
             if qos > 0:
                 client.ack(mid, qos)
 
-    def publish_telemetry(self, payload: dict) -> None:
+    def publish_telemetry(self, payload: dict[str, Any]) -> None:
         if not self._closed:
             self.publish(self.topics.telemetry, payload, retain=True)
+
+    def _publish_discovery(self, topic: str, payload: dict[str, Any] | None) -> None:
+        if payload is None:  # an empty retained message removes the entity from Home Assistant
+            self.client.publish(topic, b"", qos=1, retain=True)
+        else:
+            self.publish(topic, payload, retain=True)
+
+    def _republish_state(self) -> None:
+        self._publish_status(self._status.current)
+        if telemetry := self._telemetry():
+            self.publish_telemetry(telemetry)
 
     def _publish_status(self, status: Status) -> None:
         if not self._closed:

@@ -14,6 +14,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Hashable
+from typing import Any
+
+#: one delivery of a request, to ack on the connection it came by: (connection, mid, qos)
+Delivery = tuple[Any, int, int]
 
 #: how long a PUBACK that arrived before its publish() call returned is remembered (microseconds matter, not minutes)
 EARLY_PUBACK_TTL = 10.0
@@ -23,13 +27,13 @@ class AckBook:
     def __init__(self, answered_capacity: int = 4096) -> None:
         self._lock = threading.Lock()
         #: request key -> deliveries to ack, each (connection, mid, qos)
-        self._inflight: dict[Hashable, set[tuple]] = {}
+        self._inflight: dict[Hashable, set[Delivery]] = {}
         self._answered: OrderedDict[Hashable, None] = OrderedDict()
         self._answered_capacity = answered_capacity
         self._awaiting_puback: dict[int, Hashable] = {}  # reply mid -> request key
         self._early_pubacks: dict[int, float] = {}
 
-    def begin(self, key: Hashable, delivery: tuple) -> str:
+    def begin(self, key: Hashable, delivery: Delivery) -> str:
         """Record a delivered request: 'new', 'in_progress' (a redelivery of one being worked on: its mid is
         acked with the original) or 'answered' (already answered: ack it and reply nothing)."""
         with self._lock:
@@ -46,7 +50,7 @@ class AckBook:
         with self._lock:
             self._inflight.pop(key, None)
 
-    def reply_sent(self, key: Hashable, reply_mid: int) -> set[tuple]:
+    def reply_sent(self, key: Hashable, reply_mid: int) -> set[Delivery]:
         """The final reply went out as ``reply_mid``. Returns request acks that are due now (their PUBACK came
         back already); otherwise they are returned later by :meth:`puback`."""
         with self._lock:
@@ -56,7 +60,7 @@ class AckBook:
             self._awaiting_puback[reply_mid] = key
             return set()
 
-    def puback(self, reply_mid: int) -> set[tuple]:
+    def puback(self, reply_mid: int) -> set[Delivery]:
         """The broker acknowledged one of our publishes; returns the request acks it releases."""
         with self._lock:
             key = self._awaiting_puback.pop(reply_mid, None)
@@ -69,12 +73,7 @@ class AckBook:
                 return set()
             return self._answer(key)
 
-    def answered_now(self, key: Hashable) -> set[tuple]:
-        """Acks for a request whose answer needs no PUBACK to wait for (e.g. QoS 0 reply)."""
-        with self._lock:
-            return self._answer(key)
-
-    def _answer(self, key: Hashable) -> set[tuple]:
+    def _answer(self, key: Hashable) -> set[Delivery]:
         acks = self._inflight.pop(key, set())
         self._answered[key] = None
         while len(self._answered) > self._answered_capacity:

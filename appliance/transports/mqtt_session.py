@@ -27,56 +27,40 @@ from appliance.config import Config, read_secret
 
 @dataclass(frozen=True)
 class Topics:
-    prefix: str
-    device: str
-    group: str
+    """Every topic of one device (``<prefix>/<device>/...``) and of the fleet it belongs to."""
 
-    @property
-    def generate(self) -> str:
-        return f"{self.prefix}/{self.device}/generate"
+    generate: str
+    cancel: str
+    status: str
+    telemetry: str
+    reply: str  # replies to requests that name no reply topic
+    infer_prefix: str  # + a tensor model's id
+    fleet_generate: str
+    fleet_share: str  # the shared subscription to fleet_generate
+    fleet_cancel: str
 
-    @property
-    def cancel(self) -> str:
-        return f"{self.prefix}/{self.device}/cancel"
+    @classmethod
+    def of(cls, prefix: str, device: str, group: str) -> Topics:
+        own, fleet = f"{prefix}/{device}", f"{prefix}/fleet"
+        return cls(generate=f"{own}/generate", cancel=f"{own}/cancel", status=f"{own}/status",
+                   telemetry=f"{own}/telemetry", reply=f"{own}/reply", infer_prefix=f"{own}/infer/",
+                   fleet_generate=f"{fleet}/generate", fleet_share=f"$share/{group}/{fleet}/generate",
+                   fleet_cancel=f"{fleet}/cancel")
 
-    @property
-    def status(self) -> str:
-        return f"{self.prefix}/{self.device}/status"
 
-    @property
-    def infer_prefix(self) -> str:
-        """``<prefix>/<device>/infer/`` + a tensor model's id."""
-        return f"{self.prefix}/{self.device}/infer/"
-
-    @property
-    def telemetry(self) -> str:
-        return f"{self.prefix}/{self.device}/telemetry"
-
-    @property
-    def reply(self) -> str:
-        return f"{self.prefix}/{self.device}/reply"
-
-    @property
-    def fleet_generate(self) -> str:
-        return f"{self.prefix}/fleet/generate"
-
-    @property
-    def fleet_share(self) -> str:
-        return f"$share/{self.group}/{self.fleet_generate}"
-
-    @property
-    def fleet_cancel(self) -> str:
-        return f"{self.prefix}/fleet/cancel"
+def new_properties(packet_type: int) -> Properties:
+    """MQTT v5 properties for one packet type (paho's constructor carries no annotations)."""
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
 def make_client(config: Config, client_id: str, *, persistent: bool) -> paho.Client:
     """A paho 2.x client (VERSION2 callbacks, manual acks) with credentials and TLS from the config."""
     m = config.mqtt
     if m.protocol == "5":
-        kwargs = {"protocol": paho.MQTTv5}
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, manual_ack=True, protocol=paho.MQTTv5)
     else:
-        kwargs = {"protocol": paho.MQTTv311, "clean_session": not persistent}
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, manual_ack=True, **kwargs)
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, manual_ack=True,
+                             protocol=paho.MQTTv311, clean_session=not persistent)
     client.enable_logger(logging.getLogger("paho"))
     client.suppress_exceptions = True  # second line of defence; the transport's _guard() is the first
     if m.username:
@@ -101,7 +85,7 @@ def disable_nagle(client: paho.Client) -> None:
 def connect_async(client: paho.Client, config: Config, host: str, port: int, *, session_expiry: int) -> None:
     """Connect in the background; paho keeps retrying (with back-off) until the broker answers."""
     if config.mqtt.protocol == "5":
-        props = Properties(PacketTypes.CONNECT)
+        props = new_properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = session_expiry
         client.connect_async(host, port, keepalive=config.mqtt.keepalive, clean_start=session_expiry == 0,
                              properties=props)

@@ -24,7 +24,7 @@ _NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs
 _IGNORED = ("user", "stream_options", "metadata", "store", "service_tier", "min_p", "typical_p")
 
 
-def _check_neutral(body: dict) -> None:
+def _check_neutral(body: dict[str, Any]) -> None:
     for name, neutral in _NEUTRAL.items():
         value = body.get(name, neutral)
         if value in (neutral, None, {}, []) or (name == "response_format" and value == {"type": "text"}):
@@ -74,17 +74,17 @@ def chat_request(body: Any) -> GenerateRequest:
     return _to_request(body, "chat")
 
 
-def wants_usage_in_stream(body: dict) -> bool:
-    options = body.get("stream_options")
+def wants_usage_in_stream(body: object) -> bool:
+    options = body.get("stream_options") if isinstance(body, dict) else None
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
-def _usage(c: Completion) -> dict:
+def _usage(c: Completion) -> dict[str, Any]:
     return {"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
             "total_tokens": c.usage.total_tokens}
 
 
-def _timings(c: Completion) -> dict:
+def _timings(c: Completion) -> dict[str, Any]:
     # llama-server reports per-response timings too; clients that do not know the key ignore it
     return {"ttft_ms": round(c.ttft_ms, 2), "tokens_per_s": round(c.tokens_per_s, 2)}
 
@@ -97,11 +97,11 @@ class ResponseShaper:
         self.created = int(time.time())
         self.object = "chat.completion" if kind == "chat" else "text_completion"
 
-    def _envelope(self, obj: str, choices: list, **extra: Any) -> dict:
+    def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 **extra}
 
-    def full(self, c: Completion) -> dict:
+    def full(self, c: Completion) -> dict[str, Any]:
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                       "finish_reason": c.finish_reason}
@@ -109,7 +109,7 @@ class ResponseShaper:
             choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
         return self._envelope(self.object, [choice], usage=_usage(c), timings=_timings(c))
 
-    def _chunk(self, delta: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
+    def _chunk(self, delta: str | None, finish_reason: str | None, *, role: bool = False) -> dict[str, Any]:
         if self.kind == "chat":
             d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
             return self._envelope("chat.completion.chunk",
@@ -117,13 +117,13 @@ class ResponseShaper:
         return self._envelope("text_completion", [{"index": 0, "text": delta or "", "logprobs": None,
                                                    "finish_reason": finish_reason}])
 
-    def first_chunk(self) -> dict | None:
+    def first_chunk(self) -> dict[str, Any] | None:
         return self._chunk(None, None, role=True) if self.kind == "chat" else None
 
-    def delta_chunk(self, text: str) -> dict:
+    def delta_chunk(self, text: str) -> dict[str, Any]:
         return self._chunk(text, None)
 
-    def final_chunks(self, c: Completion, include_usage: bool) -> list[dict]:
+    def final_chunks(self, c: Completion, include_usage: bool) -> list[dict[str, Any]]:
         chunks = [self._chunk(None, c.finish_reason)]
         if include_usage:
             obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
@@ -131,7 +131,7 @@ class ResponseShaper:
         return chunks
 
 
-def error_body(error: ApplianceError) -> dict:
+def error_body(error: ApplianceError) -> dict[str, Any]:
     """OpenAI's error shape, with the appliance's code (the same codes as over MQTT)."""
     kind = "invalid_request_error" if int(error.http_status) < 500 else "server_error"
     return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from appliance.broker import Mosquitto, free_port
+from appliance.transports.broker import Mosquitto, free_port
 from tests.support.harness import REPO, MqttClient
 
 SHIPPED = REPO / "systemd" / "mosquitto"

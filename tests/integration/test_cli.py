@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from appliance.broker import free_port
+from appliance.transports.broker import free_port
 from tests.support.harness import REPO, http_post, run_cli
 
 
@@ -123,3 +123,27 @@ def _fit_lines(out: str) -> dict[str, tuple[str, str]]:
     """model id -> (verdict, estimate) from `models fit` lines such as 'TOO BIG  slow: weights 16 + ... = 189 MiB'."""
     found = (re.fullmatch(r"(fits|TOO BIG) +(\S+): (.+)", line) for line in out.splitlines())
     return {m.group(2): (m.group(1), m.group(3)) for m in found if m}
+
+
+def test_models_fit_names_the_shelf_entries_that_fit_this_machine_or_a_board(catalog_path):
+    """After the catalog's models, every shelf model with its verdict and why; the exit status stays the
+    catalog's. With --board, both are weighed against that board's planned free memory."""
+    env = {"APPLIANCE_MODELS_CATALOG": str(catalog_path), "APPLIANCE_MODELS_DEFAULT": "tiny",
+           "APPLIANCE_MEMORY_BUDGET_MIB": "400"}
+    here = appliance_cmd("models", "fit", env=env)
+    assert here.returncode == 0, here.stdout + here.stderr
+    shelf = {model: verdict for verdict, model in re.findall(r"^  (fits|tight|TOO BIG) +(\S+) ", here.stdout, re.M)}
+    assert shelf["smollm2-135m-instruct"] == "tight"  # 324 MiB of 400: under memory.low_mib's 256 left
+    assert shelf["qwen2.5-1.5b-instruct"] == "TOO BIG"
+    assert "needs about 1311 MiB, 911 MiB more than the 400 free" in here.stdout
+    assert set(_fit_lines(here.stdout)) == {"tiny", "tiny-f32", "tiny-chat", "slow", "corrupt"}  # the catalog's
+
+    pi3 = appliance_cmd("models", "fit", "--board", "pi3b+", env=env)
+    assert pi3.stdout.splitlines()[0].startswith("available: 704 MiB (planned for Pi 3B+ (1 GB): 1024 MiB of RAM "
+                                                 "less 320 for the OS (--board pi3b+))")
+    assert "  fits     smollm2-135m-instruct (SmolLM2-135M-Instruct Q4_1, en, Apache-2.0): needs about 324 MiB, " \
+           "leaves 380 MiB" in pi3.stdout
+    assert re.search(r"^  TOO BIG  rwkv7-world-2.9b .*: needs about \d+ MiB, \d+ MiB more than the 704 free$",
+                     pi3.stdout, re.M)
+    unknown = appliance_cmd("models", "fit", "--board", "pi9", env=env)
+    assert unknown.returncode == 2 and "--board 'pi9': unknown board (known: pi3b+, pi4-1gb" in unknown.stderr

@@ -235,7 +235,7 @@ def test_models_add_refuses_what_an_onnx_entry_cannot_hold(family_dir, tmp_path)
 def test_the_catalog_template_wins_over_the_embedded_one(appliance_factory, mqtt_client, models_dir, tmp_path):
     """tiny-chat.gguf embeds a Jinja chat template (conftest); an entry naming `template = "alpaca"` is rendered
     with Stanford Alpaca's format instead, while the entry without one keeps the embedded template."""
-    from appliance import templates
+    from appliance.backends import templates
     from appliance.protocol import Message
     chat = models_dir / "tiny-chat.gguf"
     catalog = tmp_path / "catalog.toml"

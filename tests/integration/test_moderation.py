@@ -9,8 +9,8 @@ import pytest
 
 from appliance.catalog import Catalog, sha256_file
 from appliance.config import load_config
-from appliance.moderation import config_problems
-from appliance.text_features import hashed_words
+from appliance.generation.moderation import config_problems
+from appliance.tensors.features import hashed_words
 from tests.support import tiny_models, tiny_onnx
 from tests.support.harness import http_get, http_post, run_cli
 

@@ -6,7 +6,7 @@ import json
 import re
 import socket
 
-from appliance.broker import free_port, port_is_free
+from appliance.transports.broker import free_port, port_is_free
 from tests.support.harness import MqttClient, http_post
 
 

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from appliance.sensors import MiB
+from appliance.backends.probe import MiB
 from tests.support.harness import FakeBoard, http_get, merge
 
 

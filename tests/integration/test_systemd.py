@@ -46,7 +46,7 @@ def test_notify_socket_gets_ready_watchdog_status_stopping(appliance_factory, tm
 
 
 def test_notifier_abstract_socket():
-    from appliance.systemd import Notifier
+    from appliance.supervisor.systemd import Notifier
     name = f"appliance-test-{time.monotonic_ns()}"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind("\0" + name)
@@ -105,9 +105,10 @@ def test_watchdog_pings_stop_when_the_scheduler_hangs(tmp_path, catalog_path, mo
     """A sink that never returns hangs the scheduler loop: the watchdog pings stop, so systemd would restart us."""
     import threading
 
-    from appliance import supervisor as supervisor_module
+    from appliance.messages import Done
     from appliance.protocol import parse_generate
-    from appliance.systemd import Notifier
+    from appliance.supervisor import loop as supervisor_module
+    from appliance.supervisor.systemd import Notifier
     from tests.support.harness import in_process_service
 
     monkeypatch.setattr(supervisor_module, "HEARTBEAT_LIMIT", 1.0)
@@ -136,11 +137,9 @@ def test_watchdog_pings_stop_when_the_scheduler_hangs(tmp_path, catalog_path, mo
     release = threading.Event()
 
     class StuckSink:
-        def on_piece(self, job, seq, text): ...
-        def on_result(self, job, completion):
-            release.wait(30)  # a bug that blocks the scheduler thread
-        def on_error(self, job, error): ...
-        def on_abandon(self, job): ...
+        def send(self, job, event):
+            if isinstance(event, Done):
+                release.wait(30)  # a bug that blocks the scheduler thread
 
     try:
         service.start()

@@ -20,10 +20,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from appliance.broker import free_port
+from appliance.config import toml_text as toml
+from appliance.transports.broker import free_port
 from appliance.transports.mqtt_session import disable_nagle
 
 REPO = Path(__file__).resolve().parents[2]
+#: the worker settings the real default model runs with in the tests (and its llama-cpp-python reference)
+DEFAULT_MODEL_WORKER = {"context_size": 2048, "batch_size": 256, "threads": 2}
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 180,
@@ -34,19 +37,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 180,
 
 
 def toml_text(data: dict) -> str:
-    """Enough TOML for our configs: tables of scalars."""
-    def scalar(value):
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, (int, float)):
-            return str(value)
-        return json.dumps(str(value))
-    out = []
-    for section, values in data.items():
-        out.append(f"[{section}]")
-        out.extend(f"{k} = {scalar(v)}" for k, v in values.items())
-        out.append("")
-    return "\n".join(out)
+    """A config file of ``[section]`` tables."""
+    return "".join("\n".join(toml.table(section, values)) + "\n\n" for section, values in data.items())
 
 
 def merge(base: dict, extra: dict) -> dict:

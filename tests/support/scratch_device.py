@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from appliance.broker import Mosquitto, free_port
+from appliance.transports.broker import Mosquitto, free_port
 from tests.support.harness import REPO, run_cli
 
 IMAGE_CONFIG = REPO / "image/overlay/etc/appliance/appliance.toml"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jinja2
 
-from appliance.broker import Mosquitto, free_port
+from appliance.transports.broker import Mosquitto, free_port
 from appliance.firstboot.accounts import hash_password
 from tests.support.harness import REPO
 

@@ -84,7 +84,7 @@ def write_text_classifier(path: Path, flagged_words: list[str], size: int = 64) 
     ~0.98 "flagged" and any other text ~0.02."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from appliance.text_features import hashed_words
+    from appliance.tensors.features import hashed_words
     w = np.zeros((size, 2), dtype=np.float32)
     for word in flagged_words:
         w[int(np.argmax(hashed_words([word], size)[0])), 1] = 8.0

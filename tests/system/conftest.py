@@ -47,10 +47,25 @@ def bundle_amd64(tmp_path_factory, tiny_catalog, signing_key) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bundle_amd64_default(tmp_path_factory, signing_key) -> Path:
+    """The bundle `make bundle ARCH=amd64` builds: no catalog given, so the embedded default model."""
+    from image import bundle
+    return bundle.build("amd64", tmp_path_factory.mktemp("dist-default"), key=signing_key, tarball=False)
+
+
+@pytest.fixture(scope="session")
 def as_root():
     if os.geteuid() != 0:
         pytest.fail("image tests need root (mmdebstrap, chroot, binfmt_misc): run `make test` as root, or leave "
                     "them out with PYTEST_ARGS='-m \"not image\"'")
+
+
+@pytest.fixture(scope="session")
+def amd64_default_image(as_root, bundle_amd64_default, signing_key, tmp_path_factory):
+    """The QEMU twin as `make image ARCH=amd64` builds it: the embedded default model."""
+    from image import build
+    return build.build("amd64", tmp_path_factory.mktemp("image-default"), bundle=bundle_amd64_default,
+                       key=signing_key, compress=False)
 
 
 @pytest.fixture(scope="session")

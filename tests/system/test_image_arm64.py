@@ -2,7 +2,7 @@
 cmdline.txt, file ownership inside the ext4, and the installed appliance importing llama.cpp and generating with a
 tiny model inside its root file system under qemu-user; then the image booted under qemu-system-aarch64 -M virt
 (its own arm64 kernel and initramfs; QEMU's device tree, not a Pi's) serving with the boot partition's settings.
-`make image-boot-arm64` is the same boot of the image with the Gemma default."""
+`make image-boot-arm64` is the same boot of the image with the embedded default model."""
 
 from __future__ import annotations
 

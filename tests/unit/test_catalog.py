@@ -97,3 +97,25 @@ def test_rwkv_keys_are_checked(tmp_path):
     catalog = Catalog.load(tmp_path / "catalog.toml")
     assert catalog.get("c").backend == "rwkv" and catalog.get("c").tokenizer == str(tmp_path / "20B_tokenizer.json")
     assert catalog.get("w").tokenizer == "world" and catalog.get("w").strategy is None
+
+
+def test_a_text_model_carries_its_system_prompt_and_sampling_defaults(tmp_path):
+    zeros = "0" * 64
+    (tmp_path / "catalog.toml").write_text(
+        f'[[models]]\nid = "a"\nfile = "a.gguf"\nsha256 = "{zeros}"\nsystem_prompt = "Answer in Spanish."\n'
+        f'temperature = 0.2\ntop_p = 1\n')
+    entry = Catalog.load(tmp_path / "catalog.toml").get("a")
+    assert (entry.system_prompt, entry.temperature, entry.top_p) == ("Answer in Spanish.", 0.2, 1.0)
+    assert entry.describe()["system_prompt"] == "Answer in Spanish." and entry.describe()["top_p"] == 1.0
+    (tmp_path / "catalog.toml").write_text(
+        f'[[models]]\nid = "a"\nfile = "a.gguf"\nsha256 = "{zeros}"\ntemperature = "low"\ntop_p = 1.5\n\n'
+        f'[[models]]\nid = "c"\nfile = "c.gguf"\nsha256 = "{zeros}"\nsystem_prompt = 3\n\n'
+        f'[[models]]\nid = "b"\nfile = "b.onnx"\nsha256 = "{zeros}"\nsystem_prompt = "x"\n'
+        f'[[models.inputs]]\nname = "x"\nshape = [1]\n')
+    with pytest.raises(ConfigError) as err:
+        Catalog.load(tmp_path / "catalog.toml")
+    text = "\n".join(err.value.problems)
+    assert "models[0].temperature = 'low': must be a number from 0 to 5.0" in text
+    assert "models[0].top_p = 1.5: must be a number from 0 to 1.0" in text
+    assert "models[1].system_prompt = 3: must be a string" in text
+    assert "models[2].system_prompt: only text models take it" in text

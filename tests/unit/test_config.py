@@ -19,7 +19,7 @@ def test_defaults_without_a_file():
     config = load_config(None, env={})
     assert config.mqtt.port == 1883 and config.mqtt.protocol == "5" and config.mqtt.topic_prefix == "appliance"
     assert config.http.bind == "127.0.0.1" and config.logging.log_prompts is False
-    assert config.worker.max_queue == 8 and config.models.default == "gemma3-270m"
+    assert config.worker.max_queue == 8 and config.models.default == "smollm2-135m-instruct"
     assert config.mqtt_client_id == f"appliance-{config.device.id}"
 
 

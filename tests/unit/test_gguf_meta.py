@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from appliance import admission
+from appliance.backends.probe import MiB
 from appliance.catalog import Catalog
+from appliance.catalog.gguf_meta import Architecture, ArrayInfo, read_metadata
 from appliance.config import load_config
 from appliance.errors import InsufficientMemory, ModelError
-from appliance.gguf_meta import Architecture, ArrayInfo, read_metadata
-from appliance.sensors import MiB
+from appliance.supervisor import admission
 from tests.support import tiny_models
 
 

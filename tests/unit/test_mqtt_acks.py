@@ -38,8 +38,9 @@ def test_forget_leaves_the_request_unacked_and_not_answered():
 
 def test_answered_memory_is_bounded():
     book = AckBook(answered_capacity=2)
-    for key in "abc":
+    for mid, key in enumerate("abc"):
         book.begin(key, ("c", 1, 1))
-        book.answered_now(key)
+        book.reply_sent(key, mid)
+        book.puback(mid)
     assert book.begin("a", ("c", 1, 1)) == "new"
     assert book.begin("c", ("c", 1, 1)) == "answered"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from appliance.backends.probe import MiB
 from appliance.config.schema import MemoryConfig, ThermalConfig
-from appliance.indicators import fan_speed, parse_fan_curve
-from appliance.policies import MemoryPolicy, ThermalPolicy, throttle_warnings
-from appliance.sensors import MemoryReading, MiB, Throttle, parse_meminfo, parse_psi, parse_throttled
+from appliance.supervisor.indicators import fan_speed, parse_fan_curve
+from appliance.supervisor.policies import MemoryPolicy, ThermalPolicy, throttle_warnings
+from appliance.supervisor.sensors import MemoryReading, Throttle, parse_meminfo, parse_psi, parse_throttled
 
 
 def reading(available_mib: float, some: float | None = None, full: float | None = None) -> MemoryReading:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from appliance.errors import BadRequest
@@ -11,8 +13,13 @@ from appliance.protocol import Message, decode_json, parse_generate
 def test_minimal_request_gets_an_id_and_defaults():
     request = parse_generate({"prompt": "hi"})
     assert isinstance(request.id, str) and len(request.id) == 32
-    assert request.params.max_tokens is None and request.params.temperature == 0.8
+    assert request.params.max_tokens is None and request.params.temperature is None and request.params.top_p is None
     assert request.stream is False and request.messages is None
+    # unset: the configured and the model's defaults, else llama-cpp-python's 0.8 and 0.95
+    resolved = request.params.with_defaults(max_tokens=256, temperature=None, top_p=0.9)
+    assert (resolved.max_tokens, resolved.temperature, resolved.top_p) == (256, 0.8, 0.9)
+    own = parse_generate({"prompt": "hi", "temperature": 0, "max_tokens": 3}).params
+    assert own.with_defaults(max_tokens=256, temperature=0.2, top_p=None) == replace(own, top_p=0.95)
 
 
 def test_full_request():
@@ -54,10 +61,6 @@ def test_invalid_requests_name_the_field(body, param):
     with pytest.raises(BadRequest) as err:
         parse_generate(body)
     assert err.value.param == param and err.value.message
-
-
-def test_non_strict_ignores_unknown_fields():
-    assert parse_generate({"prompt": "a", "extra": 1}, strict=False).prompt == "a"
 
 
 def test_decode_json_errors_say_what_is_wrong():

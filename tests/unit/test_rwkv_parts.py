@@ -9,11 +9,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from appliance import admission
 from appliance.catalog import ModelEntry
+from appliance.catalog.pth_meta import engine_strategy, read_checkpoint
 from appliance.config.loader import load_config
 from appliance.errors import ModelError
-from appliance.pth_meta import engine_strategy, read_checkpoint
+from appliance.supervisor import admission
 from tests.support import tiny_rwkv
 
 torch = pytest.importorskip("torch")

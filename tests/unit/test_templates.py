@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from appliance import families, templates
+from appliance.backends import templates
+from appliance.catalog import families
 from appliance.protocol import Message
 
 A = [Message("user", "Hello")]

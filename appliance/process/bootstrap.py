@@ -1,0 +1,43 @@
+"""The one way every child process starts: what runs before a worker's own loop, whichever worker it is.
+
+A child is started with multiprocessing's ``spawn`` (the parent runs paho and HTTP threads, which ``fork`` would copy
+mid-flight) and given a :class:`Program`: a small picklable object that says what the child is and runs its loop on
+the pipe to the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import signal
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+
+class Program(Protocol):
+    """What a child process runs: the inference worker (llm_worker.py) or the ONNX worker (onnx_worker.py)."""
+
+    #: process name, shown by ps and in log lines ("appliance-worker-3")
+    name: ClassVar[str]
+    #: the kernel's OOM killer takes the highest score first: a worker, not the parent holding MQTT and HTTP
+    oom_score_adj: ClassVar[int]
+
+    def serve(self, conn: Connection) -> None:
+        """Announce Ready, then answer messages until Shutdown; returns (or raises EOFError) when done."""
+
+
+def main(conn: Connection, program: Program, log_level: int) -> None:
+    """Entry point of every child process."""
+    # The parent owns shutdown: Ctrl-C in a terminal reaches the whole process group, so ignore it here and
+    # wait for the parent's Shutdown message (or its death, which closes the pipe).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # When memory runs out, the kernel should kill this process (the service restarts it), not the one holding
+    # the MQTT session and the HTTP server. Raising one's own score needs no privilege.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text(str(program.oom_score_adj))
+    faulthandler.enable()  # a segfault in an engine leaves a traceback on stderr for the journal
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):  # the parent went away
+        program.serve(conn)

@@ -1,0 +1,118 @@
+"""The parent's handle on one child process: start it, talk to it, notice when it dies, kill it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from appliance.messages import Exited, Shutdown
+from appliance.process import bootstrap
+from appliance.process.bootstrap import Program
+
+log = logging.getLogger(__name__)
+
+OnMessage = Callable[[Any], None]
+
+
+class ChildHandle(Protocol):
+    """What the parent needs of a running child (a test may run the same program in a thread instead)."""
+
+    pid: int | None
+
+    def send(self, message: object) -> bool: ...
+    def kill(self) -> None: ...
+    def close(self, timeout: float = 10.0) -> None: ...
+
+
+#: starts ``program`` as child number ``generation``; every message it sends, and finally Exited, goes to on_message
+Spawn = Callable[[Program, int, OnMessage], ChildHandle]
+
+
+class PipeHandle:
+    """The parent's end of a worker's pipe: a reader thread that hands every message on, sending, closing.
+    Subclasses start the worker and the reader, and know how to kill it."""
+
+    _conn: Connection
+    _reader: threading.Thread
+    pid: int | None
+
+    def __init__(self) -> None:
+        self._send_lock = threading.Lock()
+        self._closed = False
+
+    def send(self, message: object) -> bool:
+        """Send a message; False when the worker is already gone (its Exited will follow)."""
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the worker to exit, wait up to ``timeout``, then kill it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.send(Shutdown())
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            log.warning("worker %s did not exit within %.0f s of shutdown", self.pid, timeout)
+            self.kill()
+            self._reader.join(10)
+        self._conn.close()
+
+
+class WorkerProcess(PipeHandle):
+    """A spawned child running ``program`` (through :func:`appliance.process.bootstrap.main`).
+
+    Every message from the child, and finally :class:`~appliance.messages.Exited`, is passed to ``on_message`` from
+    a reader thread. Only that thread waits for (reaps) the child: two threads waiting on one pid race, and the
+    loser can take a reaped child for a live one.
+    """
+
+    def __init__(self, program: Program, generation: int, on_message: OnMessage) -> None:
+        super().__init__()
+        self._on_message = on_message
+        ctx = multiprocessing.get_context("spawn")  # no fork: the parent runs paho and HTTP threads
+        self._conn, child_conn = ctx.Pipe(duplex=True)
+        log_level = logging.getLogger("appliance").level
+        self._process = ctx.Process(target=bootstrap.main, args=(child_conn, program, log_level),
+                                    name=f"{program.name}-{generation}", daemon=True)
+        self._process.start()
+        child_conn.close()
+        self.pid = self._process.pid
+        self._exited = threading.Event()
+        self._reader = threading.Thread(target=self._read, name=f"{program.name}-reader-{generation}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            self._on_message(message)
+        self._process.join(timeout=10)  # the pipe closed: the child is exiting
+        if self._process.exitcode is None:
+            self.kill()
+            self._process.join()
+        self._exited.set()
+        self._on_message(Exited(self._process.exitcode))
+
+    def kill(self) -> None:
+        """SIGKILL: used when the child does not stop on request (stuck in the engine)."""
+        if not self._exited.is_set() and self.pid is not None:
+            log.warning("killing worker process %s", self.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)

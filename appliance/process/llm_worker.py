@@ -1,0 +1,198 @@
+"""The inference worker: a child process with one backend and one loaded model.
+
+It runs apart from the transports so that a crash, an abort or an OOM kill inside the engine cannot take MQTT or
+HTTP down. It answers the parent's messages (appliance/messages.py): Load, Unload, Generate, Cancel, Pause, Resume,
+Throttle and Shutdown; every reply about a job carries the job's key.
+
+Request text crosses the pipe but is never logged here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import ClassVar
+
+from appliance import backends, catalog
+from appliance.backends.base import Backend, EngineSettings, GenerationTask, Piece, PromptProgress
+from appliance.catalog.entry import ModelEntry
+from appliance.errors import ApplianceError, Internal, ModelError
+from appliance.messages import (
+    Cancel,
+    Chunk,
+    Done,
+    Failed,
+    Generate,
+    Load,
+    Loaded,
+    LoadFailed,
+    Pause,
+    Progress,
+    Ready,
+    Resume,
+    Shutdown,
+    Stopped,
+    Throttle,
+    Unload,
+    Unloaded,
+)
+from appliance.protocol import Completion
+
+log = logging.getLogger("appliance.worker")
+
+PROGRESS_EVERY = 0.5  # seconds between liveness reports of a non-streamed generation
+
+
+@dataclass(frozen=True)
+class LlmWorker:
+    """The inference worker's program (appliance/process/bootstrap.py starts it)."""
+
+    settings: EngineSettings
+    verify: bool  # check each model's sha256 before loading it
+
+    name: ClassVar[str] = "appliance-worker"
+    oom_score_adj: ClassVar[int] = 800
+
+    def serve(self, conn: Connection) -> None:
+        _Child(conn, self.settings, self.verify).run()
+
+
+class _Child:
+    def __init__(self, conn: Connection, settings: EngineSettings, verify: bool) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.verify = verify
+        self.backend: Backend | None = None
+        self.loaded_id: str | None = None
+        self.backlog: deque[object] = deque()  # messages that arrived while generating
+        self.stopping = False
+        self.paused = False
+        self.threads = settings.threads
+        self.token_delay = 0.0
+
+    def run(self) -> None:
+        self.conn.send(Ready(os.getpid()))
+        while not self.stopping:
+            message = self.backlog.popleft() if self.backlog else self.conn.recv()
+            match message:
+                case Load(entry=entry):
+                    self._load(entry)
+                case Generate(key=key, task=task):
+                    self._generate(key, task)
+                case Unload():
+                    self._close_backend()
+                    self.conn.send(Unloaded())
+                case Shutdown():
+                    self.stopping = True
+                case _:
+                    self._control(message)  # a Cancel for a job that is no longer running needs nothing
+        self._close_backend()
+
+    def _close_backend(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend, self.loaded_id = None, None
+
+    def _control(self, message: object) -> bool:
+        """Apply a Pause, Resume or Throttle; False for anything else."""
+        match message:
+            case Pause():
+                self.paused = True
+            case Resume():
+                self.paused = False
+            case Throttle(threads=threads, token_delay=delay):
+                self.threads, self.token_delay = threads, delay
+                if self.backend is not None:
+                    self.backend.set_threads(threads)
+            case _:
+                return False
+        return True
+
+    def _load(self, entry: ModelEntry) -> None:
+        try:
+            # the digest is checked while the current model still serves (the parent probed the file already)
+            if self.verify:
+                catalog.verify(entry)
+            backend = backends.create(entry.backend, self.settings)
+        except ApplianceError as exc:
+            self.conn.send(LoadFailed(entry.id, exc, still_loaded=self.loaded_id))
+            return
+        self._close_backend()  # one model in memory at a time
+        try:
+            info = backend.load(entry)
+            if self.threads != self.settings.threads:
+                backend.set_threads(self.threads)
+        except ApplianceError as exc:
+            self.conn.send(LoadFailed(entry.id, exc))
+            return
+        except Exception as exc:  # an engine bug must be reported, not kill the worker silently
+            log.exception("loading model %s failed", entry.id)
+            self.conn.send(LoadFailed(entry.id, Internal(f"loading '{entry.id}' failed: {type(exc).__name__}")))
+            return
+        self.backend, self.loaded_id = backend, entry.id
+        self.conn.send(Loaded(info))
+
+    def _should_stop(self, key: int) -> bool:
+        """Polled by the backend between batches and tokens: has the parent cancelled this job? Also where the
+        generation pauses while the board is too hot, and rests ``token_delay`` while it is warm."""
+        if self._drain(key):
+            return True
+        if self.token_delay:
+            deadline = time.monotonic() + self.token_delay
+            while (left := deadline - time.monotonic()) > 0:
+                if self.conn.poll(left) and self._drain(key):  # a cancel or a pause arrived during the rest
+                    return True
+        return False
+
+    def _drain(self, key: int) -> bool:
+        """Handle the messages waiting (and block while paused); True when this job must stop."""
+        while self.paused or self.conn.poll():
+            message = self.conn.recv()  # blocks while paused: nothing runs until resume, cancel or shutdown
+            match message:
+                case Cancel(key=cancelled) if cancelled == key:
+                    return True
+                case Shutdown():
+                    self.stopping = True
+                    return True
+                case Cancel():
+                    pass  # for a job that already ended
+                case _:
+                    if not self._control(message):
+                        self.backlog.append(message)
+        return False
+
+    def _generate(self, key: int, task: GenerationTask) -> None:
+        if self.backend is None:
+            self.conn.send(Failed(key, ModelError("no model is loaded")))
+            return
+        finished, pieces, last_report = False, 0, time.monotonic()
+        try:
+            for event in self.backend.generate(task, lambda: self._should_stop(key)):
+                match event:
+                    case Piece(text=text):
+                        pieces += 1
+                        if task.stream:
+                            self.conn.send(Chunk(key, pieces, text))
+                        elif time.monotonic() - last_report >= PROGRESS_EVERY:
+                            # Without a stream, one small message a second is enough to show the worker is alive;
+                            # a message per token would cost the parent CPU that the engine's threads need.
+                            last_report = time.monotonic()
+                            self.conn.send(Progress(key, pieces, 0))
+                    case PromptProgress(done=done, total=total):
+                        self.conn.send(Progress(key, done, total))
+                    case Completion():
+                        finished = True
+                        self.conn.send(Done(key, event))
+        except ApplianceError as exc:
+            self.conn.send(Failed(key, exc))
+            return
+        except Exception as exc:
+            log.exception("generation failed inside the engine")
+            self.conn.send(Failed(key, ModelError(f"the engine failed: {type(exc).__name__}")))
+            return
+        if not finished:
+            self.conn.send(Stopped(key))
