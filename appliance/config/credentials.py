@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 #: a broker account: it becomes a topic level (``replies/<name>/#``, the ``%u`` of the ACL) and a line of the
@@ -55,7 +56,7 @@ def api_key_problem(key: object) -> str | None:
     return None
 
 
-def secret_file_problem(path: Path, rule=None) -> str | None:
+def secret_file_problem(path: Path, rule: Callable[[str], str | None] | None = None) -> str | None:
     """What is wrong with a file holding a secret on its first line (the rest must be empty), or None."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -76,7 +77,7 @@ def secret_file_problem(path: Path, rule=None) -> str | None:
     return rule(secret) if rule is not None else None
 
 
-def account_problems(users: dict, where: str) -> list[str]:
+def account_problems(users: Mapping[str, object], where: str) -> list[str]:
     """Every problem of a ``name -> password`` table ("" removes an account); names are shown, passwords never."""
     problems = []
     for name, password in users.items():

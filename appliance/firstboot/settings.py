@@ -191,7 +191,7 @@ def merged(current_config: Path, sections: dict[str, dict[str, Any]]) -> dict[st
     return out
 
 
-def with_api_key(sections: dict[str, dict], api_key: str | None, key_file: str) -> dict[str, dict]:
+def with_api_key(sections: dict[str, dict[str, Any]], api_key: str | None, key_file: str) -> dict[str, dict[str, Any]]:
     """The config once an API key from the settings is in place: ``http.api_key_file`` names ``key_file`` (a key)
     or is gone ("" removes the key); unchanged for None."""
     if api_key is None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import jinja2
 
-from appliance.transports.broker import Mosquitto, free_port
 from appliance.firstboot.accounts import hash_password
+from appliance.transports.broker import Mosquitto, free_port
 from tests.support.harness import REPO
 
 SHIPPED = REPO / "systemd" / "mosquitto"
