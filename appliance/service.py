@@ -140,7 +140,8 @@ class Service:
                                  outstanding=lambda: self.scheduler.outstanding)
         app = create_app(self.scheduler, self.status, self.metrics, api_key, max_body=self.config.mqtt.max_payload,
                          result_wait=w.request_timeout + w.cancel_grace + 30,
-                         telemetry=lambda: self.supervisor.telemetry, infer=self.infer, page=page)
+                         telemetry=lambda: self.supervisor.telemetry, infer=self.infer, page=page,
+                         threads=h.threads)
         try:
             self.http = HttpServer(app, h.bind, h.port, h.threads)
         except OSError as exc:

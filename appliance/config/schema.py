@@ -130,7 +130,9 @@ class HttpConfig:
                                  "who can reach the port can then run the models, read `/status` and `/metrics`, "
                                  "all in plain HTTP. Only for a network where every host is trusted; otherwise set "
                                  "`api_key_file`.", False)
-    threads: int = _opt("HTTP worker threads (each open stream holds one).", 8, check=_between(1, 256))
+    threads: int = _opt("HTTP worker threads. A request waiting for its answer holds one; 4 of them (half, below 8) "
+                        "are kept for health, metrics and `busy` refusals, so a request that finds the rest taken "
+                        "gets `busy` at once.", 16, check=_between(1, 256))
 
 
 @dataclass(frozen=True)

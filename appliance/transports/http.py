@@ -25,6 +25,7 @@ from appliance import __version__
 from appliance.errors import (
     ApplianceError,
     BadRequest,
+    Busy,
     Cancelled,
     Internal,
     Unauthorized,
@@ -43,6 +44,33 @@ log = logging.getLogger(__name__)
 PUBLIC_ROUTES = ("/healthz", "/favicon.ico")  # the icon route answers 204: nothing to protect
 BROWSER_PAGE, BROWSER_PREFIX = "/", "/ui/"  # the operator page: a 401 there asks the browser for the key (Basic)
 POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is still there
+PROBE_THREADS = 4  # waitress threads a waiting request may never take: health, metrics and refusals stay quick
+
+
+class Seats:
+    """How many requests may wait for a model at once, so that waiting ones cannot hold every waitress thread.
+
+    waitress runs each request on one of a fixed set of threads, and a request waiting for its answer holds its
+    thread the whole time. With every thread held, ``/healthz``, ``/readyz``, ``/metrics`` and even the ``busy``
+    refusal would queue behind the longest generation (and an Ansible health check would time out and roll a good
+    release back). A request that finds no seat gets ``busy`` at once instead.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.count = threads - min(PROBE_THREADS, threads // 2)
+        self._free = threading.BoundedSemaphore(self.count)
+
+    def take(self) -> Callable[[], None]:
+        """A seat, or :class:`Busy`; the returned function gives it back (once, however often it is called)."""
+        if not self._free.acquire(blocking=False):
+            raise Busy(f"all {self.count} HTTP request seats are taken (http.threads); try again later")
+        given_back = threading.Event()
+
+        def give_back() -> None:
+            if not given_back.is_set():
+                given_back.set()
+                self._free.release()
+        return give_back
 
 
 class QueueSink:
@@ -65,8 +93,9 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_key: str | None, *,
                max_body: int = 1 << 20, result_wait: float = 3600.0,
                telemetry: Callable[[], dict[str, Any]] = dict[str, Any], infer: InferencePool | None = None,
-               page: Callable[[Flask], None] | None = None) -> Flask:
+               page: Callable[[Flask], None] | None = None, threads: int = 16) -> Flask:
     app = Flask("appliance")
+    seats = Seats(threads)
     app.config["MAX_CONTENT_LENGTH"] = max_body
 
     def error_response(error: ApplianceError, transport_counted: bool = False) -> Response:
@@ -155,16 +184,31 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
         if infer is None or not infer.models:
             raise UnknownModel(f"unknown tensor model '{model_id}' (available: none)", param="model")
         answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
-        infer.submit(model_id, body_json(), answers.put, "http")
+        inputs = body_json()
+        give_back = seats.take()
         try:
+            infer.submit(model_id, inputs, answers.put, "http")
             answer = answers.get(timeout=result_wait)
         except queue.Empty:
             return error_response(Internal("no reply from the inference worker"))
+        finally:
+            give_back()
         if isinstance(answer, ApplianceError):
             return error_response(answer, transport_counted=True)
         return tensor_result_payload(answer)
 
     def serve(generate_request: GenerateRequest, body: object, kind: str) -> Response:
+        give_back = seats.take()
+        try:
+            response = answer(generate_request, body, kind)
+        except BaseException:
+            give_back()
+            raise
+        # waitress closes every response it was handed, streamed or not, whether or not the client stayed
+        response.call_on_close(give_back)
+        return response
+
+    def answer(generate_request: GenerateRequest, body: object, kind: str) -> Response:
         sink = QueueSink()
         job = scheduler.submit(generate_request, sink, "http")
         shaper = openai.ResponseShaper(generate_request, job.model_id, kind)

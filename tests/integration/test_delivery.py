@@ -65,7 +65,7 @@ def test_request_in_progress_at_shutdown_is_answered_after_restart(appliance_fac
     assert app.stop() == 0
     assert not [m for m in client.messages if m.topic == topic and json.loads(m.payload)["type"] != "chunk"]
     app.start()
-    (final,) = client.wait_for(lambda m: m.topic == topic and json.loads(m.payload)["type"] != "chunk", timeout=60)
+    (final,) = client.wait_for(lambda m: m.topic == topic and json.loads(m.payload)["type"] != "chunk", timeout=240)
     assert json.loads(final.payload)["type"] == "result"
     assert json.loads(final.payload)["usage"]["completion_tokens"] == 1200
 

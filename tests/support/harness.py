@@ -178,7 +178,9 @@ def new_appliance(workdir: Path, broker_port: int | None, catalog: Path, default
         "mqtt": {"host": "127.0.0.1", "port": broker_port or 1, "keepalive": 5, "enabled": broker_port is not None},
         "http": {"port": free_port()},
         "models": {"catalog": str(catalog), "default": default},
-        "worker": {"threads": 2, "context_size": 512, "max_queue": 4, "request_timeout": 60},
+        # a long generation of the "slow" model on a loaded 2-core machine can run past a minute: the tests that
+        # want a timeout set their own
+        "worker": {"threads": 2, "context_size": 512, "max_queue": 4, "request_timeout": 300},
         "logging": {"level": "info"},
     }
     return Appliance(workdir, merge(base, overrides or {}), env or {})
