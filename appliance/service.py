@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.catalog import Catalog, default_model
 from appliance.config import Config, ConfigError, read_secret
+from appliance.config.loader import is_loopback
 from appliance.errors import ApplianceError
 from appliance.generation import moderation
 from appliance.generation.scheduler import Scheduler
@@ -160,6 +161,9 @@ class Service:
             raise StartupError(f"HTTP: cannot listen on {h.bind}:{h.port}: {exc.strerror} "
                                f"(set http.port or APPLIANCE_HTTP_PORT)") from None
         self.http.start()
+        if api_key is None and not is_loopback(h.bind):
+            log.warning("HTTP: serving %s:%d without an API key (http.allow_anonymous = true): anyone who can reach "
+                        "it can use the models and read the status", h.bind, self.http.port)
 
     def _start_wyoming(self) -> None:
         w = self.config.wyoming

@@ -8,6 +8,9 @@ card, mini UART, USB network and GPIO. Guest ports are forwarded to 127.0.0.1.
 
     python -m image.qemu dist/appliance-0.1.0-amd64.img --forward 1884 --forward 8080 --forward 22
     python -m image.qemu dist/boot-arm64.img --ready      # a Pi 3B: how long until it serves, and its memory
+
+An image serves HTTP to its own device only until an API key is set; ``--ready`` (and ``--api-key``) put one on
+the card's boot partition, as an operator would, so that the forwarded port answers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -162,13 +167,15 @@ class Vm:
         raise TimeoutError(f"{text!r} not on the console after {timeout:.0f} s; last lines:\n"
                            + "\n".join(self.console_text().splitlines()[-30:]))
 
-    def wait_ready(self, timeout: float) -> float:
-        """Seconds since power-on when the appliance's /readyz first answered 200 (needs port 8080 forwarded)."""
-        url = f"http://127.0.0.1:{self.ports[HTTP_PORT]}/readyz"
+    def wait_ready(self, timeout: float, api_key: str) -> float:
+        """Seconds since power-on when the appliance's /readyz first answered 200 (needs port 8080 forwarded and
+        the API key the card was given)."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.ports[HTTP_PORT]}/readyz",
+                                         headers={"Authorization": f"Bearer {api_key}"})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(url, timeout=5) as reply:
+                with urllib.request.urlopen(request, timeout=5) as reply:  # noqa: S310 (http to the guest)
                     if reply.status == 200:
                         return time.monotonic() - self.started_at
             except (OSError, urllib.error.URLError):
@@ -214,20 +221,28 @@ class Vm:
         self.stop()
 
 
-def report_serving(vm: Vm) -> None:
+def report_serving(vm: Vm, api_key: str | None) -> None:
     """One chat completion (the default model is an instruct model), then what the board has left with the model
     loaded (the appliance's own readings)."""
     from appliance.cli.client import ask_http, get_status
     base = f"http://127.0.0.1:{vm.ports[HTTP_PORT]}"
     answer = ask_http(base, {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32,
-                             "temperature": 0}, chat=True, timeout=1800)
+                             "temperature": 0}, chat=True, api_key=api_key, timeout=1800)
     if answer.error:
         raise BuildError(f"completion refused: {answer.error}")
     say(f"completion: {answer.text!r} ({answer.usage['completion_tokens']} tokens, {answer.timings})")
-    status = get_status(base, timeout=60)
+    status = get_status(base, api_key=api_key, timeout=60)
     telemetry, memory = status["telemetry"], status["telemetry"]["memory"]
     say(f"memory with {status['model']} loaded: MemAvailable {memory['available_mib']:.0f} MiB of MemTotal "
         f"{memory['total_mib']:.0f} MiB; worker RSS {telemetry['worker_rss_mib']} MiB")
+
+
+def with_api_key(settings: str, api_key: str) -> str:
+    """The operator's appliance.toml with ``http.api_key`` set (in its ``[http]`` table when it has one)."""
+    line = f'api_key = "{api_key}"\n'
+    if re.search(r"^\[http\][ \t]*$", settings, flags=re.M):
+        return re.sub(r"^\[http\][ \t]*\n?", lambda m: "[http]\n" + line, settings, count=1, flags=re.M)
+    return f"{settings.rstrip()}\n\n[http]\n{line}".lstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,15 +255,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready", action="store_true", help="print when the appliance's /readyz answers 200 "
                         "(forwards port 8080) and how long after power-on, ask for one completion, print the "
                         "memory left, then power off")
+    parser.add_argument("--api-key", help="write this HTTP API key to the card's boot partition (appliance.toml), "
+                        "which opens the API to the forwarded port; --ready makes one up when not given")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
-    if args.settings:
-        disk.write_boot_file(args.image, "appliance.toml", args.settings.read_bytes())
     size = args.image.stat().st_size
     if arch_of(args.image) == "arm64" and raspi.card_size(size) != size:
         say(f"growing {args.image} to {raspi.card_size(size) // 2**20} MiB: QEMU's SD card is a power of two")
         disk.grow(args.image, raspi.card_size(size) // 2**20)
     forwards = sorted({*args.forward, *([HTTP_PORT] if args.ready else [])})
+    settings = args.settings.read_text() if args.settings else ""
+    on_card = tomllib.loads(settings).get("http", {}).get("api_key")
+    if args.api_key and on_card:
+        parser.error("--settings already sets http.api_key: give the key in one place")
+    api_key = args.api_key or on_card or (secrets.token_urlsafe(24) if args.ready else None)
+    if api_key is not None and api_key != on_card:
+        settings = with_api_key(settings, api_key)
+        say(f"HTTP API key {api_key} written to the card's appliance.toml")
+    if settings:
+        disk.write_boot_file(args.image, "appliance.toml", settings.encode())
     vm = Vm(args.image, forwards, memory_mib=args.memory)
     vm.start()
     for guest, host in vm.ports.items():
@@ -256,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{vm.arch} guest booting; console: {vm.console}")
     try:
         if args.ready:
-            say(f"appliance ready {vm.wait_ready(args.timeout):.0f} s after power-on")
-            report_serving(vm)
+            say(f"appliance ready {vm.wait_ready(args.timeout, api_key):.0f} s after power-on")
+            report_serving(vm, api_key)
         else:
             vm.process.wait()
     except KeyboardInterrupt:

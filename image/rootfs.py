@@ -212,7 +212,8 @@ def appliance_layer(arch: str, bundle: Path, signers: str, rootfs: Path) -> None
         _copy_overlay(rootfs)
         (rootfs / "etc/appliance/appliance.toml").write_text(default_config(model_ids[0]))
         (rootfs / "etc/appliance/bundle-signers").write_text(signers)
-        shutil.copyfile(REPO / "systemd/mosquitto/appliance.conf", rootfs / "etc/mosquitto/conf.d/appliance.conf")
+        for conf in ("appliance.conf", "appliance-lan.conf"):  # the LAN listener: plain MQTT until TLS replaces it
+            shutil.copyfile(REPO / "systemd/mosquitto" / conf, rootfs / "etc/mosquitto/conf.d" / conf)
         shutil.copyfile(REPO / "systemd/mosquitto/appliance.acl", rootfs / "etc/mosquitto/appliance.acl")
         run(["systemd-sysusers", f"--root={rootfs}"])
         from appliance.firstboot.apply import IMAGE_HOSTNAME, ids

@@ -13,8 +13,8 @@ from appliance.catalog.entry import DTYPES, ModelEntry, OutputSpec, TensorSpec
 from appliance.config.schema import rwkv_strategy_problem
 from appliance.tensors import features as text_features
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 _STRINGS = ("id", "file", "sha256", "family", "template", "licence", "backend", "source", "lora", "lora_sha256",
             "strategy", "tokenizer", "featurize", "system_prompt")
@@ -96,10 +96,10 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
                     if key in raw and not isinstance(raw[key], str))
     if len(problems) > before:
         return None
-    if not _ID.match(raw["id"]):
+    if not _ID.fullmatch(raw["id"]):
         problems.append(f"{where}.id = {raw['id']!r}: must be 1-128 letters, digits, '_', '.', ':' or '-'")
     for key in ("sha256", "lora_sha256"):
-        if key in raw and not _SHA256.match(raw[key].lower()):
+        if key in raw and not _SHA256.fullmatch(raw[key].lower()):
             problems.append(f"{where}.{key} = {raw[key]!r}: must be 64 hex characters")
     size = raw.get("size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):

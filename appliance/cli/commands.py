@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from appliance import __version__
 from appliance.cli import models as cli_models
 from appliance.config import Config, ConfigError, load_config, read_secret, reference_markdown
+from appliance.config.loader import read_toml
 from appliance.errors import ApplianceError
 
 if TYPE_CHECKING:
@@ -138,6 +139,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "reference":
         print(reference_markdown())
         return 0
+    if args.action == "show":
+        print(json.dumps(read_toml(Path(args.file)), default=str))
+        return 0
     load_config(args.file)  # raises ConfigError listing every problem
     print(f"{args.file}: ok")
     return 0
@@ -156,14 +160,17 @@ def cmd_firstboot(args: argparse.Namespace) -> int:
 
 
 def cmd_mqtt_users(args: argparse.Namespace) -> int:
-    from appliance.firstboot.apply import set_mqtt_users
+    from appliance.config.credentials import account_problems
+    from appliance.firstboot.accounts import set_mqtt_users
 
     try:
         users = json.load(sys.stdin)  # on stdin, never on a command line where `ps` would show the passwords
     except ValueError as exc:
         raise ConfigError([f"stdin: not JSON: {exc}"]) from None
-    if not isinstance(users, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in users.items()):
+    if not isinstance(users, dict):
         raise ConfigError(["stdin: expected a JSON object of user name -> password"])
+    if problems := account_problems(users, "stdin"):
+        raise ConfigError(problems)  # names the accounts, never their passwords (Ansible shows this on failure)
     accounts, changed = set_mqtt_users(Path(args.root), users, exact=args.exact)
     print(json.dumps({"changed": changed, "accounts": accounts}))
     return 0
@@ -241,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a config file and print every problem")
     check.add_argument("file")
     config_sub.add_parser("reference", help="print the config reference (Markdown)")
+    show = config_sub.add_parser("show", help="print the keys a config file sets, as JSON (no defaults added; the "
+                                 "Ansible role reads what first boot set with it)")
+    show.add_argument("file")
     config.set_defaults(func=cmd_config)
     return parser
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from appliance.config.credentials import api_key_problem, control_character, secret_file_problem
 from appliance.config.schema import ENV_PREFIX, SECTIONS, Config
 from appliance.errors import ConfigError
 
@@ -59,6 +61,30 @@ def _coerce(value: Any, kind: type, optional: bool, from_env: bool) -> Any:
     return Path(value).expanduser() if kind is Path else value
 
 
+#: keys that name a file holding a secret: an operator may put the secret itself there by mistake
+SECRET_FILES = {("mqtt", "password_file"), ("mqtt", "key_file"), ("http", "api_key_file")}
+
+
+def _shown(section: str, key: str, value: Any, source: str | None = None) -> str:
+    """``section.key = value`` (or ``source = value``: an environment variable) for a problem; the value of a
+    secret file's key only when it looks like a path."""
+    source = source or f"{section}.{key}"
+    if (section, key) in SECRET_FILES and not (isinstance(value, (str, Path)) and "/" in str(value)):
+        return f"{source} (value not shown: not a path, perhaps the secret itself)"
+    return f"{source} = {str(value)!r}" if isinstance(value, Path) else f"{source} = {value!r}"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A config file's own tables, unchecked; ConfigError naming the file when it is missing or not TOML."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+
+
 def _suggest(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -73,13 +99,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     problems: list[str] = []
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError([f"{path}: file not found"]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+        data = read_toml(Path(path))
 
     for name, value in data.items():
         if name not in SECTIONS:
@@ -114,7 +134,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                 value = _coerce(value, kind, optional, from_env)
             except ValueError as exc:
                 reason = str(exc) if from_env is False or kind is bool else f"must be {_KIND_NAMES[kind]}"
-                problems.append(f"{source} = {value!r}: {reason}")
+                problems.append(f"{_shown(section, f.name, value, source)}: {reason}")
+                continue
+            if kind in (str, Path) and value is not None and (char := control_character(str(value))):
+                problems.append(f"{source}: contains a control character ({char}); line breaks, tabs and the "
+                                f"like are not allowed")
                 continue
             choices, check = f.metadata.get("choices"), f.metadata.get("check")
             if choices and value not in choices:
@@ -138,20 +162,21 @@ def _cross_checks(config: Config) -> list[str]:
     m = config.mqtt
     if m.password_file and not m.username:
         problems.append("mqtt.password_file is set but mqtt.username is empty")
+    if any(c in m.username for c in "+#/"):
+        problems.append(f"mqtt.username = {m.username!r}: must not contain '+', '#' or '/' (the broker's ACL "
+                        f"patterns use it as a topic level)")
+    if m.password_file is not None and m.password_file.is_file() \
+            and (reason := secret_file_problem(m.password_file)):
+        problems.append(f"{_shown('mqtt', 'password_file', m.password_file)}: {reason}")
     for key in ("password_file", "ca_file", "cert_file", "key_file"):
         path = getattr(m, key)
         if path is not None and not path.is_file():
-            problems.append(f"mqtt.{key} = '{path}': file not found")
+            problems.append(f"{_shown('mqtt', key, path)}: file not found")
     if (m.cert_file is None) != (m.key_file is None):
         problems.append("mqtt.cert_file and mqtt.key_file must be set together")
     if (m.ca_file or m.cert_file) and not m.tls:
         problems.append("mqtt.ca_file/cert_file are set but mqtt.tls is false")
-    key_file = config.http.api_key_file
-    if key_file is not None:
-        if not key_file.is_file():
-            problems.append(f"http.api_key_file = '{key_file}': file not found")
-        elif not key_file.read_text().strip():
-            problems.append(f"http.api_key_file = '{key_file}': file is empty")
+    problems.extend(_http_checks(config))
     if config.models.catalog is not None and not config.models.catalog.is_file():
         problems.append(f"models.catalog = '{config.models.catalog}': file not found")
     if config.worker.default_max_tokens > config.worker.context_size:
@@ -186,15 +211,26 @@ def _home_checks(config: Config) -> list[str]:
     return problems
 
 
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
-    import ipaddress
-    if host == "localhost":
+def is_loopback(address: str) -> bool:
+    """Whether a listen address reaches this device only (a host name other than localhost counts as not)."""
+    if address.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+def _http_checks(config: Config) -> list[str]:
+    h = config.http
+    if h.api_key_file is not None:
+        if (reason := secret_file_problem(h.api_key_file, api_key_problem)) is not None:
+            return [f"{_shown('http', 'api_key_file', h.api_key_file)}: {reason}"]
+    elif h.enabled and not h.allow_anonymous and not is_loopback(h.bind):
+        return [f"http.bind = {h.bind!r} serves the network without a key: set http.api_key_file (a file holding "
+                f"the key), or bind to 127.0.0.1, or set http.allow_anonymous = true to let anyone who can reach "
+                f"the port use the API"]
+    return []
 
 
 def read_secret(path: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "APPLIANCE_"
-_TOPIC_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TOPIC_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 Check = Callable[[Any], str | None]
 
@@ -34,7 +34,7 @@ def _between(low: float, high: float) -> Check:
 
 
 def _topic_safe(v: str) -> str | None:
-    if not _TOPIC_SAFE.match(v):
+    if not _TOPIC_SAFE.fullmatch(v):
         return "must be 1-64 characters of letters, digits, '_', '.' or '-' (it is used in MQTT topics)"
     return None
 
@@ -46,11 +46,11 @@ def _prefix_check(v: str) -> str | None:
 
 
 #: the rwkv package's strategy grammar, CPU devices only ("cpu fp32i8", "cpu fp32i8 *20 -> cpu fp32", ...)
-_RWKV_STRATEGY = re.compile(r"^(?:(?:^|->) *cpu (?:fp(?:16|32)|bf16)(?:i8)? *(?:\*\d+\+?)? *)+$")
+_RWKV_STRATEGY = re.compile(r"(?:(?:^|->) *cpu (?:fp(?:16|32)|bf16)(?:i8)? *(?:\*\d+\+?)? *)+")
 
 
 def rwkv_strategy_problem(v: str) -> str | None:
-    if not _RWKV_STRATEGY.match(v):
+    if not _RWKV_STRATEGY.fullmatch(v):
         return ("must be an rwkv strategy for the CPU, e.g. \"cpu fp32i8\" (int8 weights), \"cpu fp32\", "
                 "\"cpu bf16\" or \"cpu fp32i8 *10 -> cpu fp32\"")
     return None
@@ -123,10 +123,17 @@ class MqttConfig:
 @dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = _opt("Serve the OpenAI-compatible HTTP API, health and metrics.", True)
-    bind: str = _opt("Address to listen on; `0.0.0.0` for every interface.", "127.0.0.1")
+    bind: str = _opt("Address to listen on: a loopback address serves this device only; `0.0.0.0` (every "
+                     "interface) or any other address serves the network, which needs `api_key_file` (or "
+                     "`allow_anonymous`): without either the service refuses to start.", "127.0.0.1")
     port: int = _opt("Port to listen on; 0 picks a free one (logged at start).", 8080, check=_between(0, 65535))
-    api_key_file: Path | None = _opt("File holding a bearer API key; when set, every route but `/healthz` "
-                                     "needs `Authorization: Bearer <key>`.", None)
+    api_key_file: Path | None = _opt("File holding the bearer API key on its one line (16-256 printable ASCII "
+                                     "characters, no spaces); when set, every route but `/healthz` needs "
+                                     "`Authorization: Bearer <key>`.", None)
+    allow_anonymous: bool = _opt("Serve every route without a key on a `bind` address that is not loopback. Anyone "
+                                 "who can reach the port can then run the models, read `/status` and `/metrics`, "
+                                 "all in plain HTTP. Only for a network where every host is trusted; otherwise set "
+                                 "`api_key_file`.", False)
     threads: int = _opt("HTTP worker threads. A request waiting for its answer holds one; 4 of them (half, below 8) "
                         "are kept for health, metrics and `busy` refusals, so a request that finds the rest taken "
                         "gets `busy` at once.", 16, check=_between(1, 256))

@@ -6,7 +6,9 @@ appliance start:
 - once per device: its own SSH host keys, its own broker password, a host name of its own (``appliance-`` and
   the start of its machine id, so the default device ids of a fleet differ), the root grown to fill the card;
 - whenever the boot partition holds ``appliance.toml``, ``authorized_keys`` or ``hostname``: they are checked as a
-  whole, applied, and retired as ``<name>.applied`` with every secret blanked (passwords live on in /etc only).
+  whole, applied, and retired as ``<name>.applied`` with every secret blanked (passwords live on in /etc only);
+- a config from before API keys were needed on the network (an earlier image served 0.0.0.0 without one) is
+  brought back to loopback, so the new release starts instead of refusing it.
 
 A file with a problem is applied not at all (the others are): the device boots with the settings it had, the
 problems go to the console and to ``<state>/firstboot.json``, and the appliance shows them as warnings in its
@@ -23,7 +25,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from appliance.firstboot import apply
+from appliance.firstboot import accounts, apply
 from appliance.firstboot.settings import SETTINGS_FILE, Settings, read
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,15 @@ def run(boot: Path, root: Path = Path("/"), state_dir: Path = Path("/var/lib/app
     report: dict[str, Any] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": [], "applied": [], "problems": []}
     if not _initialized(state_dir):
         report["device"] += [f"ssh host key {k}" for k in apply.ensure_host_keys(root)]
-        apply.set_mqtt_users(root, {})  # the service's own account
+        accounts.set_mqtt_users(root, {})  # the service's own account
         if (name := apply.unique_hostname(root)) is not None:
             apply.set_hostname(root, name, live)
             report["device"].append(f"hostname {name}")
         if live:
             report["device"].append(apply.grow_root())
         apply.write_file(state_dir / INITIALIZED, report["at"] + "\n")
+    if (closed := apply.close_keyless_api(root)) is not None:
+        report["device"].append(closed)
     settings, report["problems"] = read(boot, root / apply.CONFIG, root)
     if not settings.empty:
         report["applied"] = _apply(settings, root, live)
@@ -73,9 +77,10 @@ def _apply(settings: Settings, root: Path, live: bool) -> list[str]:
     done = []
     if settings.config or settings.api_key is not None:
         apply.write_config(root, settings)
-        done.append("config: " + ", ".join(sorted(settings.config)) if settings.config else "config: http.api_key")
+        key = {None: "", "": " (API key removed)"}.get(settings.api_key, " (API key set)")
+        done.append("config: " + ", ".join(sorted(settings.config)) + key)
     if settings.mqtt_users:
-        apply.set_mqtt_users(root, settings.mqtt_users)
+        accounts.set_mqtt_users(root, settings.mqtt_users)
         done.append("broker accounts: " + ", ".join(sorted(settings.mqtt_users)))
     if settings.wifi is not None:
         apply.write_wifi(root, settings.wifi)
@@ -119,7 +124,7 @@ def _redacted(path: Path) -> str:
         data["mqtt_users"][name] = REDACTED
     if "psk" in data.get("wifi", {}):
         data["wifi"]["psk"] = REDACTED
-    if "api_key" in data.get("http", {}):
+    if data.get("http", {}).get("api_key"):
         data["http"]["api_key"] = REDACTED
     return dumps(data, header="Applied by appliance-firstboot at the boot that found it; secrets blanked.\n"
                               "To change settings, put a new appliance.toml here.")

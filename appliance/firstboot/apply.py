@@ -6,26 +6,22 @@ and renaming it, so a power cut leaves the old file or the new one, never half o
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import os
-import secrets
 import socket
 import subprocess
 import tempfile
+import tomllib
 import uuid
 from pathlib import Path
 
-from appliance.firstboot.settings import SERVICE_USER, Settings, Wifi, dumps, merged
+from appliance.config.credentials import SERVICE_USER
+from appliance.config.loader import is_loopback
+from appliance.firstboot.settings import LOOPBACK_BIND, Settings, Wifi, dumps, merged, with_api_key
 from appliance.release import safefs
 
 ADMIN_USER = "admin"
 CONFIG = "etc/appliance/appliance.toml"
-SERVICE_PASSWORD = "etc/appliance/mqtt-password"  # noqa: S105 (a path)
 API_KEY = "etc/appliance/api-key"
-PASSWD = "etc/mosquitto/appliance.passwd"  # noqa: S105 (a path)
 WIFI = "etc/NetworkManager/system-connections/appliance-wifi.nmconnection"
 
 
@@ -51,68 +47,31 @@ def ids(root: Path, user: str | None = None, group: str | None = None) -> tuple[
 
 
 def write_config(root: Path, settings: Settings) -> None:
-    sections = dict(settings.config)
-    if settings.api_key is not None:
+    """Lay the settings' sections over the device's config; an API key goes to its own file (the service's group
+    may read it), and "" as the key removes it."""
+    sections = with_api_key(merged(root / CONFIG, settings.config), settings.api_key, f"/{API_KEY}")
+    if settings.api_key:
         write_file(root / API_KEY, settings.api_key + "\n", 0o640, ids(root, group=SERVICE_USER))
-        sections.setdefault("http", {})["api_key_file"] = f"/{API_KEY}"
-    write_file(root / CONFIG, dumps(merged(root / CONFIG, sections)))
+    write_file(root / CONFIG, dumps(sections))
+    if settings.api_key == "":
+        (root / API_KEY).unlink(missing_ok=True)
 
 
-def service_password(root: Path) -> str:
-    """The appliance's own broker password: made once per device, readable by the service's group only."""
-    path = root / SERVICE_PASSWORD
-    if path.is_file() and (existing := path.read_text().strip()):
-        return existing
-    password = secrets.token_urlsafe(24)
-    write_file(path, password + "\n", 0o640, ids(root, group=SERVICE_USER))
-    return password
-
-
-def set_mqtt_users(root: Path, users: dict[str, str], exact: bool = False) -> tuple[list[str], bool]:
-    """Create, change or ("" as password) remove broker accounts; with ``exact``, the operator accounts are just
-    these. The service's own account is always kept. An account whose password is unchanged keeps its hash, so
-    applying the same accounts twice changes nothing. Returns (the accounts now in the file, whether it changed)."""
-    path = root / PASSWD
-    before = path.read_text() if path.is_file() else ""
-    existing = dict(line.split(":", 1) for line in before.splitlines() if ":" in line)
-    accounts = {name: hashed for name, hashed in existing.items()
-                if name == SERVICE_USER or (name not in users and not exact)}
-    wanted = {name: password for name, password in users.items() if password}
-    if SERVICE_USER not in accounts:
-        wanted[SERVICE_USER] = service_password(root)
-    for name, password in wanted.items():
-        if name in existing and password_matches(existing[name], password):
-            accounts[name] = existing[name]
-    accounts.update(_hash({n: p for n, p in wanted.items() if n not in accounts}))
-    text = "".join(f"{n}:{h}\n" for n, h in sorted(accounts.items()))
-    if text != before:
-        write_file(path, text, 0o640, ids(root, group="mosquitto"))
-    return sorted(accounts), text != before
-
-
-def password_matches(hashed: str, password: str) -> bool:
-    """Whether a mosquitto 2 password hash (``$7$<iterations>$<salt>$<PBKDF2-SHA512>``) is of ``password``."""
-    parts = hashed.strip().split("$")
-    if len(parts) != 5 or parts[1] != "7":
-        return False
-    try:
-        salt, expected = base64.b64decode(parts[3]), base64.b64decode(parts[4])
-        actual = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(parts[2]), dklen=len(expected))
-    except (ValueError, binascii.Error):
-        return False
-    return hmac.compare_digest(actual, expected)
-
-
-def _hash(plain: dict[str, str]) -> dict[str, str]:
-    """mosquitto's own password hashing (``mosquitto_passwd -U`` on a scratch file): no password on a command line."""
-    if not plain:
-        return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp) / "passwd"
-        scratch.write_text("".join(f"{n}:{p}\n" for n, p in plain.items()))
-        scratch.chmod(0o600)
-        subprocess.run(["mosquitto_passwd", "-U", str(scratch)], check=True, capture_output=True)
-        return dict(line.split(":", 1) for line in scratch.read_text().splitlines() if ":" in line)
+def close_keyless_api(root: Path) -> str | None:
+    """Bind the HTTP API to loopback when the config serves the network without a key or the operator's opt-in
+    (what images before API keys shipped); what was done, or None."""
+    path = root / CONFIG
+    if not path.is_file():
+        return None
+    sections = tomllib.loads(path.read_text(encoding="utf-8"))
+    http = sections.get("http", {})
+    bind = http.get("bind", LOOPBACK_BIND)
+    if http.get("api_key_file") or http.get("allow_anonymous") or http.get("enabled") is False or is_loopback(bind):
+        return None
+    http["bind"] = LOOPBACK_BIND
+    write_file(path, dumps(sections))
+    return (f"HTTP API: http.bind was {bind!r} with no API key; now {LOOPBACK_BIND} (this device only). Put "
+            f"[http] api_key in appliance.toml on the boot partition to serve the network")
 
 
 def _keyfile_value(text: str) -> str:

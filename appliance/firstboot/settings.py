@@ -1,10 +1,14 @@
 """What an operator puts on the SD card's FAT partition, read and checked as a whole before anything is applied.
 
     appliance.toml     the appliance's config sections (docs/config.md), plus [mqtt_users], [wifi], http.api_key
+                       (a key opens the HTTP API to the network, bind 0.0.0.0, unless the file sets http.bind;
+                       "" removes the key and serves this device only again)
     authorized_keys    SSH public keys for the `admin` account
     hostname           one line
 
-Every problem is collected and named (file, key, value), so one boot tells the operator everything to fix.
+Every problem is collected and named (file, key, and the value unless it may be a secret), so one boot tells the
+operator everything to fix. Problems go to the console, firstboot.json and the retained MQTT status, so passwords,
+keys and anything outside a table are named, never shown.
 """
 
 from __future__ import annotations
@@ -19,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import toml_text
+from appliance.config.credentials import account_problems, api_key_problem, control_character
 from appliance.config.loader import load_config
 from appliance.errors import ConfigError
 
 SETTINGS_FILE = "appliance.toml"
 KEYS_FILE = "authorized_keys"
 HOSTNAME_FILE = "hostname"
-SERVICE_USER = "appliance"  # the broker account of the appliance itself; never one of the operator's
-_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_MQTT_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_COUNTRY = re.compile(r"[A-Z]{2}")
+_PASSPHRASE = re.compile(r"[ -~]{8,63}")  # WPA: 8-63 printable ASCII characters
+OPEN_BIND, LOOPBACK_BIND = "0.0.0.0", "127.0.0.1"  # noqa: S104 (an API key is what opens it)
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class Settings:
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     mqtt_users: dict[str, str] = field(default_factory=dict)  # name -> password; "" removes the account
     wifi: Wifi | None = None
-    api_key: str | None = None
+    api_key: str | None = None  # "" removes the key
     hostname: str | None = None
     authorized_keys: list[str] | None = None
     files: list[Path] = field(default_factory=list)  # what was read, to be retired once applied
@@ -86,7 +91,7 @@ def read(boot: Path, current_config: Path, root: Path = Path("/")) -> tuple[Sett
 
 def _read_hostname(path: Path, settings: Settings, problems: list[str]) -> None:
     name = _text(path, problems).strip()
-    if not _HOSTNAME.match(name):
+    if not _HOSTNAME.fullmatch(name):
         problems.append(f"{HOSTNAME_FILE}: {name!r} is not a host name (letters, digits and '-', 1-63 "
                         f"characters, not starting or ending with '-')")
     settings.hostname = name
@@ -111,32 +116,25 @@ def _read_toml(path: Path, current_config: Path, root: Path, settings: Settings,
     if not isinstance(users, dict):
         problems.append(f"{SETTINGS_FILE}: [mqtt_users] must be a table of name = \"password\"")
         users = {}
-    for name, password in users.items():
-        if name == SERVICE_USER:
-            problems.append(f"{SETTINGS_FILE}: mqtt_users.{name}: reserved for the appliance's own account")
-        elif not _MQTT_USER.match(name):
-            problems.append(f"{SETTINGS_FILE}: mqtt_users.{name!r}: a user name is letters, digits, '_', '.', '-'")
-        elif not isinstance(password, str):
-            problems.append(f"{SETTINGS_FILE}: mqtt_users.{name}: the password must be a string (\"\" removes "
-                            f"the user)")
-        elif password and len(password) < 8:
-            problems.append(f"{SETTINGS_FILE}: mqtt_users.{name}: the password is shorter than 8 characters")
-        else:
-            settings.mqtt_users[name] = password
+    problems += [f"{SETTINGS_FILE}: {p}" for p in account_problems(users, "mqtt_users")]
+    settings.mqtt_users = dict(users)
     if "wifi" in data:
         settings.wifi = _read_wifi(data.pop("wifi"), problems)
     http = data.get("http", {})
     if isinstance(http, dict) and "api_key" in http:
         key = http.pop("api_key")
-        if not isinstance(key, str) or len(key) < 16:
-            problems.append(f"{SETTINGS_FILE}: http.api_key must be a string of at least 16 characters")
+        if key != "" and (reason := api_key_problem(key)) is not None:
+            problems.append(f"{SETTINGS_FILE}: http.api_key: {reason} (\"\" removes the key)")
         else:
             settings.api_key = key
+            http.setdefault("bind", OPEN_BIND if key else LOOPBACK_BIND)
     for section, values in data.items():
-        if not isinstance(values, dict):
-            problems.append(f"{SETTINGS_FILE}: {section} = {values!r}: expected a [{section}] table")
+        if not isinstance(values, dict):  # the value is not shown: a secret put in the wrong place, perhaps
+            problems.append(f"{SETTINGS_FILE}: {section}: expected a [{section}] table, found a value outside "
+                            f"any table (not shown)")
     settings.config = {k: v for k, v in data.items() if isinstance(v, dict)}
-    problems += [f"{SETTINGS_FILE}: {p}" for p in check_config(merged(current_config, settings.config), root)]
+    checked = merged(current_config, settings.config)
+    problems += [f"{SETTINGS_FILE}: {p}" for p in check_config(checked, root, settings.api_key)]
 
 
 def _read_wifi(raw: object, problems: list[str]) -> Wifi | None:
@@ -147,12 +145,12 @@ def _read_wifi(raw: object, problems: list[str]) -> Wifi | None:
     if unknown:
         problems.append(f"{SETTINGS_FILE}: wifi.{unknown[0]}: unknown key (known: ssid, psk, country, hidden)")
     ssid, psk, country = raw.get("ssid"), raw.get("psk", ""), raw.get("country", "")
-    if not isinstance(ssid, str) or not 1 <= len(ssid.encode()) <= 32:
-        problems.append(f"{SETTINGS_FILE}: wifi.ssid must be 1-32 bytes of text")
-    if not isinstance(psk, str) or (psk and not 8 <= len(psk) <= 63):
-        problems.append(f"{SETTINGS_FILE}: wifi.psk must be a passphrase of 8-63 characters (\"\" for an open "
-                        f"network)")
-    if not isinstance(country, str) or (country and not _COUNTRY.match(country)):
+    if not isinstance(ssid, str) or not 1 <= len(ssid.encode()) <= 32 or control_character(ssid):
+        problems.append(f"{SETTINGS_FILE}: wifi.ssid must be 1-32 bytes of text without control characters")
+    if not isinstance(psk, str) or (psk and not _PASSPHRASE.fullmatch(psk)):
+        problems.append(f"{SETTINGS_FILE}: wifi.psk must be a passphrase of 8-63 printable ASCII characters "
+                        f"(\"\" for an open network)")
+    if not isinstance(country, str) or (country and not _COUNTRY.fullmatch(country)):
         problems.append(f"{SETTINGS_FILE}: wifi.country = {country!r}: a two-letter country code such as \"GB\"")
     if not isinstance(raw.get("hidden", False), bool):
         problems.append(f"{SETTINGS_FILE}: wifi.hidden must be true or false")
@@ -162,7 +160,12 @@ def _read_wifi(raw: object, problems: list[str]) -> Wifi | None:
 
 
 def _read_keys(path: Path, problems: list[str]) -> list[str]:
-    lines = [line.strip() for line in _text(path, problems).splitlines()]
+    text = _text(path, problems)
+    if "PRIVATE KEY" in text or "Private-Lines" in text:  # OpenSSH/PEM, PuTTY: not a line of it may be shown
+        problems.append(f"{KEYS_FILE}: holds a private key (not shown); put the public key here (the .pub file), "
+                        f"and delete the private key from this card")
+        return []
+    lines = [line.strip() for line in text.splitlines()]
     keys = [line for line in lines if line and not line.startswith("#")]
     if not keys:
         problems.append(f"{KEYS_FILE}: holds no key")
@@ -172,7 +175,8 @@ def _read_keys(path: Path, problems: list[str]) -> list[str]:
             one.flush()
             result = subprocess.run(["ssh-keygen", "-l", "-f", one.name], capture_output=True, text=True)
         if result.returncode != 0:
-            problems.append(f"{KEYS_FILE}: key {number} ({key[:24]}...) is not an SSH public key")
+            kind = key.split()[0] if re.fullmatch(r"[a-z0-9@.-]{3,40}", key.split()[0]) else "not shown"
+            problems.append(f"{KEYS_FILE}: key {number} ({kind}) is not an SSH public key")
     return keys
 
 
@@ -187,6 +191,20 @@ def merged(current_config: Path, sections: dict[str, dict[str, Any]]) -> dict[st
     return out
 
 
+def with_api_key(sections: dict[str, dict[str, Any]], api_key: str | None, key_file: str) -> dict[str, dict[str, Any]]:
+    """The config once an API key from the settings is in place: ``http.api_key_file`` names ``key_file`` (a key)
+    or is gone ("" removes the key); unchanged for None."""
+    if api_key is None:
+        return sections
+    out = {section: dict(values) for section, values in sections.items()}
+    http = out.setdefault("http", {})
+    if api_key:
+        http["api_key_file"] = key_file
+    else:
+        http.pop("api_key_file", None)
+    return out
+
+
 CONFIG_HEADER = ("Written by appliance-firstboot from the boot partition's appliance.toml; edit here or drop a new\n"
                  "appliance.toml on the boot partition (its keys are laid over these at the next boot).")
 
@@ -198,12 +216,16 @@ def dumps(sections: dict[str, dict[str, Any]], header: str = CONFIG_HEADER) -> s
     return "\n".join(lines) + "\n"
 
 
-def check_config(sections: dict[str, dict[str, Any]], root: Path = Path("/")) -> list[str]:
-    """Every problem the appliance would refuse to start with, in its own words (key and value named)."""
+def check_config(sections: dict[str, dict[str, Any]], root: Path = Path("/"), api_key: str | None = None) -> list[str]:
+    """Every problem the appliance would refuse to start with, in its own words (key and value named), once the
+    settings' ``api_key`` (if any) is in place."""
     if root != Path("/"):  # a scratch tree: the files the config names are under it
         sections = {name: {k: str(root / v.lstrip("/")) if isinstance(v, str) and v.startswith("/") else v
                            for k, v in values.items()} for name, values in sections.items()}
     with tempfile.TemporaryDirectory() as tmp:
+        if api_key:
+            (Path(tmp) / "api-key").write_text(api_key + "\n")
+        sections = with_api_key(sections, api_key, str(Path(tmp) / "api-key"))
         path = Path(tmp) / "appliance.toml"
         try:
             path.write_text(dumps(sections), encoding="utf-8")

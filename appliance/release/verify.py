@@ -22,8 +22,8 @@ PRINCIPAL = "appliance-bundle"  # the identity in the allowed-signers file
 FORMAT = 1
 SIGNED = ("MANIFEST", "MANIFEST.sig")
 ARCH_OF_MACHINE = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
-_LINE = re.compile(r"^([0-9a-f]{64})  (\S(?:.*\S)?)$")
-_RELEASE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_LINE = re.compile(r"([0-9a-f]{64})  (\S(?:.*\S)?)")
+_RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 CHUNK = 1 << 20
 
 
@@ -91,7 +91,7 @@ def machine_arch() -> str:
 def parse_manifest(manifest: Path) -> dict[str, str]:
     digests: dict[str, str] = {}
     for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        match = _LINE.match(line)
+        match = _LINE.fullmatch(line)
         if not match:
             raise BundleError(f"MANIFEST line {number}: not '<sha256>  <path>'")
         digest, rel = match.groups()
@@ -150,7 +150,7 @@ def _metadata(bundle_dir: Path) -> dict[str, Any]:
     for key in ("release", "version", "arch", "requirement"):
         if not isinstance(meta.get(key), str) or not meta[key]:
             raise BundleError(f"bundle.toml: {key} missing or not a string")
-    if not _RELEASE.match(meta["release"]):
+    if not _RELEASE.fullmatch(meta["release"]):
         raise BundleError(f"bundle.toml: release = {meta['release']!r} is not a safe directory name")
     return meta
 

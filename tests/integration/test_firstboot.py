@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,8 +16,8 @@ import pytest
 
 from appliance.firstboot import problems
 from appliance.firstboot.settings import check_config
-from appliance.transports.broker import Mosquitto, free_port
-from tests.support.harness import REPO, MqttClient, run_cli
+from tests.support.harness import REPO, MqttClient
+from tests.support.scratch_device import SERVICE_GID, device_broker, firstboot, scratch_device
 
 SECRET = "correct horse battery staple"
 API_KEY = "k" * 24
@@ -33,28 +32,7 @@ def _keypair(tmp_path) -> str:
 
 @pytest.fixture
 def device(tmp_path):
-    boot, root, state = tmp_path / "boot", tmp_path / "root", tmp_path / "state"
-    for d in (boot, root / "etc" / "appliance", state):
-        d.mkdir(parents=True)
-    (root / "etc" / "appliance" / "appliance.toml").write_text(
-        '[mqtt]\nhost = "127.0.0.1"\nusername = "appliance"\npassword_file = "/etc/appliance/mqtt-password"\n'
-        '[http]\nbind = "0.0.0.0"\n')
-    (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\tappliance\n")
-    return boot, root, state
-
-
-def firstboot(boot, root, state):
-    return run_cli("firstboot", "--boot", str(boot), "--root", str(root), "--state-dir", str(state))
-
-
-def _broker(tmp_path, root):
-    """A real mosquitto with the password file first boot wrote and the ACL the image ships."""
-    shutil.copy(REPO / "systemd" / "mosquitto" / "appliance.acl", tmp_path / "acl")
-    broker = Mosquitto(tmp_path / "broker", free_port(), persistence=False, extra="\n".join([
-        "allow_anonymous false", f"password_file {root / 'etc/mosquitto/appliance.passwd'}",
-        f"acl_file {tmp_path / 'acl'}"]))
-    broker.start()
-    return broker
+    return scratch_device(tmp_path)
 
 
 def test_settings_are_applied_once_and_their_secrets_wiped(device, tmp_path):
@@ -75,7 +53,9 @@ def test_settings_are_applied_once_and_their_secrets_wiped(device, tmp_path):
     assert (written["device"]["id"], written["worker"]["context_size"], written["http"]["bind"]) == \
         ("pi-07", 1024, "0.0.0.0")
     assert written["http"]["api_key_file"] == "/etc/appliance/api-key"
+    key_file = (root / "etc/appliance/api-key").stat()
     assert (root / "etc/appliance/api-key").read_text().strip() == API_KEY
+    assert (key_file.st_mode & 0o777, key_file.st_uid, key_file.st_gid) == (0o640, 0, SERVICE_GID)
     assert (root / "etc/hostname").read_text() == "pi-07\n"
     assert "127.0.1.1\tpi-07" in (root / "etc/hosts").read_text()
     assert (root / "home/admin/.ssh/authorized_keys").read_text().strip() == public_key
@@ -87,7 +67,7 @@ def test_settings_are_applied_once_and_their_secrets_wiped(device, tmp_path):
 
     passwd = (root / "etc/mosquitto/appliance.passwd").read_text()
     assert SECRET not in passwd and {line.split(":")[0] for line in passwd.splitlines()} == {"appliance", "sensor-1"}
-    broker = _broker(tmp_path, root)
+    broker = device_broker(tmp_path, root)
     try:
         MqttClient(broker.host, broker.port, username="sensor-1", password=SECRET).close()
         service_password = (root / "etc/appliance/mqtt-password").read_text().strip()
@@ -157,7 +137,7 @@ def test_accounts_are_changed_and_removed_by_name(device, tmp_path):
     assert firstboot(boot, root, state).returncode == 0
     names = {line.split(":")[0] for line in (root / "etc/mosquitto/appliance.passwd").read_text().splitlines()}
     assert names == {"appliance", "sensor-2"}
-    broker = _broker(tmp_path, root)
+    broker = device_broker(tmp_path, root)
     try:
         MqttClient(broker.host, broker.port, username="sensor-2", password="a new password").close()
         for user, password in (("sensor-2", "second password"), ("sensor-1", "first password")):
@@ -198,7 +178,7 @@ def test_broker_accounts_from_stdin_are_idempotent(device, tmp_path):
     assert users({"sensor-2": "a different password"})["changed"] is True
     assert users({"sensor-2": "a different password"}, "--exact") == {"changed": True,
                                                                       "accounts": ["appliance", "sensor-2"]}
-    broker = _broker(tmp_path, root)
+    broker = device_broker(tmp_path, root)
     try:
         MqttClient(broker.host, broker.port, username="sensor-2", password="a different password").close()
     finally:

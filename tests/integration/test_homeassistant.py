@@ -14,9 +14,9 @@ import pytest
 
 from appliance import __version__
 from appliance.status import STATES
-from tests.integration.test_firstboot import _broker, device, firstboot  # noqa: F401 - the fixture
 from tests.support import ha_schema
 from tests.support.harness import FakeBoard, MqttClient, merge
+from tests.support.scratch_device import device_broker, firstboot, scratch_device
 
 EXPECTED = {("sensor", "state"), ("sensor", "model"), ("sensor", "version"), ("sensor", "temperature"),
             ("sensor", "memory_available"), ("sensor", "throttle"), ("sensor", "tokens_per_second"),
@@ -152,16 +152,15 @@ def test_off_unless_configured_and_withdrawn_when_turned_off(appliance_factory, 
     assert [m.topic for m in late.messages if m.payload] == []
 
 
-def test_first_boot_turns_it_on_and_the_shipped_acl_lets_home_assistant_in(device, appliance_factory,  # noqa: F811
-                                                                         tmp_path):
-    boot, root, state = device
+def test_first_boot_turns_it_on_and_the_shipped_acl_lets_home_assistant_in(appliance_factory, tmp_path):
+    boot, root, state = scratch_device(tmp_path)
     secret = "home assistant's own password"
     (boot / "appliance.toml").write_text(f'[homeassistant]\ndiscovery = true\n\n[mqtt_users]\n'
                                          f'homeassistant = "{secret}"\nsensor-1 = "{secret} too"\n')
     assert firstboot(boot, root, state).returncode == 0
     written = (root / "etc/appliance/appliance.toml").read_text()
     assert "[homeassistant]\ndiscovery = true" in written
-    broker = _broker(tmp_path, root)
+    broker = device_broker(tmp_path, root)
     try:
         app = appliance_factory(start=False, overrides={
             "mqtt": {"port": broker.port, "username": "appliance",

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import pytest
 
 from tests.support.harness import http_get, http_post
+from tests.support.lan import lan_address
 
 
 def test_completion(appliance):
@@ -159,12 +160,15 @@ def test_readyz_is_503_with_the_reason_when_the_model_cannot_load(appliance_fact
     assert status == 200, "other catalog models still work"
 
 
+API_KEY = "an-api-key-for-tests-0123"
+
+
 def test_api_key(appliance_factory, tmp_path):
     key_file = tmp_path / "key"
-    key_file.write_text("s3cret\n")
+    key_file.write_text(API_KEY + "\n")
     app = appliance_factory(overrides={"http": {"api_key_file": str(key_file)}}, start=False)
     app.start(wait=False)
-    app.readyz_until("ready", headers={"Authorization": "Bearer s3cret"})
+    app.readyz_until("ready", headers={"Authorization": f"Bearer {API_KEY}"})
     assert http_get(app.http_url + "/healthz")[0] == 200
     status, body = http_post(app.http_url + "/v1/completions", {"prompt": "a", "max_tokens": 2})
     assert status == 401 and body["error"]["code"] == "unauthorized"
@@ -173,8 +177,36 @@ def test_api_key(appliance_factory, tmp_path):
                           headers={"Authorization": "Bearer wrong"})
     assert status == 401
     status, body = http_post(app.http_url + "/v1/completions", {"prompt": "a", "max_tokens": 2},
-                             headers={"Authorization": "Bearer s3cret"})
+                             headers={"Authorization": f"Bearer {API_KEY}"})
     assert status == 200
+
+
+def test_the_api_is_not_served_to_the_network_without_a_key(appliance_factory, tmp_path):
+    """`serve` refuses a non-loopback bind without a key (exit 2, the keys named, nothing listening); with a key
+    the network gets only /healthz without it; `allow_anonymous` opens it and says so in the log."""
+    lan = lan_address()
+    app = appliance_factory(overrides={"http": {"bind": "0.0.0.0"}}, start=False)
+    app.start(wait=False)
+    assert app.proc.wait(60) == 2, app.log_text()
+    for key in ("http.bind = '0.0.0.0'", "http.api_key_file", "http.allow_anonymous"):
+        assert key in app.log_text()
+    with pytest.raises(OSError):
+        http_get(f"http://{lan}:{app.config['http']['port']}/healthz", timeout=2)
+
+    key_file = tmp_path / "key"
+    key_file.write_text(API_KEY + "\n")
+    app = appliance_factory(overrides={"http": {"bind": "0.0.0.0", "api_key_file": str(key_file)}}, start=False)
+    app.start(wait=False)
+    base, auth = f"http://{lan}:{app.config['http']['port']}", {"Authorization": f"Bearer {API_KEY}"}
+    app.readyz_until("ready", headers=auth)
+    assert http_get(base + "/healthz")[0] == 200
+    for route in ("/v1/models", "/status", "/metrics", "/readyz"):
+        assert http_get(base + route)[0] == 401, route
+        assert http_get(base + route, headers=auth)[0] == 200, route
+
+    app = appliance_factory(overrides={"http": {"bind": "0.0.0.0", "allow_anonymous": True}})
+    assert http_get(f"http://{lan}:{app.config['http']['port']}/v1/models")[0] == 200
+    assert "without an API key (http.allow_anonymous = true)" in app.log_text()
 
 
 def test_openai_python_client(appliance):

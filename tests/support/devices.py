@@ -106,3 +106,21 @@ def generate_over_mqtt(vm, device: str, username: str, password: str, *, port: i
                               reply_topic=f"replies/{username}/{uuid.uuid4().hex}", timeout=timeout)[-1]
     finally:
         client.close()
+
+
+def wait_serving(vm, key: Path, timeout: float) -> float:
+    """Seconds since power-on when the appliance said it is ready, asked on the device itself over SSH (`appliance
+    status` with the device's own config): a device without an API key serves HTTP to itself only."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            result = _ssh(vm, key, "sudo /opt/appliance/current/venv/bin/appliance status --config "
+                                   "/etc/appliance/appliance.toml", timeout=60)
+            if result.returncode == 0:
+                return time.monotonic() - vm.started_at
+            last = result.stdout + result.stderr
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(3)
+    raise TimeoutError(f"not serving after {timeout:.0f} s ({last.strip()}); console:\n" + vm.console_text()[-3000:])

@@ -29,9 +29,10 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_WORKER = {"context_size": 2048, "batch_size": 256, "threads": 2}
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``python -m appliance ARGS`` from this checkout."""
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True,
+def run_cli(*args: str, env: dict | None = None, timeout: float = 180,
+            input: str | None = None) -> subprocess.CompletedProcess:  # noqa: A002 (subprocess's name)
+    """``python -m appliance ARGS`` from this checkout, ``input`` on its stdin."""
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, input=input,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
@@ -189,7 +190,7 @@ class MqttClient:
     """A paho client for tests that records everything it receives."""
 
     def __init__(self, host: str, port: int, *, protocol: str = "5", client_id: str | None = None,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None, tls_ca: Path | None = None) -> None:
         self.v5 = protocol == "5"
         self.client_id = client_id or f"test-{uuid.uuid4().hex[:10]}"
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
@@ -202,6 +203,8 @@ class MqttClient:
         self.client.on_subscribe = self._on_subscribe
         if username:
             self.client.username_pw_set(username, password)
+        if tls_ca is not None:
+            self.client.tls_set(ca_certs=str(tls_ca))
         self._refused = None
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()

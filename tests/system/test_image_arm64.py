@@ -126,10 +126,14 @@ def test_the_appliance_runs_inside_the_root_under_qemu_user(arm64_image):
 
 
 SENSOR, SECRET = "weather-station", "a long sensor password"
+API_KEY = "the-api-key-of-pi3-07-0123"  # what opens the HTTP API to the network (the forwarded port)
 LAN_MQTT, SSH = 1884, 22
 LED_PIN, BUTTON_PIN = 17, 27
 PI_SETTINGS = f"""[device]
 id = "pi3-07"
+
+[http]
+api_key = "{API_KEY}"
 
 [mqtt_users]
 {SENSOR} = "{SECRET}"
@@ -211,10 +215,10 @@ def test_the_image_boots_as_a_raspberry_pi_3b(arm64_image, operator_key, tmp_pat
         led = PinRecorder(vm, LED_PIN)
         led.start()
         try:
-            ready_after = vm.wait_ready(timeout=900)
+            ready_after = vm.wait_ready(timeout=900, api_key=API_KEY)
             print(f"raspi3b: /readyz 200 {ready_after:.0f} s after power-on")
-            base = f"http://127.0.0.1:{vm.ports[HTTP_PORT]}"
-            status = json.loads(http_get(f"{base}/status", timeout=30)[1])
+            base, auth = f"http://127.0.0.1:{vm.ports[HTTP_PORT]}", {"Authorization": f"Bearer {API_KEY}"}
+            status = json.loads(http_get(f"{base}/status", headers=auth, timeout=30)[1])
             assert status["device"] == "pi3-07" and status["model"] == "tiny", status
             memory = status["telemetry"]["memory"]
             print(f"raspi3b: MemTotal {memory['total_mib']} MiB, MemAvailable {memory['available_mib']} MiB, worker "
@@ -223,7 +227,7 @@ def test_the_image_boots_as_a_raspberry_pi_3b(arm64_image, operator_key, tmp_pat
             reply = generate_over_mqtt(vm, "pi3-07", SENSOR, SECRET, port=LAN_MQTT)
             assert reply["type"] == "result" and reply["usage"]["completion_tokens"] >= 1, reply
             code, completion = http_post(f"{base}/v1/completions", {"prompt": "hello", "max_tokens": 4},
-                                         timeout=120)
+                                         headers=auth, timeout=120)
             assert code == 200 and completion["usage"]["completion_tokens"] >= 1, completion
 
             facts = json.loads(ssh(vm, operator_key, f"sudo python3 -c '{DEVICE_FACTS}'", timeout=120))
@@ -243,7 +247,7 @@ def _the_pi_boot_path(facts: dict, card, root_before: int) -> None:
     assert facts["model"] == "Raspberry Pi 3 Model B", facts["model"]
     assert (facts["root"], facts["sd_host"]) == ("/dev/mmcblk0p2", "sdhost-bcm2835"), facts
     report = facts["firstboot"]
-    assert report["problems"] == [] and "config: device, gpio, worker" in report["applied"], report
+    assert report["problems"] == [] and "config: device, gpio, http, worker (API key set)" in report["applied"], report
     assert facts["root_bytes"] > root_before + 128 * 2**20, "the root partition grew into the card"
     assert facts["fs_bytes"] > root_before, "and the ext4 on it"
 

@@ -39,6 +39,25 @@ def test_catalog_errors_name_entry_and_key(tmp_path):
     assert "models[1].sha256 = 5: must be a string" in text
 
 
+def test_a_model_id_is_matched_whole(tmp_path):
+    """Ids become MQTT topic levels (`.../infer/<id>`): a trailing newline is not part of a name."""
+    (tmp_path / "catalog.toml").write_text(
+        f'[[models]]\nid = "m\\n"\nfile = "m.gguf"\nsha256 = "{"a" * 64}\\n"\nfamily = "llama"\n')
+    with pytest.raises(ConfigError) as err:
+        Catalog.load(tmp_path / "catalog.toml")
+    assert [p.split(" = ")[0] for p in err.value.problems] == ["catalog.toml: models[0].id",
+                                                               "catalog.toml: models[0].sha256"]
+
+
+def test_a_release_name_is_matched_whole(tmp_path):
+    """A release becomes a directory under /opt/appliance/releases, created by root."""
+    from appliance.release.verify import FORMAT, BundleError, _metadata
+    (tmp_path / "bundle.toml").write_text(f'format = {FORMAT}\nrelease = "0.1.0\\n"\nversion = "0.1.0"\n'
+                                          f'arch = "arm64"\nrequirement = "appliance"\n')
+    with pytest.raises(BundleError, match="not a safe directory name"):
+        _metadata(tmp_path)
+
+
 def test_digest_mismatch_names_file_and_both_digests(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"abc")
