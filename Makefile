@@ -54,8 +54,9 @@ test: typecheck ## every tier: types, unit, integration (mosquitto, llama.cpp, r
 	@scripts/ensure-image-tools
 	$(BIN)/pytest -m "not long" $(PYTEST_ARGS)
 
-# the measurements that take many minutes each: card writes (~20 min) and five power cuts at each kind of moment
-test-long: typecheck ## the long twin measurements: card writes, 5 power cuts per kind of moment (docs/image.md)
+# what takes many minutes on the twin (marked `long`): card writes (~20 min), power cuts during a copy, the twin's
+# self-rollback; and five power cuts at each kind of moment where `make test` makes one
+test-long: typecheck ## the long twin runs: card writes, power cuts (5 per kind of moment), self-rollback (docs/image.md)
 	@scripts/ensure-image-tools
 	APPLIANCE_POWERCUT_CUTS=5 $(BIN)/pytest tests/system/test_card_writes.py tests/system/test_power_cuts.py $(PYTEST_ARGS)
 

@@ -25,12 +25,21 @@ from pathlib import Path
 from image import disk
 from image.qemu import Vm
 from tests.support.devices import SSH_OPTIONS
+from tests.support.harness import http_get
 
 # seconds from power-on to a serving appliance: the twin's acceptance bound. The environment variable is for
 # a machine loaded by other work, where TCG boots take minutes (the figures in docs/image.md were measured so, with
 # 600, and say it); CI uses the bound.
 READY_WITHIN = float(os.environ.get("APPLIANCE_TWIN_READY_WITHIN", "90"))
 SSH, LAN_MQTT, HTTP = 22, 1884, 8080
+# the HTTP API serves the network (the forwarded port) only with a key: the cards these tests make carry this one
+API_KEY = "the-api-key-of-a-cut-device"
+
+
+def card_settings(device_id: str, sensor: str, secret: str) -> bytes:
+    """The appliance.toml a test card gets: its device id, the API key above, one sensor account."""
+    return (f'[device]\nid = "{device_id}"\n\n[http]\napi_key = "{API_KEY}"\n\n[mqtt_users]\n{sensor} = "{secret}"\n'
+            .encode())
 RELEASE_CHECK = Path(__file__).with_name("release_check.py")
 
 
@@ -66,9 +75,15 @@ class CardDevice:
     def wait_ready(self, timeout: float = READY_WITHIN) -> float:
         """Seconds from power-on until /readyz answered 200 (AssertionError past ``timeout``)."""
         try:
-            return self.vm.wait_ready(timeout=max(timeout - (time.monotonic() - self.vm.started_at), 1))
+            return self.vm.wait_ready(max(timeout - (time.monotonic() - self.vm.started_at), 1), API_KEY)
         except TimeoutError as exc:
             raise AssertionError(f"boot {self.boots}: not serving {timeout:.0f} s after power-on\n{exc}") from None
+
+    def http_status(self) -> dict:
+        """The appliance's /status over the forwarded port ({} while it does not answer 200)."""
+        code, body = http_get(f"http://127.0.0.1:{self.vm.ports[HTTP]}/status", timeout=10,
+                              headers={"Authorization": f"Bearer {API_KEY}"})
+        return json.loads(body) if code == 200 else {}
 
     def ssh(self, command: str, *, timeout: float = 120, stdin: str | None = None, check: bool = True) -> str:
         result = subprocess.run(self._ssh_command(command), input=stdin, capture_output=True, text=True,

@@ -21,7 +21,7 @@ import pytest
 from image import disk
 from tests.support.devices import new_card
 from tests.support.harness import MqttClient
-from tests.support.powercut import LAN_MQTT, CardDevice
+from tests.support.powercut import LAN_MQTT, CardDevice, card_settings
 
 pytestmark = [pytest.mark.image, pytest.mark.long]
 
@@ -49,8 +49,7 @@ def test_what_serving_writes_to_the_card(amd64_image, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     card = new_card(amd64_image, tmp_path / "card.img")
     disk.write_boot_file(card, "authorized_keys", (tmp_path / "operator.pub").read_bytes())
-    disk.write_boot_file(card, "appliance.toml",
-                         f'[device]\nid = "writes-01"\n\n[mqtt_users]\n{SENSOR} = "{SECRET}"\n'.encode())
+    disk.write_boot_file(card, "appliance.toml", card_settings("writes-01", SENSOR, SECRET))
     device = CardDevice(card, key, tmp_path)
     device.power_on()
     device.wait_ready(timeout=600)  # a first boot: keys, the grown root
