@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import tempfile
 import tomllib
 import uuid
 from pathlib import Path

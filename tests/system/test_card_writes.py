@@ -64,7 +64,8 @@ def test_what_serving_writes_to_the_card(amd64_image, tmp_path):
     before, started = written_bytes(device), time.monotonic()
     try:
         for number in range(REQUESTS):
-            reply = client.request(f"appliance/writes-01/generate/{SENSOR}", {"prompt": f"hello {number}", "max_tokens": 4},
+            reply = client.request(f"appliance/writes-01/generate/{SENSOR}",
+                                   {"prompt": f"hello {number}", "max_tokens": 4},
                                    reply_topic=f"replies/{SENSOR}/{uuid.uuid4().hex}", timeout=120)[-1]
             assert reply["type"] == "result", reply
     finally:

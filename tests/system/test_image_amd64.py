@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,8 +18,7 @@ from appliance.catalog import default_model
 from image import disk
 from image.qemu import Vm
 from image.steps import REPO
-from tests.support.devices import (SSH_OPTIONS, generate_over_mqtt, new_card, power_off, ssh, wait_serving,
-                                   wait_status)
+from tests.support.devices import SSH_OPTIONS, generate_over_mqtt, new_card, power_off, ssh, wait_serving, wait_status
 from tests.support.harness import http_get
 
 pytestmark = pytest.mark.image
