@@ -228,9 +228,12 @@ class MqttTransport:
     def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reason_codes: list[ReasonCode],
                       properties: Properties | None) -> None:
         with self._guard("on_subscribe"):
-            for code in reason_codes:
-                if code.is_failure:
-                    log.error("MQTT: broker refused a subscription: %s", code)
+            which = "fleet" if client is self.fleet_client else "device"
+            refused = [code for code in reason_codes if code.is_failure]
+            for code in refused:
+                log.error("MQTT (%s session): broker refused a subscription: %s", which, code)
+            if not refused:  # from here on a request published to the session's topics reaches the appliance
+                log.info("MQTT (%s session): subscribed", which)
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason_code: ReasonCode,
                     properties: Properties | None) -> None:

@@ -68,7 +68,7 @@ def test_the_broker_refuses_what_the_appliance_would_only_refuse_later(shipped, 
     sensor = MqttClient("127.0.0.1", shipped.lan_port, username="sensor1", password=USERS["sensor1"])
     try:
         # just over the appliance's own limit: the broker passes it and the appliance answers with a reason
-        reply = sensor.request(app.topic("generate"), b"x" * (MAX_PAYLOAD + 1),
+        reply = sensor.request(app.topic("generate") + "/sensor1", b"x" * (MAX_PAYLOAD + 1),
                                reply_topic=f"replies/sensor1/{uuid.uuid4().hex}")[-1]
         assert reply["type"] == "error" and reply["error"]["code"] == "bad_request", reply
         assert "larger than the limit" in reply["error"]["message"]
@@ -86,7 +86,7 @@ def test_the_broker_refuses_what_the_appliance_would_only_refuse_later(shipped, 
         assert peak_after - peak_before < 1024, "the appliance's peak memory grew: it was handed the packet"
         assert app.metric('appliance_errors_total{code="bad_request"}') == errors_before
 
-        reply = sensor.request(app.topic("generate"), {"prompt": "still here", "max_tokens": 2},
+        reply = sensor.request(app.topic("generate") + "/sensor1", {"prompt": "still here", "max_tokens": 2},
                                reply_topic=f"replies/sensor1/{uuid.uuid4().hex}")[-1]
         assert reply["type"] == "result", reply
     finally:

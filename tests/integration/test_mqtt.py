@@ -163,6 +163,10 @@ def test_queue_full_fleet_request_gets_busy_at_once_device_request_waits(applian
     """Live overload: a fleet request, which another device could serve, gets `busy` at once; a request for this
     device alone waits (the broker holds it) and is answered when a place frees. Cancels are never held back."""
     app = appliance_factory("slow", {"worker": {"max_queue": 1, "context_size": 4096}})
+    # /readyz speaks of the model; a fleet request published before the shared subscription exists is lost
+    deadline = time.monotonic() + 30
+    while "MQTT (fleet session): subscribed" not in app.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
     client = mqtt_client()
     topic = app.topic("generate")
     client.subscribe("test/q/#")

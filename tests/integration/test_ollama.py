@@ -92,16 +92,16 @@ def test_refusals_name_the_field(client):
 
 def test_same_api_key_rule(appliance_factory, tmp_path):
     key_file = tmp_path / "key"
-    key_file.write_text("s3cret\n")
+    key_file.write_text("s3cret-s3cret-s3cret\n")
     app = appliance_factory(overrides={"http": {"api_key_file": str(key_file)}}, start=False)
     app.start(wait=False)
-    app.readyz_until("ready", headers={"Authorization": "Bearer s3cret"})
+    app.readyz_until("ready", headers={"Authorization": "Bearer s3cret-s3cret-s3cret"})
     for call in (lambda c: c.list(), lambda c: c.ps(), lambda c: c.show("tiny"),
                  lambda c: c.generate(model="tiny", prompt="a", options={"num_predict": 2})):
         with pytest.raises(ollama.ResponseError) as error:
             call(ollama.Client(host=app.http_url))
         assert error.value.status_code == 401
-    keyed = ollama.Client(host=app.http_url, headers={"Authorization": "Bearer s3cret"})
+    keyed = ollama.Client(host=app.http_url, headers={"Authorization": "Bearer s3cret-s3cret-s3cret"})
     assert keyed.generate(model="tiny", prompt="a", options={"num_predict": 2}).eval_count == 2
     assert http_get(app.http_url + "/api/version")[0] == 401
 

@@ -108,13 +108,14 @@ def test_anomaly_threshold(app):
     ({"features": [1, 2, 3]}, "inputs.features", "has shape (1, 3); the model takes (any, 4)"),
     ({"features": [[1, 2], [3, 4, 5, 6]]}, "inputs.features", "rectangular"),
     ({"features": ["a", "b", "c", "d"]}, "inputs.features", "rectangular"),
-    ({"features": [1, 2, float("nan"), 4]}, "inputs.features", "NaN"),
+    # refused while the payload is decoded (JSON has no NaN), before any field is looked at
+    ({"features": [1, 2, float("nan"), 4]}, None, "NaN is not a number JSON allows"),
     ("not an object", "inputs", "'inputs' must be an object"),
 ])
 def test_bad_tensors_are_refused_by_name(app, mqtt_client, inputs, param, words):
     final = mqtt_client().request(app.topic("infer/activity"), json.dumps({"inputs": inputs}).encode())[-1]
     assert final["type"] == "error" and final["error"]["code"] == "bad_request"
-    assert final["error"]["param"] == param and words in final["error"]["message"]
+    assert final["error"].get("param") == param and words in final["error"]["message"]
     assert http_post(app.http_url + "/v1/infer/activity", {"inputs": {"features": [0, 0, 0, 0]}})[0] == 200
 
 

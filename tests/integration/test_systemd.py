@@ -135,11 +135,12 @@ def test_watchdog_pings_stop_when_the_scheduler_hangs(tmp_path, catalog_path, mo
                 count += server.recv(4096).decode().count("WATCHDOG=1")
         return count
 
-    release = threading.Event()
+    release, stuck = threading.Event(), threading.Event()
 
     class StuckSink:
         def send(self, job, event):
             if isinstance(event, Done):
+                stuck.set()
                 release.wait(30)  # a bug that blocks the scheduler thread
 
     try:
@@ -149,6 +150,8 @@ def test_watchdog_pings_stop_when_the_scheduler_hangs(tmp_path, catalog_path, mo
             time.sleep(0.05)
         assert pings(1.0) >= 5
         service.scheduler.submit(parse_generate({"prompt": "a", "max_tokens": 2}), StuckSink(), "test")
+        # the generation itself may take seconds on a loaded machine: count from when the loop is stuck
+        assert stuck.wait(60), "the job finished"
         time.sleep(1.5)  # the heartbeat goes stale
         assert pings(1.0) == 0, "no watchdog pings while the scheduler loop is stuck"
         release.set()
