@@ -4,7 +4,7 @@ Topics (``<p>`` = ``mqtt.topic_prefix``, ``<d>`` = ``device.id``)::
 
     <p>/<d>/generate        requests for this device
     <p>/fleet/generate      requests for any device (joined as $share/<group>/<p>/fleet/generate)
-    <p>/<d>/cancel          {"id": ...}          <p>/fleet/cancel  the same, for every device
+    <p>/<d>/cancel          {"id": ...}: stops that request of the same requester; <p>/fleet/cancel on every device
     <p>/<d>/status          retained state; the Last Will sets "offline"
     <p>/<d>/reply           replies to requests that name no reply topic
 
@@ -30,7 +30,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.config import Config
 from appliance.errors import ApplianceError, BadRequest, Busy
-from appliance.generation.scheduler import Job, Scheduler
+from appliance.generation.scheduler import Job, Requester, Scheduler
 from appliance.json_input import decode_json
 from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
@@ -55,7 +55,7 @@ from appliance.transports.mqtt_session import (
     make_client,
     new_properties,
 )
-from appliance.transports.mqtt_waiting import Waiting
+from appliance.transports.mqtt_waiting import Held, Waiting
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ class MqttReply:
     """The sink of one MQTT job: publishes chunks, then the result or error, then releases the request's ack."""
 
     def __init__(self, transport: MqttTransport, topic: str, correlation: bytes | None, pending: Pending,
-                 stream: bool, fleet: bool) -> None:
+                 stream: bool, fleet: bool, requester: Requester) -> None:
         self.transport, self.topic, self.correlation, self.pending = transport, topic, correlation, pending
-        self.stream, self.fleet = stream, fleet
+        self.stream, self.fleet, self.requester = stream, fleet, requester
 
     def send(self, job: Job, event: JobEvent) -> None:
         rid = job.request.id
@@ -254,13 +254,13 @@ class MqttTransport:
                 self._on_request(client, msg, lambda body, reply: infer.submit(
                     model_id, body, lambda answer: reply.tensor_answer(request_id(body), answer), "mqtt"), route[1])
             elif route[0] in (self.topics.cancel, self.topics.fleet_cancel):
-                self._on_cancel(msg)
+                self._on_cancel(msg, route[1])
                 self._ack({(client, msg.mid, msg.qos)})
             else:
                 self._ack({(client, msg.mid, msg.qos)})
 
     def _generate(self, body: object, reply: MqttReply) -> None:
-        self.scheduler.submit(parse_generate(body), reply, "mqtt")
+        self.scheduler.submit(parse_generate(body), reply, "mqtt", reply.requester)
 
     def _on_request(self, client: paho.Client, msg: paho.MQTTMessage,
                     handle: Callable[[object, MqttReply], None], user: str | None) -> None:
@@ -268,7 +268,6 @@ class MqttTransport:
         sent by ``user`` (its topic's last level, enforced by the broker's ACL) is answered under
         ``replies/<user>/`` only: a reply topic elsewhere is refused, so no client can steer answers to another."""
         props = getattr(msg, "properties", None) if self._v5 else None
-        response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
         body, problem = None, None
         try:
@@ -276,8 +275,7 @@ class MqttTransport:
         except BadRequest as exc:
             problem = exc
         rid = request_id(body) if isinstance(body, dict) else None
-        reply_to = body.get("reply_to") if isinstance(body, dict) else None
-        asked = response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None)
+        asked = self._asked_reply_topic(msg, body)
         topic = asked or self.topics.reply
         if user is not None:
             own = f"{REPLY_ROOT}/{user}/"
@@ -305,13 +303,15 @@ class MqttTransport:
                                 expiry=self.config.mqtt.reply_expiry)
             self._ack(self.acks.reply_sent(seen.pending, info.mid, stored))
             return
-        reply = MqttReply(self, topic, correlation, seen.pending,
+        # the requester, as its cancels name it: the broker-checked account, else where its replies go
+        requester = Requester(account=user) if user is not None else Requester(reply_to=topic)
+        reply = MqttReply(self, topic, correlation, seen.pending, requester=requester,
                           stream=bool(isinstance(body, dict) and body.get("stream")), fleet=client is self.fleet_client)
         if not self._accepting:
             reply.abandon(rid)
             return
         if problem is None and client is self.client:  # for this device alone: it waits for a place, never busy
-            self.waiting.offer(rid, lambda: handle(body, reply), reply)
+            self.waiting.offer(Held(rid, requester, lambda: handle(body, reply), reply))
             return
         try:
             if problem is not None:
@@ -322,7 +322,17 @@ class MqttTransport:
             log.info("MQTT: request %r refused: %s", rid, exc.code)
             reply.refuse(rid, exc)
 
-    def _on_cancel(self, msg: paho.MQTTMessage) -> None:
+    def _asked_reply_topic(self, msg: paho.MQTTMessage, body: object) -> str | None:
+        """The reply topic a request (or a cancel) names: the v5 Response Topic, else a valid ``reply_to``."""
+        props = getattr(msg, "properties", None) if self._v5 else None
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        reply_to = body.get("reply_to") if isinstance(body, dict) else None
+        return response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None)
+
+    def _on_cancel(self, msg: paho.MQTTMessage, user: str | None) -> None:
+        """Stop the request with this id of the same requester, at whatever stage it is: a cancel on
+        ``<p>/<d>/cancel/<user>`` names an account (the ACL vouches for it), one on the plain topic names the
+        request's reply destination, as the request did (Response Topic or ``reply_to``; none: the default)."""
         try:
             body = decode_json(bytes(msg.payload), limit=4096)
         except BadRequest as exc:
@@ -332,8 +342,12 @@ class MqttTransport:
         if rid is None:
             log.warning("MQTT: ignoring a cancel without a valid 'id'")
             return
-        self.waiting.cancel(rid)
-        self.scheduler.cancel(rid)
+        if user is not None:
+            requester = Requester(account=user)
+        else:
+            requester = Requester(reply_to=self._asked_reply_topic(msg, body) or self.topics.reply)
+        self.waiting.cancel(rid, requester)
+        self.scheduler.cancel(rid, requester)
 
     # -- publishing (any thread) -------------------------------------------------------------------------------
 
