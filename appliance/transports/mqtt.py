@@ -29,7 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.config import Config
-from appliance.errors import ApplianceError, BadRequest, Busy
+from appliance.errors import ApplianceError, BadRequest, Busy, Cancelled
 from appliance.generation.scheduler import Job, Requester, Scheduler
 from appliance.json_input import decode_json
 from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
@@ -47,9 +47,11 @@ from appliance.status import Status, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports.ha_discovery import Discovery, board_model
 from appliance.transports.mqtt_acks import AckBook, Pending, StoredReply
+from appliance.transports.mqtt_cancels import EarlyCancels
 from appliance.transports.mqtt_session import (
     REPLY_ROOT,
     Topics,
+    asked_reply_topic,
     connect_async,
     disable_nagle,
     make_client,
@@ -77,6 +79,8 @@ class MqttReply:
             case Done(completion=completion):
                 self.transport.answer(self, result_payload(rid, completion, job.request.structured))
             case Failed(error=error):
+                if isinstance(error, Cancelled):  # a cancel kept for a request yet to come found this one
+                    self.transport.early_cancels.forget(rid, self.requester)
                 self.refuse(rid, error)
             case Abandoned():
                 self.abandon(rid)
@@ -110,6 +114,7 @@ class MqttTransport:
         self.topics = Topics.of(config.mqtt.topic_prefix, config.device.id, config.mqtt.fleet_group)
         self.acks = AckBook(window=config.mqtt.dedupe_window)
         self.waiting = Waiting(lambda exc: scheduler.record_error("mqtt", exc))
+        self.early_cancels = EarlyCancels(ttl=config.worker.request_timeout)
         self._v5 = config.mqtt.protocol == "5"
         self._accepting = True
         self._closed = False
@@ -269,13 +274,14 @@ class MqttTransport:
         ``replies/<user>/`` only: a reply topic elsewhere is refused, so no client can steer answers to another."""
         props = getattr(msg, "properties", None) if self._v5 else None
         correlation = getattr(props, "CorrelationData", None) if props else None
-        body, problem = None, None
+        body: object = None
+        problem: ApplianceError | None = None
         try:
             body = decode_json(bytes(msg.payload), limit=self.config.mqtt.max_payload)
         except BadRequest as exc:
             problem = exc
         rid = request_id(body) if isinstance(body, dict) else None
-        asked = self._asked_reply_topic(msg, body)
+        asked = asked_reply_topic(msg, body, self._v5)
         topic = asked or self.topics.reply
         if user is not None:
             own = f"{REPLY_ROOT}/{user}/"
@@ -310,6 +316,8 @@ class MqttTransport:
         if not self._accepting:
             reply.abandon(rid)
             return
+        if problem is None and rid is not None and self.early_cancels.take(rid, requester):
+            problem = Cancelled(f"request {rid!r} was cancelled before it reached the queue")
         if problem is None and client is self.client:  # for this device alone: it waits for a place, never busy
             self.waiting.offer(Held(rid, requester, lambda: handle(body, reply), reply))
             return
@@ -322,17 +330,9 @@ class MqttTransport:
             log.info("MQTT: request %r refused: %s", rid, exc.code)
             reply.refuse(rid, exc)
 
-    def _asked_reply_topic(self, msg: paho.MQTTMessage, body: object) -> str | None:
-        """The reply topic a request (or a cancel) names: the v5 Response Topic, else a valid ``reply_to``."""
-        props = getattr(msg, "properties", None) if self._v5 else None
-        response_topic = getattr(props, "ResponseTopic", None) if props else None
-        reply_to = body.get("reply_to") if isinstance(body, dict) else None
-        return response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None)
-
     def _on_cancel(self, msg: paho.MQTTMessage, user: str | None) -> None:
-        """Stop the request with this id of the same requester, at whatever stage it is: a cancel on
-        ``<p>/<d>/cancel/<user>`` names an account (the ACL vouches for it), one on the plain topic names the
-        request's reply destination, as the request did (Response Topic or ``reply_to``; none: the default)."""
+        """Stop the request with this id of the same requester (on ``.../cancel/<user>`` the account, else the reply
+        destination the cancel names, as the request did) wherever it is, or when it arrives (mqtt_cancels.py)."""
         try:
             body = decode_json(bytes(msg.payload), limit=4096)
         except BadRequest as exc:
@@ -342,11 +342,11 @@ class MqttTransport:
         if rid is None:
             log.warning("MQTT: ignoring a cancel without a valid 'id'")
             return
-        if user is not None:
-            requester = Requester(account=user)
-        else:
-            requester = Requester(reply_to=self._asked_reply_topic(msg, body) or self.topics.reply)
-        self.waiting.cancel(rid, requester)
+        requester = Requester(account=user) if user is not None else \
+            Requester(reply_to=asked_reply_topic(msg, body, self._v5) or self.topics.reply)
+        window_full = self.scheduler.outstanding + len(self.waiting) > self.config.worker.max_queue
+        if not self.waiting.cancel(rid, requester) and window_full:  # the broker may hold the request still
+            self.early_cancels.keep(rid, requester)
         self.scheduler.cancel(rid, requester)
 
     # -- publishing (any thread) -------------------------------------------------------------------------------
@@ -397,8 +397,3 @@ class MqttTransport:
     def _publish_status(self, status: Status) -> None:
         if not self._closed:
             self.publish(self.topics.status, status.to_dict(), retain=True)
-
-
-def _valid_topic(topic: str) -> bool:
-    return bool(topic) and "+" not in topic and "#" not in topic and "\0" not in topic and len(topic) < 65536
-

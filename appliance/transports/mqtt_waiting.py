@@ -85,7 +85,9 @@ class Waiting:
             hits = [h for h in self._held if hit(h)]
             self._held = deque(h for h in self._held if not hit(h))
         for held in hits:
-            held.reply.refuse(held.rid, Cancelled("cancelled while waiting for a place in the queue"))
+            cancelled = Cancelled("cancelled while waiting for a place in the queue")
+            self._on_refused(cancelled)  # counted like every other reply
+            held.reply.refuse(held.rid, cancelled)
         return len(hits)
 
     def close(self) -> None:

@@ -25,7 +25,8 @@ def _full() -> None:
 
 
 def test_a_cancel_stops_only_its_own_requesters_held_request():
-    waiting = Waiting(lambda exc: None)
+    counted: list[str] = []
+    waiting = Waiting(lambda exc: counted.append(exc.code))
     sensor1, sensor2 = Requester(account="sensor1"), Requester(account="sensor2")
     mine, theirs, anonymous = Reply(), Reply(), Reply()
     waiting.offer(Held("r1", sensor1, _full, mine))
@@ -38,7 +39,7 @@ def test_a_cancel_stops_only_its_own_requesters_held_request():
     assert waiting.cancel("r1", sensor2) == 0, "answered once"
     assert theirs.refused == [("r1", "cancelled")]
     assert waiting.cancel("r1", sensor1) == 1 and mine.refused == [("r1", "cancelled")]
-    assert len(waiting) == 1
+    assert len(waiting) == 1 and counted == ["cancelled", "cancelled"]
     waiting.close()
     assert anonymous.abandoned == 1 and anonymous.refused == []
 
