@@ -287,7 +287,9 @@ class MqttAsker:
                     answer.error = {"code": "timeout", "message": f"no reply within {timeout:.0f} s"}
             except KeyboardInterrupt:
                 self._pending[body["id"]] = (answer, done, lambda s: None, correlation)  # no more text shown
-                self._client.publish(self.cancel_topic, json.dumps({"id": body["id"]}), qos=1)
+                # the device stops only its requester's requests: the cancel names the same reply destination
+                self._client.publish(self.cancel_topic, json.dumps({"id": body["id"], "reply_to": self.reply_topic}),
+                                     qos=1, properties=props)
                 if not done.wait(CANCEL_CONFIRM_S):
                     answer.error = {"code": "cancelled", "message": "cancel sent; the device did not confirm it "
                                     f"within {CANCEL_CONFIRM_S} s"}

@@ -26,6 +26,17 @@ class Sink(Protocol):
     def send(self, job: Job, event: JobEvent) -> None: ...
 
 
+@dataclass(frozen=True)
+class Requester:
+    """Who sent a request, as far as its transport can vouch for it; a cancel by id stops only the requests of the
+    requester that sent the cancel. With accounts, the name the broker checked (the topic's last level, which the
+    shipped ACL's %u pattern lets each account write only as itself); without, the reply destination: whoever can
+    name it reads that request's replies anyway."""
+
+    account: str | None = None
+    reply_to: str | None = None
+
+
 @dataclass(eq=False)
 class Job:
     key: int
@@ -36,6 +47,7 @@ class Job:
     transport: str
     accepted: float
     deadline: float
+    requester: Requester | None = None  # None: only the job itself can be cancelled (HTTP, Wyoming: per connection)
     last_progress: float = 0.0
     stop_reason: ApplianceError | None = None  # set when a job is being cancelled, timed out or refused
     stop_deadline: float = 0.0

@@ -8,9 +8,9 @@ queue, or refused with ``moderated`` naming the prompt or the message when a lab
 or above ``moderation.threshold``. A classifier that cannot answer (file missing, worker crashed, timeout) refuses
 the request too: a filter that lets text through whenever it fails filters nothing.
 
-Request text is never in a message or a log line; the refusal names the label and its score. A cancel by id that
-arrives while the classifier looks finds nothing queued yet and is lost (the window is one classifier run); a cancel
-of the job itself (an HTTP client that went away) is kept and applied when the classifier hands the job over.
+Request text is never in a message or a log line; the refusal names the label and its score. A cancel that arrives
+while the classifier looks is answered at once by the scheduler, which then drops the job when the classifier hands
+it over: no token is generated for it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ scheduler thread that owns the queue and the worker: it starts and restarts the 
 models, starts jobs on the worker as it has room, enforces timeouts, stalls and cancellations, applies the
 supervisor's conditions (pause, throttle, unload) and hands chunks and results to each job's sink. Nothing else
 touches that state, so there are no locks around it; the few numbers read from other threads sit behind one small
-lock. Other threads reach the scheduler thread through its inbox, in the small message types defined below.
+lock. Other threads reach the scheduler thread through its inbox, in the small message types of commands.py.
 """
 
 from __future__ import annotations
@@ -36,9 +36,18 @@ from appliance.errors import (
     UnknownModel,
     WorkerCrashed,
 )
-from appliance.generation.jobs import Job, Reporter, Sink, deliver
+from appliance.generation.commands import (
+    CancelJob,
+    CancelRequest,
+    Command,
+    Moderating,
+    NewConditions,
+    Stop,
+    Submit,
+)
+from appliance.generation.jobs import Job, Reporter, Requester, Sink, deliver
 from appliance.generation.slot import CAPACITY, FromWorker, JobUpdate, WorkerSlot
-from appliance.messages import Chunk, Crashed, Done, Failed, LoadFailed, Progress, Stopped, message
+from appliance.messages import Chunk, Crashed, Done, Failed, LoadFailed, Progress, Stopped
 from appliance.metrics import Metrics
 from appliance.process.handle import Spawn, WorkerProcess
 from appliance.protocol import Completion, GenerateRequest, with_system_prompt
@@ -49,37 +58,7 @@ from appliance.supervisor.policies import Conditions
 log = logging.getLogger(__name__)
 GRAMMAR_BACKENDS = ("llama_cpp",)  # engines that can constrain sampling to a grammar (JSON mode, schemas)
 
-__all__ = ["Job", "Scheduler", "Sink"]
-
-
-@message
-class Submit:
-    job: Job  # accepted, and through the moderation gate
-
-
-@message
-class CancelRequest:
-    request_id: str | int  # every queued or running job of this request id (the MQTT cancel topic)
-
-
-@message
-class CancelJob:
-    job: Job
-    error: ApplianceError
-
-
-@message
-class NewConditions:
-    conditions: Conditions
-
-
-@message
-class Stop:
-    pass
-
-
-#: what waits in the scheduler's inbox
-Command = Submit | CancelRequest | CancelJob | NewConditions | Stop | FromWorker
+__all__ = ["Job", "Requester", "Scheduler", "Sink"]
 
 
 class Scheduler:
@@ -100,6 +79,7 @@ class Scheduler:
         self._keys = itertools.count(1)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._queue: deque[Job] = deque()
+        self._moderating: dict[int, Job] = {}  # accepted, not yet through the moderation gate
         self._admission_problem = ""  # why the default model was refused, while it is
         self.heartbeat = time.monotonic()  # the watchdog checks that this loop keeps turning
         self.gate: Callable[[Job, Callable[[], None]], None] = lambda job, release: release()  # or moderation's
@@ -117,8 +97,10 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, request: GenerateRequest, sink: Sink, transport: str) -> Job:
-        """Accept a request or raise at once; never waits for room in the queue."""
+    def submit(self, request: GenerateRequest, sink: Sink, transport: str,
+               requester: Requester | None = None) -> Job:
+        """Accept a request or raise at once; never waits for room in the queue. Only the same ``requester`` may
+        cancel it by id (None: only :meth:`cancel_job` can)."""
         model_id = request.model or self.default_model
         if model_id not in self.catalog or (model_id != self.default_model and not self.config.models.switch):
             available = self.catalog.ids if self.config.models.switch else [self.default_model]
@@ -154,13 +136,16 @@ class Scheduler:
         job = Job(key=next(self._keys), request=request, model_id=model_id,
                   task=GenerationTask(prompt=request.prompt, messages=messages, params=params, stream=request.stream,
                                      structured=request.structured),
-                  sink=sink, transport=transport, accepted=now, deadline=now + self.config.worker.request_timeout)
+                  sink=sink, transport=transport, accepted=now, deadline=now + self.config.worker.request_timeout,
+                  requester=requester)
+        self._inbox.put(Moderating(job))  # before the gate can release it: the inbox keeps the order
         self.gate(job, lambda: self._inbox.put(Submit(job)))  # moderation.py: returns at once
         return job
 
-    def cancel(self, request_id: str | int) -> None:
-        """Cancel every queued or running job with this request id (MQTT ``cancel`` topic)."""
-        self._inbox.put(CancelRequest(request_id))
+    def cancel(self, request_id: str | int, requester: Requester) -> None:
+        """Cancel every job with this request id sent by this requester, being moderated, queued or running (MQTT
+        ``cancel`` topic); another requester's job with the same id is left alone."""
+        self._inbox.put(CancelRequest(request_id, requester))
 
     def cancel_job(self, job: Job, error: ApplianceError | None = None) -> None:
         """Cancel one job (an HTTP client went away)."""
@@ -208,9 +193,10 @@ class Scheduler:
                 self._publish_status()
             except Exception:  # the scheduler must survive its own bugs; each one is logged with a traceback
                 log.exception("scheduler error")
-        for job in [*self._queue, *self.worker.running.values()]:
+        for job in [*self._moderating.values(), *self._queue, *self.worker.running.values()]:
             self.reporter.abandon(job)
         self._queue.clear()
+        self._moderating.clear()
 
     def _next_wakeup(self) -> float:
         deadlines = [j.deadline for j in self._queue]
@@ -227,27 +213,39 @@ class Scheduler:
 
     def _handle(self, command: Command) -> None:
         match command:
+            case Moderating(job=job):
+                self._moderating[job.key] = job
             case Submit(job=job):
+                self._moderating.pop(job.key, None)
+                if job.finished:  # cancelled while the moderation filter looked: already answered
+                    return
                 self._queue.append(job)
                 self.metrics.queue_depth.set(len(self._queue))
-                if job.stop_reason is not None:  # refused by the moderation filter, or cancelled while it looked
+                if job.stop_reason is not None:  # refused by the moderation filter
                     self._fail_queued(job, job.stop_reason)
-            case CancelRequest(request_id=rid):
-                for job in [j for j in self._queue if j.request.id == rid]:
-                    self._fail_queued(job, Cancelled(f"request {rid!r} was cancelled"))
-                for job in [j for j in self.worker.running.values() if j.request.id == rid]:
-                    self._stop_running(job, Cancelled(f"request {rid!r} was cancelled"))
+            case CancelRequest(request_id=rid, requester=requester):
+                for job in self._jobs():
+                    if job.request.id == rid and job.requester == requester:
+                        self._cancel(job, Cancelled(f"request {rid!r} was cancelled"))
             case CancelJob(job=job, error=error):
-                if job in self._queue:
-                    self._fail_queued(job, error)
-                elif self.worker.running.get(job.key) is job:
-                    self._stop_running(job, error)
-                else:  # still with the moderation filter: refused once it hands the job over
-                    job.stop_reason = job.stop_reason or error
+                self._cancel(job, error)
             case NewConditions(conditions=conditions):
                 self._apply_conditions(conditions)
             case FromWorker():
                 self._on_worker_message(command)
+
+    def _jobs(self) -> list[Job]:
+        """Every unfinished job, at whatever stage: with the moderation gate, queued or running."""
+        return [*self._moderating.values(), *self._queue, *self.worker.running.values()]
+
+    def _cancel(self, job: Job, error: ApplianceError) -> None:
+        """Stop one job wherever it is; no token is generated for one that has not started."""
+        if job in self._queue:
+            self._fail_queued(job, error)
+        elif self.worker.running.get(job.key) is job:
+            self._stop_running(job, error)
+        elif self._moderating.pop(job.key, None) is job:  # answered now; the gate's Submit for it is dropped
+            self._finish(job, error)
 
     def _apply_conditions(self, conditions: Conditions) -> None:
         old = self.guard.update(conditions)

@@ -4,7 +4,7 @@ Topics (``<p>`` = ``mqtt.topic_prefix``, ``<d>`` = ``device.id``)::
 
     <p>/<d>/generate        requests for this device
     <p>/fleet/generate      requests for any device (joined as $share/<group>/<p>/fleet/generate)
-    <p>/<d>/cancel          {"id": ...}          <p>/fleet/cancel  the same, for every device
+    <p>/<d>/cancel          {"id": ...}: stops that request of the same requester; <p>/fleet/cancel on every device
     <p>/<d>/status          retained state; the Last Will sets "offline"
     <p>/<d>/reply           replies to requests that name no reply topic
 
@@ -29,8 +29,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.config import Config
-from appliance.errors import ApplianceError, BadRequest, Busy
-from appliance.generation.scheduler import Job, Scheduler
+from appliance.errors import ApplianceError, BadRequest, Busy, Cancelled
+from appliance.generation.scheduler import Job, Requester, Scheduler
 from appliance.json_input import decode_json
 from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
@@ -47,15 +47,17 @@ from appliance.status import Status, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports.ha_discovery import Discovery, board_model
 from appliance.transports.mqtt_acks import AckBook, Pending, StoredReply
+from appliance.transports.mqtt_cancels import EarlyCancels
 from appliance.transports.mqtt_session import (
     REPLY_ROOT,
     Topics,
+    asked_reply_topic,
     connect_async,
     disable_nagle,
     make_client,
     new_properties,
 )
-from appliance.transports.mqtt_waiting import Waiting
+from appliance.transports.mqtt_waiting import Held, Waiting
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,9 @@ class MqttReply:
     """The sink of one MQTT job: publishes chunks, then the result or error, then releases the request's ack."""
 
     def __init__(self, transport: MqttTransport, topic: str, correlation: bytes | None, pending: Pending,
-                 stream: bool, fleet: bool) -> None:
+                 stream: bool, fleet: bool, requester: Requester) -> None:
         self.transport, self.topic, self.correlation, self.pending = transport, topic, correlation, pending
-        self.stream, self.fleet = stream, fleet
+        self.stream, self.fleet, self.requester = stream, fleet, requester
 
     def send(self, job: Job, event: JobEvent) -> None:
         rid = job.request.id
@@ -77,6 +79,8 @@ class MqttReply:
             case Done(completion=completion):
                 self.transport.answer(self, result_payload(rid, completion, job.request.structured))
             case Failed(error=error):
+                if isinstance(error, Cancelled):  # a cancel kept for a request yet to come found this one
+                    self.transport.early_cancels.forget(rid, self.requester)
                 self.refuse(rid, error)
             case Abandoned():
                 self.abandon(rid)
@@ -110,6 +114,7 @@ class MqttTransport:
         self.topics = Topics.of(config.mqtt.topic_prefix, config.device.id, config.mqtt.fleet_group)
         self.acks = AckBook(window=config.mqtt.dedupe_window)
         self.waiting = Waiting(lambda exc: scheduler.record_error("mqtt", exc))
+        self.early_cancels = EarlyCancels(ttl=config.worker.request_timeout)
         self._v5 = config.mqtt.protocol == "5"
         self._accepting = True
         self._closed = False
@@ -257,13 +262,13 @@ class MqttTransport:
                 self._on_request(client, msg, lambda body, reply: infer.submit(
                     model_id, body, lambda answer: reply.tensor_answer(request_id(body), answer), "mqtt"), route[1])
             elif route[0] in (self.topics.cancel, self.topics.fleet_cancel):
-                self._on_cancel(msg)
+                self._on_cancel(msg, route[1])
                 self._ack({(client, msg.mid, msg.qos)})
             else:
                 self._ack({(client, msg.mid, msg.qos)})
 
     def _generate(self, body: object, reply: MqttReply) -> None:
-        self.scheduler.submit(parse_generate(body), reply, "mqtt")
+        self.scheduler.submit(parse_generate(body), reply, "mqtt", reply.requester)
 
     def _on_request(self, client: paho.Client, msg: paho.MQTTMessage,
                     handle: Callable[[object, MqttReply], None], user: str | None) -> None:
@@ -271,16 +276,15 @@ class MqttTransport:
         sent by ``user`` (its topic's last level, enforced by the broker's ACL) is answered under
         ``replies/<user>/`` only: a reply topic elsewhere is refused, so no client can steer answers to another."""
         props = getattr(msg, "properties", None) if self._v5 else None
-        response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
-        body, problem = None, None
+        body: object = None
+        problem: ApplianceError | None = None
         try:
             body = decode_json(bytes(msg.payload), limit=self.config.mqtt.max_payload)
         except BadRequest as exc:
             problem = exc
         rid = request_id(body) if isinstance(body, dict) else None
-        reply_to = body.get("reply_to") if isinstance(body, dict) else None
-        asked = response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None)
+        asked = asked_reply_topic(msg, body, self._v5)
         topic = asked or self.topics.reply
         if user is not None:
             own = f"{REPLY_ROOT}/{user}/"
@@ -308,13 +312,17 @@ class MqttTransport:
                                 expiry=self.config.mqtt.reply_expiry)
             self._ack(self.acks.reply_sent(seen.pending, info.mid, stored))
             return
-        reply = MqttReply(self, topic, correlation, seen.pending,
+        # the requester, as its cancels name it: the broker-checked account, else where its replies go
+        requester = Requester(account=user) if user is not None else Requester(reply_to=topic)
+        reply = MqttReply(self, topic, correlation, seen.pending, requester=requester,
                           stream=bool(isinstance(body, dict) and body.get("stream")), fleet=client is self.fleet_client)
         if not self._accepting:
             reply.abandon(rid)
             return
+        if problem is None and rid is not None and self.early_cancels.take(rid, requester):
+            problem = Cancelled(f"request {rid!r} was cancelled before it reached the queue")
         if problem is None and client is self.client:  # for this device alone: it waits for a place, never busy
-            self.waiting.offer(rid, lambda: handle(body, reply), reply)
+            self.waiting.offer(Held(rid, requester, lambda: handle(body, reply), reply))
             return
         try:
             if problem is not None:
@@ -325,7 +333,9 @@ class MqttTransport:
             log.info("MQTT: request %r refused: %s", rid, exc.code)
             reply.refuse(rid, exc)
 
-    def _on_cancel(self, msg: paho.MQTTMessage) -> None:
+    def _on_cancel(self, msg: paho.MQTTMessage, user: str | None) -> None:
+        """Stop the request with this id of the same requester (on ``.../cancel/<user>`` the account, else the reply
+        destination the cancel names, as the request did) wherever it is, or when it arrives (mqtt_cancels.py)."""
         try:
             body = decode_json(bytes(msg.payload), limit=4096)
         except BadRequest as exc:
@@ -335,8 +345,12 @@ class MqttTransport:
         if rid is None:
             log.warning("MQTT: ignoring a cancel without a valid 'id'")
             return
-        self.waiting.cancel(rid)
-        self.scheduler.cancel(rid)
+        requester = Requester(account=user) if user is not None else \
+            Requester(reply_to=asked_reply_topic(msg, body, self._v5) or self.topics.reply)
+        window_full = self.scheduler.outstanding + len(self.waiting) > self.config.worker.max_queue
+        if not self.waiting.cancel(rid, requester) and window_full:  # the broker may hold the request still
+            self.early_cancels.keep(rid, requester)
+        self.scheduler.cancel(rid, requester)
 
     # -- publishing (any thread) -------------------------------------------------------------------------------
 
@@ -386,8 +400,3 @@ class MqttTransport:
     def _publish_status(self, status: Status) -> None:
         if not self._closed:
             self.publish(self.topics.status, status.to_dict(), retain=True)
-
-
-def _valid_topic(topic: str) -> bool:
-    return bool(topic) and "+" not in topic and "#" not in topic and "\0" not in topic and len(topic) < 65536
-

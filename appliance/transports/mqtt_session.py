@@ -114,3 +114,15 @@ def connect_async(client: paho.Client, config: Config, host: str, port: int, *, 
     else:
         client.connect_async(host, port, keepalive=config.mqtt.keepalive)
     client.loop_start()
+
+
+def asked_reply_topic(msg: paho.MQTTMessage, body: object, v5: bool) -> str | None:
+    """The reply topic a request (or a cancel) names: the v5 Response Topic, else a valid ``reply_to`` field."""
+    props = getattr(msg, "properties", None) if v5 else None
+    response_topic = getattr(props, "ResponseTopic", None) if props else None
+    reply_to = body.get("reply_to") if isinstance(body, dict) else None
+    return response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None)
+
+
+def _valid_topic(topic: str) -> bool:
+    return bool(topic) and "+" not in topic and "#" not in topic and "\0" not in topic and len(topic) < 65536

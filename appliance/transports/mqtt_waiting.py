@@ -13,9 +13,11 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from appliance.errors import ApplianceError, Cancelled, QueueFull
+from appliance.generation.jobs import Requester
 
 #: how often held requests are offered again when no MQTT answer frees a place (an HTTP one may have)
 RETRY_SECONDS = 0.5
@@ -27,8 +29,12 @@ class HeldReply(Protocol):
     def abandon(self, rid: str | int | None) -> None: ...
 
 
-#: (request id, submit: raises QueueFull while there is no place, the reply)
-Held = tuple[str | int | None, Callable[[], None], HeldReply]
+@dataclass(frozen=True)
+class Held:
+    rid: str | int | None
+    requester: Requester  # only its own cancel stops it
+    submit: Callable[[], None]  # raises QueueFull while there is no place
+    reply: HeldReply
 
 
 class Waiting:
@@ -42,10 +48,10 @@ class Waiting:
     def __len__(self) -> int:
         return len(self._held)
 
-    def offer(self, rid: str | int | None, submit: Callable[[], None], reply: HeldReply) -> None:
+    def offer(self, held: Held) -> None:
         """Submit now unless requests are already waiting (never overtake them) or the queue is full."""
         with self._lock:
-            self._held.append((rid, submit, reply))
+            self._held.append(held)
         self.drain()
 
     def drain(self) -> None:
@@ -54,9 +60,9 @@ class Waiting:
             with self._lock:
                 if not self._held or self._closed:
                     break
-                rid, submit, reply = self._held[0]
+                held = self._held[0]
                 try:
-                    submit()
+                    held.submit()
                 except QueueFull:
                     self._arm()
                     return
@@ -68,16 +74,21 @@ class Waiting:
                     refused = None
             if refused is not None:
                 self._on_refused(refused)
-                reply.refuse(rid, refused)
+                held.reply.refuse(held.rid, refused)
 
-    def cancel(self, rid: str | int) -> int:
-        """Answer held requests with this id ``cancelled``; returns how many."""
+    def cancel(self, rid: str | int, requester: Requester) -> int:
+        """Answer held requests with this id from this requester ``cancelled``; returns how many."""
+        def hit(held: Held) -> bool:
+            return held.rid == rid and held.requester == requester
+
         with self._lock:
-            hit = [h for h in self._held if h[0] == rid]
-            self._held = deque(h for h in self._held if h[0] != rid)
-        for held_rid, _, reply in hit:
-            reply.refuse(held_rid, Cancelled("cancelled while waiting for a place in the queue"))
-        return len(hit)
+            hits = [h for h in self._held if hit(h)]
+            self._held = deque(h for h in self._held if not hit(h))
+        for held in hits:
+            cancelled = Cancelled("cancelled while waiting for a place in the queue")
+            self._on_refused(cancelled)  # counted like every other reply
+            held.reply.refuse(held.rid, cancelled)
+        return len(hits)
 
     def close(self) -> None:
         """Stopping: held requests stay unacked, so the broker delivers them again after the restart. Idempotent."""
@@ -86,8 +97,8 @@ class Waiting:
             held, self._held = list(self._held), deque()
             if self._timer is not None:
                 self._timer.cancel()
-        for rid, _, reply in held:
-            reply.abandon(rid)
+        for each in held:
+            each.reply.abandon(each.rid)
 
     def _arm(self) -> None:  # called with the lock held
         if self._timer is None or not self._timer.is_alive():

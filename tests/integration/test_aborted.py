@@ -24,7 +24,7 @@ def test_twenty_aborted_requests_leave_the_device_ready(appliance_factory, mqtt_
         client.publish(app.topic("generate"), {"id": rid, "prompt": PROMPT, "max_tokens": 50},
                        response_topic=f"{prefix}/{rid}", correlation=rid.encode())
         time.sleep(0.3)  # accepted and evaluating the prompt
-        client.publish(app.topic("cancel"), {"id": rid})
+        client.cancel(app.topic("cancel"), rid, f"{prefix}/{rid}")
         (final,) = client.wait_for(lambda m, t=f"{prefix}/{rid}": m.topic == t, timeout=60)
         assert json.loads(final.payload)["error"]["code"] in ("cancelled", "worker_crashed"), final.payload
     kills = app.log_text().count("because a request did not stop within worker.cancel_grace")

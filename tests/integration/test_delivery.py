@@ -129,8 +129,8 @@ def test_cancel_queued_request(appliance_factory, mqtt_client, protocol):
         client.publish(app.topic("generate"), {**body, "id": "running", "reply_to": "test/cq/r"})
         client.publish(app.topic("generate"), {**body, "id": "queued", "reply_to": "test/cq/q"})
     time.sleep(0.5)
-    client.publish("appliance/fleet/cancel", {"id": "queued"})
+    client.cancel("appliance/fleet/cancel", "queued", "test/cq/q")
     final = client.replies("test/cq/q", timeout=10)[-1]
     assert final["error"]["code"] == "cancelled"
-    client.publish(app.topic("cancel"), {"id": "running"})
+    client.cancel(app.topic("cancel"), "running", "test/cq/r")
     assert client.replies("test/cq/r", timeout=10)[-1]["error"]["code"] == "cancelled"

@@ -182,10 +182,10 @@ def test_queue_full_fleet_request_gets_busy_at_once_device_request_waits(applian
     assert time.monotonic() - started < 5, "busy must be immediate, not a wait"
     assert _final(refused)["error"]["code"] == "busy"
     assert not [m for m in client.messages if m.topic == "test/q/third"]  # waiting, not refused
-    client.publish(app.topic("cancel"), {"id": "long"})
+    client.cancel(app.topic("cancel"), "long", "test/q/long")
     final = _final(client.replies("test/q/long", timeout=20))
     assert final["error"]["code"] == "cancelled"
-    client.publish(app.topic("cancel"), {"id": "waiting"})
+    client.cancel(app.topic("cancel"), "waiting", "test/q/waiting")
     assert _final(client.replies("test/q/waiting", timeout=20))["error"]["code"] == "cancelled"
     assert _final(client.replies("test/q/third", timeout=60))["type"] == "result"
 

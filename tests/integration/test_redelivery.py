@@ -100,7 +100,7 @@ def test_broker_redelivery_of_a_request_in_progress_is_answered_once(appliance_f
         assert time.monotonic() < deadline, app.log_text()[-3000:]
         time.sleep(0.2)
     # still running (3000 tokens): stop it, so the one final reply comes now, whatever the speed of this machine
-    client.publish(app.topic("cancel"), {"id": "long"})
+    client.cancel(app.topic("cancel"), "long", topic)
     client.wait_for(lambda m: m.topic == topic and json.loads(m.payload)["type"] != "chunk", timeout=60)
     time.sleep(2)  # a second answer would show up now
     finals = _finals(client, topic)

@@ -130,7 +130,7 @@ def test_cancel_stops_a_long_generation(app, mqtt_client):
     client.publish(app.topic("generate"), {"id": "long", "model": "world-v6", "prompt": "a", "max_tokens": 900,
                                            "stream": True}, response_topic="test/rwkv/long", correlation=b"l")
     client.wait_for(lambda m: m.topic == "test/rwkv/long")
-    client.publish(app.topic("cancel"), {"id": "long"})
+    client.cancel(app.topic("cancel"), "long", "test/rwkv/long")
     final = [r for r in client.replies("test/rwkv/long", timeout=30) if r.get("type") != "chunk"][-1]
     assert final["error"]["code"] == "cancelled"
     again = client.request(app.topic("generate"), {"model": "world-v6", "prompt": "a", "max_tokens": 3})[-1]

@@ -172,7 +172,7 @@ def test_telemetry_and_gauges_carry_the_board_readings(appliance_factory, mqtt_c
     assert busy["outstanding"] == 3, busy  # waiting + running
     assert app.metric("appliance_queue_depth") == 2.0
     for rid in ("queued-2", "queued-1", "running"):
-        client.publish(app.topic("cancel"), {"id": rid})
+        client.cancel(app.topic("cancel"), rid, f"{reply_topic}/{rid}")
         assert client.replies(f"{reply_topic}/{rid}", timeout=20)[-1]["error"]["code"] == "cancelled"
 
     done = client.request(app.topic("generate"), {"prompt": "a", "max_tokens": 16})[-1]

@@ -247,6 +247,14 @@ class MqttClient:
                 props.CorrelationData = correlation
         self.client.publish(topic, payload, qos=qos, retain=retain, properties=props).wait_for_publish(10)
 
+    def cancel(self, topic: str, rid: str, reply_topic: str | None) -> None:
+        """Cancel request ``rid`` as its requester: naming the same reply topic (v5 Response Topic, 3.1.1
+        ``reply_to``); None names none, as a request that leaves its replies to the device's default topic."""
+        if self.v5:
+            self.publish(topic, {"id": rid}, response_topic=reply_topic)
+        else:
+            self.publish(topic, {"id": rid, **({"reply_to": reply_topic} if reply_topic else {})})
+
     def wait_for(self, predicate, timeout: float = 30, count: int = 1) -> list[paho.MQTTMessage]:
         deadline = time.monotonic() + timeout
         with self._cond:

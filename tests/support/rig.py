@@ -18,7 +18,7 @@ from typing import Any
 from appliance.catalog import Catalog
 from appliance.catalog.entry import ModelEntry
 from appliance.config import Config, load_config
-from appliance.generation.jobs import Job
+from appliance.generation.jobs import Job, Requester
 from appliance.generation.scheduler import Scheduler
 from appliance.messages import Chunk, JobEvent
 from appliance.metrics import Metrics
@@ -29,6 +29,9 @@ from appliance.supervisor.guard import Guard
 from appliance.supervisor.policies import Conditions
 from appliance.supervisor.sensors import MemoryReading
 from tests.support.thread_worker import ThreadWorker
+
+#: who sends the rig's requests unless a test says otherwise (see Requester: only its own cancels stop them)
+ME = Requester(reply_to="rig/replies")
 
 #: quick timers, so that a timeout, a stall or a grace period is tens of milliseconds in a test, not minutes
 FAST = {"request_timeout": 5.0, "stall_timeout": 2.0, "cancel_grace": 0.3, "load_timeout": 5.0, "max_queue": 4,
@@ -111,11 +114,15 @@ class Rig:
         self.scheduler.start()
         return self
 
-    def submit(self, prompt: str, **fields: Any) -> tuple[Job, Recorder]:
+    def submit(self, prompt: str, requester: Requester = ME, **fields: Any) -> tuple[Job, Recorder]:
         """Submit a request (``fields``: model, id, stream, max_tokens, priority ...); raises what submit raises."""
         sink = Recorder()
         request = parse_generate({"prompt": prompt, "stream": True, **fields})
-        return self.scheduler.submit(request, sink, "test"), sink
+        return self.scheduler.submit(request, sink, "test", requester), sink
+
+    def cancel(self, request_id: str, requester: Requester = ME) -> None:
+        """A cancel by id, as the MQTT cancel topic sends it."""
+        self.scheduler.cancel(request_id, requester)
 
     def conditions(self, **values: Any) -> None:
         self.scheduler.set_conditions(Conditions(**values))

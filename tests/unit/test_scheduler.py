@@ -8,6 +8,7 @@ import pytest
 
 from appliance.backends.fake import script
 from appliance.errors import BadRequest, Busy, ModelError, UnknownModel
+from appliance.generation.jobs import Requester
 from appliance.messages import Abandoned, Chunk, Done, Failed
 
 LONG = script(["piece", "a"], ["sleep", 30], ["piece", "never"])
@@ -78,7 +79,7 @@ def test_cancel_while_queued(rig):
     _, running = r.submit(script(["piece", "a"], ["sleep", 0.3]), id="first")
     running.next_chunk()
     _, queued = r.submit("never runs", id="second")
-    r.scheduler.cancel("second")
+    r.cancel("second")
     assert _code(queued.final()) == "cancelled" and queued.chunks == []
     assert isinstance(running.final(), Done)
 
@@ -98,7 +99,7 @@ def test_cancel_during_the_prompt(rig):
     r = rig()
     job, sink = r.submit(script(["prompt", 1, 4], ["sleep", 30], ["prompt", 2, 4], ["piece", "x"]), id="p")
     r.wait(lambda: job.last_progress and r.scheduler.worker.running, what="the prompt to start")
-    r.scheduler.cancel("p")
+    r.cancel("p")
     event = sink.final(timeout=2)
     assert _code(event) == "cancelled" and "'p' was cancelled" in event.error.message and sink.chunks == []
     assert isinstance(r.submit("next")[1].final(), Done)
@@ -120,29 +121,78 @@ def test_cancel_while_the_moderation_filter_looks(rig):
     r.scheduler.gate = lambda job, release: held.append(release)  # the classifier has not answered yet
     job, sink = r.submit("x")
     r.scheduler.cancel_job(job)
-    assert sink.nothing_more()
+    assert _code(sink.final(timeout=2)) == "cancelled", "answered at once, not when the classifier is done"
     held[0]()  # the verdict: passed, but the client went away meanwhile
-    assert _code(sink.final()) == "cancelled"
-    assert r.scheduler.outstanding == 0
+    assert sink.nothing_more() and sink.chunks == []
+    assert r.scheduler.outstanding == 0 and r.counted("cancelled") == 1
+
+
+def test_a_cancel_by_id_while_the_moderation_filter_looks_is_honoured(rig):
+    r = rig()
+    held = []
+    r.scheduler.gate = lambda job, release: held.append(release)
+    _, sink = r.submit(LONG, id="mod")
+    r.cancel("mod")
+    assert _code(sink.final(timeout=2)) == "cancelled"
+    held[0]()  # passed: no token is generated for it all the same, and no second reply comes
+    assert sink.nothing_more(0.5) and sink.chunks == []
+    assert r.scheduler.worker.running == {} and r.scheduler.outstanding == 0
+    assert r.counted("cancelled") == 1
+
+
+def test_a_cancel_from_another_requester_changes_nothing_at_any_stage(rig):
+    r = rig()
+    held = []
+    gate = r.scheduler.gate
+    r.scheduler.gate = lambda job, release: held.append(release) if job.request.id == "mod" else gate(job, release)
+    _, running = r.submit(script(["piece", "a"], ["sleep", 0.5], ["piece", "b"]), id="run")
+    running.next_chunk()
+    _, queued = r.submit("q", id="queued")
+    _, moderated = r.submit("m", id="mod")
+    for other in (Requester(reply_to="someone/else"), Requester(account="rig/replies"), Requester(account="x")):
+        for rid in ("run", "queued", "mod"):
+            r.cancel(rid, other)
+    held[0]()
+    assert running.final().completion.text == "ab"
+    assert isinstance(queued.final(), Done) and isinstance(moderated.final(), Done)
+    assert r.counted("cancelled") == 0
+
+
+def test_an_account_cancels_only_its_own_request(rig):
+    r = rig()
+    sensor1, sensor2 = Requester(account="sensor1"), Requester(account="sensor2")
+    _, mine = r.submit(LONG, requester=sensor1, id="same")
+    mine.next_chunk()
+    _, theirs = r.submit("x", requester=sensor2, id="same")
+    r.cancel("same", sensor1)
+    assert _code(mine.final()) == "cancelled"
+    assert isinstance(theirs.final(), Done)
+
+
+def test_an_http_job_is_never_cancelled_by_id(rig):
+    r = rig()
+    job, sink = r.submit(script(["piece", "a"], ["sleep", 0.3]), requester=None, id="h")
+    r.cancel("h")
+    assert isinstance(sink.final(), Done)
 
 
 def test_cancel_after_the_end_changes_nothing(rig):
     r = rig()
     job, sink = r.submit("x", id="done")
     assert isinstance(sink.final(), Done)
-    r.scheduler.cancel("done")
+    r.cancel("done")
     r.scheduler.cancel_job(job)
     assert sink.nothing_more()
     assert r.counted("ok") == 1 and r.counted("cancelled") == 0
     assert isinstance(r.submit("next")[1].final(), Done)
 
 
-def test_a_cancel_by_id_stops_every_job_of_that_id(rig):
+def test_a_cancel_by_id_stops_every_job_of_that_id_from_its_requester(rig):
     r = rig()
     _, running = r.submit(LONG, id="same")
     running.next_chunk()
     _, queued = r.submit("x", id="same")
-    r.scheduler.cancel("same")
+    r.cancel("same")
     assert _code(queued.final()) == "cancelled" and _code(running.final()) == "cancelled"
 
 
