@@ -78,8 +78,9 @@ def test_the_broker_refuses_what_the_appliance_would_only_refuse_later(shipped, 
 
         reasons = [_publish_and_wait_for_disconnect("127.0.0.1", shipped.lan_port, size, protocol)
                    for size, protocol in ((2 << 20, paho.MQTTv5), (2 << 20, paho.MQTTv311), (32 << 20, paho.MQTTv5))]
-        # a v5 client is told why (the 32 MiB one may still be writing when the broker hangs up: any reason)
-        assert reasons[0] == "Packet too large" and None not in reasons, reasons
+        # the broker hangs up on each. It sends a v5 client the reason (0x95, "Packet too large"), but a client still
+        # writing its packet when the socket closes sees only "Unspecified error" (seen in CI for all three)
+        assert None not in reasons and set(reasons) <= {"Packet too large", "Unspecified error"}, reasons
         time.sleep(1)  # what the broker had passed on would have arrived by now
         peak_after, rss_after = _status_kib(pid, "VmHWM"), _status_kib(pid, "VmRSS")
         print(f"appliance VmHWM {peak_before} -> {peak_after} KiB, VmRSS {rss_before} -> {rss_after} KiB")

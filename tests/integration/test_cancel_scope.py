@@ -68,7 +68,9 @@ def test_another_account_cannot_cancel_a_request_its_own_cancel_can(shipped, app
     sensor1, sensor2 = _sensor(shipped, "sensor1"), _sensor(shipped, "sensor2")
     generate, cancel = app.topic("generate"), app.topic("cancel")
     mine, theirs = "replies/sensor1/job", "replies/sensor2/job"
-    sensor1.publish(generate + "/sensor1", {**SHORT, "id": "job"}, response_topic=mine, correlation=b"1")
+    # long enough to keep sensor2's request queued while its cancels arrive (300 tokens ended first on a loaded CI)
+    sensor1.publish(generate + "/sensor1", {**LONG, "max_tokens": 1500, "id": "job"}, response_topic=mine,
+                    correlation=b"1")
     sensor1.wait_for(lambda m: m.topic == mine)  # generating
     # sensor2 sends a request with the same id (queued behind sensor1's) and cancels "job" under its own name, on
     # the device and on the fleet topic: that stops its own request only
@@ -78,7 +80,7 @@ def test_another_account_cannot_cancel_a_request_its_own_cancel_can(shipped, app
     sensor2.publish("appliance/fleet/cancel/sensor2", {"id": "job"})
     sensor2.publish(cancel + "/sensor1", {"id": "job"})  # another's name: the broker drops it
     assert _only_final(sensor2, theirs)["error"]["code"] == "cancelled"
-    result = _final(sensor1, mine, timeout=120)
+    result = _final(sensor1, mine, timeout=300)
     assert result["type"] == "result" and result["finish_reason"] == "length", result
 
     own = "replies/sensor1/own"
