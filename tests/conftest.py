@@ -117,3 +117,21 @@ def mqtt_client(broker):
     yield factory
     for c in clients:
         c.close()
+
+
+@pytest.fixture
+def shipped_broker(tmp_path):
+    """Start mosquittos with the shipped config and ACL: ``factory(users, name="broker", tls=None)``, each with the
+    given accounts (name -> password); all are stopped afterwards."""
+    from tests.support.shipped_broker import ShippedBroker
+    started: list[ShippedBroker] = []
+
+    def factory(users: dict[str, str], name: str = "broker", tls: tuple[Path, Path] | None = None) -> ShippedBroker:
+        broker = ShippedBroker(tmp_path / name, users, tls=tls)
+        broker.start()
+        started.append(broker)
+        return broker
+
+    yield factory
+    for broker in started:
+        broker.stop()

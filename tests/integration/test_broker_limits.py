@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.harness import MqttClient
 from tests.support.lan import lan_address
-from tests.support.shipped_broker import ShippedBroker, make_certificates
+from tests.support.shipped_broker import make_certificates
 
 USERS = {"appliance": "pw-appliance-0", "sensor1": "pw-sensor1-00"}
 MAX_PAYLOAD = 1 << 20  # mqtt.max_payload's default
@@ -53,11 +53,8 @@ def _publish_and_wait_for_disconnect(host: str, port: int, size: int, protocol) 
 
 
 @pytest.fixture
-def shipped(tmp_path):
-    broker = ShippedBroker(tmp_path / "broker", USERS)
-    broker.start()
-    yield broker
-    broker.stop()
+def shipped(shipped_broker):
+    return shipped_broker(USERS)
 
 
 def test_the_broker_refuses_what_the_appliance_would_only_refuse_later(shipped, appliance_factory, tmp_path):
@@ -123,26 +120,20 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
-def test_with_tls_plain_mqtt_is_served_on_loopback_only(tmp_path):
+def test_with_tls_plain_mqtt_is_served_on_loopback_only(shipped_broker, tmp_path):
     lan = lan_address()
     ca, cert, key = make_certificates(tmp_path / "certs", [lan, "127.0.0.1"])
 
-    plain = ShippedBroker(tmp_path / "plain", USERS)
-    plain.start()
-    try:  # without TLS (the image, the role's default): plain MQTT on the LAN, with a password
-        assert _connects(lan, plain.lan_port) and _connects("127.0.0.1", plain.port)
-        assert not _listening(lan, plain.port), "the appliance's own listener is loopback only"
-    finally:
-        plain.stop()
+    plain = shipped_broker(USERS, "plain")
+    # without TLS (the image, the role's default): plain MQTT on the LAN, with a password
+    assert _connects(lan, plain.lan_port) and _connects("127.0.0.1", plain.port)
+    assert not _listening(lan, plain.port), "the appliance's own listener is loopback only"
+    plain.stop()
 
-    tls = ShippedBroker(tmp_path / "tls", USERS, tls=(cert, key))
-    tls.start()
-    try:
-        assert _connects(lan, tls.tls_port, ca=ca), "sensors reach it over TLS"
-        assert not _connects(lan, tls.tls_port), "and only over TLS"
-        assert not _listening(lan, tls.port) and not _listening(lan, tls.lan_port), "no plain MQTT on the LAN"
-        assert _connects("127.0.0.1", tls.port), "plain MQTT for the appliance itself, on loopback"
-        listeners = [json.dumps(line) for line in tls.log_file.read_text().splitlines() if "listen socket" in line]
-        assert listeners, "mosquitto logs its listeners"
-    finally:
-        tls.stop()
+    tls = shipped_broker(USERS, "tls", tls=(cert, key))
+    assert _connects(lan, tls.tls_port, ca=ca), "sensors reach it over TLS"
+    assert not _connects(lan, tls.tls_port), "and only over TLS"
+    assert not _listening(lan, tls.port) and not _listening(lan, tls.lan_port), "no plain MQTT on the LAN"
+    assert _connects("127.0.0.1", tls.port), "plain MQTT for the appliance itself, on loopback"
+    listeners = [json.dumps(line) for line in tls.log_file.read_text().splitlines() if "listen socket" in line]
+    assert listeners, "mosquitto logs its listeners"

@@ -47,11 +47,8 @@ def _only_final(client: MqttClient, topic: str, wait: float = 1.0) -> dict:
 # -- with accounts: the shipped ACL -----------------------------------------------------------------------------
 
 @pytest.fixture
-def shipped(tmp_path):
-    broker = ShippedBroker(tmp_path / "broker", USERS)
-    broker.start()
-    yield broker
-    broker.stop()
+def shipped(shipped_broker):
+    return shipped_broker(USERS)
 
 
 def _sensor(broker: ShippedBroker, user: str) -> MqttClient:
