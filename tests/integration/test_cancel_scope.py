@@ -15,7 +15,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from appliance.catalog import sha256_file
 from tests.support import tiny_models, tiny_onnx
 from tests.support.harness import MqttClient
 from tests.support.shipped_broker import ShippedBroker
@@ -168,22 +167,8 @@ def moderated_catalog(models_dir, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("moderated")
     guard = tiny_onnx.write_text_classifier(d / "guard.onnx", ["forbidden"])
     catalog = d / "catalog.toml"
-    catalog.write_text(f'''
-{tiny_models.catalog_entry("slow", models_dir / "slow.gguf", absolute=True, template="chatml")}
-[[models]]
-id = "guard"
-file = "guard.onnx"
-sha256 = "{sha256_file(guard)}"
-featurize = "hashed-words"
-
-[[models.inputs]]
-name = "features"
-shape = [-1, 64]
-
-[[models.outputs]]
-name = "probabilities"
-labels = {json.dumps(tiny_onnx.TEXT_LABELS)}
-''')
+    catalog.write_text(tiny_models.catalog_entry("slow", models_dir / "slow.gguf", absolute=True, template="chatml")
+                       + tiny_onnx.text_classifier_entry(guard))
     return catalog
 
 

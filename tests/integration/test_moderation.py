@@ -3,11 +3,9 @@ model, over MQTT and HTTP; off by default."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from appliance.catalog import Catalog, sha256_file
+from appliance.catalog import Catalog
 from appliance.config import load_config
 from appliance.generation.moderation import config_problems
 from appliance.tensors.features import hashed_words
@@ -28,22 +26,8 @@ def moderation_catalog(models_dir, tmp_path_factory):
     guard = tiny_onnx.write_text_classifier(d / "guard.onnx", [FLAGGED], SIZE)
     tiny = models_dir / "tiny-q4_0.gguf"
     catalog = d / "catalog.toml"
-    catalog.write_text(f'''
-{tiny_models.catalog_entry("tiny", tiny, absolute=True, template="chatml")}
-[[models]]
-id = "guard"
-file = "guard.onnx"
-sha256 = "{sha256_file(guard)}"
-featurize = "hashed-words"
-
-[[models.inputs]]
-name = "features"
-shape = [-1, {SIZE}]
-
-[[models.outputs]]
-name = "probabilities"
-labels = {json.dumps(tiny_onnx.TEXT_LABELS)}
-''')
+    catalog.write_text(tiny_models.catalog_entry("tiny", tiny, absolute=True, template="chatml")
+                       + tiny_onnx.text_classifier_entry(guard, SIZE))
     return catalog
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,23 @@ def write_text_classifier(path: Path, flagged_words: list[str], size: int = 64) 
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
     return _save(graph, path)
+
+
+def text_classifier_entry(path: Path, size: int = 64, model_id: str = "guard") -> str:
+    """The catalog entry (TOML) of a classifier ``write_text_classifier`` wrote at ``path``, as a moderation model."""
+    from appliance.catalog import sha256_file
+    return f'''
+[[models]]
+id = "{model_id}"
+file = "{path.name}"
+sha256 = "{sha256_file(path)}"
+featurize = "hashed-words"
+
+[[models.inputs]]
+name = "features"
+shape = [-1, {size}]
+
+[[models.outputs]]
+name = "probabilities"
+labels = {json.dumps(TEXT_LABELS)}
+'''
