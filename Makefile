@@ -25,7 +25,7 @@ else
 LLAMA_CMAKE_ARGS ?=
 endif
 
-.PHONY: help run test test-long test-fast test-no-image bench bench-rwkv eval lint typecheck clean bundle image image-boot image-boot-arm64
+.PHONY: help run test test-long test-fast test-no-image bench bench-rwkv eval fuzz soak lint typecheck clean bundle image image-boot image-boot-arm64
 
 help: ## show this help
 	@echo "make targets:"
@@ -78,6 +78,17 @@ EVAL_ARGS ?=
 
 eval: $(BIN)/.installed ## ~40 prompts (en, es, zh) through the appliance on each catalog model present; writes docs/quality.md
 	$(BIN)/python -m bench.eval --out docs/quality.md $(if $(CONFIG),-c $(CONFIG)) $(EVAL_ARGS)
+
+FUZZ_PAYLOADS ?= 10000
+FUZZ_SEED ?= 1
+fuzz: $(BIN)/.installed ## 10,000 generated payloads over MQTT and HTTP to a running appliance; writes docs/reliability.md
+	@scripts/ensure-mosquitto --required
+	$(BIN)/python -m bench.fuzz --payloads $(FUZZ_PAYLOADS) --seed $(FUZZ_SEED) --out docs/reliability.md
+
+SOAK_MINUTES ?= 30
+soak: $(BIN)/.installed ## 30 minutes of mixed traffic with cancels and disconnects: answers, errors, RSS; writes docs/reliability.md
+	@scripts/ensure-mosquitto --required
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --out docs/reliability.md
 
 bench-rwkv: $(BIN)/.installed ## the RWKV backend vs the rwkv package per strategy; writes docs/benchmarks-rwkv.md
 	$(BIN)/python -m bench.rwkv_strategies --out docs/benchmarks-rwkv.md

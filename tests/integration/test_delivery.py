@@ -91,6 +91,60 @@ def test_fleet_topic_shares_requests_and_answers_each_once(appliance_factory, mq
     assert min(served) > 0, f"both devices should take a share, got {served}"
 
 
+def _wait_fleet_subscribed(app, timeout: float = 30) -> None:
+    """/readyz speaks of the model; a fleet request published before the shared subscription exists is lost."""
+    deadline = time.monotonic() + timeout
+    while "MQTT (fleet session): subscribed" not in app.log_text():
+        assert time.monotonic() < deadline, "the fleet session did not subscribe"
+        time.sleep(0.1)
+
+
+def test_busy_device_does_not_swallow_fleet_work_another_device_can_do(appliance_factory, mqtt_client):
+    """The `$share` case of issue 10.2: mosquitto hands shared-subscription messages round-robin, blind to how busy a
+    member is. A device whose queue is full refuses its share at once with `busy` (it neither runs nor holds it), so
+    the requester's retry reaches the idle device: every fleet request is answered, all by the idle device."""
+    busy = appliance_factory("slow", {"worker": {"max_queue": 1, "context_size": 4096}})
+    idle = appliance_factory(overrides={"worker": {"max_queue": 16}})
+    for app in (busy, idle):
+        _wait_fleet_subscribed(app)
+    client = mqtt_client()
+    client.subscribe("test/share/#")
+    long = {"prompt": "a", "max_tokens": 4000, "stream": True}
+    client.publish(busy.topic("generate"), {**long, "id": "long"}, response_topic="test/share/long",
+                   correlation=b"long")
+    client.wait_for(lambda m: m.topic == "test/share/long")  # generating now
+    # one waits in its queue; two more wait with the broker and refill the queue, so it stays full for a minute
+    backlog = ["w1", "w2", "w3"]
+    for rid in backlog:
+        client.publish(busy.topic("generate"), {**long, "id": rid}, response_topic=f"test/share/{rid}",
+                       correlation=rid.encode())
+    busy.wait_status(lambda s: s.get("outstanding", 0) >= 2)  # one running, one waiting: its queue is full
+
+    ids, tries, refused_at_once = [f"s{i}" for i in range(10)], 0, []
+    for rid in ids:
+        for attempt in range(6):  # a retry is a new request (docs/protocol.md): a new correlation
+            tries += 1
+            started = time.monotonic()
+            final = client.request("appliance/fleet/generate", {"id": rid, "prompt": rid, "max_tokens": 3},
+                                   reply_topic=f"test/share/{rid}/{attempt}", timeout=60)[-1]
+            if final["type"] == "result":
+                break
+            assert final["error"]["code"] == "busy", final
+            refused_at_once.append(time.monotonic() - started)
+        else:
+            pytest.fail(f"{rid} was refused six times")
+    ok = 'appliance_requests_total{outcome="ok",transport="mqtt"}'
+    assert int(idle.metric(ok) or 0) == len(ids), "the idle device answered every fleet request"
+    assert int(busy.metric(ok) or 0) == 0, "the busy device ran none of them"
+    assert int(busy.metric('appliance_errors_total{code="busy"}') or 0) == tries - len(ids), "and refused its share"
+    assert all(seconds < 5 for seconds in refused_at_once), refused_at_once  # refused, not held
+    assert busy.status()["outstanding"] == 2, "nothing was added to the busy device's queue"
+    for rid in ("long", *backlog):
+        client.cancel(busy.topic("cancel"), rid, f"test/share/{rid}")
+    print(f"{len(ids)} fleet requests: {tries} tries, {tries - len(ids)} refused at once by the busy device "
+          f"(max {max(refused_at_once, default=0):.2f} s)")
+
+
 def _worker_pid(app) -> int:
     pid = app.status()["worker_pid"]
     assert pid in [c.pid for c in psutil.Process(app.proc.pid).children()]

@@ -9,30 +9,8 @@ import uuid
 
 import pytest
 
+from tests.support.fuzz_payloads import HOSTILE
 from tests.support.harness import http_post
-
-HOSTILE = {
-    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
-    "deep objects": b'{"a":' * 5000 + b"1" + b"}" * 5000,
-    "huge integer": b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}",
-    "NaN": b'{"prompt": "a", "temperature": NaN}',
-    "Infinity": b'{"prompt": "a", "temperature": Infinity}',
-    "overflowing float": b'{"prompt": "a", "temperature": 1e999}',
-    "invalid UTF-8": b'{"prompt": "\xff\xfe"}',
-    "lone surrogate": b'{"prompt": "\\ud800", "id": "\\udc00"}',
-    "duplicate keys": b'{"prompt": "a", "prompt": "b"}',
-    "wrong type: prompt": b'{"prompt": {"a": 1}}',
-    "wrong type: messages": b'{"messages": [{"role": "user", "content": [1]}]}',
-    "wrong type: max_tokens": b'{"prompt": "a", "max_tokens": "12"}',
-    "wrong type: stop": b'{"prompt": "a", "stop": [[]]}',
-    "wrong type: stream": b'{"prompt": "a", "stream": "yes"}',
-    "wrong type: seed": b'{"prompt": "a", "seed": 1.5}',
-    "wrong type: model": b'{"prompt": "a", "model": ["tiny"]}',
-    "wrong type: priority": b'{"prompt": "a", "priority": {}}',
-    "not an object": b"[1, 2, 3]",
-}
-
-
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
