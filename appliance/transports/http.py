@@ -167,7 +167,6 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
             ids = [e.id for e in scheduler.catalog if e.generates_text]
         else:
             ids = [scheduler.default_model]
-        ids += infer.embedders if infer is not None else []  # for /v1/embeddings
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "appliance"}
                                            for i in ids]}
 
