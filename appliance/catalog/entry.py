@@ -8,6 +8,7 @@ from typing import Any
 
 from appliance import backends
 
+EMBEDDER = "embedder"  # the role of an embedding model
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 
@@ -54,7 +55,8 @@ class ModelEntry:
     lora: Path | None = None
     lora_sha256: str | None = None
     lora_scale: float = 1.0
-    # rwkv: runtime strategy and tokenizer ("world" or a 20B_tokenizer.json path)
+    # rwkv: runtime strategy and tokenizer ("world" or a 20B_tokenizer.json path); an onnx embedder's tokenizer is
+    # a Hugging Face tokenizer.json (read with the `tokenizers` library)
     strategy: str | None = None
     tokenizer: str | None = None
     # onnx: declared inputs and outputs
@@ -62,6 +64,14 @@ class ModelEntry:
     outputs: tuple[OutputSpec, ...] = field(default=())
     # onnx text classifiers (the moderation filter): how text becomes the input tensor (tensors/features.py)
     featurize: str | None = None
+    # onnx embedding models (tensors/embedder.py): role "embedder", and the most tokens one text may take
+    role: str | None = None
+    max_tokens: int | None = None
+
+    @property
+    def embeds(self) -> bool:
+        """An embedding model: served on /v1/embeddings, /api/embed and <prefix>/<device>/embed."""
+        return self.role == EMBEDDER
 
     @property
     def generates_text(self) -> bool:
@@ -83,4 +93,6 @@ class ModelEntry:
             body.update(inputs=[i.describe() for i in self.inputs], outputs=[o.describe() for o in self.outputs])
         if self.featurize:
             body["featurize"] = self.featurize
+        if self.role:
+            body.update(role=self.role, max_tokens=self.max_tokens)
         return body

@@ -9,7 +9,7 @@ from typing import Any
 
 from appliance import backends
 from appliance.backends import templates
-from appliance.catalog.entry import DTYPES, ModelEntry, OutputSpec, TensorSpec
+from appliance.catalog.entry import DTYPES, EMBEDDER, ModelEntry, OutputSpec, TensorSpec
 from appliance.config.schema import rwkv_strategy_problem
 from appliance.tensors import features as text_features
 
@@ -17,8 +17,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 _STRINGS = ("id", "file", "sha256", "family", "template", "licence", "backend", "source", "lora", "lora_sha256",
-            "strategy", "tokenizer", "featurize", "system_prompt")
-_KEYS = set(_STRINGS) | {"size", "lora_scale", "commercial_use", "inputs", "outputs", "temperature", "top_p"}
+            "strategy", "tokenizer", "featurize", "system_prompt", "role")
+_KEYS = set(_STRINGS) | {"size", "lora_scale", "commercial_use", "inputs", "outputs", "temperature", "top_p",
+                         "max_tokens"}
 _SAMPLING = {"temperature": 5.0, "top_p": 1.0}  # request defaults a text model's entry may set, and their maximum
 _REQUIRED = ("id", "file", "sha256")
 
@@ -130,8 +131,9 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         problems.append(f"{where}.strategy: only rwkv models have a strategy")
     elif isinstance(strategy, str) and (problem := rwkv_strategy_problem(strategy)):
         problems.append(f"{where}.strategy = {strategy!r}: {problem}")
-    if "tokenizer" in raw and backend != "rwkv":
-        problems.append(f"{where}.tokenizer: only rwkv models name a tokenizer")
+    if "tokenizer" in raw and backend != "rwkv" and raw.get("role") != EMBEDDER:
+        problems.append(f"{where}.tokenizer: only rwkv models and onnx embedders name a tokenizer")
+    _embedder_problems(raw, where, backend, inputs, problems)
     if backend != "onnx" and ("inputs" in raw or "outputs" in raw):
         problems.append(f"{where}: inputs/outputs are for onnx models")
     for key in ("system_prompt", *_SAMPLING):
@@ -157,7 +159,39 @@ def parse_entry(raw: object, where: str, base: Path, problems: list[str]) -> Mod
         source=raw.get("source", ""), lora=_path(raw["lora"], base) if "lora" in raw else None,
         lora_sha256=raw["lora_sha256"].lower() if "lora_sha256" in raw else None, lora_scale=float(scale),
         strategy=raw.get("strategy"), tokenizer=_tokenizer(raw.get("tokenizer"), base), inputs=inputs,
-        outputs=outputs, featurize=featurize)
+        outputs=outputs, featurize=featurize, role=raw.get("role"), max_tokens=raw.get("max_tokens"))
+
+
+#: the inputs an embedder's graph takes from its tokenizer (token_type_ids only where the graph has it)
+EMBEDDER_INPUTS = ("input_ids", "attention_mask")
+
+
+def _embedder_problems(raw: dict[str, Any], where: str, backend: object, inputs: tuple[TensorSpec, ...],
+                       problems: list[str]) -> None:
+    """An embedding model (``role = "embedder"``) is an onnx graph fed by a tokenizer.json, with a token limit."""
+    role, limit = raw.get("role"), raw.get("max_tokens")
+    if role is None:
+        if limit is not None:
+            problems.append(f"{where}.max_tokens: only embedders (role = \"{EMBEDDER}\") take it")
+        return
+    if role != EMBEDDER:
+        problems.append(f"{where}.role = {role!r}: must be \"{EMBEDDER}\" (the one role so far)")
+        return
+    if backend != "onnx":
+        problems.append(f"{where}.role: an embedder is an onnx model")
+    if "tokenizer" not in raw:
+        problems.append(f"{where}.tokenizer: missing (an embedder names its tokenizer.json)")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 3:
+        problems.append(f"{where}.max_tokens = {limit!r}: must be the model's token limit, an integer of at least 3 "
+                        f"(sentence-transformers' max_seq_length)")
+    if "featurize" in raw:
+        problems.append(f"{where}.featurize: an embedder tokenizes its text; featurize is for classifiers")
+    names = {s.name for s in inputs}
+    missing = [n for n in EMBEDDER_INPUTS if n not in names]
+    extra = sorted(names - {*EMBEDDER_INPUTS, "token_type_ids"})
+    if inputs and (missing or extra):
+        problems.append(f"{where}.inputs: an embedder takes input_ids and attention_mask (and token_type_ids), "
+                        f"not {sorted(names)}")
 
 
 def _tokenizer(value: str | None, base: Path) -> str | None:

@@ -22,7 +22,7 @@ from appliance.catalog import Catalog
 from appliance.config.schema import Config, ModerationConfig
 from appliance.errors import ApplianceError, ModelError, Moderated, error_from_code
 from appliance.generation.jobs import Job
-from appliance.protocol import GenerateRequest
+from appliance.protocol import GenerateRequest, TensorResult
 from appliance.tensors import features as text_features
 from appliance.tensors.pool import Answer, InferencePool
 
@@ -102,6 +102,8 @@ class Moderator:
         if isinstance(answer, ApplianceError):
             return error_from_code(answer.code, f"the moderation filter could not check this request: "
                                                 f"{answer.message}")
+        if not isinstance(answer, TensorResult):  # the pool answers an Infer with a TensorResult or an error
+            return ModelError(f"moderation model '{self.entry.id}' answered with no tensors")
         rows = answer.outputs.get(self.output, {}).get("scores")
         if not isinstance(rows, list) or len(rows) != len(fields):
             return ModelError(f"moderation model '{self.entry.id}': output '{self.output}' gave no score per label "

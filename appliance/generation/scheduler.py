@@ -106,6 +106,9 @@ class Scheduler:
             available = self.catalog.ids if self.config.models.switch else [self.default_model]
             raise UnknownModel(f"unknown model '{model_id}' (available: {', '.join(available)})", param="model")
         entry = self.catalog.get(model_id)
+        if entry.embeds:
+            raise BadRequest(f"model '{model_id}' is an embedding model: send it text on /v1/embeddings, /api/embed "
+                             f"or the embed topic", param="model")
         if not entry.generates_text:
             raise BadRequest(f"model '{model_id}' is a {entry.backend} model: send it tensors on the infer topic or "
                              f"POST /v1/infer/{model_id}", param="model")

@@ -1,6 +1,7 @@
 """The ONNX worker: a child process that runs the catalog's tensor models, one request at a time.
 
-It answers Infer with Inferred or Failed (appliance/messages.py), until Shutdown.
+It answers Infer with Inferred, Embed with Embedded (tensors/embedder.py), or either with Failed
+(appliance/messages.py), until Shutdown.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import ClassVar
 
 from appliance.backends.onnx import OnnxSessions
 from appliance.errors import ApplianceError
-from appliance.messages import Failed, Infer, Inferred, Ready, Shutdown
+from appliance.messages import Embed, Embedded, Failed, Infer, Inferred, Ready, Shutdown
+from appliance.tensors.embedder import Embedder
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class OnnxWorker:
 
     def serve(self, conn: Connection) -> None:
         sessions = OnnxSessions(self.verify)
+        embedder = Embedder(sessions)
         conn.send(Ready(os.getpid()))
         while True:
             match conn.recv():
@@ -40,3 +43,11 @@ class OnnxWorker:
                         conn.send(Failed(key, exc))
                         continue
                     conn.send(Inferred(key, outputs, (time.perf_counter() - started) * 1000))
+                case Embed(key=key, entry=entry, texts=texts, truncate=truncate):
+                    started = time.perf_counter()
+                    try:
+                        result = embedder.embed(entry, texts, truncate)
+                    except ApplianceError as exc:
+                        conn.send(Failed(key, exc))
+                        continue
+                    conn.send(Embedded(key, result.vectors, result.tokens, (time.perf_counter() - started) * 1000))

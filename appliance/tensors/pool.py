@@ -1,7 +1,8 @@
 """The parent side of tensor inference: validate, queue (bounded), send to the ONNX child, answer, time out.
 
 Requests are validated here against the catalog's declared inputs, so a malformed tensor never reaches the engine.
-Each request's answer goes to its callback once: a :class:`~appliance.protocol.TensorResult`, or the
+Embedding requests (tensors/embed_api.py) take the same queue to the same child. Each request's answer goes to its
+callback once: a :class:`~appliance.protocol.TensorResult` (or :class:`~appliance.protocol.EmbedResult`), or the
 :class:`~appliance.errors.ApplianceError` that ended it; the transport turns it into JSON.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.catalog import Catalog
+from appliance.catalog import Catalog, ModelEntry
 from appliance.config.schema import Config
 from appliance.errors import (
     ApplianceError,
@@ -26,16 +27,17 @@ from appliance.errors import (
     WorkerCrashed,
 )
 from appliance.generation.jobs import Reporter
-from appliance.messages import Exited, Failed, Infer, Inferred
+from appliance.messages import Embed, Embedded, Exited, Failed, Infer, Inferred
 from appliance.process.handle import ChildHandle, Spawn, WorkerProcess
 from appliance.process.onnx_worker import OnnxWorker
-from appliance.protocol import TensorResult, request_id
+from appliance.protocol import EmbedResult, TensorResult, request_id
 from appliance.supervisor.guard import Guard
 from appliance.tensors.arrays import describe_outputs, to_arrays
+from appliance.tensors.embed_api import EmbedRequest
 
 log = logging.getLogger(__name__)
 
-Answer = TensorResult | ApplianceError
+Answer = TensorResult | EmbedResult | ApplianceError
 Reply = Callable[[Answer], None]
 RESTART_DELAY = 1.0
 
@@ -57,7 +59,8 @@ class InferencePool:
         self.config = config
         self.reporter = reporter
         self.guard = guard
-        self.models = [e.id for e in catalog if e.backend == "onnx"]
+        self.models = [e.id for e in catalog if e.backend == "onnx" and not e.embeds]  # the infer routes
+        self.embedders = [e.id for e in catalog if e.embeds]  # the embedding routes
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._keys = itertools.count(1)
@@ -69,7 +72,7 @@ class InferencePool:
         self._timer = threading.Thread(target=self._expire, name="infer-timeouts", daemon=True)
 
     def start(self) -> None:
-        if self.models:
+        if self.models or self.embedders:
             self._spawn()
             self._timer.start()
 
@@ -94,10 +97,29 @@ class InferencePool:
         arrays = to_arrays(body.get("inputs"), self.catalog.get(model_id).inputs)
         self.enqueue(model_id, request_id(body), arrays, reply, transport)
 
+    def embedder(self, model: str | None) -> str:
+        """The catalog id of the embedder a request names (None: the first one), or UnknownModel."""
+        if model is None and self.embedders:
+            return self.embedders[0]
+        if model is None or model not in self.embedders:
+            raise UnknownModel(f"unknown embedding model '{model}' (available: {', '.join(self.embedders) or 'none'})",
+                               param="model")
+        return model
+
+    def embed(self, request: EmbedRequest, reply: Reply, transport: str) -> None:
+        """Queue an embedding request (already checked, tensors/embed_api.py); raises the error to answer at once.
+        The ONNX worker tokenizes it, so an over-long text comes back as a BadRequest answer."""
+        self._queue(self.embedder(request.model), request.id, reply, transport,
+                    lambda key, entry: Embed(key, entry, request.texts, request.truncate))
+
     def enqueue(self, model_id: str, rid: str | int | None, arrays: dict[str, Any], reply: Reply,
                 transport: str | None) -> None:
         """Queue validated arrays for a tensor model; raises the error to answer at once. With ``transport`` None
         (the moderation filter) the request counts in no metric: the generate request it serves does."""
+        self._queue(model_id, rid, reply, transport, lambda key, entry: Infer(key, entry, arrays))
+
+    def _queue(self, model_id: str, rid: str | int | None, reply: Reply, transport: str | None,
+               make: Callable[[int, ModelEntry], Infer | Embed]) -> None:
         entry = self.catalog.get(model_id)
         c = self.guard.conditions
         if c.thermal == "hard" or c.memory == "critical":
@@ -112,7 +134,7 @@ class InferencePool:
             key = next(self._keys)
             self._pending[key] = pending
             process = self._process
-        if not process.send(Infer(key, entry, arrays)):
+        if not process.send(make(key, entry)):
             self._answer(key, WorkerCrashed("the ONNX worker is restarting"))
 
     # -- results -----------------------------------------------------------------------------------------------
@@ -128,6 +150,11 @@ class InferencePool:
                     entry = self.catalog.get(pending.model_id)
                     self._answer(key, TensorResult(pending.rid, pending.model_id,
                                                    describe_outputs(outputs, entry.outputs), ms))
+            case Embedded(key=key, vectors=vectors, tokens=tokens, milliseconds=ms):
+                with self._lock:
+                    pending = self._pending.get(key)
+                if pending is not None:
+                    self._answer(key, EmbedResult(pending.rid, pending.model_id, vectors, tokens, ms))
             case Failed(key=key, error=error):
                 self._answer(key, error)
             case Exited(code=code):

@@ -36,10 +36,10 @@ from appliance.generation.scheduler import Job, Scheduler
 from appliance.json_input import decode_json
 from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
-from appliance.protocol import Completion, GenerateRequest, tensor_result_payload
+from appliance.protocol import Completion, GenerateRequest, TensorResult, tensor_result_payload
 from appliance.status import SERVING, StatusBoard
 from appliance.tensors.pool import Answer, InferencePool
-from appliance.transports import ollama, ollama_routes, openai
+from appliance.transports import embed_routes, ollama, ollama_routes, openai
 from appliance.transports.ollama_routes import Events
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,8 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
             give_back()
         if isinstance(answer, ApplianceError):
             return error_response(answer, transport_counted=True)
+        if not isinstance(answer, TensorResult):  # the pool answers an Infer with a TensorResult or an error
+            return error_response(Internal("the inference worker answered with no tensors"))
         return tensor_result_payload(answer)
 
     def serve(generate_request: GenerateRequest, body: object, kind: str) -> Response:
@@ -289,6 +291,7 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
                         yield _sse("[DONE]")
 
     ollama_routes.register(app, scheduler, status, run, final_response, body_json, seated)
+    embed_routes.register(app, infer, body_json, seats.take, error_response, result_wait)
     if page is not None:
         page(app)
     return app

@@ -4,6 +4,7 @@ Topics (``<p>`` = ``mqtt.topic_prefix``, ``<d>`` = ``device.id``)::
 
     <p>/<d>/generate        requests for this device
     <p>/fleet/generate      requests for any device (joined as $share/<group>/<p>/fleet/generate)
+    <p>/<d>/embed           embedding requests (an embedder in the catalog); <p>/<d>/infer/<model> tensor models
     <p>/<d>/cancel          {"id": ...}: stops that request of the same requester; <p>/fleet/cancel on every device
     <p>/<d>/status          retained state; the Last Will sets "offline"
     <p>/<d>/reply           replies to requests that name no reply topic
@@ -35,6 +36,7 @@ from appliance.json_input import decode_json
 from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
 from appliance.protocol import (
+    EmbedResult,
     chunk_payload,
     dumps,
     error_payload,
@@ -44,6 +46,7 @@ from appliance.protocol import (
     tensor_result_payload,
 )
 from appliance.status import Status, StatusBoard
+from appliance.tensors import embed_api
 from appliance.tensors.pool import Answer, InferencePool
 from appliance.transports.ha_discovery import Discovery, board_model
 from appliance.transports.mqtt_acks import AckBook, Pending, StoredReply
@@ -91,6 +94,8 @@ class MqttReply:
     def tensor_answer(self, rid: str | int | None, answer: Answer) -> None:
         if isinstance(answer, ApplianceError):
             self.refuse(rid, answer)
+        elif isinstance(answer, EmbedResult):
+            self.transport.answer(self, embed_api.mqtt_payload(answer))
         else:
             self.transport.answer(self, tensor_result_payload(answer))
 
@@ -210,6 +215,8 @@ class MqttTransport:
                           (self.topics.cancel, 0), (self.topics.cancel + "/+", 0)]
                 if self.infer is not None and self.infer.models:
                     topics += [(self.topics.infer_prefix + "+", 1), (self.topics.infer_prefix + "+/+", 1)]
+                if self.infer is not None and self.infer.embedders:
+                    topics += [(self.topics.embed, 1), (self.topics.embed + "/+", 1)]
                 if self.discovery.enabled:
                     topics.append((self.discovery.birth_topic, 0))
             if self._v5:
@@ -261,6 +268,8 @@ class MqttTransport:
                 model_id = route[0][len(self.topics.infer_prefix):]
                 self._on_request(client, msg, lambda body, reply: infer.submit(
                     model_id, body, lambda answer: reply.tensor_answer(request_id(body), answer), "mqtt"), route[1])
+            elif route[0] == self.topics.embed and (pool := self.infer) is not None:
+                self._on_request(client, msg, lambda body, reply: self._embed(pool, body, reply), route[1])
             elif route[0] in (self.topics.cancel, self.topics.fleet_cancel):
                 self._on_cancel(msg, route[1])
                 self._ack({(client, msg.mid, msg.qos)})
@@ -269,6 +278,10 @@ class MqttTransport:
 
     def _generate(self, body: object, reply: MqttReply) -> None:
         self.scheduler.submit(parse_generate(body), reply, "mqtt", reply.requester)
+
+    def _embed(self, infer: InferencePool, body: object, reply: MqttReply) -> None:
+        request = embed_api.mqtt_request(body)
+        infer.embed(request, lambda answer: reply.tensor_answer(request.id, answer), "mqtt")
 
     def _on_request(self, client: paho.Client, msg: paho.MQTTMessage,
                     handle: Callable[[object, MqttReply], None], user: str | None) -> None:

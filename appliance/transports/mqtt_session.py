@@ -38,6 +38,7 @@ class Topics:
     telemetry: str
     reply: str  # replies to requests that name no reply topic
     infer_prefix: str  # + a tensor model's id
+    embed: str  # embedding requests (tensors/embed_api.py)
     fleet_generate: str
     fleet_share: str  # the shared subscription to fleet_generate
     fleet_cancel: str
@@ -46,7 +47,7 @@ class Topics:
         """Split a request or cancel topic that ends in its sender's user name (``<p>/<d>/generate/<user>``,
         ``<p>/<d>/infer/<model>/<user>``; the broker's ``%u`` ACL lets each account write only its own) into the
         plain topic and the user; a topic without one gives ``(topic, None)``."""
-        for base in (self.generate, self.cancel, self.fleet_generate, self.fleet_cancel):
+        for base in (self.generate, self.cancel, self.embed, self.fleet_generate, self.fleet_cancel):
             if topic.startswith(base + "/") and "/" not in (user := topic[len(base) + 1:]) and user:
                 return base, user
         if topic.startswith(self.infer_prefix):
@@ -60,6 +61,7 @@ class Topics:
         own, fleet = f"{prefix}/{device}", f"{prefix}/fleet"
         return cls(generate=f"{own}/generate", cancel=f"{own}/cancel", status=f"{own}/status",
                    telemetry=f"{own}/telemetry", reply=f"{own}/reply", infer_prefix=f"{own}/infer/",
+                   embed=f"{own}/embed",
                    fleet_generate=f"{fleet}/generate", fleet_share=f"$share/{group}/{fleet}/generate",
                    fleet_cancel=f"{fleet}/cancel")
 

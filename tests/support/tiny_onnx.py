@@ -119,3 +119,51 @@ shape = [-1, {size}]
 name = "probabilities"
 labels = {json.dumps(TEXT_LABELS)}
 '''
+
+
+#: the tiny embedder's vocabulary (WordLevel: one id per word) and its token vectors, one row per id
+EMBED_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "cat", "dog", "car", "red"]
+EMBED_TABLE = np.array([[9, 9, 9], [0, 0, 1], [1, 0, 0], [0, 1, 0], [3, 0, 0], [2, 1, 0], [0, 0, 4], [0, 2, 2]],
+                       dtype=np.float32)  # [PAD]'s row is large: it must never reach a vector
+
+
+def write_embedder(path: Path, tokenizer_path: Path) -> tuple[Path, Path]:
+    """A BERT-shaped embedder: input_ids, attention_mask [N, T] int64 -> last_hidden_state [N, T, 3], a plain
+    lookup in EMBED_TABLE (the mask is an input, as BERT's is, and unused); and its tokenizer.json (lower-cased
+    whitespace words, [CLS] text [SEP])."""
+    from onnx import TensorProto, helper, numpy_helper
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["last_hidden_state"], axis=0),
+         helper.make_node("Shape", ["attention_mask"], ["mask_shape"])],
+        "embedder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", 3]),
+         helper.make_tensor_value_info("mask_shape", TensorProto.INT64, [2])],
+        [numpy_helper.from_array(EMBED_TABLE, "table")])
+    _save(graph, path)
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(EMBED_VOCAB)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer.enable_truncation(max_length=4)  # as all-MiniLM's file says 128: the appliance must not obey it
+    tokenizer.save(str(tokenizer_path))
+    return path, tokenizer_path
+
+
+def embed_reference(words: list[str]) -> np.ndarray:
+    """What the appliance must answer for one text: the mean of [CLS], the words' rows and [SEP], unit length."""
+    ids = [2, *(EMBED_VOCAB.index(w) if w in EMBED_VOCAB else 1 for w in words), 3]
+    mean = EMBED_TABLE[ids].mean(axis=0)
+    return mean / np.linalg.norm(mean)
+
+
+def embedder_entry(path: Path, tokenizer_path: Path, max_tokens: int = 8, model_id: str = "tiny-embed") -> str:
+    """The catalog entry of write_embedder's files (absolute paths)."""
+    from appliance.catalog import sha256_file
+    inputs = "".join(f'\n[[models.inputs]]\nname = "{n}"\ndtype = "int64"\nshape = ["batch", "sequence"]\n'
+                     for n in ("input_ids", "attention_mask"))
+    return (f'[[models]]\nid = "{model_id}"\nfile = "{path}"\nsha256 = "{sha256_file(path)}"\nrole = "embedder"\n'
+            f'tokenizer = "{tokenizer_path}"\nmax_tokens = {max_tokens}\n{inputs}')

@@ -89,7 +89,7 @@ def test_rwkv_keys_are_checked(tmp_path):
     text = "\n".join(err.value.problems)
     assert "models[0].strategy = 'cuda fp16': must be an rwkv strategy for the CPU" in text
     assert "models[1].strategy: only rwkv models have a strategy" in text
-    assert "models[1].tokenizer: only rwkv models name a tokenizer" in text
+    assert "models[1].tokenizer: only rwkv models and onnx embedders name a tokenizer" in text
     assert "models[2]" not in text
     (tmp_path / "catalog.toml").write_text(
         f'[[models]]\nid = "c"\nfile = "c.pth"\nsha256 = "{"0" * 64}"\ntokenizer = "20B_tokenizer.json"\n'

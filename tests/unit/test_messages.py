@@ -41,7 +41,8 @@ def test_every_message_pickles_and_is_frozen(tmp_path):
                messages.Unloaded(), messages.LoadFailed("m", errors.ModelError("x"), "n"), messages.Progress(1, 2, 3),
                messages.Chunk(1, 1, "a"), messages.Done(1, completion), messages.Failed(1, errors.Busy("full")),
                messages.Stopped(1),
-               messages.Inferred(1, {"y": [0.5]}, 1.5), messages.Exited(-9), messages.Crashed(1, "exit code 3"),
+               messages.Inferred(1, {"y": [0.5]}, 1.5), messages.Embed(1, entry, ("a text",), False),
+               messages.Embedded(1, [[0.6, 0.8]], 3, 1.5), messages.Exited(-9), messages.Crashed(1, "exit code 3"),
                messages.Abandoned(1)]
     defined = {c for c in vars(messages).values() if dataclasses.is_dataclass(c) and c.__module__ == messages.__name__}
     assert {type(m) for m in samples} == defined
