@@ -37,15 +37,18 @@ INFER_MODEL = "guard"
 
 def write_catalog(directory: Path) -> Path:
     """The models the payloads name: ``tiny`` (Q4_0, a named template), ``tiny-chat`` (a Jinja chat template in the
-    GGUF) and the ONNX text classifier ``guard``; all small, so a valid request is answered in milliseconds."""
+    GGUF), the ONNX text classifier ``guard`` and the ONNX embedder ``tiny-embed``; all small, so a valid request is
+    answered in milliseconds."""
     f32 = tiny_models.write_llama(directory / "fuzz-f32.gguf")
     tiny = tiny_models.quantize(f32, directory / "fuzz-q4_0.gguf", "q4_0")
     chat = tiny_models.write_llama(directory / "fuzz-chat.gguf", seed=1, chat_template=CHAT_TEMPLATE)
     guard = tiny_onnx.write_text_classifier(directory / "fuzz-guard.onnx", ["forbidden"])
+    embedder, tokenizer = tiny_onnx.write_embedder(directory / "fuzz-embed.onnx", directory / "fuzz-tokenizer.json")
     catalog = directory / "fuzz-catalog.toml"
     catalog.write_text(tiny_models.catalog_entry("tiny", tiny, template="chatml")
                        + tiny_models.catalog_entry("tiny-chat", chat)
-                       + tiny_onnx.text_classifier_entry(guard, model_id=INFER_MODEL))
+                       + tiny_onnx.text_classifier_entry(guard, model_id=INFER_MODEL)
+                       + tiny_onnx.embedder_entry(embedder, tokenizer))
     return catalog
 
 
@@ -133,7 +136,8 @@ class Campaign:
                 pass
             self.senders["3.1.1"].publish(self.app.topic("generate"), body)
         else:
-            topic = self.app.topic(f"infer/{self.infer_model}" if payload.target == "mqtt5-infer" else "generate")
+            leaf = {"mqtt5-infer": f"infer/{self.infer_model}", "mqtt5-embed": "embed"}.get(payload.target, "generate")
+            topic = self.app.topic(leaf)
             self.senders["5"].publish(topic, payload.body, response_topic=f"fuzz/{self.run_id}/{n}",
                                       correlation=str(n).encode())
         try:

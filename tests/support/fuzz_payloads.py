@@ -3,8 +3,9 @@
 Four kinds of body, mixed by hypothesis: requests built from the protocol's own field names with values that are
 sometimes right and often wrong (the shapes that reach deepest), arbitrary JSON, bytes (cut or flipped JSON, random
 bytes, invalid UTF-8) and the hand-written hostile cases below (deep nesting, huge numbers, NaN...). Each body goes
-to one target: MQTT generate (v5 or 3.1.1), MQTT infer, or an HTTP route (every route the service has, with the
-methods it does and does not take). The campaign (tests/support/fuzz_campaign.py) sends them and checks the answers.
+to one target: MQTT generate (v5 or 3.1.1), MQTT infer, MQTT embed, or an HTTP route (every route the service has,
+with the methods it does and does not take). The campaign (tests/support/fuzz_campaign.py) sends them and checks
+the answers.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ HOSTILE: dict[str, bytes] = {
 #: (method, path) of every HTTP route; POST routes get a body, the others a query string
 HTTP_ROUTES: tuple[tuple[str, str], ...] = (
     ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/infer/{infer}"),
-    ("POST", "/v1/infer/no-such-model"), ("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/show"),
+    ("POST", "/v1/infer/no-such-model"), ("POST", "/v1/embeddings"), ("POST", "/api/embed"),
+    ("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/show"),
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/status"), ("GET", "/metrics"), ("GET", "/v1/models"),
     ("GET", "/api/version"), ("HEAD", "/api/version"), ("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/"),
     ("GET", "/ui/panel"), ("GET", "/favicon.ico"),
@@ -53,7 +55,7 @@ HTTP_ROUTES: tuple[tuple[str, str], ...] = (
 class Payload:
     """One generated request: where it goes and what it carries."""
 
-    target: str  # "mqtt5", "mqtt311", "mqtt5-infer" or "http"
+    target: str  # "mqtt5", "mqtt311", "mqtt5-infer", "mqtt5-embed" or "http"
     body: bytes
     method: str = "POST"  # http only
     path: str = ""  # http only: the route, with a query string on GET routes
@@ -156,6 +158,19 @@ def valid_infer(draw) -> dict:
     return body
 
 
+@st.composite
+def valid_embed(draw) -> dict:
+    """An embedding request in the OpenAI and Ollama shape: ``input`` is one text or a list; the tiny embedder
+    knows a few words (tiny_onnx.EMBED_VOCAB) and takes 8 word pieces."""
+    words = st.lists(st.sampled_from(["cat", "dog", "car", "red", "zebra"]), min_size=1, max_size=5).map(" ".join)
+    body: dict = {"input": draw(st.one_of(words, st.lists(words, min_size=1, max_size=4)))}
+    if draw(st.booleans()):
+        body["model"] = "tiny-embed"
+    if draw(st.integers(0, 3)) == 0:
+        body["truncate"] = True
+    return body
+
+
 def _encode(value) -> bytes:
     return json.dumps(value, allow_nan=True).encode("utf-8", "surrogatepass")
 
@@ -175,6 +190,7 @@ ANY_BODY = st.one_of(request_object().map(_encode), request_object().map(_encode
 #: about a third valid, so that the deep paths (scheduler, worker, replies) are fuzzed too, not only the parsers
 GENERATE_BODY = st.one_of(valid_request().map(_encode), valid_request().map(_encode), ANY_BODY, ANY_BODY)
 INFER_BODY = st.one_of(valid_infer().map(_encode), valid_infer().map(_encode), ANY_BODY, ANY_BODY)
+EMBED_BODY = st.one_of(valid_embed().map(_encode), valid_embed().map(_encode), ANY_BODY, ANY_BODY)
 
 QUERY = st.one_of(st.just(""), st.builds(lambda k, v: f"?{k}={v}", st.sampled_from(["model", "x", "%zz", "a[]"]),
                                         st.text(alphabet="abc%01&=+", max_size=10)))
@@ -183,10 +199,15 @@ QUERY = st.one_of(st.just(""), st.builds(lambda k, v: f"?{k}={v}", st.sampled_fr
 @st.composite
 def payloads(draw, infer_model: str) -> Payload:
     """One payload for one target; MQTT and HTTP about equally often."""
-    target = draw(st.sampled_from(["mqtt5", "mqtt311", "mqtt5-infer", "http", "http", "http"]))
+    target = draw(st.sampled_from(["mqtt5", "mqtt311", "mqtt5-infer", "mqtt5-embed", "http", "http", "http", "http"]))
     method, path = draw(st.sampled_from(HTTP_ROUTES)) if target == "http" else ("POST", "")
     path = path.format(infer=infer_model)
-    body = draw(INFER_BODY if target == "mqtt5-infer" or path.startswith("/v1/infer") else GENERATE_BODY)
+    if target == "mqtt5-infer" or path.startswith("/v1/infer"):
+        body = draw(INFER_BODY)
+    elif target == "mqtt5-embed" or path in ("/v1/embeddings", "/api/embed"):
+        body = draw(EMBED_BODY)
+    else:
+        body = draw(GENERATE_BODY)
     stream = b'"stream": true' in body
     if target != "http":
         return Payload(target, body, stream_hint=stream)
