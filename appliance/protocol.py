@@ -14,8 +14,9 @@ from typing import Any
 
 from appliance.errors import ApplianceError, BadRequest
 from appliance.structured import StructuredOutput, from_grammar, from_schema, parse_output, parsed_value
+from appliance.tools import ToolCall, ToolUse, message_calls, parse_calls, parse_tools
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_ID_LENGTH = 256
 MAX_STOP_SEQUENCES = 8
 
@@ -59,6 +60,15 @@ class SamplingParams:
 class Message:
     role: str
     content: str
+    #: an assistant turn's calls, sent back by the client with the conversation (appliance/tools.py)
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: a "tool" turn: the call it answers (OpenAI) and the function's name (Ollama's tool_name)
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @property
+    def uses_tools(self) -> bool:
+        return self.role == "tool" or bool(self.tool_calls)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,13 @@ class GenerateRequest:
     priority: str = "normal"
     #: the answer must be JSON (any object, or one a schema describes) or follow a GBNF grammar
     structured: StructuredOutput | None = None
+    #: functions the model may call (appliance/tools.py)
+    tools: ToolUse | None = None
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the request needs a model whose chat template supports tools."""
+        return self.tools is not None or any(m.uses_tools for m in self.messages or ())
 
 
 @dataclass(frozen=True)
@@ -126,7 +143,8 @@ class EmbedResult:
 # validation
 
 _FIELDS = {"id", "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "repeat_penalty",
-           "stop", "seed", "stream", "reply_to", "priority", "format", "json_schema", "grammar"}
+           "stop", "seed", "stream", "reply_to", "priority", "format", "json_schema", "grammar", "tools",
+           "tool_choice"}
 STRUCTURED_FIELDS = ("format", "json_schema", "grammar")
 PRIORITIES = ("normal", "low")
 
@@ -176,9 +194,16 @@ def _messages(value: Any) -> tuple[Message, ...]:
             if len(texts) != len(content):
                 raise BadRequest(f"'{where}.content' parts must all be text", param=f"{where}.content")
             content = "".join(texts)
+        calls = message_calls(item.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else ()
+        if content is None and calls:  # OpenAI sends a calling turn's content as null
+            content = ""
         if not isinstance(content, str):
             raise BadRequest(f"'{where}.content' must be a string", param=f"{where}.content")
-        out.append(Message(role, content))
+        call_id, name = item.get("tool_call_id"), item.get("tool_name", item.get("name"))
+        if role == "tool" and not all(v is None or isinstance(v, str) for v in (call_id, name)):
+            raise BadRequest(f"'{where}.tool_call_id' and its name must be strings", param=where)
+        out.append(Message(role, content, calls, call_id if role == "tool" else None,
+                           name if role == "tool" else None))
     return tuple(out)
 
 
@@ -249,9 +274,17 @@ def parse_generate(body: Any) -> GenerateRequest:
         stop=_stop(body),
         seed=seed,
     )
+    tools = parse_tools(body.get("tools"), body.get("tool_choice"))
+    if tools is not None and messages is None:
+        raise BadRequest("'tools' needs 'messages': calls are written through the model's chat template",
+                         param="tools")
+    structured = _structured(body)
+    if tools is not None and tools.calls and structured is not None:
+        raise BadRequest("'tools' cannot be combined with a structured output (the call has its own grammar); "
+                         "use tool_choice \"none\" to get a structured answer", param="tools")
     return GenerateRequest(id=rid, prompt=prompt, messages=_messages(messages) if messages is not None else None,
                            model=model, params=params, stream=stream, reply_to=reply_to, priority=priority,
-                           structured=_structured(body))
+                           structured=structured, tools=tools)
 
 
 def _structured(body: dict[str, Any]) -> StructuredOutput | None:
@@ -276,22 +309,32 @@ def chunk_payload(rid: str | int, seq: int, delta: str) -> dict[str, Any]:
     return {"type": "chunk", "id": rid, "seq": seq, "delta": delta}
 
 
-def result_payload(rid: str | int, completion: Completion,
-                   structured: StructuredOutput | None = None) -> dict[str, Any]:
-    """A finished answer; a JSON-shaped request's carries the answer parsed as well (``parsed``)."""
+def result_payload(rid: str | int, completion: Completion, structured: StructuredOutput | None = None,
+                   tools: ToolUse | None = None) -> dict[str, Any]:
+    """A finished answer; a JSON-shaped request's carries the answer parsed as well (``parsed``), and an answer
+    that calls tools its calls (``tool_calls``, OpenAI's shape) with ``finish_reason`` "tool_calls"."""
     usage = completion.usage
-    extra = {"parsed": parsed_value(structured, completion.text)} if structured and structured.is_json else {}
+    extra: dict[str, Any] = {}
+    if structured and structured.is_json:
+        extra["parsed"] = parsed_value(structured, completion.text)
+    calls = parse_calls(tools, completion.text)
+    if calls:
+        extra["tool_calls"] = [openai_call(c) for c in calls]
     return {
         "type": "result",
         "id": rid,
         "model": completion.model,
         "text": completion.text,
-        "finish_reason": completion.finish_reason,
+        "finish_reason": "tool_calls" if calls else completion.finish_reason,
         "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                   "total_tokens": usage.total_tokens},
         "timings": {"ttft_ms": round(completion.ttft_ms, 2), "tokens_per_s": round(completion.tokens_per_s, 2)},
         **extra,
     }
+
+
+def openai_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def tensor_result_payload(result: TensorResult) -> dict[str, Any]:

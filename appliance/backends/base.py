@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from appliance.messages import message
 from appliance.protocol import Completion, Message, SamplingParams
 from appliance.structured import StructuredOutput
+from appliance.tools import ToolUse
 
 if TYPE_CHECKING:
     from appliance.catalog.entry import ModelEntry
@@ -52,6 +53,7 @@ class GenerationTask:
     params: SamplingParams  # max_tokens already resolved (never None here)
     stream: bool = True  # False: nobody reads pieces before the end, so the worker need not send them
     structured: StructuredOutput | None = None  # the answer must follow this (backends with grammars only)
+    tools: ToolUse | None = None  # functions the model may call (chat templates that support tools only)
 
 
 @message

@@ -19,12 +19,15 @@ from appliance.catalog.entry import ModelEntry
 from appliance.errors import BadRequest, ModelError
 from appliance.protocol import Completion, Message
 from appliance.structured import StructuredOutput, check_complete
+from appliance.tools import ToolUse, template_supports
+from appliance.tools import check_complete as check_call_complete
+from appliance.tools import grammar as tool_grammar
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from llama_cpp.llama_grammar import LlamaGrammar
-    from llama_cpp.llama_types import ChatCompletionRequestMessage
+    from llama_cpp.llama_types import ChatCompletionRequestMessage, ChatCompletionTool
 
     from appliance.backends.base import EngineSettings
 
@@ -36,6 +39,7 @@ class _Loaded:
     llm: Llama
     entry: ModelEntry
     jinja: Jinja2ChatFormatter | None  # when the GGUF embeds a chat template (and the catalog names none)
+    tools: bool  # that template renders tools and writes <tool_call> blocks (appliance/tools.py)
     encoder_decoder: bool  # T5: the prompt goes through the encoder (llama_seq2seq)
 
 
@@ -73,7 +77,8 @@ class LlamaCppBackend(Backend):
         if embedded and entry.template is None:
             jinja = Jinja2ChatFormatter(template=embedded, eos_token=_token_text(llm, llm.token_eos()),
                                         bos_token=_token_text(llm, llm.token_bos()))
-        self._model = _Loaded(llm, entry, jinja, bool(llama_cpp.llama_model_has_encoder(llm.model)))
+        self._model = _Loaded(llm, entry, jinja, jinja is not None and template_supports(embedded),
+                              bool(llama_cpp.llama_model_has_encoder(llm.model)))
         return ModelInfo(id=entry.id, context_size=llm.n_ctx(),
                          chat_template="embedded" if jinja else (entry.template or _FALLBACK_TEMPLATE))
 
@@ -97,7 +102,8 @@ class LlamaCppBackend(Backend):
             # create_completion: BOS (when the vocabulary asks for it) + the text, special tokens parsed
             return llm.tokenize((task.prompt or "").encode("utf-8"), add_bos=True, special=True), ()
         if loaded.jinja is not None:
-            rendered = loaded.jinja(messages=[_as_dict(m) for m in task.messages])
+            tools = cast("list[ChatCompletionTool]", task.tools.definitions()) if task.tools is not None else None
+            rendered = loaded.jinja(messages=[_as_dict(m) for m in task.messages], tools=tools)
             # the template writes BOS itself, exactly as create_chat_completion tokenises it
             tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
             stop = rendered.stop or ()
@@ -143,6 +149,8 @@ class LlamaCppBackend(Backend):
     def generate(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
         loaded = self._loaded
         llm, params = loaded.llm, task.params
+        if task.tools is not None or any(m.uses_tools for m in task.messages or ()):
+            _check_tools(loaded)  # before rendering: a template without tools would drop them silently
         try:
             prompt_tokens, template_stop = self._prompt_tokens(task)
         except (ValueError, TypeError) as exc:  # a chat template that raises on these messages
@@ -152,7 +160,8 @@ class LlamaCppBackend(Backend):
         seed = seed_of(params)
         llm.set_seed(seed)
 
-        grammar = _grammar(llm, task.structured) if task.structured is not None else None
+        output = _tool_output(llm, task.tools) if task.tools is not None else task.structured
+        grammar = _grammar(llm, output) if output is not None else None
         if grammar is not None and loaded.encoder_decoder:
             raise BadRequest("an encoder-decoder model cannot constrain its output to a grammar", param="format")
         clock = Clock()
@@ -168,7 +177,9 @@ class LlamaCppBackend(Backend):
             if should_stop():
                 return
             for event in self._sample(loaded, token_stream, prompt_tokens, max_tokens, stops, should_stop, clock):
-                if isinstance(event, Completion) and task.structured is not None:
+                if isinstance(event, Completion) and task.tools is not None:
+                    check_call_complete(task.tools, event)
+                elif isinstance(event, Completion) and task.structured is not None:
                     check_complete(task.structured, event)
                 yield event
         except RuntimeError as exc:  # llama_decode failures surface as RuntimeError
@@ -223,9 +234,39 @@ def _grammar(llm: Llama, output: StructuredOutput) -> LlamaGrammar:
     return grammar
 
 
+def _check_tools(loaded: _Loaded) -> None:
+    if loaded.tools:
+        return
+    if loaded.jinja is None:
+        why = "it has no chat template of its own"
+    elif "tools" in loaded.jinja.template:
+        why = "its chat template does not write calls as <tool_call> blocks, the one form the appliance parses"
+    else:
+        why = "its chat template does not render tools"
+    raise BadRequest(f"model '{loaded.entry.id}' cannot call tools: {why}", param="tools")
+
+
+def _tool_output(llm: Llama, use: ToolUse) -> StructuredOutput | None:
+    """The grammar a tool-calling answer is generated under, as a raw-grammar structured output."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        text = tool_grammar(use, json_schema_to_gbnf)
+    except Exception as exc:  # the converter asserts on schemas check_schema should already have refused
+        raise BadRequest(f"a tool's parameters could not be turned into a grammar: {exc}", param="tools") from None
+    return StructuredOutput("grammar", grammar=text) if text is not None else None
+
+
 def _token_text(llm: Llama, token: int) -> str:
     return llm.detokenize([token], special=True).decode("utf-8", errors="ignore") if token >= 0 else ""
 
 
 def _as_dict(message: Message) -> ChatCompletionRequestMessage:
-    return cast("ChatCompletionRequestMessage", {"role": message.role, "content": message.content})
+    out: dict[str, object] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [c.template_dict() for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return cast("ChatCompletionRequestMessage", out)

@@ -115,6 +115,10 @@ class Scheduler:
         if request.structured is not None and entry.backend not in GRAMMAR_BACKENDS:
             raise BadRequest(f"model '{model_id}' ({entry.backend}) cannot constrain its output to JSON or a grammar; "
                              f"use a llama.cpp (GGUF) model", param="format")
+        if request.uses_tools and (entry.backend not in GRAMMAR_BACKENDS or entry.template is not None):
+            # a named prompt format (backends/templates.py) has no way to write tools into the prompt
+            raise BadRequest(f"model '{model_id}' cannot call tools: tools need a GGUF model whose own chat template "
+                             f"supports them (see docs/protocol.md)", param="tools")
         problem = licence_problem(entry, self.config.models.allow_noncommercial)
         if problem:
             raise ModelError(problem, param="model")
@@ -138,7 +142,7 @@ class Scheduler:
         now = time.monotonic()
         job = Job(key=next(self._keys), request=request, model_id=model_id,
                   task=GenerationTask(prompt=request.prompt, messages=messages, params=params, stream=request.stream,
-                                     structured=request.structured),
+                                     structured=request.structured, tools=request.tools),
                   sink=sink, transport=transport, accepted=now, deadline=now + self.config.worker.request_timeout,
                   requester=requester)
         self._inbox.put(Moderating(job))  # before the gate can release it: the inbox keeps the order

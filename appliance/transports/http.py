@@ -281,7 +281,8 @@ def create_app(scheduler: Scheduler, status: StatusBoard, metrics: Metrics, api_
             for event in events:
                 match event:
                     case Chunk(text=text):
-                        yield _sse(shaper.delta_chunk(text))
+                        if (chunk := shaper.delta_chunk(text)) is not None:
+                            yield _sse(chunk)
                     case Done(completion=completion):
                         for chunk in shaper.final_chunks(completion, include_usage):
                             yield _sse(chunk)

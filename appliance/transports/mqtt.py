@@ -80,7 +80,8 @@ class MqttReply:
                 self.transport.publish(self.topic, chunk_payload(rid, seq, text), self.correlation,
                                        expiry=self.transport.config.mqtt.reply_expiry)
             case Done(completion=completion):
-                self.transport.answer(self, result_payload(rid, completion, job.request.structured))
+                self.transport.answer(self, result_payload(rid, completion, job.request.structured,
+                                                                 job.request.tools))
             case Failed(error=error):
                 if isinstance(error, Cancelled):  # a cancel kept for a request yet to come found this one
                     self.transport.early_cancels.forget(rid, self.requester)

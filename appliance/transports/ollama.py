@@ -2,8 +2,9 @@
 Python client speak).
 
 Requests are mapped onto the appliance's own :class:`GenerateRequest`, as the OpenAI routes are; values the
-appliance cannot honour (images, tools, ``think``, a raw ``template`` ...) are refused with ``bad_request`` naming
-them. Model names are Ollama's ``name:tag``: a catalog id ``x`` is listed as ``x:latest`` and either form is
+appliance cannot honour (images, ``think``, a raw ``template`` ...) are refused with ``bad_request`` naming
+them. ``tools`` go to appliance/tools.py, and a call comes back as ``message.tool_calls`` (arguments as an object).
+Model names are Ollama's ``name:tag``: a catalog id ``x`` is listed as ``x:latest`` and either form is
 accepted. Durations are nanoseconds and timestamps RFC 3339, as Ollama writes them.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 from appliance.catalog.entry import ModelEntry
 from appliance.errors import ApplianceError, BadRequest
 from appliance.protocol import Completion, GenerateRequest, parse_generate
+from appliance.tools import CallDetector, ToolCall, ToolUse
 
 QUANTISATION = re.compile(r"(?i)(?:^|[-_.])(i?q\d(?:_[a-z0-9]{1,2}){0,2}|bf16|f16|f32)(?:$|[-.])")
 #: the Ollama API version whose shapes these routes follow (the ollama 0.6.3 client is tested against them)
@@ -34,14 +36,12 @@ _OPTIONS_FIXED = ("num_ctx", "num_batch", "num_thread", "num_gpu", "main_gpu", "
                   "low_vram", "num_keep")
 _COMMON = ("model", "stream", "format", "options", "keep_alive")
 _REFUSED = {"images": "images are not supported: the models here read text only",
-            "tools": "tools are not supported by this appliance's models",
             "think": "'think' is not supported: the models here have no separate reasoning output",
             "template": "a request's own 'template' is not supported: the model's chat template is used",
             "context": "'context' (token ids of an earlier answer) is not supported: send the conversation as "
                        "'messages' to /api/chat",
             "suffix": "'suffix' (fill in the middle) is not supported"}
 
-_MESSAGE_FIELDS = {"images": "images", "tool_calls": "tools"}  # message-level fields refused for the same reason
 
 
 def model_name(model_id: str) -> str:
@@ -93,17 +93,18 @@ def _common(body: Any, known: set[str]) -> dict[str, Any]:
 
 
 def chat_request(body: Any) -> GenerateRequest:
-    mapped = _common(body, {"messages"})
+    mapped = _common(body, {"messages", "tools"})
     messages = body.get("messages")
     if messages is None:
         raise BadRequest("'messages' is required", param="messages")
     if isinstance(messages, list):
         for i, message in enumerate(messages):
-            for name in ("images", "tool_calls"):
-                if isinstance(message, dict) and message.get(name):
-                    raise BadRequest(f"'messages[{i}].{name}' is not supported: {_REFUSED[_MESSAGE_FIELDS[name]]}",
-                                     param=f"messages[{i}].{name}")
+            if isinstance(message, dict) and message.get("images"):
+                raise BadRequest(f"'messages[{i}].images' is not supported: {_REFUSED['images']}",
+                                 param=f"messages[{i}].images")
     mapped["messages"] = messages
+    if body.get("tools"):
+        mapped["tools"] = body["tools"]
     mapped["id"] = "chat-" + uuid.uuid4().hex
     return parse_generate(mapped)
 
@@ -199,8 +200,9 @@ def _counts(c: Completion) -> dict[str, Any]:
 class ResponseShaper:
     """The NDJSON lines (or the one object) of one /api/chat ("chat") or /api/generate ("text") request."""
 
-    def __init__(self, model: str, kind: str) -> None:
+    def __init__(self, model: str, kind: str, tools: ToolUse | None = None) -> None:
         self.model, self.kind = model_name(model), kind
+        self.detector = CallDetector(tools if kind == "chat" else None)
 
     def _line(self, text: str, done: bool) -> dict[str, Any]:
         line: dict[str, Any] = {"model": self.model, "created_at": now()}
@@ -211,16 +213,40 @@ class ResponseShaper:
         line["done"] = done
         return line
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return self._line(text, False)
+    def delta(self, text: str) -> dict[str, Any] | None:
+        """The line for a piece of text, or None while the piece may be the start of a tool call."""
+        content = self.detector.push(text)
+        return self._line(content, False) if content else None
 
     def final(self, c: Completion, *, streamed: bool) -> dict[str, Any]:
-        # Ollama's done_reason is "stop" or "length", as OpenAI's finish_reason
-        return {**self._line("" if streamed else c.text, True), "done_reason": c.finish_reason, **_counts(c)}
+        # Ollama's done_reason is "stop" or "length", as OpenAI's finish_reason ("stop" after a call too)
+        calls, _ = self.detector.finish(c.text)
+        line = {**self._line("" if streamed or calls else c.text, True), "done_reason": c.finish_reason,
+                **_counts(c)}
+        if calls and not streamed:
+            line["message"]["tool_calls"] = _calls(calls)
+        return line
+
+    def final_lines(self, c: Completion) -> list[dict[str, Any]]:
+        """A stream's last lines: as Ollama does, a call comes whole on a line of its own, before the done line."""
+        calls, rest = self.detector.finish(c.text)
+        lines = []
+        if calls:
+            line = self._line("", False)
+            line["message"]["tool_calls"] = _calls(calls)
+            lines.append(line)
+        elif rest:
+            lines.append(self._line(rest, False))
+        return [*lines, {**self._line("", True), "done_reason": c.finish_reason, **_counts(c)}]
 
     def loaded(self) -> dict[str, Any]:
         """The answer to a /api/generate with no prompt: Ollama's way of loading a model."""
         return {**self._line("", True), "done_reason": "load"}
+
+
+def _calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    # Ollama's shape: no id, the arguments as an object
+    return [{"function": {"name": c.name, "arguments": c.arguments_object()}} for c in calls]
 
 
 def error_body(error: ApplianceError) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def register(app: Flask, scheduler: Scheduler, status: StatusBoard, run: Run, fi
 
     def generation(generate_request: GenerateRequest, kind: str) -> Response:
         job, events = run(generate_request)
-        shaper = ollama.ResponseShaper(job.model_id, kind)
+        shaper = ollama.ResponseShaper(job.model_id, kind, generate_request.tools)
         if not generate_request.stream:
             return final_response(events, lambda c: shaper.final(c, streamed=False), ollama.error_body)
         return Response(stream(events, shaper), mimetype="application/x-ndjson",
@@ -100,8 +100,10 @@ def register(app: Flask, scheduler: Scheduler, status: StatusBoard, run: Run, fi
             for event in events:
                 match event:
                     case Chunk(text=text):
-                        yield _ndjson(shaper.delta(text))
+                        if (line := shaper.delta(text)) is not None:
+                            yield _ndjson(line)
                     case Done(completion=completion):
-                        yield _ndjson(shaper.final(completion, streamed=True))
+                        for line in shaper.final_lines(completion):
+                            yield _ndjson(line)
                     case Failed(error=error):  # the ollama client raises ResponseError on a line with "error"
                         yield _ndjson(ollama.error_body(error))

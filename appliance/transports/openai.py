@@ -1,10 +1,12 @@
 """OpenAI-compatible request and response shapes for ``/v1/completions`` and ``/v1/chat/completions``.
 
 Requests are mapped onto the appliance's own :class:`GenerateRequest` (one validator for every transport); values
-the appliance cannot honour (``n > 1``, ``logprobs``, ``echo``, tools ...) are refused with ``bad_request`` naming
-the parameter rather than silently ignored. ``response_format`` (``json_object`` or ``json_schema``) and
-llama-cpp-python's ``grammar`` constrain the answer (appliance/structured.py); its extensions ``top_k`` and
-``repeat_penalty`` are accepted.
+the appliance cannot honour (``n > 1``, ``logprobs``, ``echo``, legacy ``functions`` ...) are refused with
+``bad_request`` naming the parameter rather than silently ignored. ``response_format`` (``json_object`` or
+``json_schema``) and llama-cpp-python's ``grammar`` constrain the answer (appliance/structured.py); its extensions
+``top_k`` and ``repeat_penalty`` are accepted. ``tools`` and ``tool_choice`` go to appliance/tools.py; an answer
+that calls a tool comes back as ``message.tool_calls`` (streamed: one ``delta.tool_calls`` chunk once the call is
+complete).
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import uuid
 from typing import Any
 
 from appliance.errors import ApplianceError, BadRequest
-from appliance.protocol import Completion, GenerateRequest, parse_generate
+from appliance.protocol import Completion, GenerateRequest, openai_call, parse_generate
+from appliance.tools import CallDetector, ToolCall
 
 _COMMON = ("model", "max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "stop", "seed", "stream",
            "priority")
 # accepted for compatibility; their neutral values change nothing
 _NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "suffix": None,
-            "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None, "tool_choice": None,
-            "functions": None, "function_call": None, "parallel_tool_calls": None}
-_IGNORED = ("user", "stream_options", "metadata", "store", "service_tier", "min_p", "typical_p")
+            "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "functions": None, "function_call": None}
+# parallel_tool_calls: an answer makes at most one call either way (appliance/tools.py)
+_IGNORED = ("user", "stream_options", "metadata", "store", "service_tier", "min_p", "typical_p",
+            "parallel_tool_calls")
 
 
 def _check_neutral(body: dict[str, Any]) -> None:
@@ -38,7 +42,7 @@ def _to_request(body: Any, kind: str) -> GenerateRequest:
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
     _check_neutral(body)
     known = set(_COMMON) | set(_NEUTRAL) | set(_IGNORED) | {"prompt", "messages", "max_completion_tokens",
-                                                             "response_format", "grammar"}
+                                                             "response_format", "grammar", "tools", "tool_choice"}
     unknown = sorted(set(body) - known)
     if unknown:
         raise BadRequest(f"unknown parameter '{unknown[0]}'", param=unknown[0])
@@ -52,6 +56,9 @@ def _to_request(body: Any, kind: str) -> GenerateRequest:
             mapped["max_tokens"] = body["max_completion_tokens"]
         if mapped["messages"] is None:
             raise BadRequest("'messages' is required", param="messages")
+        for name in ("tools", "tool_choice"):
+            if body.get(name) is not None:
+                mapped[name] = body[name]
     else:
         if "messages" in body:
             raise BadRequest("use 'prompt' with /v1/completions ('messages' is for /v1/chat/completions)",
@@ -120,6 +127,7 @@ class ResponseShaper:
     def __init__(self, request: GenerateRequest, model: str, kind: str) -> None:
         self.id, self.model, self.kind = str(request.id), model, kind
         self.created = int(time.time())
+        self.detector = CallDetector(request.tools if kind == "chat" else None)
         self.object = "chat.completion" if kind == "chat" else "text_completion"
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -128,8 +136,12 @@ class ResponseShaper:
 
     def full(self, c: Completion) -> dict[str, Any]:
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                      "finish_reason": c.finish_reason}
+            calls, _ = self.detector.finish(c.text)
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            if calls:  # OpenAI's shape of a calling answer: no content, the calls, finish_reason "tool_calls"
+                message = {"role": "assistant", "content": None, "tool_calls": [openai_call(x) for x in calls]}
+            choice = {"index": 0, "message": message, "logprobs": None,
+                      "finish_reason": "tool_calls" if calls else c.finish_reason}
         else:
             choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
         return self._envelope(self.object, [choice], usage=_usage(c), timings=_timings(c))
@@ -145,11 +157,20 @@ class ResponseShaper:
     def first_chunk(self) -> dict[str, Any] | None:
         return self._chunk(None, None, role=True) if self.kind == "chat" else None
 
-    def delta_chunk(self, text: str) -> dict[str, Any]:
-        return self._chunk(text, None)
+    def delta_chunk(self, text: str) -> dict[str, Any] | None:
+        """The chunk for a piece of text, or None while the piece may be the start of a tool call."""
+        content = self.detector.push(text)
+        return self._chunk(content, None) if content else None
+
+    def _calls_chunk(self, calls: tuple[ToolCall, ...]) -> dict[str, Any]:
+        delta = {"tool_calls": [{"index": i, **openai_call(call)} for i, call in enumerate(calls)]}
+        return self._envelope("chat.completion.chunk",
+                              [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def final_chunks(self, c: Completion, include_usage: bool) -> list[dict[str, Any]]:
-        chunks = [self._chunk(None, c.finish_reason)]
+        calls, rest = self.detector.finish(c.text)
+        chunks = [self._calls_chunk(calls)] if calls else [self._chunk(rest, None)] if rest else []
+        chunks.append(self._chunk(None, "tool_calls" if calls else c.finish_reason))
         if include_usage:
             obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
             chunks.append(self._envelope(obj, [], usage=_usage(c), timings=_timings(c)))

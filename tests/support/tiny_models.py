@@ -32,8 +32,9 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
 
 def write_llama(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
                 n_ff: int = 128, context: int = 512, seed: int = 0, chat_template: str | None = None,
-                name: str = "tiny-llama") -> Path:
-    """Write a random llama-architecture GGUF (F32) and return its path."""
+                name: str = "tiny-llama", favour: str | None = None) -> Path:
+    """Write a random llama-architecture GGUF (F32) and return its path. ``favour`` (one ASCII character) makes the
+    model pick that character wherever a grammar allows it: a model that "wants" to open a tool call with ``<``."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -72,7 +73,14 @@ def write_llama(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int =
     silenced[N_SPECIAL + 256:] = False
     output[silenced] = 0.0
 
-    writer.add_tensor("token_embd.weight", normal(VOCAB_SIZE, n_embd, scale=1.0))
+    embeddings = normal(VOCAB_SIZE, n_embd, scale=1.0)
+    if favour is not None:
+        # a large constant in dimension 0 of every embedding survives to the last norm as a nearly constant
+        # feature; output column 0 then works as a bias that only the favoured character's row reads
+        embeddings[:, 0] += 50.0
+        output[:, 0] = 0.0
+        output[N_SPECIAL + ord(favour), 0] = 3.0
+    writer.add_tensor("token_embd.weight", embeddings)
     writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
     writer.add_tensor("output.weight", output)
     for i in range(n_layer):
@@ -141,3 +149,34 @@ def catalog_entry(model_id: str, path: Path, *, absolute: bool = False, **extra)
              'family = "test"', 'licence = "none (random weights)"']
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]  # JSON's strings, numbers, booleans are TOML's
     return "\n".join(lines) + "\n"
+
+
+#: A chat template in the shape of Qwen2.5-Instruct's (Qwen/Qwen2.5-0.5B-Instruct tokenizer_config.json): the tools
+#: are listed as JSON in the system turn, calls are ``<tool_call>`` blocks and tool results ``<tool_response>`` blocks
+#: in a user turn. A model written with it is one the appliance offers tools to (appliance/tools.py).
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system{{ '\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% else %}You are a helpful assistant.{% endif %}{{ '\\n\\n# Tools\\n\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n</tools>\\n\\n' }}"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call>"
+    " XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
+    "<|im_end|>{{ '\\n' }}"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system{{ '\\n' + messages[0]['content'] }}<|im_end|>"
+    "{{ '\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'user' or (message.role == 'system' and not loop.first)"
+    " or (message.role == 'assistant' and not message.tool_calls) %}"
+    "<|im_start|>{{ message.role + '\\n' + message.content }}<|im_end|>{{ '\\n' }}"
+    "{% elif message.role == 'assistant' %}<|im_start|>assistant"
+    "{% if message.content %}{{ '\\n' + message.content }}{% endif %}"
+    "{% for tool_call in message.tool_calls %}"
+    "{% if tool_call.function is defined %}{% set tool_call = tool_call.function %}{% endif %}"
+    "{{ '\\n<tool_call>\\n' }}{\"name\": \"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}"
+    "{{ '\\n</tool_call>' }}{% endfor %}<|im_end|>{{ '\\n' }}"
+    "{% elif message.role == 'tool' %}"
+    "{% if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>{{ '\\n' }}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}")
