@@ -177,8 +177,10 @@ def grammar(use: ToolUse, to_gbnf: Callable[[str], str]) -> str | None:
 
 def parse_calls(use: ToolUse | None, text: str) -> tuple[ToolCall, ...]:
     """The calls an answer makes: none unless calls were allowed and the answer is call blocks naming offered
-    tools with object arguments (under the grammar it always is when it starts with ``<tool_call>``)."""
-    if use is None or not use.calls or not text.lstrip().startswith(OPEN):
+    tools with object arguments. Only an answer that opens with ``<tool_call>`` at its very first character is read:
+    the grammar constrains a call only there (after a first character that is not ``<``, text is free, and a
+    "call" written later was never held to the tool's schema)."""
+    if use is None or not use.calls or not text.startswith(OPEN):
         return ()
     names = {t.name for t in use.tools}
     calls = []
@@ -197,7 +199,7 @@ def parse_calls(use: ToolUse | None, text: str) -> tuple[ToolCall, ...]:
 def check_complete(use: ToolUse, completion: Completion) -> None:
     """Raise :class:`Truncated` when a call was cut before it closed (max_tokens or a full context)."""
     if use.calls and completion.finish_reason == "length" and (use.forced or
-                                                                completion.text.lstrip().startswith(OPEN)):
+                                                                completion.text.startswith(OPEN)):
         raise Truncated(f"the tool call was cut after {completion.usage.completion_tokens} tokens, before it was "
                         f"complete: raise max_tokens", param="max_tokens")
 
@@ -246,11 +248,10 @@ class CallDetector:
         if self.state == "text":
             return piece
         self.held += piece
-        start = self.held.lstrip()
-        if self.state == "call" or start.startswith(OPEN):
+        if self.state == "call" or self.held.startswith(OPEN):
             self.state = "call"
             return ""
-        if OPEN.startswith(start):
+        if OPEN.startswith(self.held):
             return ""
         self.state, out, self.held = "text", self.held, ""
         return out

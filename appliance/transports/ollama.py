@@ -111,6 +111,9 @@ def chat_request(body: Any) -> GenerateRequest:
 
 def generate_request(body: Any) -> GenerateRequest | None:
     """The request, or None for Ollama's "load the model" call (no prompt)."""
+    if isinstance(body, dict) and body.get("tools"):  # as Ollama: calls are a chat feature
+        raise BadRequest("'tools' is for /api/chat: calls are written through the model's chat template",
+                         param="tools")
     mapped = _common(body, {"prompt", "system", "raw"})
     prompt, system, raw = body.get("prompt"), body.get("system"), body.get("raw", False)
     if not isinstance(raw, bool):

@@ -98,6 +98,7 @@ def test_parse_calls():
     assert [(c.name, c.arguments_object()) for c in calls] == [("light", {"on": True})]
     assert calls[0].id.startswith("call_")
     assert parse_calls(use, "plain text") == ()
+    assert parse_calls(use, " " + CALL) == ()  # only a call opened at the first character was under the grammar
     assert parse_calls(use, CALL.replace("light", "other")) == ()  # not an offered tool: left as text
     assert parse_calls(parse_tools(TOOLS, "none"), CALL) == ()
     assert parse_calls(None, CALL) == ()
@@ -180,6 +181,9 @@ def test_ollama_shapes():
     assert shaper.delta(CALL) is None
     lines = shaper.final_lines(_completion(CALL))
     assert [line["done"] for line in lines] == [False, True] and "tool_calls" in lines[0]["message"]
+    with pytest.raises(BadRequest) as error:
+        ollama.generate_request({"model": "m", "prompt": "hi", "tools": TOOLS})
+    assert error.value.param == "tools"
 
 
 def test_mqtt_result_carries_the_calls():
