@@ -24,6 +24,28 @@ MAX_STOP_SEQUENCES = 8
 TEMPERATURE, TOP_P = 0.8, 0.95  # llama-cpp-python's own defaults, so results match it
 
 
+MAX_TOPIC_BYTES = 65_535  # an MQTT string's length is two bytes
+
+
+def reply_topic_problem(topic: object) -> str | None:
+    """What makes ``topic`` unusable as a reply topic, or None. Besides wildcards, mosquitto refuses (as a
+    malformed packet, closing the connection) a topic with a control character (U+0000-U+001F, U+007F-U+009F), a
+    Unicode non-character or more than 65,535 bytes; paho then sends the same unacknowledged reply again on every
+    reconnect, so a topic like that must never reach a publish (found by `make fuzz`)."""
+    if not isinstance(topic, str) or not topic:
+        return "must be a non-empty string (an MQTT topic)"
+    if "+" in topic or "#" in topic:
+        return "must be an MQTT topic without wildcards (+, #)"
+    for char in topic:
+        point = ord(char)
+        if point <= 0x1F or 0x7F <= point <= 0x9F:
+            return f"must not contain control characters (U+{point:04X})"
+        if 0xFDD0 <= point <= 0xFDEF or (point & 0xFFFF) >= 0xFFFE or 0xD800 <= point <= 0xDFFF:
+            return f"must not contain Unicode non-characters or surrogates (U+{point:04X})"
+    if len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
+        return f"is longer than an MQTT topic can be ({MAX_TOPIC_BYTES} bytes)"
+    return None
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Generation settings; the defaults are llama-cpp-python's own, so results match it. A request leaves
@@ -252,8 +274,8 @@ def parse_generate(body: Any) -> GenerateRequest:
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", param="stream")
     reply_to = body.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or not reply_to or any(c in reply_to for c in "+#")):
-        raise BadRequest("'reply_to' must be an MQTT topic without wildcards", param="reply_to")
+    if reply_to is not None and (problem := reply_topic_problem(reply_to)) is not None:
+        raise BadRequest(f"'reply_to' {problem}", param="reply_to")
     priority = body.get("priority", "normal")
     if priority not in PRIORITIES:
         raise BadRequest(f"'priority' must be one of {', '.join(PRIORITIES)}", param="priority")

@@ -23,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from appliance.config import Config, read_secret
+from appliance.protocol import reply_topic_problem
 
 #: the root of every requester's reply tree: a user may only be answered under replies/<user>/ (the shipped ACL)
 REPLY_ROOT = "replies"
@@ -123,8 +124,4 @@ def asked_reply_topic(msg: paho.MQTTMessage, body: object, v5: bool) -> str | No
     props = getattr(msg, "properties", None) if v5 else None
     response_topic = getattr(props, "ResponseTopic", None) if props else None
     reply_to = body.get("reply_to") if isinstance(body, dict) else None
-    return response_topic or (reply_to if isinstance(reply_to, str) and _valid_topic(reply_to) else None)
-
-
-def _valid_topic(topic: str) -> bool:
-    return bool(topic) and "+" not in topic and "#" not in topic and "\0" not in topic and len(topic) < 65536
+    return response_topic or (reply_to if reply_topic_problem(reply_to) is None else None)

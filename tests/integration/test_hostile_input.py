@@ -44,3 +44,20 @@ def test_hostile_json_over_mqtt_is_answered_with_bad_request(appliance, mqtt_cli
         assert codes == ["bad_request"] * len(HOSTILE), codes
     ok = client.request(appliance.topic("generate"), {"prompt": "a", "max_tokens": 2})
     assert ok[-1]["type"] == "result"
+
+
+@pytest.mark.parametrize("reply_to", ["a\x1fb", "a\x7fb", "a\x85b", "a\ufffeb", "a\ufdd0b", "é" * 40_000])
+def test_a_reply_topic_the_broker_would_refuse_is_a_bad_request_and_the_device_stays_connected(
+        appliance, mqtt_client, reply_to):
+    """Found by `make fuzz`: mosquitto closes a connection that publishes to a topic with a control character, a
+    non-character or more than 65,535 bytes ("malformed packet"), and paho sends the same unacknowledged reply
+    again on every reconnect, so one such `reply_to` took the device off MQTT for good. It must be refused like any
+    bad field, on the device's own reply topic, and the device must keep serving."""
+    client = mqtt_client("3.1.1")
+    client.subscribe(appliance.topic("reply"))
+    client.publish(appliance.topic("generate"), {"id": "odd", "prompt": "a", "max_tokens": 2, "reply_to": reply_to})
+    (final,) = client.wait_for(lambda m: m.topic == appliance.topic("reply"), timeout=30)
+    error = json.loads(final.payload)["error"]
+    assert (error["code"], error["param"]) == ("bad_request", "reply_to"), error
+    assert client.request(appliance.topic("generate"), {"prompt": "a", "max_tokens": 2})[-1]["type"] == "result"
+    assert "Malformed" not in appliance.log_text()

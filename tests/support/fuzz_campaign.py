@@ -132,7 +132,7 @@ class Campaign:
                 decoded = json.loads(body)
                 if isinstance(decoded, dict) and "reply_to" not in decoded:
                     body = json.dumps({**decoded, "reply_to": f"fuzz/{self.run_id}/{n}"}).encode()
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes: as it is
                 pass
             self.senders["3.1.1"].publish(self.app.topic("generate"), body)
         else:
@@ -169,7 +169,7 @@ class Campaign:
             return None  # requests (ours), status, telemetry
         try:
             body = json.loads(message.payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return body if isinstance(body, dict) and body.get("type") in FINAL_TYPES else None
 

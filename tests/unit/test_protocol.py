@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from appliance import protocol
 from appliance.errors import BadRequest
 from appliance.json_input import decode_json
 from appliance.protocol import Message, parse_generate
@@ -95,3 +96,16 @@ def test_hostile_json_is_a_bad_request_naming_the_problem(payload, says):
 def test_json_within_the_limits_decodes():
     assert decode_json(b"[" * 32 + b"]" * 32, limit=100) is not None
     assert decode_json('{"p": "\\ud83d\\ude00", "n": 1e300, "i": ' + "9" * 4000 + "}", limit=10_000)["p"] == "😀"
+
+
+@pytest.mark.parametrize(("topic", "named"), [
+    ("", "non-empty"), (None, "non-empty"), ("a/+/b", "wildcards"), ("a/#", "wildcards"), ("a\x00b", "U+0000"),
+    ("a\x1fb", "U+001F"), ("a\x7fb", "U+007F"), ("a\x9fb", "U+009F"), ("a\ufdd0", "U+FDD0"), ("a\uffff", "U+FFFF"),
+    ("a\U0001fffe", "U+1FFFE"), ("é" * 32_768, "65535 bytes")])
+def test_reply_topics_mosquitto_would_refuse_are_named(topic, named):
+    assert named in (protocol.reply_topic_problem(topic) or "")
+
+
+@pytest.mark.parametrize("topic", ["replies/sensor1/x", "a", "é" * 32_767, "知/识", "$share-not/x", "a b/c"])
+def test_ordinary_reply_topics_pass(topic):
+    assert protocol.reply_topic_problem(topic) is None
