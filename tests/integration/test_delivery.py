@@ -139,8 +139,9 @@ def test_busy_device_does_not_swallow_fleet_work_another_device_can_do(appliance
     assert int(busy.metric('appliance_errors_total{code="busy"}') or 0) == tries - len(ids), "and refused its share"
     assert all(seconds < 5 for seconds in refused_at_once), refused_at_once  # refused, not held
     assert busy.status()["outstanding"] == 2, "nothing was added to the busy device's queue"
-    for rid in ("long", *backlog):
+    for rid in ("long", *backlog):  # and wait for each to stop: the teardown's kill must not find a generation
         client.cancel(busy.topic("cancel"), rid, f"test/share/{rid}")
+        assert client.replies(f"test/share/{rid}", correlation=rid.encode(), timeout=60)[-1]["type"] == "error"
     print(f"{len(ids)} fleet requests: {tries} tries, {tries - len(ids)} refused at once by the busy device "
           f"(max {max(refused_at_once, default=0):.2f} s)")
 
