@@ -90,7 +90,7 @@ class Soak:
                 finals = [r for r in replies if r["type"] != "chunk"]
                 self.tally.twice += len(finals) - 1
                 self.tally.answer(kind, _code(finals[-1]))
-                _forget(client)
+                client.forget()
         finally:
             client.close()
 
@@ -113,7 +113,7 @@ class Soak:
                 finals = [r for r in replies if r["type"] != "chunk"]
                 self.tally.twice += len(finals) - 1
                 self.tally.answer("mqtt cancel", _code(finals[-1]))
-                _forget(client)
+                client.forget()
         finally:
             client.close()
 
@@ -201,16 +201,6 @@ def warm_up(app: Appliance) -> None:
     if response.status != 200:
         raise RuntimeError(f"the warm-up request failed: {body}")
     print(f"soak: warm-up filled {body['usage']['total_tokens']} positions of the context", flush=True)
-
-
-def _forget(client: MqttClient) -> None:
-    """Drop what the client recorded and its reply subscriptions: 30 minutes of requests would otherwise pile up
-    in the client (and in the broker's subscription table), not in the appliance being measured."""
-    with client._cond:
-        topics = {m.topic for m in client.messages}
-        client.messages.clear()
-    for topic in topics:
-        client.client.unsubscribe(topic)
 
 
 def _code(final: dict) -> str:

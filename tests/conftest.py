@@ -13,9 +13,6 @@ from appliance.transports.broker import Mosquitto, free_port, mosquitto_binary
 from tests.support import tiny_models
 from tests.support.harness import DEFAULT_MODEL_WORKER, MqttClient, new_appliance
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
@@ -24,7 +21,7 @@ def models_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("models")
     f32 = tiny_models.write_llama(d / "tiny-f32.gguf")
     q4 = tiny_models.quantize(f32, d / "tiny-q4_0.gguf", "q4_0")
-    chat = tiny_models.write_llama(d / "tiny-chat.gguf", seed=1, chat_template=CHAT_TEMPLATE)
+    chat = tiny_models.write_llama(d / "tiny-chat.gguf", seed=1, chat_template=tiny_models.CHAT_TEMPLATE)
     slow = tiny_models.write_llama(d / "slow.gguf", n_embd=256, n_layer=4, n_ff=1024, n_head=8, n_head_kv=4,
                                    context=4096, seed=2)
     entry = tiny_models.catalog_entry

@@ -107,8 +107,7 @@ def test_quantize_adds_a_working_model(appliance_factory, mqtt_client, family_di
 
 
 def test_models_add_reads_the_gguf_and_refuses_duplicates(family_dir, tmp_path):
-    from tests.conftest import CHAT_TEMPLATE
-    chat = tiny_models.write_llama(tmp_path / "chatty.gguf", chat_template=CHAT_TEMPLATE)
+    chat = tiny_models.write_llama(tmp_path / "chatty.gguf", chat_template=tiny_models.CHAT_TEMPLATE)
     catalog = tmp_path / "catalog.toml"
     out = run_cli("models", "add", str(chat), "--family", "dolly", "--catalog", str(catalog))
     assert out.returncode == 0, out.stderr

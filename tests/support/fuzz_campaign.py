@@ -29,8 +29,6 @@ from tests.support.fuzz_payloads import Payload, payloads
 from tests.support.harness import Appliance, MqttClient
 
 FINAL_TYPES = ("result", "error")
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 #: the ONNX model the campaign's infer payloads name (a text classifier: it takes {"text": ...})
 INFER_MODEL = "guard"
 
@@ -41,7 +39,7 @@ def write_catalog(directory: Path) -> Path:
     answered in milliseconds."""
     f32 = tiny_models.write_llama(directory / "fuzz-f32.gguf")
     tiny = tiny_models.quantize(f32, directory / "fuzz-q4_0.gguf", "q4_0")
-    chat = tiny_models.write_llama(directory / "fuzz-chat.gguf", seed=1, chat_template=CHAT_TEMPLATE)
+    chat = tiny_models.write_llama(directory / "fuzz-chat.gguf", seed=1, chat_template=tiny_models.CHAT_TEMPLATE)
     guard = tiny_onnx.write_text_classifier(directory / "fuzz-guard.onnx", ["forbidden"])
     embedder, tokenizer = tiny_onnx.write_embedder(directory / "fuzz-embed.onnx", directory / "fuzz-tokenizer.json")
     catalog = directory / "fuzz-catalog.toml"

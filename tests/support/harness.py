@@ -299,6 +299,15 @@ class MqttClient:
         self.publish(topic, body)
         return self.replies(reply_topic, rid=body["id"], timeout=timeout)
 
+    def forget(self) -> None:
+        """Drop what was recorded and unsubscribe the topics it came on: a client that sends requests for a long
+        time (bench/soak.py) would otherwise pile them up, in itself and in the broker's subscription table."""
+        with self._cond:
+            topics = {m.topic for m in self.messages}
+            self.messages.clear()
+        for topic in topics:
+            self.client.unsubscribe(topic)
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()

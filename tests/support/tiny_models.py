@@ -30,6 +30,11 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+#: a small Jinja chat template for tiny GGUFs that embed one (the shape of many real templates, in few tokens)
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 def write_llama(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
                 n_ff: int = 128, context: int = 512, seed: int = 0, chat_template: str | None = None,
                 name: str = "tiny-llama", favour: str | None = None) -> Path:
