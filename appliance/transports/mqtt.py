@@ -30,27 +30,22 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.config import Config
-from appliance.errors import ApplianceError, BadRequest, Busy, Cancelled
-from appliance.generation.scheduler import Job, Requester, Scheduler
+from appliance.errors import ApplianceError, BadRequest, Cancelled
+from appliance.generation.scheduler import Requester, Scheduler
 from appliance.json_input import decode_json
-from appliance.messages import Abandoned, Chunk, Done, Failed, JobEvent
 from appliance.metrics import Metrics
 from appliance.protocol import (
-    EmbedResult,
-    chunk_payload,
     dumps,
-    error_payload,
     parse_generate,
     request_id,
-    result_payload,
-    tensor_result_payload,
 )
 from appliance.status import Status, StatusBoard
 from appliance.tensors import embed_api
-from appliance.tensors.pool import Answer, InferencePool
+from appliance.tensors.pool import InferencePool
 from appliance.transports.ha_discovery import Discovery, board_model
-from appliance.transports.mqtt_acks import AckBook, Pending, StoredReply
+from appliance.transports.mqtt_acks import AckBook, StoredReply
 from appliance.transports.mqtt_cancels import EarlyCancels
+from appliance.transports.mqtt_reply import MqttReply
 from appliance.transports.mqtt_session import (
     REPLY_ROOT,
     Topics,
@@ -63,50 +58,6 @@ from appliance.transports.mqtt_session import (
 from appliance.transports.mqtt_waiting import Held, Waiting
 
 log = logging.getLogger(__name__)
-
-
-class MqttReply:
-    """The sink of one MQTT job: publishes chunks, then the result or error, then releases the request's ack."""
-
-    def __init__(self, transport: MqttTransport, topic: str, correlation: bytes | None, pending: Pending,
-                 stream: bool, fleet: bool, requester: Requester) -> None:
-        self.transport, self.topic, self.correlation, self.pending = transport, topic, correlation, pending
-        self.stream, self.fleet, self.requester = stream, fleet, requester
-
-    def send(self, job: Job, event: JobEvent) -> None:
-        rid = job.request.id
-        match event:
-            case Chunk(seq=seq, text=text) if self.stream:
-                self.transport.publish(self.topic, chunk_payload(rid, seq, text), self.correlation,
-                                       expiry=self.transport.config.mqtt.reply_expiry)
-            case Done(completion=completion):
-                self.transport.answer(self, result_payload(rid, completion, job.request.structured,
-                                                                 job.request.tools))
-            case Failed(error=error):
-                if isinstance(error, Cancelled):  # a cancel kept for a request yet to come found this one
-                    self.transport.early_cancels.forget(rid, self.requester)
-                self.refuse(rid, error)
-            case Abandoned():
-                self.abandon(rid)
-
-    def refuse(self, rid: str | int | None, error: ApplianceError) -> None:
-        self.transport.answer(self, error_payload(rid, error))
-
-    def tensor_answer(self, rid: str | int | None, answer: Answer) -> None:
-        if isinstance(answer, ApplianceError):
-            self.refuse(rid, answer)
-        elif isinstance(answer, EmbedResult):
-            self.transport.answer(self, embed_api.mqtt_payload(answer))
-        else:
-            self.transport.answer(self, tensor_result_payload(answer))
-
-    def abandon(self, rid: str | int | None) -> None:
-        """The appliance is stopping before it could answer."""
-        if self.fleet and self.transport.config.mqtt.fleet_session_expiry == 0:
-            # the fleet session ends with this connection, so the broker will not deliver it again: say so
-            self.refuse(rid, Busy("this device is shutting down; send the request again"))
-        else:
-            self.transport.acks.forget(self.pending)  # unacked: the broker delivers it again after the restart
 
 
 class MqttTransport:
