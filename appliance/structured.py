@@ -274,3 +274,17 @@ def check_complete(output: StructuredOutput, completion: Completion) -> None:
         except ValueError:
             raise Truncated("the JSON answer was cut by a stop sequence before it was complete",
                             param="stop") from None
+
+
+# llama-cpp-python 0.3.36's schema converter lets a JSON string hold raw control characters (its ``char`` rule is
+# ``[^"\\]``), which JSON forbids: a model that writes a newline inside a string gave an answer that json.loads
+# refuses (1 of 200 in bench/structured.py). llama.cpp's own converter and llama-cpp-python's JSON_GBNF exclude
+# U+0000-U+001F and U+007F; the same rule replaces the lax one here.
+_LAX_CHAR = r'char ::= [^"\\] |'
+_STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
+def strict_json_strings(grammar: str) -> str:
+    """A converted schema's GBNF with its strings held to JSON's characters (unchanged if already strict)."""
+    return "\n".join(_STRICT_CHAR + line[len(_LAX_CHAR):] if line.startswith(_LAX_CHAR) else line
+                     for line in grammar.split("\n"))

@@ -18,7 +18,7 @@ from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_
 from appliance.catalog.entry import ModelEntry
 from appliance.errors import BadRequest, ModelError
 from appliance.protocol import Completion, Message
-from appliance.structured import StructuredOutput, check_complete
+from appliance.structured import StructuredOutput, check_complete, strict_json_strings
 from appliance.tools import ToolUse, template_supports
 from appliance.tools import check_complete as check_call_complete
 from appliance.tools import grammar as tool_grammar
@@ -217,11 +217,11 @@ class LlamaCppBackend(Backend):
 def _grammar(llm: Llama, output: StructuredOutput) -> LlamaGrammar:
     """A fresh grammar for one request (a grammar sampler keeps state: never shared between requests)."""
     import llama_cpp
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
     try:
         if output.kind == "json_schema":
-            grammar = LlamaGrammar.from_json_schema(output.schema or "{}")
+            grammar = LlamaGrammar.from_string(strict_json_strings(json_schema_to_gbnf(output.schema or "{}")))
         else:
             grammar = LlamaGrammar.from_string(output.grammar or JSON_GBNF)
     except Exception as exc:  # the converter asserts on schemas check_schema should already have refused
@@ -251,7 +251,7 @@ def _tool_output(llm: Llama, use: ToolUse) -> StructuredOutput | None:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        text = tool_grammar(use, json_schema_to_gbnf)
+        text = tool_grammar(use, lambda schema: strict_json_strings(json_schema_to_gbnf(schema)))
     except Exception as exc:  # the converter asserts on schemas check_schema should already have refused
         raise BadRequest(f"a tool's parameters could not be turned into a grammar: {exc}", param="tools") from None
     return StructuredOutput("grammar", grammar=text) if text is not None else None

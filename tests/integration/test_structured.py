@@ -11,6 +11,7 @@ import json
 import jsonschema
 import pytest
 
+from tests.support import tiny_models
 from tests.support.harness import http_post
 
 openai = pytest.importorskip("openai")
@@ -23,6 +24,17 @@ SCHEMA = {"type": "object", "properties": {
              "maxItems": 2}},
     "required": ["mood", "level", "ok", "pair"]}
 CHAT = [{"role": "user", "content": "how are you?"}]
+
+
+@pytest.fixture(scope="module")
+def catalog_path(models_dir, tmp_path_factory):
+    """The shared tiny models plus tiny-newlines, which writes a newline wherever a grammar allows one."""
+    d = tmp_path_factory.mktemp("structured-models")
+    newlines = tiny_models.write_llama(d / "tiny-newlines.gguf", seed=5, chat_template=tiny_models.CHAT_TEMPLATE,
+                                       favour="\n")
+    shared = (models_dir / "catalog.toml").read_text().replace('file = "', f'file = "{models_dir}/')
+    (d / "catalog.toml").write_text("\n".join([shared, tiny_models.catalog_entry("tiny-newlines", newlines)]))
+    return d / "catalog.toml"
 
 
 @pytest.fixture
@@ -96,3 +108,18 @@ def test_mqtt_format_and_json_schema(appliance, mqtt_client):
     assert reply["error"]["param"] == "format.maximum"
     reply = client.request(topic, {"id": "s4", "prompt": "a", "format": "json", "max_tokens": 1})[-1]
     assert reply["type"] == "error" and reply["error"]["code"] == "truncated"
+
+
+def test_strings_hold_no_raw_control_characters(appliance_factory):
+    """JSON forbids a raw newline inside a string; llama-cpp-python's schema converter allowed one, and a model
+    that wanted a newline there gave an answer that did not parse (a 422 for the user)."""
+    app = appliance_factory(default="tiny-newlines", overrides={"models": {"switch": True}})
+    schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 12}}, "required": ["note"]}
+    client = openai.OpenAI(base_url=app.http_url + "/v1", api_key="unused", timeout=120)
+    free = client.chat.completions.create(model="tiny-newlines", messages=CHAT, max_tokens=5, temperature=0)
+    assert free.choices[0].message.content == "\n" * 5, "the model must want newlines for this test to mean much"
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="tiny-newlines", messages=CHAT, max_tokens=80, seed=seed, temperature=0.8,
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+        jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)

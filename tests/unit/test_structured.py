@@ -7,7 +7,7 @@ import pytest
 
 from appliance.errors import BadRequest, Truncated
 from appliance.protocol import Completion, Usage, parse_generate, result_payload
-from appliance.structured import check_complete, check_schema, from_grammar, json_mode
+from appliance.structured import check_complete, check_schema, from_grammar, json_mode, strict_json_strings
 from appliance.transports import ollama, openai
 
 
@@ -145,3 +145,13 @@ def test_ollama_format_and_refusals():
         with pytest.raises(BadRequest) as error:
             ollama.generate_request(body)
         assert error.value.param == param
+
+
+def test_converted_strings_refuse_control_characters():
+    # the rule as llama-cpp-python 0.3.36's json_schema_to_gbnf writes it: any character but '"' and '\\'
+    lax = (r'char ::= [^"\\] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])' "\n"
+           r'root ::= "\"" char* "\"" space' "\n" r'space ::= " "?')
+    strict = strict_json_strings(lax)
+    assert strict.splitlines()[0].startswith(r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (')
+    assert strict.splitlines()[1:] == lax.splitlines()[1:]
+    assert strict_json_strings(strict) == strict
