@@ -103,8 +103,10 @@ def llama_footprint(model_id: str, arch: Architecture, weights: int, settings: E
                     margin: int) -> Footprint:
     """What llama.cpp allocates for a model of these sizes (also the model shelf's estimate, with no file at hand)."""
     n_ctx = settings.context_size
-    n_ubatch = min(settings.batch_size, MAX_UBATCH)
-    kv = arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
+    # batched (worker.parallel > 1): one decode holds a token of every slot beside a prompt chunk
+    n_ubatch = min(settings.batch_size + (settings.parallel if settings.parallel > 1 else 0), MAX_UBATCH)
+    # every slot has a context_size of its own
+    kv = settings.parallel * arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
     compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32
                + n_ubatch * (8 * arch.n_embd + 3 * arch.n_ff) * F32
                + arch.n_vocab * F32)  # the output (logits) buffer
