@@ -118,8 +118,12 @@ class LlamaBatch(SequenceBatch):
 
         params = request.params
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        add = lambda sampler: llama_cpp.llama_sampler_chain_add(chain, sampler)  # noqa: E731 - the chain owns it
-        add(llama_cpp.llama_sampler_init_penalties(PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
+
+        def add(sampler: Any) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)  # the chain owns it: freed with the chain
+
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)  # this llama.cpp's penalties take the vocabulary size
+        add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
         if request.grammar is not None:
             add(llama_cpp.llama_sampler_init_grammar(self._vocab, request.grammar.encode("utf-8"), b"root"))
         temperature = params.sampling_temperature
@@ -227,7 +231,8 @@ def make_context(llm: Llama, slots: int, context_size: int, prompt_chunk: int, t
     token-sized context of its own and decodes here). Freed with ``llama_free``."""
     import llama_cpp
 
-    params = llama_cpp.llama_context_default_params()
+    # the Llama's own settings (flash attention off, rope, KV types...): the same arithmetic as the serial path
+    params = type(llm.context_params).from_buffer_copy(llm.context_params)
     params.n_ctx = context_size * slots
     params.n_batch = prompt_chunk + slots
     params.n_ubatch = min(params.n_batch, 512)
