@@ -93,7 +93,10 @@ class LlamaCppBackend(Backend):
                                         bos_token=_token_text(llm, llm.token_bos()))
         self._model = _Loaded(llm, entry, jinja, jinja is not None and template_supports(embedded),
                               bool(llama_cpp.llama_model_has_encoder(llm.model)))
-        if slots > 1 and self._model.encoder_decoder:  # T5's encoder runs per request: one at a time
+        # one at a time: T5's encoder runs per request, and recurrent state in a batch is not safe in this
+        # llama.cpp (a tiny RWKV-7 gave the second of two identical batched requests another text)
+        if slots > 1 and (self._model.encoder_decoder or llama_cpp.llama_model_is_recurrent(llm.model)
+                          or llama_cpp.llama_model_is_hybrid(llm.model)):
             self.settings = replace(self.settings, parallel=1)
             return self.load(entry)
         context_size = llm.n_ctx()

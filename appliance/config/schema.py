@@ -183,7 +183,7 @@ class WorkerConfig:
                            check=_between(8, 8192))
     parallel: int = _opt("Requests one llama.cpp model generates at once, decoded together in one batch (each "
                          "gets its own `context_size` of KV cache, so memory grows with it; the memory guard may "
-                         "run fewer). RWKV and encoder-decoder models always run one at a time.", 1,
+                         "run fewer). Recurrent (RWKV, Mamba) and encoder-decoder (T5) models run one at a time.", 1,
                          check=_between(1, 64))
     max_queue: int = _opt("Requests that may wait behind the running one; beyond that a request gets `busy` "
                           "at once.", 8, check=_between(0, 10000))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -19,7 +21,8 @@ from appliance.catalog import Catalog
 from appliance.errors import ApplianceError, TooLong
 from appliance.protocol import Completion, SamplingParams
 from appliance.structured import StructuredOutput
-from tests.support.harness import FakeBoard
+from tests.support import tiny_archs
+from tests.support.harness import REPO, FakeBoard
 
 pytest.importorskip("llama_cpp")
 
@@ -212,3 +215,54 @@ def test_low_memory_runs_fewer_requests_at_once(appliance_factory, mqtt_client, 
     for i, topic in enumerate(topics):  # stop them before the teardown kills the service
         client.cancel(app.topic("cancel"), f"r{i}", topic)
         client.wait_for(lambda m, t=topic: m.topic == t and json.loads(m.payload)["type"] == "error", timeout=30)
+
+
+# -- other architectures -------------------------------------------------------------------------------------------
+
+# in a child process per model, as test_architectures.py does (recurrent models loaded one after another in one
+# process changed each other's output); prints the slots the backend gave the model and each batched text
+BATCHED_TWICE = r"""
+import json, sys
+from pathlib import Path
+from appliance.backends.base import EngineSettings, GenerationTask
+from appliance.backends.llama_cpp import LlamaCppBackend
+from appliance.catalog.entry import ModelEntry
+from appliance.protocol import Completion, SamplingParams
+entry = ModelEntry(id="m", path=Path(sys.argv[1]), sha256=None, backend="llama_cpp", template="plain")
+with LlamaCppBackend(EngineSettings(threads=2, context_size=512, batch_size=256, parallel=2)) as backend:
+    info = backend.load(entry)
+    batch, texts = backend.batch(), {}
+    task = GenerationTask(prompt="hello there", messages=None, params=SamplingParams(max_tokens=8, temperature=0))
+    if batch is not None:
+        batch.join(1, task)
+        batch.join(2, task)
+        while batch.keys:
+            texts.update({e.key: e.event.text for e in batch.step() if isinstance(e.event, Completion)})
+    print(json.dumps({"slots": info.slots, "texts": [texts.get(1), texts.get(2)]}))
+"""
+REFERENCE = r"""
+import json, sys, llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, n_batch=256, n_threads=2, verbose=False)
+print(json.dumps(llm.create_completion("hello there", max_tokens=8, temperature=0)["choices"][0]["text"]))
+"""
+
+
+def _last_json(script: str, path, env) -> object:
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ["gptneox", "chatglm", "mpt", "rwkv7", "t5"])
+def test_other_architectures_batch_or_run_one_at_a_time(arch, tmp_path):
+    """Decoder-only attention models batch and give llama-cpp-python's text in every slot; recurrent models (RWKV,
+    Mamba) and encoder-decoder ones (T5) get one slot."""
+    path = tiny_archs.write(arch, tmp_path / f"{arch}.gguf")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    got = _last_json(BATCHED_TWICE, path, env)
+    if arch in ("rwkv7", "t5"):
+        assert got == {"slots": 1, "texts": [None, None]}
+        return
+    expected = _last_json(REFERENCE, path, env)
+    assert got == {"slots": 2, "texts": [expected, expected]}

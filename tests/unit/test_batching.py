@@ -6,6 +6,8 @@ model. The same against real llama.cpp is in tests/integration/test_batching.py.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from appliance.backends.fake import script
@@ -82,6 +84,46 @@ def test_streamed_chunks_of_batched_jobs_are_numbered_per_job(rig):
     assert [(c.seq, c.text) for c in a.chunks] == [(1, "t1 "), (2, "t2 "), (3, "t3 ")]
     assert [c.seq for c in b.chunks] == [1, 2]
     assert all(isinstance(c, Chunk) for c in a.chunks + b.chunks)
+
+
+def test_a_timeout_stops_only_the_job_past_it(rig):
+    r = rig(worker={"parallel": 2, "request_timeout": 0.6})
+    _, long_sink = r.submit(_slow("long", 30))
+    long_sink.next_chunk()
+    _, short = r.submit(_slow("short", 0.1))
+    assert short.final().completion.text == "short1 short2"
+    event = long_sink.final(timeout=5)
+    assert isinstance(event, Failed) and event.error.code == "timeout" and long_sink.text == "long1 "
+
+
+def test_a_stall_kills_the_worker_and_times_out_every_job_in_the_batch(rig):
+    r = rig(process=True, worker={"parallel": 2, "stall_timeout": 1.0})
+    _, a = r.submit(_slow("a", 30))
+    a.next_chunk(timeout=30)
+    _, b = r.submit(script(["piece", "b"], ["stall", 60]))  # the engine hangs: the whole batch with it
+    for sink in (a, b):
+        event = sink.final(timeout=30)
+        assert isinstance(event, Failed) and event.error.code in ("timeout", "worker_crashed"), event
+    r.wait_state("ready", timeout=30)
+
+
+def test_a_hot_board_pauses_every_batched_job_then_they_finish(rig):
+    r = rig(worker={"parallel": 2, "stall_timeout": 0.6})
+    steps = [step for _ in range(30) for step in (["sleep", 0.01], ["piece", "x"])]
+    (_, a), (_, b) = (r.submit(script(*steps)) for _ in "ab")
+    a.next_chunk(), b.next_chunk()
+    r.conditions(thermal="hard", thermal_reason="too hot")
+    r.wait_state("degraded")
+    time.sleep(0.1)
+    while not a.events.empty():
+        a.next_chunk()
+    while not b.events.empty():
+        b.next_chunk()
+    seen = len(a.chunks), len(b.chunks)
+    time.sleep(0.8)  # longer than the stall timeout: a pause is not a stall
+    assert (len(a.chunks), len(b.chunks)) == seen and a.events.empty() and b.events.empty()
+    r.conditions()
+    assert a.final().completion.usage.completion_tokens == 30 == b.final().completion.usage.completion_tokens
 
 
 # -- the guard: fewer slots before a refusal ----------------------------------------------------------------------
