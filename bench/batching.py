@@ -33,7 +33,7 @@ from bench.report_sections import replace_section
 from tests.support.harness import new_appliance
 
 PROMPT = "The history of the Raspberry Pi began in 2006, when"
-SHORT = "Name one colour of the rainbow and say nothing else, please."  # about 16 tokens with BOS
+SHORT = "In one sentence, the Raspberry Pi is a small and cheap computer that"  # about 16 tokens
 PARAMS = {"temperature": 0, "top_p": 0.95, "top_k": 40, "repeat_penalty": 1.0}
 
 
@@ -49,14 +49,16 @@ def first_text_seconds(base: str, body: dict) -> float:
     """Seconds from sending a streamed request to its first piece of text (then the stream is read to its end)."""
     request = urllib.request.Request(f"{base}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
                                      headers={"Content-Type": "application/json"})
-    started, first = time.perf_counter(), None
+    started, first, any_chunk = time.perf_counter(), None, None
     with urllib.request.urlopen(request, timeout=600) as resp:
         for line in resp:
             if first is None and line.startswith(b"data: {"):
+                any_chunk = any_chunk or time.perf_counter() - started
                 chunk = json.loads(line[6:])
                 if chunk["choices"] and chunk["choices"][0].get("text"):
                     first = time.perf_counter() - started
-    return first if first is not None else float("nan")
+    # an answer of only whitespace held back to its end still has a first chunk
+    return first if first is not None else (any_chunk or float("nan"))
 
 
 def aggregate(base: str, clients: int, tokens: int) -> float:

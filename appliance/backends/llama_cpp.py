@@ -23,6 +23,7 @@ from appliance.backends.base import (
     SequenceBatch,
 )
 from appliance.backends.llama_batch import PreparedRequest
+from appliance.backends.llama_probe import TINY_BATCH, TINY_CONTEXT
 from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_budget
 from appliance.catalog.entry import ModelEntry
 from appliance.errors import BadRequest, ModelError
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from appliance.backends.base import EngineSettings
 
 _FALLBACK_TEMPLATE = "chatml"  # what llama-server uses for a GGUF without a template and no catalog entry
-TINY_CONTEXT = 256  # the Llama object's own context when a batch decodes (llama.cpp's smallest padded size)
 
 
 @dataclass
@@ -77,7 +77,8 @@ class LlamaCppBackend(Backend):
         threads, slots = self.settings.threads, self.settings.parallel
         # batched: the Llama object keeps the weights, tokenizer and template; the KV cache of every slot lives in
         # the batch's own context (llama_batch.make_context), so the Llama's context is kept minimal
-        n_ctx, n_batch = (self.settings.context_size, self.settings.batch_size) if slots == 1 else (TINY_CONTEXT, 8)
+        n_ctx, n_batch = (TINY_CONTEXT, TINY_BATCH) if slots > 1 else (self.settings.context_size,
+                                                                       self.settings.batch_size)
         try:
             llm = llama_cpp.Llama(
                 model_path=str(entry.path), n_ctx=n_ctx, n_batch=n_batch,
