@@ -196,6 +196,20 @@ def test_a_crash_with_several_requests_in_flight_fails_each_with_worker_crashed(
     assert ok[-1]["type"] == "result"
 
 
+def test_a_short_request_is_answered_while_a_long_generation_runs(appliance_factory, mqtt_client):
+    """The point of batching for a shared device: a sensor's short request no longer waits for a long answer."""
+    app = appliance_factory("slow", {"worker": {"context_size": 4096, "parallel": 2}})
+    client = mqtt_client()
+    (long_topic,) = _start_streams(app, client, 1)
+    client.wait_for(lambda m: m.topic == long_topic and json.loads(m.payload)["type"] == "chunk", timeout=60)
+    short = client.request(app.topic("generate"), {"prompt": "sensor 21.5 C", "max_tokens": 3}, timeout=60)
+    assert short[-1]["type"] == "result"
+    finals = [m for m in client.messages if m.topic == long_topic and json.loads(m.payload)["type"] != "chunk"]
+    assert finals == [], "the long generation was still running when the short answer came"
+    client.cancel(app.topic("cancel"), "r0", long_topic)
+    client.wait_for(lambda m: m.topic == long_topic and json.loads(m.payload)["type"] == "error", timeout=30)
+
+
 def test_low_memory_runs_fewer_requests_at_once(appliance_factory, mqtt_client, tmp_path):
     board = FakeBoard(tmp_path / "board")
     app = appliance_factory("slow", {"worker": {"context_size": 4096, "parallel": 3}, **board.overrides()},
