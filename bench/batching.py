@@ -7,6 +7,8 @@ One appliance with four slots, over HTTP, the same prompt and parameters as benc
   llama.cpp (target >= 1.0x; this script does not build it);
 - TTFT of a short request (a 16-token prompt, streamed) while a 512-token generation runs, against its TTFT on the
   idle device (target <= 2x);
+- 8 MQTT clients against one device, half on the ``$share`` fleet topic and half on the device's own topic (both
+  feed the batch): aggregate tok/s and p95 TTFT (first streamed chunk);
 - determinism: at temperature 0, how many of ``--prompts`` prompts give the same text alone and batched four at a
   time (in-process, llama_cpp backend), and where the first difference is.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -25,12 +28,13 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 from appliance.catalog import default_model
-from appliance.transports.broker import free_port
+from appliance.transports.broker import Mosquitto, free_port
 from bench.report_sections import replace_section
-from tests.support.harness import new_appliance
+from tests.support.harness import MqttClient, new_appliance
 
 PROMPT = "The history of the Raspberry Pi began in 2006, when"
 SHORT = "In one sentence, the Raspberry Pi is a small and cheap computer that"  # about 16 tokens
@@ -90,6 +94,35 @@ def ttft_under_load(base: str, rounds: int) -> tuple[float, float]:
         loaded.append(first_text_seconds(base, body))
         long_run.join()
     return idle, statistics.median(loaded)
+
+
+def mqtt_clients(client: MqttClient, topics: tuple[str, str], clients: int, tokens: int) -> tuple[float, float]:
+    """Aggregate tok/s and p95 TTFT of ``clients`` streamed MQTT requests sent at once, alternating between the
+    fleet topic and the device topic."""
+    ttfts: list[float] = []
+    counts: list[int] = []
+
+    def kind(reply: str, *types: str):  # noqa: ANN202 - a predicate for MqttClient.wait_for
+        return lambda m: m.topic == reply and json.loads(m.payload)["type"] in types
+
+    def one(i: int) -> None:
+        reply = f"bench/mqtt/{uuid.uuid4().hex}"
+        client.subscribe(reply)
+        started = time.perf_counter()
+        client.publish(topics[i % 2], {"id": f"m{i}", "prompt": f"{PROMPT} ({i})", "max_tokens": tokens,
+                                       "stream": True, **PARAMS}, response_topic=reply, correlation=b"m")
+        client.wait_for(kind(reply, "chunk", "result", "error"), timeout=600)
+        ttfts.append(time.perf_counter() - started)
+        (final,) = client.wait_for(kind(reply, "result", "error"), timeout=600)
+        counts.append(json.loads(final.payload).get("usage", {}).get("completion_tokens", 0))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - started), sorted(ttfts)[math.ceil(0.95 * len(ttfts)) - 1]
 
 
 def determinism(model: Path, prompts: int, threads: int) -> tuple[int, list[str]]:
@@ -169,18 +202,25 @@ def main() -> int:
         catalog = workdir / "catalog.toml"
         catalog.write_text(f'[[models]]\nid = "{default_model.MODEL_ID}"\nfile = "{model}"\n'
                            f'sha256 = "{default_model.SHA256}"\n')
-        app = new_appliance(workdir, None, catalog, default_model.MODEL_ID, {
+        broker = Mosquitto(workdir / "broker", free_port(), persistence=False)
+        broker.start()
+        app = new_appliance(workdir, broker.port, catalog, default_model.MODEL_ID, {
             "worker": {"threads": args.threads, "context_size": args.context, "parallel": 4, "max_queue": 8,
                        "request_timeout": 600}, "logging": {"level": "warning"}})
         app.start(timeout=180)
+        client = MqttClient(broker.host, broker.port)
         try:
             base = app.http_url
             aggregate(base, 1, args.tokens)  # warm-up
             single = statistics.median(aggregate(base, 1, args.tokens) for _ in range(args.rounds))
             four = statistics.median(aggregate(base, 4, args.tokens) for _ in range(args.rounds))
             idle, loaded = ttft_under_load(base, args.rounds)
+            fleet_topic = f"{app.config.get('mqtt', {}).get('topic_prefix', 'appliance')}/fleet/generate"
+            mqtt_rate, mqtt_p95 = mqtt_clients(client, (fleet_topic, app.topic("generate")), 8, args.tokens)
         finally:
+            client.close()
             app.stop()
+            broker.stop()
         same, where = determinism(model, args.prompts, args.threads)
         server = (server_aggregate(args.llama_server, model, args.threads, args.context, args.tokens)
                   if args.llama_server else None)
@@ -197,6 +237,8 @@ def main() -> int:
         f"| TTFT of a short request, idle | {idle * 1000:.0f} ms | |",
         f"| TTFT of a short request while a 512-token generation runs | {loaded * 1000:.0f} ms = "
         f"{loaded / idle:.2f}x idle | <= 2x |",
+        f"| 8 MQTT clients (fleet + device topics), aggregate | {mqtt_rate:.1f} tok/s | reported |",
+        f"| 8 MQTT clients, p95 TTFT | {mqtt_p95 * 1000:.0f} ms | reported |",
         f"| temperature 0, alone vs batched 4 at a time | {same} of {args.prompts} identical | reported |", "",
     ]
     if where:
