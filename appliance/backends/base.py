@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from appliance.errors import ApplianceError
 from appliance.messages import message
 from appliance.protocol import Completion, Message, SamplingParams
 from appliance.structured import StructuredOutput
@@ -31,12 +32,14 @@ class EngineSettings:
     batch_size: int
     mmap: bool = True
     rwkv_strategy: str = "cpu fp32i8"
+    parallel: int = 1  # sequences decoded in one batch (llama.cpp only; the guard may lower it per load)
 
     @classmethod
     def from_config(cls, worker: WorkerConfig) -> EngineSettings:
         """The settings of ``[worker]``, with ``threads = 0`` resolved to this machine's physical cores."""
         return cls(threads=worker.threads or physical_cores(), context_size=worker.context_size,
-                   batch_size=worker.batch_size, mmap=worker.mmap, rwkv_strategy=worker.rwkv_strategy)
+                   batch_size=worker.batch_size, mmap=worker.mmap, rwkv_strategy=worker.rwkv_strategy,
+                   parallel=worker.parallel)
 
 
 def physical_cores() -> int:
@@ -76,9 +79,43 @@ class ModelInfo:
     id: str
     context_size: int
     chat_template: str  # "embedded" or the catalog's named template
+    slots: int = 1  # requests the engine generates at once with this model (worker.parallel, or fewer)
 
 
 GenerationEvent = Piece | PromptProgress | Completion
+
+
+@message
+class SequenceEvent:
+    """What happened to one request of a batch in a step: an event, or the error that ended it."""
+
+    key: int
+    event: GenerationEvent | ApplianceError
+
+
+class SequenceBatch(ABC):
+    """Several requests generated together (continuous batching): requests join and leave between steps, and one
+    :meth:`step` advances every one of them. The worker calls it from one thread, reading its pipe between steps."""
+
+    slots: int  # requests it holds at once
+
+    @abstractmethod
+    def join(self, key: int, task: GenerationTask) -> None:
+        """Start request ``key`` at the next step; raises ApplianceError (TooLong, BadRequest...) if it cannot."""
+
+    @abstractmethod
+    def leave(self, key: int) -> None:
+        """Drop request ``key`` (cancelled) and free what it held; nothing for a key it does not hold."""
+
+    @abstractmethod
+    def step(self) -> list[SequenceEvent]:
+        """Advance every request by one token (or one prompt chunk). A request ends with its Completion or an
+        error and has then left the batch."""
+
+    @property
+    @abstractmethod
+    def keys(self) -> list[int]:
+        """The requests in the batch, in the order they joined."""
 
 
 class Backend(ABC):
@@ -101,6 +138,11 @@ class Backend(ABC):
         ``should_stop`` is polled between prompt batches and between tokens; when it returns True the generator
         ends early without a Completion. Raises TooLong when the prompt does not fit the context.
         """
+
+    def batch(self) -> SequenceBatch | None:
+        """The loaded model's batch when it generates several requests at once (``ModelInfo.slots`` > 1); None:
+        one request at a time, through :meth:`generate`."""
+        return None
 
     def set_threads(self, threads: int) -> None:  # noqa: B027 - engines without a thread knob ignore it
         """Use this many threads from the next token on (the supervisor slows a hot board down)."""

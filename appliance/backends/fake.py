@@ -34,7 +34,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.backends.base import Backend, GenerationEvent, GenerationTask, ModelInfo, Piece, PromptProgress
+from appliance.backends.base import (
+    Backend,
+    GenerationEvent,
+    GenerationTask,
+    ModelInfo,
+    Piece,
+    PromptProgress,
+    SequenceBatch,
+)
+from appliance.backends.interleave import InterleavedBatch
 from appliance.backends.probe import Footprint, MiB, Probe
 from appliance.backends.text import Clock
 from appliance.errors import ModelError, UnsupportedArchitecture, error_from_code
@@ -89,8 +98,9 @@ class FakeProbe(Probe):
         mib = read_model(entry.path).get("footprint_mib")
         if mib is None:
             return None
-        # all of it the engine's own memory, freed by an unload (no file pages)
-        return Footprint(model_id=entry.id, weights=0, kv_cache=int(mib * MiB), compute=0, margin=margin)
+        # all of it the engine's own memory, freed by an unload (no file pages); per slot, like a KV cache
+        return Footprint(model_id=entry.id, weights=0, kv_cache=int(mib * MiB) * settings.parallel, compute=0,
+                         margin=margin)
 
     def facts(self, entry: ModelEntry) -> dict[str, Any]:
         self.check(entry)
@@ -104,6 +114,7 @@ class FakeBackend(Backend):
         super().__init__(settings)
         self.threads = settings.threads
         self._entry: ModelEntry | None = None
+        self._batch: InterleavedBatch | None = None
 
     def load(self, entry: ModelEntry) -> ModelInfo:
         model = read_model(entry.path)
@@ -114,15 +125,31 @@ class FakeBackend(Backend):
             code, message = model["load_error"]
             raise error_from_code(code, f"model '{entry.id}': {message}")
         self._entry = entry
-        return ModelInfo(id=entry.id, context_size=self.settings.context_size, chat_template="fake")
+        return ModelInfo(id=entry.id, context_size=self.settings.context_size, chat_template="fake",
+                         slots=self.settings.parallel)
+
+    def batch(self) -> SequenceBatch | None:
+        if self.settings.parallel == 1 or self._entry is None:
+            return None
+        if self._batch is None:
+            self._batch = InterleavedBatch(lambda task, stop: self._steps(task, stop, batched=True),
+                                           self.settings.parallel)
+        return self._batch
 
     def set_threads(self, threads: int) -> None:
         self.threads = threads
 
     def close(self) -> None:
-        self._entry = None
+        self._entry, self._batch = None, None
 
     def generate(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        for event in self._steps(task, should_stop, batched=False):
+            if event is not None:
+                yield event
+
+    def _steps(self, task: GenerationTask, should_stop: Callable[[], bool],
+               batched: bool) -> Iterator[GenerationEvent | None]:
+        """The script's events; batched, a sleep step gives the other requests their turns (None: nothing yet)."""
         if self._entry is None:
             raise ModelError("no model is loaded")
         text = task.prompt if task.messages is None else task.messages[-1].content
@@ -131,7 +158,10 @@ class FakeBackend(Backend):
         clock, pieces, finish = Clock(), [], "stop"
         try:
             for step in steps:
-                for event in self._play(step, should_stop):
+                for event in self._play(step, should_stop, batched):
+                    if event is None:
+                        yield None
+                        continue
                     if isinstance(event, Piece):
                         clock.token()
                         pieces.append(event.text)
@@ -147,7 +177,8 @@ class FakeBackend(Backend):
             return
         yield clock.completion("".join(pieces), finish, len(steps), len(pieces), self._entry.id)
 
-    def _play(self, step: list[Any], should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
+    def _play(self, step: list[Any], should_stop: Callable[[], bool],
+              batched: bool) -> Iterator[GenerationEvent | None]:
         match step:
             case ["piece", str(text)]:
                 yield Piece(text)
@@ -161,6 +192,8 @@ class FakeBackend(Backend):
                     if should_stop():
                         raise _Stop
                     time.sleep(POLL)
+                    if batched:
+                        yield None
             case ["stall", int(seconds) | float(seconds)]:
                 time.sleep(seconds)
             case ["threads"]:

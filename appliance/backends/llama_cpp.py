@@ -9,11 +9,21 @@ and text is released only when it can no longer turn into a stop sequence or the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
-from appliance.backends import llama_seq2seq, templates
-from appliance.backends.base import Backend, GenerationEvent, GenerationTask, ModelInfo, Piece, PromptProgress
+from appliance.backends import llama_batch, llama_seq2seq, templates
+from appliance.backends.base import (
+    Backend,
+    GenerationEvent,
+    GenerationTask,
+    ModelInfo,
+    Piece,
+    PromptProgress,
+    SequenceBatch,
+)
+from appliance.backends.llama_batch import PreparedRequest
+from appliance.backends.llama_probe import TINY_BATCH, TINY_CONTEXT
 from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_budget
 from appliance.catalog.entry import ModelEntry
 from appliance.errors import BadRequest, ModelError
@@ -41,6 +51,7 @@ class _Loaded:
     jinja: Jinja2ChatFormatter | None  # when the GGUF embeds a chat template (and the catalog names none)
     tools: bool  # that template renders tools and writes <tool_call> blocks (appliance/tools.py)
     encoder_decoder: bool  # T5: the prompt goes through the encoder (llama_seq2seq)
+    batch: llama_batch.LlamaBatch | None = None  # worker.parallel > 1: requests decode together here
 
 
 class LlamaCppBackend(Backend):
@@ -63,10 +74,14 @@ class LlamaCppBackend(Backend):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.close()
-        threads = self.settings.threads
+        threads, slots = self.settings.threads, self.settings.parallel
+        # batched: the Llama object keeps the weights, tokenizer and template; the KV cache of every slot lives in
+        # the batch's own context (llama_batch.make_context), so the Llama's context is kept minimal
+        n_ctx, n_batch = (TINY_CONTEXT, TINY_BATCH) if slots > 1 else (self.settings.context_size,
+                                                                       self.settings.batch_size)
         try:
             llm = llama_cpp.Llama(
-                model_path=str(entry.path), n_ctx=self.settings.context_size, n_batch=self.settings.batch_size,
+                model_path=str(entry.path), n_ctx=n_ctx, n_batch=n_batch,
                 n_threads=threads, n_threads_batch=threads, use_mmap=self.settings.mmap, verbose=False,
                 lora_path=str(entry.lora) if entry.lora else None, lora_scale=entry.lora_scale)
         except (ValueError, RuntimeError, OSError) as exc:
@@ -79,16 +94,40 @@ class LlamaCppBackend(Backend):
                                         bos_token=_token_text(llm, llm.token_bos()))
         self._model = _Loaded(llm, entry, jinja, jinja is not None and template_supports(embedded),
                               bool(llama_cpp.llama_model_has_encoder(llm.model)))
-        return ModelInfo(id=entry.id, context_size=llm.n_ctx(),
+        # one at a time: T5's encoder runs per request, and recurrent state in a batch is not safe in this
+        # llama.cpp (a tiny RWKV-7 gave the second of two identical batched requests another text)
+        if slots > 1 and (self._model.encoder_decoder or llama_cpp.llama_model_is_recurrent(llm.model)
+                          or llama_cpp.llama_model_is_hybrid(llm.model)):
+            self.settings = replace(self.settings, parallel=1)
+            return self.load(entry)
+        context_size = llm.n_ctx()
+        if slots > 1:
+            try:
+                ctx = llama_batch.make_context(llm, slots, self.settings.context_size, self.settings.batch_size,
+                                               threads)
+            except ModelError:
+                self.close()
+                raise
+            self._model.batch = llama_batch.LlamaBatch(llm, ctx, slots, self.settings.batch_size, self._prepare,
+                                                       entry.id)
+            context_size = self.settings.context_size
+        return ModelInfo(id=entry.id, context_size=context_size, slots=slots,
                          chat_template="embedded" if jinja else (entry.template or _FALLBACK_TEMPLATE))
+
+    def batch(self) -> SequenceBatch | None:
+        return self._model.batch if self._model is not None else None
 
     def set_threads(self, threads: int) -> None:
         import llama_cpp
         if self._model is not None:
             llama_cpp.llama_set_n_threads(self._model.llm.ctx, threads, threads)
+            if self._model.batch is not None:
+                llama_cpp.llama_set_n_threads(self._model.batch.ctx, threads, threads)
 
     def close(self) -> None:
         if self._model is not None:
+            if self._model.batch is not None:
+                self._model.batch.close()  # frees its context before the model it was made from
             self._model.llm.close()
         self._model = None
 
@@ -146,7 +185,8 @@ class LlamaCppBackend(Backend):
             llm.eval(tokens[start:start + step])
             yield PromptProgress(done=min(start + step, len(tokens)), total=len(tokens))
 
-    def generate(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
+    def _prepare(self, task: GenerationTask) -> PreparedRequest:
+        """Tokens, budget, stops, seed and grammar of one request, the same for the serial and batched paths."""
         loaded = self._loaded
         llm, params = loaded.llm, task.params
         if task.tools is not None or any(m.uses_tools for m in task.messages or ()):
@@ -155,19 +195,31 @@ class LlamaCppBackend(Backend):
             prompt_tokens, template_stop = self._prompt_tokens(task)
         except (ValueError, TypeError) as exc:  # a chat template that raises on these messages
             raise ModelError(f"the chat template could not render these messages: {exc}") from None
-        max_tokens = token_budget(len(prompt_tokens), llm.n_ctx(), task)
-        stops = stops_of(params, template_stop)
-        seed = seed_of(params)
-        llm.set_seed(seed)
-
+        # batched, the Llama's own context is minimal: each sequence has worker.context_size of the batch's
+        n_ctx = self.settings.context_size if loaded.batch is not None else llm.n_ctx()
+        max_tokens = token_budget(len(prompt_tokens), n_ctx, task)
         output = _tool_output(llm, task.tools) if task.tools is not None else task.structured
         grammar = _grammar(llm, output) if output is not None else None
         if grammar is not None and loaded.encoder_decoder:
             raise BadRequest("an encoder-decoder model cannot constrain its output to a grammar", param="format")
+        return PreparedRequest(tokens=prompt_tokens, params=params, max_tokens=max_tokens,
+                               stops=stops_of(params, template_stop), seed=seed_of(params),
+                               grammar=grammar._grammar if grammar is not None else None,
+                               finish=lambda completion: _check_answer(task, completion))
+
+    def generate(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        loaded = self._loaded
+        llm, params = loaded.llm, task.params
+        request = self._prepare(task)
+        prompt_tokens = request.tokens
+        llm.set_seed(request.seed)
+        grammar = LlamaGrammar.from_string(request.grammar) if request.grammar is not None else None
         clock = Clock()
         try:
             if loaded.encoder_decoder:
-                token_stream = llama_seq2seq.tokens(llm, prompt_tokens, params, seed)
+                token_stream = llama_seq2seq.tokens(llm, prompt_tokens, params, request.seed)
             else:
                 yield from self._prefill(prompt_tokens, should_stop)
                 # the rest of create_completion's sampler settings stay at their defaults
@@ -176,11 +228,10 @@ class LlamaCppBackend(Backend):
                                             repeat_penalty=params.repeat_penalty, grammar=grammar)
             if should_stop():
                 return
-            for event in self._sample(loaded, token_stream, prompt_tokens, max_tokens, stops, should_stop, clock):
-                if isinstance(event, Completion) and task.tools is not None:
-                    check_call_complete(task.tools, event)
-                elif isinstance(event, Completion) and task.structured is not None:
-                    check_complete(task.structured, event)
+            for event in self._sample(loaded, token_stream, prompt_tokens, request.max_tokens, request.stops,
+                                      should_stop, clock):
+                if isinstance(event, Completion):
+                    request.finish(event)
                 yield event
         except RuntimeError as exc:  # llama_decode failures surface as RuntimeError
             raise ModelError(f"llama.cpp failed while generating: {exc}") from None
@@ -212,6 +263,14 @@ class LlamaCppBackend(Backend):
         if tail := stream.finish():
             yield Piece(tail)
         yield clock.completion(stream.text, finish_reason, len(prompt_tokens), n_generated, loaded.entry.id)
+
+
+def _check_answer(task: GenerationTask, completion: Completion) -> None:
+    """Raise the error of a tool call or structured answer that the length limit cut short."""
+    if task.tools is not None:
+        check_call_complete(task.tools, completion)
+    elif task.structured is not None:
+        check_complete(task.structured, completion)
 
 
 def _grammar(llm: Llama, output: StructuredOutput) -> LlamaGrammar:

@@ -18,6 +18,7 @@ The header is read once per version of the file (path, size, modification time),
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 F16 = 2
 F32 = 4
 MAX_UBATCH = 512  # llama-cpp-python's default n_ubatch; the micro-batch is min(n_batch, this)
+TINY_CONTEXT, TINY_BATCH = 256, 8  # the Llama object's own context while a batch decodes (llama_cpp.py)
 
 LLAMA_CPP_ARCHITECTURES = frozenset(  # the list as it reads in llama-arch.cpp
     """
@@ -103,11 +105,17 @@ def llama_footprint(model_id: str, arch: Architecture, weights: int, settings: E
                     margin: int) -> Footprint:
     """What llama.cpp allocates for a model of these sizes (also the model shelf's estimate, with no file at hand)."""
     n_ctx = settings.context_size
-    n_ubatch = min(settings.batch_size, MAX_UBATCH)
-    kv = arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
+    # batched (worker.parallel > 1): one decode holds a token of every slot beside a prompt chunk
+    n_ubatch = min(settings.batch_size + (settings.parallel if settings.parallel > 1 else 0), MAX_UBATCH)
+    # every slot has a context_size of its own
+    kv = settings.parallel * arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
     compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32
                + n_ubatch * (8 * arch.n_embd + 3 * arch.n_ff) * F32
                + arch.n_vocab * F32)  # the output (logits) buffer
+    if settings.parallel > 1:  # the Llama object's own minimal context beside the batch's (llama_cpp.py)
+        own = llama_footprint(model_id, arch, 0, replace(settings, parallel=1, context_size=TINY_CONTEXT,
+                                                         batch_size=TINY_BATCH), 0)
+        kv, compute = kv + own.kv_cache, compute + own.compute
     return Footprint(model_id=model_id, weights=weights, kv_cache=kv, compute=compute, margin=margin)
 
 

@@ -181,7 +181,11 @@ class WorkerConfig:
     context_size: int = _opt("Context window in tokens (prompt + completion).", 2048, check=_between(64, 131072))
     batch_size: int = _opt("Prompt tokens evaluated per step; a cancel is noticed between steps.", 256,
                            check=_between(8, 8192))
-    max_queue: int = _opt("Requests that may wait behind the running one; beyond that a request gets `busy` "
+    parallel: int = _opt("Requests one llama.cpp model generates at once, decoded together in one batch (each "
+                         "gets its own `context_size` of KV cache, so memory grows with it; the memory guard may "
+                         "run fewer). Recurrent (RWKV, Mamba) and encoder-decoder (T5) models run one at a time.", 1,
+                         check=_between(1, 64))
+    max_queue: int = _opt("Requests that may wait behind the running ones; beyond that a request gets `busy` "
                           "at once.", 8, check=_between(0, 10000))
     request_timeout: float = _opt("Seconds from acceptance to the final reply; then the requester gets `timeout`.",
                                   300.0, check=_between(1, 86400))

@@ -46,7 +46,7 @@ from appliance.generation.commands import (
     Submit,
 )
 from appliance.generation.jobs import Job, Reporter, Requester, Sink, deliver
-from appliance.generation.slot import CAPACITY, FromWorker, JobUpdate, WorkerSlot
+from appliance.generation.slot import FromWorker, JobUpdate, WorkerSlot
 from appliance.messages import Chunk, Crashed, Done, Failed, LoadFailed, Progress, Stopped
 from appliance.metrics import Metrics
 from appliance.process.handle import Spawn, WorkerProcess
@@ -71,7 +71,7 @@ class Scheduler:
         self.guard = guard or Guard(config, lambda: None)
         self.reporter = Reporter(config, metrics)
         self.default_model = config.models.default
-        self._capacity = config.worker.max_queue + CAPACITY  # waiting + those being generated
+        self._capacity = config.worker.max_queue + config.worker.parallel  # waiting + those being generated
         self._lock = threading.Lock()
         self._outstanding = 0
         self._failed_models: dict[str, ApplianceError] = {}  # models that will not load until a restart
@@ -133,7 +133,7 @@ class Scheduler:
             if model_id in self._failed_models:
                 raise self._failed_models[model_id]
             if self._outstanding >= self._capacity:
-                raise QueueFull(f"the queue is full ({self._capacity - 1} waiting); try again later")
+                raise QueueFull(f"the queue is full ({self.config.worker.max_queue} waiting); try again later")
             self._outstanding += 1
         params = request.params.with_defaults(max_tokens=self.config.worker.default_max_tokens,
                                               temperature=entry.temperature, top_p=entry.top_p)
@@ -333,6 +333,8 @@ class Scheduler:
                 if not self.worker.running:  # another model: once what runs has finished
                     self._load(target)
                 return
+            # under memory pressure fewer requests run at once, before any is refused (supervisor/guard.py)
+            self.worker.slot_limit = self.guard.slots(self.config.worker.parallel)
             if not self.worker.free:
                 return
             self._start(self._queue.popleft())
@@ -355,7 +357,7 @@ class Scheduler:
             return
         try:
             backends.probe_for(entry.backend).check(entry)  # cheap refusals first, while the loaded model still serves
-            self.guard.admit(entry, self.worker.loaded_entry)
+            slots = self.guard.admit(entry, self.worker.loaded_entry)
         except InsufficientMemory as exc:  # may fit later: tried again after a while or a change of memory level
             log.error("%s", exc.message)
             if model_id == self.default_model:
@@ -367,7 +369,7 @@ class Scheduler:
             return
         if model_id == self.default_model:
             self._admission_problem = ""
-        self.worker.load(entry)
+        self.worker.load(entry, slots)
 
     def _model_failed(self, model_id: str, error: ApplianceError) -> None:
         """The model cannot be loaded (bad file, licence, architecture): refuse it until the service restarts."""
@@ -416,7 +418,7 @@ class Scheduler:
             with self._lock:
                 full = self._outstanding >= self._capacity
             if full:
-                state, reason = "busy", f"queue full ({self._capacity - 1} waiting)"
+                state, reason = "busy", f"queue full ({self.config.worker.max_queue} waiting)"
         elif state == "idle":
             failed = self._failed_models.get(self.default_model)
             problem = failed.message if failed else self._admission_problem

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 LOAD_CRASHES_BEFORE_GIVING_UP = 3
-CAPACITY = 1  # jobs one worker generates at once
 
 
 @message
@@ -98,6 +97,9 @@ class WorkerSlot:
         self._closing = False
         self._held_model = False  # this process has loaded a model (the next load gets a fresh process)
         self._pending_load: ModelEntry | None = None
+        self._slots = 1  # what the last Load asked for (worker.parallel, or fewer when memory is short)
+        #: the most jobs to run at once now, whatever the model could (the guard lowers it under memory pressure)
+        self.slot_limit = settings.parallel
         self._throttle = (settings.threads, 0.0)
         self._paused = False
 
@@ -113,9 +115,15 @@ class WorkerSlot:
         return self._state == "ready"
 
     @property
+    def capacity(self) -> int:
+        """Jobs the loaded model generates at once (1 for engines that do not batch), within ``slot_limit``."""
+        slots = self._model.info.slots if self._model is not None else 1
+        return max(1, min(slots, self.slot_limit))
+
+    @property
     def free(self) -> int:
         """How many more jobs the worker can start now."""
-        return CAPACITY - len(self.running) if self.settled else 0
+        return max(0, self.capacity - len(self.running)) if self.settled else 0
 
     @property
     def loaded(self) -> str | None:
@@ -144,7 +152,7 @@ class WorkerSlot:
         if self._process is not None:
             self._process.send(message)
 
-    def load(self, entry: ModelEntry) -> None:
+    def load(self, entry: ModelEntry, slots: int = 1) -> None:
         """Load a model; a process that already held another model is replaced by a fresh one first.
 
         A fresh process gives the previous model's memory back to the system (a freed heap is not always
@@ -152,7 +160,7 @@ class WorkerSlot:
         architectures had been loaded in the same process.
         """
         log.info("loading model %s (%s)", entry.id, entry.path.name)
-        self._state, self._loading = "loading", entry
+        self._state, self._loading, self._slots = "loading", entry, slots
         self._before_load, self._model = self._model, None
         self._load_deadline = time.monotonic() + self.config.worker.load_timeout
         if self._held_model:
@@ -163,7 +171,7 @@ class WorkerSlot:
             self._state, self._pending_load = "loading", entry  # sent once the new process is ready
             return
         self._held_model = True
-        self._send(messages.Load(entry))
+        self._send(messages.Load(entry, slots))
 
     def unload(self) -> None:
         log.info("unloading model %s", self.loaded)
@@ -255,7 +263,7 @@ class WorkerSlot:
         if self._pending_load is not None:
             entry, self._pending_load = self._pending_load, None
             self._state, self._held_model = "loading", True
-            self._send(messages.Load(entry))
+            self._send(messages.Load(entry, self._slots))
 
     def _on_loaded(self, info: ModelInfo) -> None:
         assert self._loading is not None  # Loaded only ever answers a Load

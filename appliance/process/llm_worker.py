@@ -13,12 +13,20 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import ClassVar
 
 from appliance import backends, catalog
-from appliance.backends.base import Backend, EngineSettings, GenerationTask, Piece, PromptProgress
+from appliance.backends.base import (
+    Backend,
+    EngineSettings,
+    GenerationEvent,
+    GenerationTask,
+    Piece,
+    PromptProgress,
+    SequenceBatch,
+)
 from appliance.catalog.entry import ModelEntry
 from appliance.errors import ApplianceError, Internal, ModelError
 from appliance.messages import (
@@ -79,10 +87,14 @@ class _Child:
         while not self.stopping:
             message = self.backlog.popleft() if self.backlog else self.conn.recv()
             match message:
-                case Load(entry=entry):
-                    self._load(entry)
+                case Load(entry=entry, slots=slots):
+                    self._load(entry, slots)
                 case Generate(key=key, task=task):
-                    self._generate(key, task)
+                    batch = self.backend.batch() if self.backend is not None else None
+                    if batch is None:
+                        self._generate(key, task)
+                    else:
+                        self._run_batch(batch, key, task)
                 case Unload():
                     self._close_backend()
                     self.conn.send(Unloaded())
@@ -112,12 +124,12 @@ class _Child:
                 return False
         return True
 
-    def _load(self, entry: ModelEntry) -> None:
+    def _load(self, entry: ModelEntry, slots: int) -> None:
         try:
             # the digest is checked while the current model still serves (the parent probed the file already)
             if self.verify:
                 catalog.verify(entry)
-            backend = backends.create(entry.backend, self.settings)
+            backend = backends.create(entry.backend, replace(self.settings, parallel=slots))
         except ApplianceError as exc:
             self.conn.send(LoadFailed(entry.id, exc, still_loaded=self.loaded_id))
             return
@@ -169,24 +181,10 @@ class _Child:
         if self.backend is None:
             self.conn.send(Failed(key, ModelError("no model is loaded")))
             return
-        finished, pieces, last_report = False, 0, time.monotonic()
+        report, finished = _JobReport(self.conn, key, task.stream), False
         try:
             for event in self.backend.generate(task, lambda: self._should_stop(key)):
-                match event:
-                    case Piece(text=text):
-                        pieces += 1
-                        if task.stream:
-                            self.conn.send(Chunk(key, pieces, text))
-                        elif time.monotonic() - last_report >= PROGRESS_EVERY:
-                            # Without a stream, one small message a second is enough to show the worker is alive;
-                            # a message per token would cost the parent CPU that the engine's threads need.
-                            last_report = time.monotonic()
-                            self.conn.send(Progress(key, pieces, 0))
-                    case PromptProgress(done=done, total=total):
-                        self.conn.send(Progress(key, done, total))
-                    case Completion():
-                        finished = True
-                        self.conn.send(Done(key, event))
+                finished = report.send(event) or finished
         except ApplianceError as exc:
             self.conn.send(Failed(key, exc))
             return
@@ -196,3 +194,91 @@ class _Child:
             return
         if not finished:
             self.conn.send(Stopped(key))
+
+    # -- several requests at once (continuous batching) --------------------------------------------------------
+
+    def _run_batch(self, batch: SequenceBatch, key: int, task: GenerationTask) -> None:
+        """Step the batch while it holds requests; between steps, newcomers join and cancels leave (the parent
+        sends a Generate whenever a slot is free, so the pipe is read after every step)."""
+        reports: dict[int, _JobReport] = {}
+        self._join(batch, reports, key, task)
+        while batch.keys and not self.stopping:
+            try:
+                events = batch.step()
+            except Exception as exc:  # an engine bug fails what was in the batch, not the worker
+                log.exception("a batched generation failed inside the engine")
+                for failed in batch.keys:
+                    batch.leave(failed)
+                    self.conn.send(Failed(failed, ModelError(f"the engine failed: {type(exc).__name__}")))
+                    reports.pop(failed, None)
+                break
+            for event in events:
+                if reports[event.key].send(event.event):
+                    del reports[event.key]  # it ended and has left the batch
+            self._between_steps(batch, reports)
+        for left in batch.keys:  # shutting down: what still ran stops, as a cancelled generation does
+            batch.leave(left)
+            self.conn.send(Stopped(left))
+
+    def _join(self, batch: SequenceBatch, reports: dict[int, _JobReport], key: int, task: GenerationTask) -> None:
+        try:
+            batch.join(key, task)
+        except ApplianceError as exc:
+            self.conn.send(Failed(key, exc))
+            return
+        except Exception as exc:
+            log.exception("a request could not join the batch")
+            self.conn.send(Failed(key, ModelError(f"the engine failed: {type(exc).__name__}")))
+            return
+        reports[key] = _JobReport(self.conn, key, task.stream)
+
+    def _between_steps(self, batch: SequenceBatch, reports: dict[int, _JobReport]) -> None:
+        """Read what the parent sent (blocking while paused), then rest ``token_delay`` while it is warm."""
+        deadline = time.monotonic() + self.token_delay
+        while not self.stopping:
+            if not (self.paused or self.conn.poll(max(0.0, deadline - time.monotonic()))):
+                return
+            match self.conn.recv():
+                case Generate(key=key, task=task):
+                    self._join(batch, reports, key, task)
+                case Cancel(key=key) if key in reports:
+                    batch.leave(key)
+                    del reports[key]
+                    self.conn.send(Stopped(key))
+                case Cancel():
+                    pass  # for a job that already ended
+                case Shutdown():
+                    self.stopping = True
+                case message:
+                    if not self._control(message):
+                        self.backlog.append(message)
+
+
+class _JobReport:
+    """Sends one job's events to the parent: every piece when it streams, else a liveness report now and then."""
+
+    def __init__(self, conn: Connection, key: int, stream: bool) -> None:
+        self.conn, self.key, self.stream = conn, key, stream
+        self.pieces, self.last_report = 0, time.monotonic()
+
+    def send(self, event: GenerationEvent | ApplianceError) -> bool:
+        """True when the job has ended (its Done or Failed is sent)."""
+        match event:
+            case Piece(text=text):
+                self.pieces += 1
+                if self.stream:
+                    self.conn.send(Chunk(self.key, self.pieces, text))
+                elif time.monotonic() - self.last_report >= PROGRESS_EVERY:
+                    # Without a stream, one small message a second is enough to show the worker is alive;
+                    # a message per token would cost the parent CPU that the engine's threads need.
+                    self.last_report = time.monotonic()
+                    self.conn.send(Progress(self.key, self.pieces, 0))
+            case PromptProgress(done=done, total=total):
+                self.conn.send(Progress(self.key, done, total))
+            case Completion():
+                self.conn.send(Done(self.key, event))
+                return True
+            case ApplianceError():
+                self.conn.send(Failed(self.key, event))
+                return True
+        return False

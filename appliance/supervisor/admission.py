@@ -7,6 +7,8 @@ backends/rwkv_probe.py say how); admission compares that with the memory the boa
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from appliance import backends
 from appliance.backends.base import EngineSettings
 from appliance.backends.probe import Footprint, MiB
@@ -17,9 +19,12 @@ from appliance.errors import InsufficientMemory
 __all__ = ["Footprint", "check", "estimate"]
 
 
-def estimate(entry: ModelEntry, config: Config) -> Footprint | None:
-    """Memory the model needs with this config's context and batch size; None for files we cannot read ahead."""
+def estimate(entry: ModelEntry, config: Config, slots: int | None = None) -> Footprint | None:
+    """Memory the model needs with this config's context and batch size, and ``slots`` requests at once (the KV
+    cache of every slot; worker.parallel when not given); None for files we cannot read ahead."""
     settings = EngineSettings.from_config(config.worker)
+    if slots is not None:
+        settings = replace(settings, parallel=slots)
     return backends.probe_for(entry.backend).footprint(entry, settings, config.memory.margin_mib * MiB)
 
 

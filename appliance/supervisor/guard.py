@@ -31,8 +31,9 @@ class Guard:
         self.config = config
         self._read_memory = read_memory
         self.conditions = Conditions()
-        self._estimates: dict[str, Footprint | None] = {}
+        self._estimates: dict[tuple[str, int], Footprint | None] = {}  # by model and slots
         self._refused: dict[str, tuple[ApplianceError, float]] = {}
+        self._admitted: dict[str, int] = {}  # the slots each model was last loaded with
 
     # -- conditions --------------------------------------------------------------------------------------------
 
@@ -78,6 +79,11 @@ class Guard:
         t = self.config.thermal
         return (t.soft_threads or max(1, threads // 2)), t.soft_token_delay
 
+    def slots(self, configured: int) -> int:
+        """Requests to generate at once: one while memory is low (each slot's generation grows the working set),
+        so the board sheds parallelism before it refuses requests."""
+        return 1 if self.conditions.memory != "normal" else configured
+
     def max_tokens(self, requested: int) -> int:
         if self.conditions.thermal == "normal":
             return requested
@@ -89,35 +95,48 @@ class Guard:
         refused = self._refused.get(model_id)
         return refused[1] if refused else 0.0
 
-    def footprint(self, entry: ModelEntry) -> Footprint | None:
-        if entry.id not in self._estimates:
-            self._estimates[entry.id] = admission.estimate(entry, self.config)
-        return self._estimates[entry.id]
+    def footprint(self, entry: ModelEntry, slots: int = 1) -> Footprint | None:
+        if (entry.id, slots) not in self._estimates:
+            self._estimates[(entry.id, slots)] = admission.estimate(entry, self.config, slots)
+        return self._estimates[(entry.id, slots)]
 
-    def admit(self, entry: ModelEntry, loaded: ModelEntry | None) -> None:
-        """Raise InsufficientMemory when ``entry`` will not fit (after ``loaded`` is unloaded)."""
-        m = self.config.memory
+    def admit(self, entry: ModelEntry, loaded: ModelEntry | None) -> int:
+        """How many requests ``entry`` may run at once: worker.parallel, or fewer slots (each has its own KV cache)
+        when that many will not fit. Raises InsufficientMemory when even one will not (after ``loaded`` is
+        unloaded)."""
+        m, parallel = self.config.memory, self.config.worker.parallel
         if not m.admission:
-            return
-        footprint = self.footprint(entry)
+            return parallel
+        footprint = self.footprint(entry, parallel)
         if footprint is None:
             log.info("no memory estimate for %s (%s): loading it unchecked", entry.id, entry.path.suffix)
-            return
+            return parallel
         if m.budget_mib:
             available, budget_set = m.budget_mib * MiB, True
         else:
             reading = self._read_memory()
             if reading is None:
                 log.warning("cannot read %s: loading %s without a memory check", m.meminfo_path, entry.id)
-                return
+                return parallel
             # the loaded model's file pages already count as available (page cache); its buffers do not
-            loaded_footprint = self.footprint(loaded) if loaded is not None and loaded.id != entry.id else None
+            loaded_footprint = self.footprint(loaded, self._admitted.get(loaded.id, parallel)) \
+                if loaded is not None and loaded.id != entry.id else None
             freed = loaded_footprint.anonymous if loaded_footprint else 0
             available, budget_set = reading.available + freed, False
+        slots = parallel
+        while slots > 1 and footprint is not None and footprint.total > available:
+            slots -= 1  # fewer slots before a refusal: a 1 GiB board may run with one
+            footprint = self.footprint(entry, slots)
+        assert footprint is not None  # the probe estimated the first count: it estimates every count
         try:
             admission.check(footprint, available, budget_set=budget_set)
         except InsufficientMemory as exc:
             self._refused[entry.id] = (exc, time.monotonic() + ADMISSION_RETRY)
             raise
+        self._admitted[entry.id] = slots
+        if slots < parallel:
+            log.warning("memory admission: %s runs %d request(s) at once, not worker.parallel = %d: %.0f MiB "
+                        "available", entry.id, slots, parallel, available / MiB)
         log.info("memory admission: %s needs %s, %.0f MiB available", entry.id, footprint.describe(),
                  available / MiB)
+        return slots

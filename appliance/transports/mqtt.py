@@ -101,11 +101,11 @@ class MqttTransport:
         return not (self._closed and record.getMessage().startswith("Client is not connected"))
 
     def start(self, host: str, port: int) -> None:
-        window = self.config.worker.max_queue + 1
+        window = self.config.worker.max_queue + self.config.worker.parallel
         log.info("MQTT: connecting to %s:%d as %s (MQTT %s%s)", host, port, self.config.mqtt_client_id,
                  self.config.mqtt.protocol, f", receive maximum {window}" if self._v5 else "")
-        # flow control: the broker holds what the queue cannot take (one running + worker.max_queue waiting), so a
-        # backlog it kept while the appliance was down is answered, not refused with busy
+        # flow control: the broker holds what the queue cannot take (worker.parallel running + worker.max_queue
+        # waiting), so a backlog it kept while the appliance was down is answered, not refused with busy
         connect_async(self.client, self.config, host, port, session_expiry=self.config.mqtt.session_expiry,
                       receive_maximum=window)
         if self.fleet_client is not None:
@@ -312,7 +312,8 @@ class MqttTransport:
             return
         requester = Requester(account=user) if user is not None else \
             Requester(reply_to=asked_reply_topic(msg, body, self._v5) or self.topics.reply)
-        window_full = self.scheduler.outstanding + len(self.waiting) > self.config.worker.max_queue
+        window = self.config.worker.max_queue + self.config.worker.parallel
+        window_full = self.scheduler.outstanding + len(self.waiting) >= window
         if not self.waiting.cancel(rid, requester) and window_full:  # the broker may hold the request still
             self.early_cancels.keep(rid, requester)
         self.scheduler.cancel(rid, requester)

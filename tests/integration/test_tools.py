@@ -193,3 +193,34 @@ def test_default_model_refuses_tools(default_app):
                              {"messages": CHAT, "tools": TOOLS, "max_tokens": 5})
     assert status == 400 and body["error"]["param"] == "tools", body
     assert "does not render tools" in body["error"]["message"]
+
+
+def test_batched_calls_structured_answers_and_text_each_keep_their_grammar(appliance_factory):
+    """With worker.parallel = 4 the four requests decode in one batch, each under its own grammar (or none)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = appliance_factory(default="tiny-tools", overrides={**SETTINGS, "worker": {"context_size": 2048,
+                                                                                    "parallel": 4}})
+    batched = openai.OpenAI(base_url=app.http_url + "/v1", api_key="unused", timeout=120)
+
+    def call(seed: int):
+        return batched.chat.completions.create(model="tiny-tools", messages=CHAT, tools=TOOLS,
+                                               tool_choice="required", max_tokens=200, seed=seed, temperature=1.0)
+
+    def structured():
+        return batched.chat.completions.create(
+            model="tiny-tools", messages=CHAT, max_tokens=300, seed=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}})
+
+    def text():
+        return batched.chat.completions.create(model="tiny-tools", messages=CHAT, max_tokens=40, seed=6)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(call, 1), pool.submit(call, 2), pool.submit(structured), pool.submit(text)]
+        first, second, answer, plain = (f.result() for f in futures)
+    for reply in (first, second):
+        (tool_call,) = reply.choices[0].message.tool_calls
+        _valid(tool_call.function.name, json.loads(tool_call.function.arguments))
+    jsonschema.validate(json.loads(answer.choices[0].message.content), WEATHER)
+    assert plain.choices[0].message.content and plain.choices[0].message.tool_calls is None
+    assert app.status()["state"] == "ready"

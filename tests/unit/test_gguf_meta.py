@@ -54,3 +54,15 @@ def test_estimate_and_check(tiny):
         admission.check(footprint, footprint.total - 1, budget_set=True)
     assert f"needs about {footprint.total / MiB:.0f} MiB" in err.value.message
     assert "(memory.budget_mib)" in err.value.message and err.value.code == "memory"
+
+
+def test_the_estimate_counts_the_kv_cache_of_every_slot(tiny):
+    config = load_config(None, env={"APPLIANCE_WORKER_CONTEXT_SIZE": "1024", "APPLIANCE_WORKER_BATCH_SIZE": "64",
+                                    "APPLIANCE_WORKER_PARALLEL": "4"})
+    entry = Catalog.single_file(tiny).get("m")
+    one, four = admission.estimate(entry, config, slots=1), admission.estimate(entry, config)
+    per_token = 3 * 2 * (16 + 16) * 2  # layers x KV heads x (k + v dims) x f16
+    assert one.kv_cache == 1024 * per_token
+    # four slots of 1024 tokens, and the Llama object's own 256-token context beside the batch's
+    assert four.kv_cache == 4 * 1024 * per_token + 256 * per_token
+    assert four.compute > one.compute and four.total > one.total

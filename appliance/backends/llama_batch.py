@@ -1,0 +1,252 @@
+"""Continuous batching for llama.cpp (``worker.parallel`` > 1): several requests decode in one ``llama_decode``.
+
+Per-token work on a small board is bound by memory bandwidth, so one decode of N sequences costs little more than
+one of a single sequence. Each request gets a sequence id (its own cells of the KV cache, ``context_size`` of them:
+the context is made with ``n_seq_max`` = slots and a per-sequence share, llama.cpp's default when the cache is not
+unified) and its own sampler chain (a grammar sampler keeps state; a seed is per request). A step puts every
+generating sequence's last token in the batch, then fills what ``batch_size`` leaves with the prompt chunks of
+newcomers, so a long prompt delays the others by at most one chunk per step. A request that ends or is cancelled
+leaves between steps and its KV cells are cleared for the next one.
+
+The sampler chain and the token rules are those of ``Llama.generate`` and the serial path in llama_cpp.py (same
+defaults, same stop, length and UTF-8 rules), so at temperature 0 a request's text alone and batched differs only
+where batched matrix kernels round differently (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from appliance.backends.base import GenerationEvent, Piece, PromptProgress, SequenceBatch, SequenceEvent
+from appliance.backends.text import Clock, TextStream
+from appliance.errors import ApplianceError, ModelError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from llama_cpp import Llama
+
+    from appliance.backends.base import GenerationTask
+    from appliance.protocol import Completion, SamplingParams
+
+PENALTY_LAST_N = 64  # Llama's last_n_tokens_size default: the window the repeat penalty looks back over
+MIN_P = 0.05  # Llama.generate's default min_p
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """One request turned into what the engine runs (llama_cpp.py prepares it the same way for both paths)."""
+
+    tokens: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stops: tuple[str, ...]
+    seed: int
+    grammar: str | None  # GBNF text, already checked to parse
+    finish: Callable[[Completion], None]  # checks the answer (tools, structured output); raises ApplianceError
+
+
+@dataclass
+class _Sequence:
+    key: int
+    seq_id: int
+    request: PreparedRequest
+    sampler: Any  # llama_sampler_p: the request's own chain, freed when it leaves
+    stream: TextStream
+    clock: Clock = field(default_factory=Clock)
+    fed: int = 0  # prompt tokens already put in a batch
+    position: int = 0  # the position of the next token in this sequence
+    last: int | None = None  # the token sampled last, decoded at the next step
+    generated: int = 0
+    logits_at: int = -1  # index in the batch just built of the token whose logits this sequence samples from
+
+
+class LlamaBatch(SequenceBatch):
+    def __init__(self, llm: Llama, ctx: Any, slots: int, prompt_chunk: int,
+                 prepare: Callable[[GenerationTask], PreparedRequest], model_id: str) -> None:
+        import llama_cpp
+
+        self.slots = slots
+        self._llm, self.ctx = llm, ctx
+        self._prepare = prepare
+        self._model_id = model_id
+        self._chunk = prompt_chunk
+        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        # every generating sequence's token plus a chunk of prompt: never more than the context's n_batch
+        self._capacity = prompt_chunk + slots
+        self._batch: Any = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        self._sequences: dict[int, _Sequence] = {}
+
+    @property
+    def keys(self) -> list[int]:
+        return list(self._sequences)
+
+    def join(self, key: int, task: GenerationTask) -> None:
+        import llama_cpp
+
+        if len(self._sequences) >= self.slots:
+            raise ModelError(f"the batch is full ({self.slots} requests)")
+        request = self._prepare(task)
+        used = {s.seq_id for s in self._sequences.values()}
+        seq_id = next(i for i in range(self.slots) if i not in used)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)  # whatever the last user left behind
+        self._sequences[key] = _Sequence(key, seq_id, request, self._sampler(request), TextStream(request.stops))
+
+    def leave(self, key: int) -> None:
+        import llama_cpp
+
+        sequence = self._sequences.pop(key, None)
+        if sequence is not None:
+            llama_cpp.llama_sampler_free(sequence.sampler)
+            llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+
+    def close(self) -> None:
+        import llama_cpp
+
+        for key in list(self._sequences):
+            self.leave(key)
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    def _sampler(self, request: PreparedRequest) -> Any:
+        """The chain ``Llama._init_sampler`` builds for ``create_completion``'s defaults, for one request."""
+        import llama_cpp
+
+        params = request.params
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+        def add(sampler: Any) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)  # the chain owns it: freed with the chain
+
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)  # this llama.cpp's penalties take the vocabulary size
+        add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
+        if request.grammar is not None:
+            add(llama_cpp.llama_sampler_init_grammar(self._vocab, request.grammar.encode("utf-8"), b"root"))
+        temperature = params.sampling_temperature
+        if temperature < 0:
+            add(llama_cpp.llama_sampler_init_dist(request.seed))
+        elif temperature == 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+            add(llama_cpp.llama_sampler_init_typical(1.0, 1))
+            add(llama_cpp.llama_sampler_init_top_p(params.sampling_top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(MIN_P, 1))
+            add(llama_cpp.llama_sampler_init_temp(temperature))
+            add(llama_cpp.llama_sampler_init_dist(request.seed))
+        return chain
+
+    # -- one step ----------------------------------------------------------------------------------------------
+
+    def step(self) -> list[SequenceEvent]:
+        import llama_cpp
+
+        events: list[SequenceEvent] = []
+        batch, n = self._batch, 0
+
+        def add(token: int, sequence: _Sequence, logits: bool) -> None:
+            nonlocal n
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, sequence.position, 1
+            batch.seq_id[n][0], batch.logits[n] = sequence.seq_id, logits
+            sequence.position += 1
+            n += 1
+
+        for sequence in self._sequences.values():
+            sequence.logits_at = -1
+            if sequence.last is not None:
+                add(sequence.last, sequence, True)
+                sequence.logits_at, sequence.last = n - 1, None
+        budget = self._chunk
+        for sequence in self._sequences.values():
+            tokens = sequence.request.tokens
+            if budget <= 0 or sequence.fed >= len(tokens):
+                continue
+            take = min(budget, len(tokens) - sequence.fed)
+            for i in range(sequence.fed, sequence.fed + take):
+                add(tokens[i], sequence, i == len(tokens) - 1)
+            sequence.fed += take
+            budget -= take
+            if sequence.fed == len(tokens):
+                sequence.logits_at = n - 1
+            events.append(SequenceEvent(sequence.key, PromptProgress(sequence.fed, len(tokens))))
+        if n == 0:
+            return events
+        batch.n_tokens = n
+        code = llama_cpp.llama_decode(self.ctx, batch)
+        if code != 0:  # 1: no KV slot (cannot happen: each sequence has its own share), 2: aborted, <0: error
+            failed = [s.key for s in self._sequences.values() if s.logits_at >= 0 or s.fed > 0]
+            for key in failed:
+                self.leave(key)
+            error = ModelError(f"llama.cpp failed while generating: llama_decode returned {code}")
+            return [*events, *(SequenceEvent(key, error) for key in failed)]
+        for sequence in list(self._sequences.values()):
+            if sequence.logits_at < 0:
+                continue
+            if sequence.generated == 0 and sequence.clock.first_token_at is None:
+                sequence.clock.sampling()
+            token = llama_cpp.llama_sampler_sample(sequence.sampler, self.ctx, sequence.logits_at)
+            events.extend(SequenceEvent(sequence.key, e) for e in self._accept(sequence, token))
+        return events
+
+    def _accept(self, sequence: _Sequence, token: int) -> list[GenerationEvent | ApplianceError]:
+        """The serial path's rules for one sampled token (llama_cpp.py ``_sample``)."""
+        import llama_cpp
+
+        sequence.clock.token()
+        stream, request = sequence.stream, sequence.request
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            return self._finish(sequence, "stop")
+        sequence.generated += 1
+        stream.push(self._llm.detokenize([token]))
+        sequence.last = token
+        if stream.inside_character:
+            return []  # never stop inside a multi-byte character
+        if stream.find_stop():
+            return self._finish(sequence, "stop")
+        if sequence.generated >= request.max_tokens:
+            return self._finish(sequence, "length")
+        piece = stream.release()
+        return [Piece(piece)] if piece else []
+
+    def _finish(self, sequence: _Sequence, reason: str) -> list[GenerationEvent | ApplianceError]:
+        self.leave(sequence.key)
+        out: list[GenerationEvent | ApplianceError] = []
+        if tail := sequence.stream.finish():
+            out.append(Piece(tail))
+        completion = sequence.clock.completion(sequence.stream.text, reason, len(sequence.request.tokens),
+                                               sequence.generated, self._model_id)
+        try:
+            sequence.request.finish(completion)
+        except ApplianceError as exc:
+            return [*out, exc]
+        return [*out, completion]
+
+
+def make_context(llm: Llama, slots: int, context_size: int, prompt_chunk: int, threads: int) -> Any:
+    """A llama.cpp context with ``slots`` sequences of ``context_size`` each (llama_cpp.py loads the Llama with a
+    token-sized context of its own and decodes here). Freed with ``llama_free``."""
+    import llama_cpp
+
+    # the Llama's own settings (flash attention off, rope, KV types...): the same arithmetic as the serial path
+    params = type(llm.context_params).from_buffer_copy(llm.context_params)
+    params.n_ctx = context_size * slots
+    params.n_batch = prompt_chunk + slots
+    params.n_ubatch = min(params.n_batch, 512)
+    params.n_seq_max = slots
+    params.n_threads = params.n_threads_batch = threads
+    params.kv_unified = False  # each sequence gets n_ctx / n_seq_max cells: a request cannot starve another
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    if not ctx:
+        raise ModelError(f"llama.cpp could not make a context for {slots} sequences of {context_size} tokens")
+    adapter = getattr(llm, "_lora_adapter", None)
+    if adapter is not None:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(getattr(llm, "lora_scale", 1.0))
+        if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales):
+            llama_cpp.llama_free(ctx)
+            raise ModelError("llama.cpp could not apply the LoRA adapter to the batched context")
+    return ctx

@@ -1,0 +1,253 @@
+"""`make bench`, issue 18: continuous batching (``worker.parallel = 4``) on the embedded default model.
+
+One appliance with four slots, over HTTP, the same prompt and parameters as bench/run.py:
+
+- aggregate tok/s of 4 concurrent clients against the same appliance's single-client rate (target >= 1.5x), and
+  against C++ ``llama-server -np 4`` when ``--llama-server PATH`` names one built from llama-cpp-python's vendored
+  llama.cpp (target >= 1.0x; this script does not build it);
+- TTFT of a short request (a 16-token prompt, streamed) while a 512-token generation runs, against its TTFT on the
+  idle device (target <= 2x);
+- 8 MQTT clients against one device, half on the ``$share`` fleet topic and half on the device's own topic (both
+  feed the batch): aggregate tok/s and p95 TTFT (first streamed chunk);
+- determinism: at temperature 0, how many of ``--prompts`` prompts give the same text alone and batched four at a
+  time (in-process, llama_cpp backend), and where the first difference is.
+
+Ratios within one run only; nothing here is a timed assertion. The section is written between the ``batching``
+markers of docs/benchmarks.md (bench/report_sections.py), after bench/run.py has written the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from appliance.catalog import default_model
+from appliance.transports.broker import Mosquitto, free_port
+from bench.report_sections import replace_section
+from tests.support.harness import MqttClient, new_appliance
+
+PROMPT = "The history of the Raspberry Pi began in 2006, when"
+SHORT = "In one sentence, the Raspberry Pi is a small and cheap computer that"  # about 16 tokens
+PARAMS = {"temperature": 0, "top_p": 0.95, "top_k": 40, "repeat_penalty": 1.0}
+
+
+def post(base: str, body: dict, timeout: float = 600) -> dict:
+    request = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        result: dict = json.load(resp)
+        return result
+
+
+def first_text_seconds(base: str, body: dict) -> float:
+    """Seconds from sending a streamed request to its first piece of text (then the stream is read to its end)."""
+    request = urllib.request.Request(f"{base}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    started, first, any_chunk = time.perf_counter(), None, None
+    with urllib.request.urlopen(request, timeout=600) as resp:
+        for line in resp:
+            if first is None and line.startswith(b"data: {"):
+                any_chunk = any_chunk or time.perf_counter() - started
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0].get("text"):
+                    first = time.perf_counter() - started
+    # an answer of only whitespace held back to its end still has a first chunk
+    return first if first is not None else (any_chunk or float("nan"))
+
+
+def aggregate(base: str, clients: int, tokens: int) -> float:
+    """Completion tokens per second of ``clients`` requests sent at once."""
+    counts: list[int] = []
+
+    def one(i: int) -> None:
+        out = post(base, {"prompt": f"{PROMPT} ({i})", "max_tokens": tokens, **PARAMS})
+        counts.append(out["usage"]["completion_tokens"])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def ttft_under_load(base: str, rounds: int) -> tuple[float, float]:
+    """Median TTFT of the short request idle, and while a 512-token generation runs."""
+    body = {"prompt": SHORT, "max_tokens": 8, **PARAMS}
+    idle = statistics.median(first_text_seconds(base, body) for _ in range(rounds))
+    loaded = []
+    for _ in range(rounds):
+        long_run = threading.Thread(target=post, args=(base, {"prompt": PROMPT, "max_tokens": 512, **PARAMS}))
+        long_run.start()
+        time.sleep(0.5)  # the long generation is decoding
+        loaded.append(first_text_seconds(base, body))
+        long_run.join()
+    return idle, statistics.median(loaded)
+
+
+def mqtt_clients(client: MqttClient, topics: tuple[str, str], clients: int, tokens: int) -> tuple[float, float]:
+    """Aggregate tok/s and p95 TTFT of ``clients`` streamed MQTT requests sent at once, alternating between the
+    fleet topic and the device topic."""
+    ttfts: list[float] = []
+    counts: list[int] = []
+
+    def kind(reply: str, *types: str):  # noqa: ANN202 - a predicate for MqttClient.wait_for
+        return lambda m: m.topic == reply and json.loads(m.payload)["type"] in types
+
+    def one(i: int) -> None:
+        reply = f"bench/mqtt/{uuid.uuid4().hex}"
+        client.subscribe(reply)
+        started = time.perf_counter()
+        client.publish(topics[i % 2], {"id": f"m{i}", "prompt": f"{PROMPT} ({i})", "max_tokens": tokens,
+                                       "stream": True, **PARAMS}, response_topic=reply, correlation=b"m")
+        client.wait_for(kind(reply, "chunk", "result", "error"), timeout=600)
+        ttfts.append(time.perf_counter() - started)
+        (final,) = client.wait_for(kind(reply, "result", "error"), timeout=600)
+        counts.append(json.loads(final.payload).get("usage", {}).get("completion_tokens", 0))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - started), sorted(ttfts)[math.ceil(0.95 * len(ttfts)) - 1]
+
+
+def determinism(model: Path, prompts: int, threads: int) -> tuple[int, list[str]]:
+    from appliance.backends.base import EngineSettings, GenerationTask
+    from appliance.backends.llama_cpp import LlamaCppBackend
+    from appliance.catalog.entry import ModelEntry
+    from appliance.protocol import Completion, SamplingParams
+
+    entry = ModelEntry(id="m", path=model, sha256=None, backend="llama_cpp", commercial_use=True)
+    texts = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(prompts)]
+    params = SamplingParams(max_tokens=48, temperature=0)
+    alone: list[str] = []
+    with LlamaCppBackend(EngineSettings(threads=threads, context_size=1024, batch_size=256)) as serial:
+        serial.load(entry)
+        for text in texts:
+            events = serial.generate(GenerationTask(prompt=text, messages=None, params=params), lambda: False)
+            alone.append(next(e for e in events if isinstance(e, Completion)).text)
+    batched: dict[int, str] = {}
+    with LlamaCppBackend(EngineSettings(threads=threads, context_size=1024, batch_size=256, parallel=4)) as b:
+        b.load(entry)
+        batch = b.batch()
+        assert batch is not None
+        waiting = list(enumerate(texts))
+        while waiting or batch.keys:
+            while waiting and len(batch.keys) < 4:
+                key, text = waiting.pop(0)
+                batch.join(key, GenerationTask(prompt=text, messages=None, params=params))
+            for event in batch.step():
+                if isinstance(event.event, Completion):
+                    batched[event.key] = event.event.text
+    differ = [i for i, text in enumerate(alone) if batched.get(i) != text]
+    where = []
+    for i in differ[:5]:
+        a, b2 = alone[i], batched.get(i, "")
+        at = next((n for n, (x, y) in enumerate(zip(a, b2, strict=False)) if x != y), min(len(a), len(b2)))
+        where.append(f"prompt {i}: from character {at} ({a[at:at + 20]!r} vs {b2[at:at + 20]!r})")
+    return prompts - len(differ), where
+
+
+def server_aggregate(binary: Path, model: Path, threads: int, context: int, tokens: int) -> float:
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "-m", str(model), "-t", str(threads), "-c", str(context * 4), "-np", "4",
+                             "--port", str(port), "--host", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        aggregate(base, 4, tokens)  # warm-up
+        return aggregate(base, 4, tokens)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--llama-server", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="appliance-bench-batch-") as tmp:
+        workdir = Path(tmp)
+        os.chmod(workdir, 0o777)
+        model = default_model.ensure(workdir / "models")
+        catalog = workdir / "catalog.toml"
+        catalog.write_text(f'[[models]]\nid = "{default_model.MODEL_ID}"\nfile = "{model}"\n'
+                           f'sha256 = "{default_model.SHA256}"\n')
+        broker = Mosquitto(workdir / "broker", free_port(), persistence=False)
+        broker.start()
+        app = new_appliance(workdir, broker.port, catalog, default_model.MODEL_ID, {
+            "worker": {"threads": args.threads, "context_size": args.context, "parallel": 4, "max_queue": 8,
+                       "request_timeout": 600}, "logging": {"level": "warning"}})
+        app.start(timeout=180)
+        client = MqttClient(broker.host, broker.port)
+        try:
+            base = app.http_url
+            aggregate(base, 1, args.tokens)  # warm-up
+            single = statistics.median(aggregate(base, 1, args.tokens) for _ in range(args.rounds))
+            four = statistics.median(aggregate(base, 4, args.tokens) for _ in range(args.rounds))
+            idle, loaded = ttft_under_load(base, args.rounds)
+            fleet_topic = f"{app.config.get('mqtt', {}).get('topic_prefix', 'appliance')}/fleet/generate"
+            mqtt_rate, mqtt_p95 = mqtt_clients(client, (fleet_topic, app.topic("generate")), 8, args.tokens)
+        finally:
+            client.close()
+            app.stop()
+            broker.stop()
+        same, where = determinism(model, args.prompts, args.threads)
+        server = (server_aggregate(args.llama_server, model, args.threads, args.context, args.tokens)
+                  if args.llama_server else None)
+    lines = [
+        "## Continuous batching (issue 18)", "",
+        f"`python -m bench.batching`: {model.name}, {args.threads} threads, `worker.parallel = 4`, context "
+        f"{args.context} per slot, {args.tokens}-token generations, medians of {args.rounds} rounds, over HTTP.", "",
+        "| what | figure | target |", "|---|---|---|",
+        f"| single client | {single:.1f} tok/s | |",
+        f"| 4 clients at once, aggregate | {four:.1f} tok/s = {four / single:.2f}x single | >= 1.5x |",
+        "| llama-server -np 4, aggregate | "
+        + (f"{server:.1f} tok/s; appliance {four / server:.2f}x | >= 1.0x |" if server else
+           "not measured (pass --llama-server PATH, built from the vendored llama.cpp) | >= 1.0x |"),
+        f"| TTFT of a short request, idle | {idle * 1000:.0f} ms | |",
+        f"| TTFT of a short request while a 512-token generation runs | {loaded * 1000:.0f} ms = "
+        f"{loaded / idle:.2f}x idle | <= 2x |",
+        f"| 8 MQTT clients (fleet + device topics), aggregate | {mqtt_rate:.1f} tok/s | reported |",
+        f"| 8 MQTT clients, p95 TTFT | {mqtt_p95 * 1000:.0f} ms | reported |",
+        f"| temperature 0, alone vs batched 4 at a time | {same} of {args.prompts} identical | reported |", "",
+    ]
+    if where:
+        lines += ["First differences (batched kernels round differently):", "", *(f"- {w}" for w in where), ""]
+    text = "\n".join(lines)
+    replace_section(args.out, "batching", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
