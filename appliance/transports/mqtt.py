@@ -49,11 +49,11 @@ from appliance.transports.mqtt_journal import JOURNAL_DIR, Accepted, DeliveryJou
 from appliance.transports.mqtt_reply import MqttReply
 from appliance.transports.mqtt_session import (
     REPLY_ROOT,
+    ReplayedMessage,
     Topics,
     asked_reply_topic,
     connect_async,
     disable_nagle,
-    ReplayedMessage,
     make_client,
     new_properties,
     replayed_message,

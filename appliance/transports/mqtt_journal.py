@@ -238,7 +238,7 @@ def _record_end(data: bytes, offset: int) -> int | None:
     if offset + _FRAME.size > len(data):
         return None
     length, crc = _FRAME.unpack_from(data, offset)
-    end = offset + _FRAME.size + length
+    end: int = offset + _FRAME.size + length
     if end > len(data) or zlib.crc32(data[offset + _FRAME.size:end]) != crc:
         return None
     return end
