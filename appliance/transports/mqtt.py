@@ -286,7 +286,7 @@ class MqttTransport:
         recalled = self.journal.recall(ticket) if self.journal and ticket and not replayed else None
         if recalled == "answered" or (recalled == "open" and self.acks.join(key, delivery)):
             # handed back after a restart (DUP set or not: mosquitto re-queues from its last save): answered once
-            log.info("MQTT: request %r from before the restart handed back again (%s): answered once", rid, recalled)
+            log.info("MQTT: request %r from before the restart handed back (%s, DUP %d)", rid, recalled, msg.dup)
             self.metrics.mqtt_redeliveries.labels("answered" if recalled == "answered" else "in_progress").inc()
             if recalled == "answered":
                 self._ack({delivery})
