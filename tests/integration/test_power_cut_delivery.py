@@ -10,11 +10,15 @@ answered ones: without the delivery journal they were answered twice."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
+import stat
 import time
 import uuid
+from pathlib import Path
 
+import psutil
 import pytest
 
 from appliance.transports.broker import Mosquitto, free_port
@@ -62,7 +66,11 @@ def _save_now(broker: Mosquitto) -> None:
 
 
 def _power_cut(app, broker: Mosquitto) -> None:
-    app.proc.kill()
+    """Every process at once: the appliance, its worker (left alone it would run on and log a broken pipe), the
+    broker."""
+    service = psutil.Process(app.proc.pid)
+    for process in [service, *service.children(recursive=True)]:
+        process.kill()
     assert broker._process is not None
     broker._process.kill()
     app.proc.wait(10)
@@ -105,7 +113,7 @@ def test_requests_accepted_before_a_power_cut_are_answered_exactly_once(tmp_path
         sensor.close()
         clients.remove(sensor)
 
-        killed_log = len(app.log_text())  # the orphaned worker of the killed appliance may log a broken pipe
+        killed_log = len(app.log_text())
         broker.start()
         requester = MqttClient(broker.host, broker.port)  # listens on the reply topics again
         clients.append(requester)
@@ -129,3 +137,22 @@ def test_requests_accepted_before_a_power_cut_are_answered_exactly_once(tmp_path
             client.close()
         app.kill()
         broker.stop()
+
+
+def test_the_journal_keeps_prompts_only_until_answered_and_skips_a_torn_record(appliance_factory, mqtt_client):
+    app = appliance_factory()
+    client = mqtt_client()
+    assert client.request(app.topic("generate"), {"prompt": "private words", "max_tokens": 2})[-1]["type"] == "result"
+    journal = Path(app.config["device"]["state_dir"]) / "mqtt-journal"
+    _wait_until(lambda: (journal / "requests").stat().st_size == 0, "the answered request's record removed", 10)
+    assert stat.S_IMODE(journal.stat().st_mode) == 0o700
+    for name in ("requests", "answered"):
+        assert stat.S_IMODE((journal / name).stat().st_mode) == 0o600
+    answered = (journal / "answered").read_bytes()
+    assert answered and b"private" not in answered and base64.b64encode(b"private")[:8] not in answered
+    assert app.stop() == 0
+    with (journal / "requests").open("ab") as f:  # the power went while a record was being written
+        f.write(b"\x00\x00\x01\x00\x12\x34\x56\x78{\"kind\": \"acc")
+    app.start()
+    assert "skipped 21 bytes of a torn record" in app.log_text()
+    assert client.request(app.topic("generate"), {"prompt": "after", "max_tokens": 2})[-1]["type"] == "result"
