@@ -9,7 +9,9 @@ append flushed at once costs a page, as on the card)
 and the fsync/fdatasync calls (strace). Four runs: the delivery journal on and off, and mosquitto saving every
 5 minutes (the image) or on every change (``autosave_on_changes true``, ``autosave_interval 1``). The appliance's
 log goes to a file in every run, so the journal's cost is the difference between the runs with it and without.
-Not in CI; the figures are in docs/operations.md.
+``--dir`` on a file system of its own (a loop device: ``--block-device loop0``) also counts what reached the
+device, the file system's journal included (/sys/block/<dev>/stat). Not in CI; the figures are in
+docs/operations.md.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def written_bytes(pid: int) -> int:
     raise RuntimeError(f"no write_bytes for {pid}")
 
 
+def device_bytes(device: str | None) -> int:
+    """Bytes written to a block device so far (sectors of 512 bytes, /sys/block/<dev>/stat field 7)."""
+    return int(Path(f"/sys/block/{device}/stat").read_text().split()[6]) * 512 if device else 0
+
+
 def count_flushes(pid: int, out: Path) -> subprocess.Popen[bytes]:
     """strace every thread of ``pid`` (paho's network thread writes the journal) and those it starts."""
     threads = [arg for tid in sorted(os.listdir(f"/proc/{pid}/task")) for arg in ("-p", tid)]
@@ -54,7 +61,8 @@ def flushes(summary: Path) -> int:
     return calls
 
 
-def measure(workdir: Path, catalog: Path, requests: int, *, journal: bool, broker_save: str) -> dict[str, float]:
+def measure(workdir: Path, catalog: Path, requests: int, *, journal: bool, broker_save: str,
+            block_device: str | None) -> dict[str, float]:
     # appended after the generated config's `autosave_interval 60`: mosquitto takes the last value
     broker = Mosquitto(workdir / "broker", free_port(), persistence=True, extra=broker_save)
     broker.start()
@@ -69,12 +77,16 @@ def measure(workdir: Path, catalog: Path, requests: int, *, journal: bool, broke
         pids = {"appliance": app.proc.pid, "mosquitto": broker._process.pid}
         tracers = {name: count_flushes(pid, workdir / f"{name}.strace") for name, pid in pids.items()}
         time.sleep(1.0)  # strace attached
+        os.sync()
         before = {name: written_bytes(pid) for name, pid in pids.items()}
+        device_before = device_bytes(block_device)
         for n in range(requests):
             reply = client.request(app.topic("generate"), {"id": f"r{n}", "prompt": f"q{n}", "max_tokens": 4})
             assert reply[-1]["type"] == "result", reply
         time.sleep(1.5)  # the last acks and saves
         after = {name: written_bytes(pid) for name, pid in pids.items()}
+        os.sync()  # what the kernel still holds reaches the device and is counted
+        device_after = device_bytes(block_device)
         for tracer in tracers.values():
             tracer.send_signal(signal.SIGINT)
             tracer.wait(10)
@@ -83,6 +95,8 @@ def measure(workdir: Path, catalog: Path, requests: int, *, journal: bool, broke
         for name in pids:
             result[f"{name} bytes"] = (after[name] - before[name]) / requests
             result[f"{name} fsyncs"] = flushes(workdir / f"{name}.strace") / requests
+        if block_device:
+            result["device bytes"] = (device_after - device_before) / requests
         return result
     finally:
         app.kill()
@@ -92,8 +106,10 @@ def measure(workdir: Path, catalog: Path, requests: int, *, journal: bool, broke
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--dir", type=Path, default=Path.cwd(), help="where the broker and the appliance write")
+    parser.add_argument("--block-device", help="the device --dir is on alone, e.g. loop0: its writes are counted")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=Path.cwd(), prefix=".delivery-writes-") as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix=".delivery-writes-") as tmp:
         root = Path(tmp)
         f32 = tiny_models.write_llama(root / "tiny-f32.gguf")
         q4 = tiny_models.quantize(f32, root / "tiny-q4_0.gguf", "q4_0")
@@ -105,7 +121,8 @@ def main() -> None:
             for journal in (False, True):
                 run = root / re.sub(r"\W+", "-", f"{broker_name}-{journal}")
                 run.mkdir()
-                figures = measure(run, catalog, args.requests, journal=journal, broker_save=broker_save)
+                figures = measure(run, catalog, args.requests, journal=journal, broker_save=broker_save,
+                                  block_device=args.block_device)
                 print(f"mosquitto saves {broker_name:12} journal {'on ' if journal else 'off'}: "
                       + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
 
