@@ -30,6 +30,7 @@ must not hold paho's or the ack book's locks, see mqtt_acks.py).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -81,18 +82,31 @@ class Accepted:
     payload: bytes
     response_topic: str | None  # the v5 Response Topic (3.1.1 requests name theirs in the payload)
     correlation: bytes | None
+    seq: int = 0  # the journal's record number: a request sent again after its answer is open again
 
     def to_record(self) -> dict[str, Any]:
         return {"kind": "accepted", "key": self.ticket.key, "digest": self.ticket.digest, "topic": self.topic,
                 "payload": _b64(self.payload), "response_topic": self.response_topic,
-                "correlation": None if self.correlation is None else _b64(self.correlation)}
+                "correlation": None if self.correlation is None else _b64(self.correlation), "seq": self.seq}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Accepted:
         correlation = record.get("correlation")
         return cls(Ticket(str(record["key"]), str(record["digest"])), str(record["topic"]),
                    base64.b64decode(record["payload"]), record.get("response_topic"),
-                   None if correlation is None else base64.b64decode(correlation))
+                   None if correlation is None else base64.b64decode(correlation), int(record.get("seq", 0)))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """When a request was answered: wall-clock time (for the window) and the journal's record number."""
+
+    at: float
+    seq: int
+
+    def to_record(self, ticket: Ticket) -> dict[str, Any]:
+        return {"kind": "answered", "key": ticket.key, "digest": ticket.digest, "at": round(self.at, 3),
+                "seq": self.seq}
 
 
 class DeliveryJournal:
@@ -101,15 +115,18 @@ class DeliveryJournal:
         self._keep, self._clock = keep_answered, clock
         self._dir = Directory(directory, create=True, mode=0o700)
         self._open: dict[Ticket, Accepted] = {}  # accepted, not answered yet
-        self._answered: OrderedDict[Ticket, float] = OrderedDict()  # -> wall-clock time it was answered
+        self._answered: OrderedDict[Ticket, Answer] = OrderedDict()
         self._answered_in_file = 0  # records in the answered file, kept or not
         for record in self._load(ANSWERED):
-            self._answered[Ticket(str(record["key"]), str(record["digest"]))] = float(record["at"])
+            ticket = Ticket(str(record["key"]), str(record["digest"]))
+            self._answered[ticket] = Answer(float(record["at"]), int(record.get("seq", 0)))
             self._answered_in_file += 1
         for record in self._load(REQUESTS):
             accepted = Accepted.from_record(record)
-            if accepted.ticket not in self._answered:
+            answer = self._answered.get(accepted.ticket)
+            if answer is None or answer.seq < accepted.seq:  # never answered, or sent again after its answer
                 self._open[accepted.ticket] = accepted
+        self._seq = max([0] + [a.seq for a in self._answered.values()] + [a.seq for a in self._open.values()])
         self._expire()
         #: accepted before this start and never answered: to be answered again, oldest first
         self.unanswered: list[Accepted] = list(self._open.values())
@@ -127,11 +144,13 @@ class DeliveryJournal:
             if ticket not in self._before_start:
                 return None
             self._expire()  # an answer older than the window is forgotten: the request counts as a new one
-            return "answered" if ticket in self._answered else "open" if ticket in self._open else None
+            return "open" if ticket in self._open else "answered" if ticket in self._answered else None
 
     def accepted(self, request: Accepted) -> None:
         """Record an accepted request, flushed to the card before this returns."""
         with self._lock:
+            self._seq += 1
+            request = dataclasses.replace(request, seq=self._seq)
             self._open[request.ticket] = request
             try:
                 self._append(REQUESTS, request.to_record())
@@ -143,7 +162,8 @@ class DeliveryJournal:
         the request to the broker after it), and drop its prompt from the card."""
         with self._lock:
             self._answered.pop(ticket, None)
-            self._answered[ticket] = self._clock()
+            self._seq += 1
+            self._answered[ticket] = Answer(self._clock(), self._seq)
             was_open = self._open.pop(ticket, None) is not None
             try:
                 self._record_answer(ticket, was_open)
@@ -152,8 +172,7 @@ class DeliveryJournal:
 
     def _record_answer(self, ticket: Ticket, was_open: bool) -> None:
         self._answered_in_file += 1
-        self._append(ANSWERED, {"kind": "answered", "key": ticket.key, "digest": ticket.digest,
-                                "at": round(self._answered[ticket], 3)})
+        self._append(ANSWERED, self._answered[ticket].to_record(ticket))
         self._expire()
         if self._answered_in_file > 2 * len(self._answered) + 64:
             self._rewrite_answered()
@@ -216,13 +235,13 @@ class DeliveryJournal:
             self._appenders[name] = self._append_fd(name)
 
     def _rewrite_answered(self) -> None:
-        self._rewrite(ANSWERED, [{"kind": "answered", "key": t.key, "digest": t.digest, "at": round(at, 3)}
-                                 for t, at in self._answered.items()])
+        self._rewrite(ANSWERED, [answer.to_record(ticket) for ticket, answer in self._answered.items()])
         self._answered_in_file = len(self._answered)
 
     def _expire(self) -> None:
         oldest_kept = self._clock() - self._keep
-        while self._answered and (len(self._answered) > CAPACITY or next(iter(self._answered.values())) < oldest_kept):
+        while self._answered and (len(self._answered) > CAPACITY
+                                  or next(iter(self._answered.values())).at < oldest_kept):
             self._answered.popitem(last=False)
 
 
