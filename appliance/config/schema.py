@@ -118,6 +118,9 @@ class MqttConfig:
                                 "of it (DUP flag, after a reconnect) gets that reply again instead of a second run. "
                                 "A new publish reusing an id is always answered (docs/protocol.md).", 3600.0,
                                 check=_between(1, 604800))
+    journal: bool = _opt("Keep the delivery journal (`<state_dir>/mqtt-journal`, flushed to the card): accepted "
+                         "requests are answered after a power cut and none answered before it is answered again "
+                         "(docs/protocol.md). false: answered requests are remembered in memory only.", True)
 
 
 @dataclass(frozen=True)

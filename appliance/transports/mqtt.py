@@ -45,15 +45,18 @@ from appliance.tensors.pool import InferencePool
 from appliance.transports.ha_discovery import Discovery, board_model
 from appliance.transports.mqtt_acks import AckBook, StoredReply
 from appliance.transports.mqtt_cancels import EarlyCancels
+from appliance.transports.mqtt_journal import JOURNAL_DIR, Accepted, DeliveryJournal, Ticket
 from appliance.transports.mqtt_reply import MqttReply
 from appliance.transports.mqtt_session import (
     REPLY_ROOT,
+    ReplayedMessage,
     Topics,
     asked_reply_topic,
     connect_async,
     disable_nagle,
     make_client,
     new_properties,
+    replayed_message,
 )
 from appliance.transports.mqtt_waiting import Held, Waiting
 
@@ -69,7 +72,11 @@ class MqttTransport:
         self.scheduler = scheduler
         self.metrics = metrics
         self.topics = Topics.of(config.mqtt.topic_prefix, config.device.id, config.mqtt.fleet_group)
-        self.acks = AckBook(window=config.mqtt.dedupe_window)
+        self.journal = DeliveryJournal(config.device.state_dir / JOURNAL_DIR,
+                                       keep_answered=config.mqtt.dedupe_window) if config.mqtt.journal else None
+        self._unanswered = list(self.journal.unanswered) if self.journal else []  # answered again once connected
+        self.acks = AckBook(window=config.mqtt.dedupe_window,
+                            on_answered=self.journal.answered if self.journal else None)
         self.waiting = Waiting(lambda exc: scheduler.record_error("mqtt", exc))
         self.early_cancels = EarlyCancels(ttl=config.worker.request_timeout)
         self._v5 = config.mqtt.protocol == "5"
@@ -133,6 +140,8 @@ class MqttTransport:
         for client in filter(None, (self.fleet_client, self.client)):
             client.disconnect()
             client.loop_stop()
+        if self.journal is not None:
+            self.journal.close()
 
     # -- callbacks (paho's network thread) ---------------------------------------------------------------------
 
@@ -180,6 +189,11 @@ class MqttTransport:
                 self.publish(self.topics.status, self._status.current.to_dict(), retain=True)
                 self.discovery.on_connect()
                 self.connected.set()
+                # before the broker's redeliveries of them come in on this connection: those join them
+                unanswered, self._unanswered = self._unanswered, []
+                for request in unanswered:
+                    log.info("MQTT: answering a request accepted before the restart (%s)", request.topic)
+                    self._on_message(client, None, replayed_message(request, self._v5))
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: paho.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
@@ -264,7 +278,25 @@ class MqttTransport:
             key = (topic, "id", rid)
         else:  # no id at all: the payload tells a redelivery of the same message
             key = (topic, "sha", hashlib.sha256(msg.payload).hexdigest())
-        seen = self.acks.begin(key, (client, msg.mid, msg.qos), redelivery=bool(msg.dup))
+        delivery = (client, msg.mid, msg.qos)
+        replayed = isinstance(msg, ReplayedMessage)
+        # the delivery journal keeps the device session's QoS 1 requests (fleet ones are the fleet's to retry)
+        journalled = self.journal is not None and client is self.client and (msg.qos > 0 or replayed)
+        ticket = Ticket.of(key, bytes(msg.payload)) if journalled else None
+        recalled = self.journal.recall(ticket) if self.journal and ticket and not replayed else None
+        if recalled == "answered" or (recalled == "open" and self.acks.join(key, delivery)):
+            # handed back after a restart (DUP set or not: mosquitto re-queues from its last save): answered once
+            log.info("MQTT: request %r from before the restart handed back (%s, DUP %d)", rid, recalled, msg.dup)
+            self.metrics.mqtt_redeliveries.labels("answered" if recalled == "answered" else "in_progress").inc()
+            if recalled == "answered":
+                self._ack({delivery})
+            return
+        seen = self.acks.begin(key, delivery, redelivery=bool(msg.dup))
+        if seen.pending is not None and seen.state == "new" and ticket is not None and self.journal is not None:
+            seen.pending.ticket = ticket
+            if not replayed:  # on the card before it is worked on; acked only once its answer is recorded
+                self.journal.accepted(Accepted(ticket, msg.topic, bytes(msg.payload),
+                                               getattr(props, "ResponseTopic", None), correlation))
         if seen.state != "new":
             self.metrics.mqtt_redeliveries.labels(seen.state).inc()
         if seen.state == "in_progress":

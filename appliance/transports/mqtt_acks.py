@@ -10,8 +10,11 @@ not have reached the requester) and the redelivery is acked. A *new* publish (DU
 even when it reuses an id or correlation data: a sensor that reboots and counts from 1 again is answered. Answered
 requests are remembered for ``window`` seconds, at most ``capacity`` of them and ``max_bytes`` of stored replies.
 
+Durably (mqtt_journal.py): ``on_answered`` is called with the journal ticket of a request whose final reply the
+broker acknowledged, before its acks are handed back, so the answer is on the card before the broker forgets it.
+
 Locking: ``AckBook``'s lock is a leaf. Nothing is called while holding it, in particular never paho, whose own
-locks are held while it runs our ``on_publish`` callback.
+locks are held while it runs our ``on_publish`` callback, nor ``on_answered``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
+
+from appliance.transports.mqtt_journal import Ticket
 
 #: one delivery of a request, to ack on the connection it came by: (connection, mid, qos)
 Delivery = tuple[Any, int, int]
@@ -46,6 +51,7 @@ class Pending:
     key: Hashable
     deliveries: set[Delivery] = field(default_factory=set)
     reply: StoredReply | None = None
+    ticket: Ticket | None = None  # the delivery journal's name for it; None when the journal does not keep it
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,10 @@ class Seen:
 
 class AckBook:
     def __init__(self, *, window: float = 3600.0, capacity: int = 4096, max_bytes: int = 4 << 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_answered: Callable[[Ticket], None] | None = None) -> None:
         self._lock = threading.Lock()
+        self._on_answered = on_answered
         self._window, self._capacity, self._max_bytes, self._clock = window, capacity, max_bytes, clock
         self._live: dict[Hashable, Pending] = {}  # key -> the latest request with it still in progress
         self._answered: OrderedDict[Hashable, tuple[float, StoredReply]] = OrderedDict()
@@ -83,6 +91,14 @@ class AckBook:
             self._live[key] = pending
             return Seen("new", pending)
 
+    def join(self, key: Hashable, delivery: Delivery) -> bool:
+        """Add a delivery to the request with this key that is in progress, acked with it; False when none is."""
+        with self._lock:
+            if (live := self._live.get(key)) is None:
+                return False
+            live.deliveries.add(delivery)
+            return True
+
     def forget(self, pending: Pending) -> None:
         """Drop a request without acking it (shutdown): the broker will deliver it again."""
         with self._lock:
@@ -95,10 +111,11 @@ class AckBook:
         with self._lock:
             pending.reply = reply
             arrived = self._early_pubacks.pop(reply_mid, None)
-            if arrived is not None and time.monotonic() - arrived < EARLY_PUBACK_TTL:
-                return self._answer(pending)
-            self._awaiting_puback[reply_mid] = pending
-            return set()
+            if arrived is None or time.monotonic() - arrived >= EARLY_PUBACK_TTL:
+                self._awaiting_puback[reply_mid] = pending
+                return set()
+            acks = self._answer(pending)
+        return self._released(pending, acks)
 
     def puback(self, reply_mid: int) -> set[Delivery]:
         """The broker acknowledged one of our publishes; returns the request acks it releases."""
@@ -111,7 +128,14 @@ class AckBook:
                     self._early_pubacks = {m: t for m, t in self._early_pubacks.items()
                                            if now - t < EARLY_PUBACK_TTL}
                 return set()
-            return self._answer(pending)
+            acks = self._answer(pending)
+        return self._released(pending, acks)
+
+    def _released(self, answered: Pending, acks: set[Delivery]) -> set[Delivery]:
+        """Outside the lock: the journal records the answer (flushed) before the acks go back to the caller."""
+        if self._on_answered is not None and answered.ticket is not None:
+            self._on_answered(answered.ticket)
+        return acks
 
     def stored(self) -> tuple[int, int]:
         """(answered requests remembered, bytes of their stored replies)."""

@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from appliance.config import Config, read_secret
 from appliance.protocol import reply_topic_problem
+from appliance.transports.mqtt_journal import Accepted
 
 #: the root of every requester's reply tree: a user may only be answered under replies/<user>/ (the shipped ACL)
 REPLY_ROOT = "replies"
@@ -125,3 +126,21 @@ def asked_reply_topic(msg: paho.MQTTMessage, body: object, v5: bool) -> str | No
     response_topic = getattr(props, "ResponseTopic", None) if props else None
     reply_to = body.get("reply_to") if isinstance(body, dict) else None
     return response_topic or (reply_to if reply_topic_problem(reply_to) is None else None)
+
+
+class ReplayedMessage(paho.MQTTMessage):
+    """A request the delivery journal kept across a restart, handed to ``on_message`` once more. QoS 0: there is
+    no delivery of it to ack (a redelivery by the broker joins it and is acked when it is answered)."""
+
+
+def replayed_message(request: Accepted, v5: bool) -> ReplayedMessage:
+    msg = ReplayedMessage(mid=0, topic=request.topic.encode())
+    msg.payload, msg.qos = request.payload, 0
+    if v5:
+        props = new_properties(PacketTypes.PUBLISH)
+        if request.response_topic is not None:
+            props.ResponseTopic = request.response_topic
+        if request.correlation is not None:
+            props.CorrelationData = request.correlation
+        msg.properties = props
+    return msg
