@@ -21,21 +21,20 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from appliance import backends
-from appliance.backends.base import EngineSettings, GenerationTask
+from appliance.backends.base import EngineSettings
 from appliance.catalog import Catalog, licence_problem
 from appliance.config.schema import Config
 from appliance.errors import (
     ApplianceError,
-    BadRequest,
     Busy,
     Cancelled,
     InsufficientMemory,
     ModelError,
     QueueFull,
     RequestTimeout,
-    UnknownModel,
     WorkerCrashed,
 )
+from appliance.generation.acceptance import generation_task, requested_model
 from appliance.generation.commands import (
     CancelJob,
     CancelRequest,
@@ -50,13 +49,12 @@ from appliance.generation.slot import FromWorker, JobUpdate, WorkerSlot
 from appliance.messages import Chunk, Crashed, Done, Failed, LoadFailed, Progress, Stopped
 from appliance.metrics import Metrics
 from appliance.process.handle import Spawn, WorkerProcess
-from appliance.protocol import Completion, GenerateRequest, with_system_prompt
+from appliance.protocol import Completion, GenerateRequest
 from appliance.status import StatusBoard
 from appliance.supervisor.guard import Guard
 from appliance.supervisor.policies import Conditions
 
 log = logging.getLogger(__name__)
-GRAMMAR_BACKENDS = ("llama_cpp",)  # engines that can constrain sampling to a grammar (JSON mode, schemas)
 
 __all__ = ["Job", "Requester", "Scheduler", "Sink"]
 
@@ -101,27 +99,8 @@ class Scheduler:
                requester: Requester | None = None) -> Job:
         """Accept a request or raise at once; never waits for room in the queue. Only the same ``requester`` may
         cancel it by id (None: only :meth:`cancel_job` can)."""
-        model_id = request.model or self.default_model
-        if model_id not in self.catalog or (model_id != self.default_model and not self.config.models.switch):
-            available = self.catalog.ids if self.config.models.switch else [self.default_model]
-            raise UnknownModel(f"unknown model '{model_id}' (available: {', '.join(available)})", param="model")
-        entry = self.catalog.get(model_id)
-        if entry.embeds:
-            raise BadRequest(f"model '{model_id}' is an embedding model: send it text on /v1/embeddings, /api/embed "
-                             f"or the embed topic", param="model")
-        if not entry.generates_text:
-            raise BadRequest(f"model '{model_id}' is a {entry.backend} model: send it tensors on the infer topic or "
-                             f"POST /v1/infer/{model_id}", param="model")
-        if request.structured is not None and entry.backend not in GRAMMAR_BACKENDS:
-            raise BadRequest(f"model '{model_id}' ({entry.backend}) cannot constrain its output to JSON or a grammar; "
-                             f"use a llama.cpp (GGUF) model", param="format")
-        if request.uses_tools and (entry.backend not in GRAMMAR_BACKENDS or entry.template is not None):
-            # a named prompt format (backends/templates.py) has no way to write tools into the prompt
-            raise BadRequest(f"model '{model_id}' cannot call tools: tools need a GGUF model whose own chat template "
-                             f"supports them (see docs/protocol.md)", param="tools")
-        problem = licence_problem(entry, self.config.models.allow_noncommercial)
-        if problem:
-            raise ModelError(problem, param="model")
+        entry = requested_model(request, self.catalog, self.config)
+        model_id = entry.id
         refusal = self.guard.refusal(request, model_id)
         if refusal is not None:
             raise refusal
@@ -135,16 +114,10 @@ class Scheduler:
             if self._outstanding >= self._capacity:
                 raise QueueFull(f"the queue is full ({self.config.worker.max_queue} waiting); try again later")
             self._outstanding += 1
-        params = request.params.with_defaults(max_tokens=self.config.worker.default_max_tokens,
-                                              temperature=entry.temperature, top_p=entry.top_p)
-        messages = request.messages and with_system_prompt(
-            request.messages, self.config.models.system_prompt or entry.system_prompt)
         now = time.monotonic()
         job = Job(key=next(self._keys), request=request, model_id=model_id,
-                  task=GenerationTask(prompt=request.prompt, messages=messages, params=params, stream=request.stream,
-                                     structured=request.structured, tools=request.tools),
-                  sink=sink, transport=transport, accepted=now, deadline=now + self.config.worker.request_timeout,
-                  requester=requester)
+                  task=generation_task(request, entry, self.config), sink=sink, transport=transport, accepted=now,
+                  deadline=now + self.config.worker.request_timeout, requester=requester)
         self._inbox.put(Moderating(job))  # before the gate can release it: the inbox keeps the order
         self.gate(job, lambda: self._inbox.put(Submit(job)))  # moderation.py: returns at once
         return job
