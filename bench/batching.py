@@ -27,7 +27,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import tempfile
@@ -234,7 +233,7 @@ def server_aggregate(binary: Path, model: Path, threads: int, context: int, toke
         rate = aggregate(base, 4, tokens)
         return rate, tree_rss(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.terminate()
         proc.wait(30)
 
 
