@@ -34,7 +34,9 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -48,15 +50,15 @@ SHORT = "In one sentence, the Raspberry Pi is a small and cheap computer that"  
 PARAMS = {"temperature": 0, "top_p": 0.95, "top_k": 40, "repeat_penalty": 1.0}
 
 
-def post(base: str, body: dict, timeout: float = 600) -> dict:
+def post(base: str, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
     request = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as resp:
-        result: dict = json.load(resp)
+        result: dict[str, Any] = json.load(resp)
         return result
 
 
-def first_text_seconds(base: str, body: dict) -> float:
+def first_text_seconds(base: str, body: dict[str, Any]) -> float:
     """Seconds from sending a streamed request to its first piece of text (then the stream is read to its end)."""
     request = urllib.request.Request(f"{base}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -109,7 +111,7 @@ def mqtt_clients(client: MqttClient, topics: tuple[str, str], clients: int, toke
     ttfts: list[float] = []
     counts: list[int] = []
 
-    def kind(reply: str, *types: str):  # noqa: ANN202 - a predicate for MqttClient.wait_for
+    def kind(reply: str, *types: str) -> Callable[[Any], bool]:  # a predicate for MqttClient.wait_for
         return lambda m: m.topic == reply and json.loads(m.payload)["type"] in types
 
     def one(i: int) -> None:
