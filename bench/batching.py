@@ -5,8 +5,9 @@ One appliance with four slots, over HTTP, the same prompt and parameters as benc
 - aggregate tok/s of 4 concurrent clients against the same appliance's single-client rate (target >= 1.5x), and
   against C++ ``llama-server -np 4`` when ``--llama-server PATH`` names one built from llama-cpp-python's vendored
   llama.cpp (target >= 1.0x; ``scripts/build-llama-server`` builds and caches one, ``make bench`` passes it);
-- memory: RSS of the appliance (service + worker) after the runs against ``llama-server``'s (same model, context,
-  ``-np 4``, threads) after the same kind of runs, as a ratio (target <= 1.15x);
+- memory: RSS of the appliance (the service, its worker and any other children) after the runs against
+  ``llama-server``'s (same model, context, ``-np 4``, threads) after the same kind of runs, as a ratio (target
+  <= 1.15x);
 - idle CPU of the whole appliance (service and all its children) over ``--idle-seconds`` (60) once the runs are
   over, in percent of one core (target <= 1 %);
 - TTFT of a short request (a 16-token prompt, streamed) while a 512-token generation runs, against its TTFT on the
@@ -299,7 +300,8 @@ def main() -> int:
         f"{loaded / idle:.2f}x idle | <= 2x |",
         f"| 8 MQTT clients (fleet + device topics), aggregate | {mqtt_rate:.1f} tok/s | reported |",
         f"| 8 MQTT clients, p95 TTFT | {mqtt_p95 * 1000:.0f} ms | reported |",
-        f"| RSS after the runs, appliance ({processes} processes: service + worker) | {app_rss / mib:.0f} MiB"
+        f"| RSS after the runs, appliance ({processes} processes: the service and all its children) | "
+        f"{app_rss / mib:.0f} MiB"
         + (f"; llama-server -np 4 {server_rss / mib:.0f} MiB; appliance {app_rss / server_rss:.2f}x | <= 1.15x |"
            if server_rss else "; llama-server not measured | <= 1.15x |"),
         f"| idle CPU over {args.idle_seconds:.0f} s after the runs, service + all children | "
