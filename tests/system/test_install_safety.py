@@ -290,8 +290,16 @@ def test_a_release_that_serves_is_kept(bundle_amd64, models_dir, signing_key, tm
     try:
         early = serve.wait(lambda s: True)
         assert early["release"]["trial"] == {"start": 2, "of": 3, "back_to": "0.1.0", "ready_within_s": 600}
-        if early["state"] not in ("ready", "busy"):
-            assert not serve.ready_sent(), "READY=1 waits until the release serves"
+        # READY=1 seen before a status that still says "not serving" is READY sent too early; READY seen after one
+        # is the service becoming ready in between (a CI run caught that race when READY was read second)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            sent_before = serve.ready_sent()
+            status = serve.status()
+            if status is not None and status["state"] in ("ready", "busy"):
+                break
+            assert not sent_before, f"READY=1 waits until the release serves (status: {status})"
+            time.sleep(0.1)
         serve.wait(lambda s: s["state"] == "ready")
         deadline = time.monotonic() + 10
         while not serve.ready_sent() and time.monotonic() < deadline:
