@@ -185,15 +185,18 @@ class _Child:
         try:
             for event in self.backend.generate(task, lambda: self._should_stop(key)):
                 finished = report.send(event) or finished
-        except ApplianceError as exc:
-            self.conn.send(Failed(key, exc))
-            return
         except Exception as exc:
-            log.exception("generation failed inside the engine")
-            self.conn.send(Failed(key, ModelError(f"the engine failed: {type(exc).__name__}")))
+            self._fail(key, exc, "generation failed inside the engine")
             return
         if not finished:
             self.conn.send(Stopped(key))
+
+    def _fail(self, key: int, exc: Exception, where: str) -> None:
+        """Tell the parent a job failed: the engine's own refusal as it is, anything else logged (a bug) and sent
+        as an engine failure."""
+        if not isinstance(exc, ApplianceError):
+            log.exception(where)
+        self.conn.send(Failed(key, _engine_failure(exc)))
 
     # -- several requests at once (continuous batching) --------------------------------------------------------
 
@@ -209,7 +212,7 @@ class _Child:
                 log.exception("a batched generation failed inside the engine")
                 for failed in batch.keys:
                     batch.leave(failed)
-                    self.conn.send(Failed(failed, ModelError(f"the engine failed: {type(exc).__name__}")))
+                    self.conn.send(Failed(failed, _engine_failure(exc)))
                     reports.pop(failed, None)
                 break
             for event in events:
@@ -223,12 +226,8 @@ class _Child:
     def _join(self, batch: SequenceBatch, reports: dict[int, _JobReport], key: int, task: GenerationTask) -> None:
         try:
             batch.join(key, task)
-        except ApplianceError as exc:
-            self.conn.send(Failed(key, exc))
-            return
         except Exception as exc:
-            log.exception("a request could not join the batch")
-            self.conn.send(Failed(key, ModelError(f"the engine failed: {type(exc).__name__}")))
+            self._fail(key, exc, "a request could not join the batch")
             return
         reports[key] = _JobReport(self.conn, key, task.stream)
 
@@ -282,3 +281,9 @@ class _JobReport:
                 self.conn.send(Failed(self.key, event))
                 return True
         return False
+
+
+def _engine_failure(exc: Exception) -> ApplianceError:
+    """What a job is told when the engine raised: its own ApplianceError, or an engine failure that names only the
+    exception's type (the traceback goes to the worker's log)."""
+    return exc if isinstance(exc, ApplianceError) else ModelError(f"the engine failed: {type(exc).__name__}")
