@@ -75,6 +75,17 @@ def first_text_seconds(base: str, body: dict[str, Any]) -> float:
     return first if first is not None else (any_chunk or float("nan"))
 
 
+def concurrently(one: Callable[[int], None], clients: int) -> float:
+    """Run ``one(0)`` ... ``one(clients - 1)`` on a thread each, all at once; the seconds until the last ends."""
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
 def aggregate(base: str, clients: int, tokens: int) -> float:
     """Completion tokens per second of ``clients`` requests sent at once."""
     counts: list[int] = []
@@ -83,13 +94,8 @@ def aggregate(base: str, clients: int, tokens: int) -> float:
         out = post(base, {"prompt": f"{PROMPT} ({i})", "max_tokens": tokens, **PARAMS})
         counts.append(out["usage"]["completion_tokens"])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - started)
+    seconds = concurrently(one, clients)  # before sum(counts): the threads fill counts
+    return sum(counts) / seconds
 
 
 def ttft_under_load(base: str, rounds: int) -> tuple[float, float]:
@@ -126,13 +132,8 @@ def mqtt_clients(client: MqttClient, topics: tuple[str, str], clients: int, toke
         (final,) = client.wait_for(kind(reply, "result", "error"), timeout=600)
         counts.append(json.loads(final.payload).get("usage", {}).get("completion_tokens", 0))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - started), sorted(ttfts)[math.ceil(0.95 * len(ttfts)) - 1]
+    seconds = concurrently(one, clients)  # before sum(counts): the threads fill counts
+    return sum(counts) / seconds, sorted(ttfts)[math.ceil(0.95 * len(ttfts)) - 1]
 
 
 def determinism(model: Path, prompts: int, threads: int) -> tuple[int, list[str]]:
