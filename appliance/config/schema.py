@@ -116,7 +116,8 @@ class MqttConfig:
                             check=_between(1024, 268435455))
     dedupe_window: float = _opt("Seconds an answered request's final reply is kept, so that a broker redelivery "
                                 "of it (DUP flag, after a reconnect) gets that reply again instead of a second run. "
-                                "A new publish reusing an id is always answered (docs/protocol.md).", 3600.0,
+                                "A new publish reusing an id is always answered (docs/protocol.md). The delivery "
+                                "journal counts it in time the device is on, never from the wall clock.", 3600.0,
                                 check=_between(1, 604800))
     journal: bool = _opt("Keep the delivery journal (`<state_dir>/mqtt-journal`, flushed to the card): accepted "
                          "requests are answered after a power cut and none answered before it is answered again "

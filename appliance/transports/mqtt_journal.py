@@ -21,7 +21,11 @@ already knew: answered before the cut, or being answered again now.
 Each record is framed (length, CRC-32, JSON), so a record cut off by a power cut is recognised and skipped; the
 file is then rewritten without it. Rewrites go through safefs (temporary file, fsync, rename, directory fsync).
 Answered records are kept for ``keep_answered`` seconds (``mqtt.dedupe_window``), at most :data:`CAPACITY` of
-them; ``answered`` is rewritten when it holds more than twice what is kept.
+them; ``answered`` is rewritten when it holds more than twice what is kept. Those seconds are the journal's own
+clock, time the device was on: it resumes after a restart from the last answer it recorded, and never reads the
+wall clock, which a Pi with no battery-backed clock sets from its last save at boot and moves when NTP or an
+operator sets it (a jump forward would forget answers the broker is about to hand back; one backward would keep
+them too long).
 
 Locking: one lock, a leaf, held while writing and flushing; it is taken on paho's network thread (the caller
 must not hold paho's or the ack book's locks, see mqtt_acks.py).
@@ -99,7 +103,7 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Answer:
-    """When a request was answered: wall-clock time (for the window) and the journal's record number."""
+    """When a request was answered: the journal's clock (seconds on, for the window) and its record number."""
 
     at: float
     seq: int
@@ -110,9 +114,10 @@ class Answer:
 
 
 class DeliveryJournal:
-    def __init__(self, directory: Path, *, keep_answered: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, directory: Path, *, keep_answered: float,
+                 clock: Callable[[], float] | None = None) -> None:
         self._lock = threading.Lock()
-        self._keep, self._clock = keep_answered, clock
+        self._keep, self._ticks = keep_answered, clock or time.monotonic
         self._dir = Directory(directory, create=True, mode=0o700)
         self._open: dict[Ticket, Accepted] = {}  # accepted, not answered yet
         self._answered: OrderedDict[Ticket, Answer] = OrderedDict()
@@ -127,6 +132,8 @@ class DeliveryJournal:
             if answer is None or answer.seq < accepted.seq:  # never answered, or sent again after its answer
                 self._open[accepted.ticket] = accepted
         self._seq = max([0] + [a.seq for a in self._answered.values()] + [a.seq for a in self._open.values()])
+        # the journal's clock goes on from the last answer recorded: time switched off does not count
+        self._epoch, self._started = max([0.0] + [a.at for a in self._answered.values()]), self._ticks()
         self._expire()
         #: accepted before this start and never answered: to be answered again, oldest first
         self.unanswered: list[Accepted] = list(self._open.values())
@@ -163,7 +170,7 @@ class DeliveryJournal:
         with self._lock:
             self._answered.pop(ticket, None)
             self._seq += 1
-            self._answered[ticket] = Answer(self._clock(), self._seq)
+            self._answered[ticket] = Answer(self._now(), self._seq)
             was_open = self._open.pop(ticket, None) is not None
             try:
                 self._record_answer(ticket, was_open)
@@ -238,8 +245,11 @@ class DeliveryJournal:
         self._rewrite(ANSWERED, [answer.to_record(ticket) for ticket, answer in self._answered.items()])
         self._answered_in_file = len(self._answered)
 
+    def _now(self) -> float:
+        return self._epoch + (self._ticks() - self._started)
+
     def _expire(self) -> None:
-        oldest_kept = self._clock() - self._keep
+        oldest_kept = self._now() - self._keep
         while self._answered and (len(self._answered) > CAPACITY
                                   or next(iter(self._answered.values())).at < oldest_kept):
             self._answered.popitem(last=False)

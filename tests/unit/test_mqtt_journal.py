@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import time
 
 from appliance.transports import mqtt_journal
 from appliance.transports.mqtt_acks import AckBook, StoredReply
@@ -164,6 +165,31 @@ def test_answered_records_are_bounded_by_the_window_and_the_file_is_compacted(tm
     assert again.recall(old.ticket) is None  # older than the window: a new request
     assert again.recall(_request(399).ticket) == "answered"
     assert again.recall(_request(300).ticket) is None
+    again.close()
+
+
+def test_the_window_counts_time_on_and_never_reads_the_wall_clock(tmp_path, monkeypatch):
+    """A Pi has no battery-backed clock: after a cut it boots with the time of its last save, and NTP or an operator
+    may then move the clock by days. An answer the broker may hand back is remembered for the window of time on,
+    whatever the wall clock says, and the time spent switched off does not count."""
+    wall, ticks = Clock(), Clock()
+    monkeypatch.setattr(time, "time", wall)
+    monkeypatch.setattr(time, "monotonic", ticks)
+    journal = DeliveryJournal(tmp_path / JOURNAL_DIR, keep_answered=60.0)
+    request = _request(1)
+    journal.accepted(request)
+    ticks.now += 30
+    journal.answered(request.ticket)
+    journal.close()
+    wall.now += 7 * 86400  # the clock set a week forward while it was off
+    ticks.now = 12.0  # a new boot: the monotonic clock starts again, below where it was
+    again = DeliveryJournal(tmp_path / JOURNAL_DIR, keep_answered=60.0)
+    assert again.recall(request.ticket) == "answered"
+    wall.now -= 30 * 86400  # and a month back: still nothing read from it
+    ticks.now += 59
+    assert again.recall(request.ticket) == "answered"
+    ticks.now += 2  # 61 s on since the answer: out of the window
+    assert again.recall(request.ticket) is None
     again.close()
 
 
