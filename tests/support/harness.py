@@ -190,7 +190,10 @@ class MqttClient:
     """A paho client for tests that records everything it receives."""
 
     def __init__(self, host: str, port: int, *, protocol: str = "5", client_id: str | None = None,
-                 username: str | None = None, password: str | None = None, tls_ca: Path | None = None) -> None:
+                 username: str | None = None, password: str | None = None, tls_ca: Path | None = None,
+                 session_expiry: int = 0) -> None:
+        """``session_expiry`` > 0 (MQTT v5): a persistent session, resumed when the same ``client_id`` connects
+        again: the broker keeps its subscriptions and queues QoS 1 messages for it while it is away."""
         self.v5 = protocol == "5"
         self.client_id = client_id or f"test-{uuid.uuid4().hex[:10]}"
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
@@ -206,7 +209,13 @@ class MqttClient:
         if tls_ca is not None:
             self.client.tls_set(ca_certs=str(tls_ca))
         self._refused = None
-        self.client.connect(host, port, keepalive=30)
+        if session_expiry:
+            assert self.v5, "persistent sessions here are MQTT v5's"
+            session = Properties(PacketTypes.CONNECT)
+            session.SessionExpiryInterval = session_expiry
+            self.client.connect(host, port, keepalive=30, clean_start=False, properties=session)
+        else:
+            self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
         if not self._connected.wait(10) or self._refused:
             self.client.loop_stop()
