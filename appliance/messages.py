@@ -2,6 +2,7 @@
 
     parent -> inference worker    Load | Unload | Generate | Cancel | Pause | Resume | Throttle | Shutdown
     inference worker -> parent    Ready | Loaded | Unloaded | LoadFailed | Progress | Chunk | Done | Failed | Stopped
+                                  | StepReport (the Progress, Chunk, Done and Failed of one batch step, in one message)
     parent -> ONNX worker         Infer | Embed | Shutdown
     ONNX worker -> parent         Ready | Inferred | Embedded | Failed
     a worker's handle -> parent   Exited (the child process is gone; its reader thread says so last)
@@ -167,6 +168,18 @@ class Stopped:
 
 
 @message
+class StepReport:
+    """What one step of a batch produced for its jobs (Progress, Chunk, Done, Failed), in the order it happened.
+
+    With ``worker.parallel`` > 1 a step yields a piece for each streamed sequence; one pipe message for all of them
+    instead of one each saves a pickle and a write in the worker and a wake-up of the parent's reader and scheduler
+    threads per piece: CPU the engine's threads share on a 2-core board.
+    """
+
+    reports: tuple[Progress | Chunk | Done | Failed, ...]
+
+
+@message
 class Inferred:
     key: int
     outputs: dict[str, Any]
@@ -204,4 +217,5 @@ class Abandoned:
 #: what a job's sink receives: pieces, then exactly one of the others
 JobEvent = Chunk | Done | Failed | Abandoned
 #: what the inference worker sends
-WorkerMessage = Ready | Loaded | Unloaded | LoadFailed | Progress | Chunk | Done | Failed | Stopped | Exited
+WorkerMessage = (Ready | Loaded | Unloaded | LoadFailed | Progress | Chunk | Done | Failed | Stopped | StepReport
+                 | Exited)

@@ -249,6 +249,9 @@ class WorkerSlot:
             case (messages.Done(key=key) | messages.Failed(key=key) | messages.Stopped(key=key)) as event \
                     if key in self.running:
                 return [JobUpdate(self.running.pop(key), event)]
+            case messages.StepReport(reports=reports):  # one batch step's reports, in their order
+                step = [self.on_message(FromWorker(tagged.generation, report)) for report in reports]
+                return [update for updates in step for update in updates]
             case messages.Exited(code=code):
                 return self._on_exit(code)
         return []

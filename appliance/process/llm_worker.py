@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import ClassVar
@@ -43,6 +44,7 @@ from appliance.messages import (
     Ready,
     Resume,
     Shutdown,
+    StepReport,
     Stopped,
     Throttle,
     Unload,
@@ -77,6 +79,7 @@ class _Child:
         self.backend: Backend | None = None
         self.loaded_id: str | None = None
         self.backlog: deque[object] = deque()  # messages that arrived while generating
+        self.step_out: list[Progress | Chunk | Done | Failed] = []  # what a batch step produced, sent after it
         self.stopping = False
         self.paused = False
         self.threads = settings.threads
@@ -181,7 +184,7 @@ class _Child:
         if self.backend is None:
             self.conn.send(Failed(key, ModelError("no model is loaded")))
             return
-        report, finished = _JobReport(self.conn, key, task.stream), False
+        report, finished = _JobReport(self.conn.send, key, task.stream), False
         try:
             for event in self.backend.generate(task, lambda: self._should_stop(key)):
                 finished = report.send(event) or finished
@@ -202,7 +205,8 @@ class _Child:
 
     def _run_batch(self, batch: SequenceBatch, key: int, task: GenerationTask) -> None:
         """Step the batch while it holds requests; between steps, newcomers join and cancels leave (the parent
-        sends a Generate whenever a slot is free, so the pipe is read after every step)."""
+        sends a Generate whenever a slot is free, so the pipe is read after every step). What a step produced for
+        its jobs goes to the parent as one message (StepReport), not one per sequence."""
         reports: dict[int, _JobReport] = {}
         self._join(batch, reports, key, task)
         while batch.keys and not self.stopping:
@@ -218,6 +222,7 @@ class _Child:
             for event in events:
                 if reports[event.key].send(event.event):
                     del reports[event.key]  # it ended and has left the batch
+            self._send_step()
             self._between_steps(batch, reports)
         for left in batch.keys:  # shutting down: what still ran stops, as a cancelled generation does
             batch.leave(left)
@@ -229,7 +234,16 @@ class _Child:
         except Exception as exc:
             self._fail(key, exc, "a request could not join the batch")
             return
-        reports[key] = _JobReport(self.conn, key, task.stream)
+        reports[key] = _JobReport(self.step_out.append, key, task.stream)
+
+    def _send_step(self) -> None:
+        """Send what the last step produced: a lone message as it is, several in one StepReport."""
+        out = self.step_out
+        if len(out) == 1:
+            self.conn.send(out[0])
+        elif out:
+            self.conn.send(StepReport(tuple(out)))
+        out.clear()
 
     def _between_steps(self, batch: SequenceBatch, reports: dict[int, _JobReport]) -> None:
         """Read what the parent sent (blocking while paused), then rest ``token_delay`` while it is warm."""
@@ -254,10 +268,11 @@ class _Child:
 
 
 class _JobReport:
-    """Sends one job's events to the parent: every piece when it streams, else a liveness report now and then."""
+    """Turns one job's events into messages for the parent: every piece when it streams, else a liveness report now
+    and then. ``post`` sends a message, or keeps it for the batch step's StepReport."""
 
-    def __init__(self, conn: Connection, key: int, stream: bool) -> None:
-        self.conn, self.key, self.stream = conn, key, stream
+    def __init__(self, post: Callable[[Progress | Chunk | Done | Failed], None], key: int, stream: bool) -> None:
+        self.post, self.key, self.stream = post, key, stream
         self.pieces, self.last_report = 0, time.monotonic()
 
     def send(self, event: GenerationEvent | ApplianceError) -> bool:
@@ -266,19 +281,19 @@ class _JobReport:
             case Piece(text=text):
                 self.pieces += 1
                 if self.stream:
-                    self.conn.send(Chunk(self.key, self.pieces, text))
+                    self.post(Chunk(self.key, self.pieces, text))
                 elif time.monotonic() - self.last_report >= PROGRESS_EVERY:
                     # Without a stream, one small message a second is enough to show the worker is alive;
                     # a message per token would cost the parent CPU that the engine's threads need.
                     self.last_report = time.monotonic()
-                    self.conn.send(Progress(self.key, self.pieces, 0))
+                    self.post(Progress(self.key, self.pieces, 0))
             case PromptProgress(done=done, total=total):
-                self.conn.send(Progress(self.key, done, total))
+                self.post(Progress(self.key, done, total))
             case Completion():
-                self.conn.send(Done(self.key, event))
+                self.post(Done(self.key, event))
                 return True
             case ApplianceError():
-                self.conn.send(Failed(self.key, event))
+                self.post(Failed(self.key, event))
                 return True
         return False
 

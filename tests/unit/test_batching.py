@@ -13,7 +13,7 @@ import pytest
 from appliance.backends.fake import script
 from appliance.backends.probe import MiB
 from appliance.errors import InsufficientMemory
-from appliance.messages import Chunk, Done, Failed
+from appliance.messages import Chunk, Done, Failed, StepReport
 from appliance.supervisor.guard import Guard
 from tests.support.rig import config_with, fake_model
 
@@ -84,6 +84,20 @@ def test_streamed_chunks_of_batched_jobs_are_numbered_per_job(rig):
     assert [(c.seq, c.text) for c in a.chunks] == [(1, "t1 "), (2, "t2 "), (3, "t3 ")]
     assert [c.seq for c in b.chunks] == [1, 2]
     assert all(isinstance(c, Chunk) for c in a.chunks + b.chunks)
+
+
+def test_what_one_step_produced_for_several_jobs_crosses_the_pipe_as_one_message(rig):
+    r = rig(worker={"parallel": 2})
+    crossed = []
+    post = r.scheduler.worker._post
+    r.scheduler.worker._post = lambda tagged: (crossed.append(tagged.message), post(tagged))
+    (ja, a), (jb, b) = (r.submit(script(["sleep", 0.2], ["pieces", 3])) for _ in "ab")  # both join, then stream
+    a.final(), b.final()
+    steps = [m.reports for m in crossed if isinstance(m, StepReport)]
+    assert steps and all(len(reports) > 1 for reports in steps)  # a lone message goes as it is
+    assert any({c.key for c in reports if isinstance(c, Chunk)} == {ja.key, jb.key} for reports in steps)
+    assert [(c.seq, c.text) for c in a.chunks] == [(1, "t1 "), (2, "t2 "), (3, "t3 ")]  # unpacked in order
+    assert [(c.seq, c.text) for c in b.chunks] == [(1, "t1 "), (2, "t2 "), (3, "t3 ")]
 
 
 def test_a_timeout_stops_only_the_job_past_it(rig):
