@@ -40,7 +40,7 @@ def test_every_message_pickles_and_is_frozen(tmp_path):
                messages.Infer(1, entry, {"x": [1.0]}), messages.Ready(42), messages.Loaded(ModelInfo("m", 64, "fake")),
                messages.Unloaded(), messages.LoadFailed("m", errors.ModelError("x"), "n"), messages.Progress(1, 2, 3),
                messages.Chunk(1, 1, "a"), messages.Done(1, completion), messages.Failed(1, errors.Busy("full")),
-               messages.Stopped(1),
+               messages.Stopped(1), messages.StepReport((messages.Progress(1, 2, 3), messages.Chunk(2, 1, "b"))),
                messages.Inferred(1, {"y": [0.5]}, 1.5), messages.Embed(1, entry, ("a text",), False),
                messages.Embedded(1, [[0.6, 0.8]], 3, 1.5), messages.Exited(-9), messages.Crashed(1, "exit code 3"),
                messages.Abandoned(1)]
