@@ -30,9 +30,11 @@ REQUESTS = int(os.environ.get("APPLIANCE_WRITES_REQUESTS", "300"))
 SETTLE_S = 120  # after ready: first boot's last writes (keys, grown root, report) reach the card
 SENSOR, SECRET = "writes-sensor", "a long writes password"
 # budgets, about three times what was measured (10.8 MiB/hour idle, 15.4 MiB per 1,000 requests on 2026-12-05,
-# docs/operations.md): a regression of kind, not of noise
+# docs/operations.md): a regression of kind, not of noise. The request budget counts the delivery journal too, which
+# came after that measurement: about 47 MiB more per 1,000 requests on an ext4 loop device (bench/delivery_writes.py),
+# not yet measured on the twin, so 3 x (15.4 + 47)
 IDLE_BUDGET_MIB_PER_HOUR = 32
-REQUEST_BUDGET_MIB_PER_1000 = 48
+REQUEST_BUDGET_MIB_PER_1000 = 190
 
 
 def written_bytes(device: CardDevice) -> int:
