@@ -8,6 +8,8 @@ import uuid
 
 import pytest
 
+from tests.support.harness import http_get
+
 
 def _final(replies: list[dict]) -> dict:
     assert replies, "no reply"
@@ -174,6 +176,12 @@ def test_queue_full_fleet_request_gets_busy_at_once_device_request_waits(applian
     client.publish(topic, {**long, "id": "long"}, response_topic="test/q/long", correlation=b"long")
     client.wait_for(lambda m: m.topic == "test/q/long")  # generating now
     client.publish(topic, {**long, "id": "waiting"}, response_topic="test/q/waiting", correlation=b"w")
+    # the queue is full once "waiting" is in it: the fleet request below comes over another session, so without
+    # this wait it may overtake "waiting" (whose journal record is flushed first) and take the place itself
+    deadline = time.monotonic() + 20
+    while b"appliance_queue_depth 1.0" not in http_get(app.http_url + "/metrics")[1]:
+        assert time.monotonic() < deadline, "the second request never reached the queue"
+        time.sleep(0.05)
     client.publish(topic, {"id": "third", "prompt": "a", "max_tokens": 4}, response_topic="test/q/third",
                    correlation=b"t")
     started = time.monotonic()
