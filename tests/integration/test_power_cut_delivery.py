@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from appliance.transports.broker import Mosquitto, free_port
-from tests.support.harness import MqttClient, new_appliance
+from tests.support.harness import MqttClient, new_appliance, wait_until
 
 #: more than the appliance takes at once (mosquitto 2.0.11 sends up to twice the Receive Maximum of 5): some stay
 #: queued in the broker, some wait in the appliance
@@ -43,14 +43,6 @@ def _chunks(messages, prefix: str) -> dict[str, int]:
         if m.topic.startswith(prefix) and (body := json.loads(m.payload))["type"] == "chunk":
             out[body["id"]] = out.get(body["id"], 0) + 1
     return out
-
-
-def _wait_until(condition, what: str, timeout: float) -> None:
-    """Poll (MqttClient.wait_for runs its predicate on every message, too slow over all the streamed chunks)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.1)
 
 
 def _save_now(broker: Mosquitto) -> None:
@@ -103,7 +95,7 @@ def test_requests_accepted_before_a_power_cut_are_answered_exactly_once(tmp_path
             finals, chunks = _finals(messages, prefix), _chunks(messages, prefix)
             return len(finals) >= 2 and any(n >= 4 and rid not in finals for rid, n in chunks.items())
 
-        _wait_until(mid_flight, "two answered and one running", 240)
+        wait_until(mid_flight, "two answered and one running", 240)
         _power_cut(app, broker)
         before = list(sensor.messages)
         answered_before = set(_finals(before, prefix))
@@ -119,7 +111,7 @@ def test_requests_accepted_before_a_power_cut_are_answered_exactly_once(tmp_path
         clients.append(requester)
         requester.subscribe(prefix + "/#")
         app.start(timeout=120)
-        _wait_until(lambda: len(_finals(before + list(requester.messages), prefix)) == REQUESTS,
+        wait_until(lambda: len(_finals(before + list(requester.messages), prefix)) == REQUESTS,
                     "a final reply to every request", 240)
         time.sleep(3)  # an answer given twice would come now
         finals = _finals(before + requester.messages, prefix)
@@ -144,7 +136,7 @@ def test_the_journal_keeps_prompts_only_until_answered_and_skips_a_torn_record(a
     client = mqtt_client()
     assert client.request(app.topic("generate"), {"prompt": "private words", "max_tokens": 2})[-1]["type"] == "result"
     journal = Path(app.config["device"]["state_dir"]) / "mqtt-journal"
-    _wait_until(lambda: (journal / "requests").stat().st_size == 0, "the answered request's record removed", 10)
+    wait_until(lambda: (journal / "requests").stat().st_size == 0, "the answered request's record removed", 10)
     assert stat.S_IMODE(journal.stat().st_mode) == 0o700
     for name in ("requests", "answered"):
         assert stat.S_IMODE((journal / name).stat().st_mode) == 0o600

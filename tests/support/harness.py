@@ -186,6 +186,15 @@ def new_appliance(workdir: Path, broker_port: int | None, catalog: Path, default
     return Appliance(workdir, merge(base, overrides or {}), env or {})
 
 
+def wait_until(condition, what: str, timeout: float) -> None:
+    """Poll ``condition`` every 0.1 s (MqttClient.wait_for runs its predicate on every message, too slow over a
+    stream of chunks); AssertionError naming ``what`` past ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.1)
+
+
 class MqttClient:
     """A paho client for tests that records everything it receives."""
 

@@ -30,7 +30,7 @@ from image import bundle as bundles
 from image import disk
 from tests.support import tiny_models
 from tests.support.devices import new_card, wait_status
-from tests.support.harness import MqttClient
+from tests.support.harness import MqttClient, wait_until
 from tests.support.powercut import LAN_MQTT, READY_WITHIN, CardDevice, card_settings
 
 pytestmark = pytest.mark.image
@@ -225,13 +225,6 @@ def finals_and_chunks(messages) -> tuple[dict[str, list[str]], dict[str, int]]:
         elif body["type"] == "chunk":
             chunks[body["id"]] = chunks.get(body["id"], 0) + 1
     return finals, chunks
-
-
-def wait_until(condition, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.1)
 
 
 def test_a_power_cut_with_requests_in_flight(serving_device):
