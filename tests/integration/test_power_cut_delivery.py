@@ -11,7 +11,6 @@ answered ones: without the delivery journal they were answered twice."""
 from __future__ import annotations
 
 import base64
-import json
 import signal
 import stat
 import time
@@ -22,27 +21,11 @@ import psutil
 import pytest
 
 from appliance.transports.broker import Mosquitto, free_port
-from tests.support.harness import MqttClient, new_appliance, wait_until
+from tests.support.harness import MqttClient, chunks_by_id, finals_by_id, new_appliance, wait_until
 
 #: more than the appliance takes at once (mosquitto 2.0.11 sends up to twice the Receive Maximum of 5): some stay
 #: queued in the broker, some wait in the appliance
 REQUESTS = 14
-
-
-def _finals(messages, prefix: str) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for m in messages:
-        if m.topic.startswith(prefix) and (body := json.loads(m.payload))["type"] in ("result", "error"):
-            out.setdefault(body["id"], []).append(body)
-    return out
-
-
-def _chunks(messages, prefix: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for m in messages:
-        if m.topic.startswith(prefix) and (body := json.loads(m.payload))["type"] == "chunk":
-            out[body["id"]] = out.get(body["id"], 0) + 1
-    return out
 
 
 def _save_now(broker: Mosquitto) -> None:
@@ -92,14 +75,14 @@ def test_requests_accepted_before_a_power_cut_are_answered_exactly_once(tmp_path
 
         def mid_flight() -> bool:  # two answered, and the third several chunks into its run
             messages = list(sensor.messages)
-            finals, chunks = _finals(messages, prefix), _chunks(messages, prefix)
+            finals, chunks = finals_by_id(messages, prefix), chunks_by_id(messages, prefix)
             return len(finals) >= 2 and any(n >= 4 and rid not in finals for rid, n in chunks.items())
 
         wait_until(mid_flight, "two answered and one running", 240)
         _power_cut(app, broker)
         before = list(sensor.messages)
-        answered_before = set(_finals(before, prefix))
-        running = set(_chunks(before, prefix)) - answered_before
+        answered_before = set(finals_by_id(before, prefix))
+        running = set(chunks_by_id(before, prefix)) - answered_before
         assert len(answered_before) >= 2 and running and len(answered_before | running) < REQUESTS, \
             (sorted(answered_before), sorted(running))  # some answered, one running, some queued
         sensor.close()
@@ -111,10 +94,10 @@ def test_requests_accepted_before_a_power_cut_are_answered_exactly_once(tmp_path
         clients.append(requester)
         requester.subscribe(prefix + "/#")
         app.start(timeout=120)
-        wait_until(lambda: len(_finals(before + list(requester.messages), prefix)) == REQUESTS,
+        wait_until(lambda: len(finals_by_id(before + list(requester.messages), prefix)) == REQUESTS,
                     "a final reply to every request", 240)
         time.sleep(3)  # an answer given twice would come now
-        finals = _finals(before + requester.messages, prefix)
+        finals = finals_by_id(before + requester.messages, prefix)
         assert sorted(finals) == sorted(ids)
         twice = {rid: [f["type"] for f in v] for rid, v in finals.items() if len(v) != 1}
         assert not twice, f"answered more than once: {twice}"

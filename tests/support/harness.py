@@ -186,6 +186,24 @@ def new_appliance(workdir: Path, broker_port: int | None, catalog: Path, default
     return Appliance(workdir, merge(base, overrides or {}), env or {})
 
 
+def finals_by_id(messages, prefix: str = "") -> dict[str, list[dict]]:
+    """The final replies (result or error) among MQTT messages on topics under ``prefix``, per request id."""
+    out: dict[str, list[dict]] = {}
+    for m in messages:
+        if m.topic.startswith(prefix) and (body := json.loads(m.payload))["type"] in ("result", "error"):
+            out.setdefault(body["id"], []).append(body)
+    return out
+
+
+def chunks_by_id(messages, prefix: str = "") -> dict[str, int]:
+    """How many streamed chunks each request id got among MQTT messages on topics under ``prefix``."""
+    out: dict[str, int] = {}
+    for m in messages:
+        if m.topic.startswith(prefix) and (body := json.loads(m.payload))["type"] == "chunk":
+            out[body["id"]] = out.get(body["id"], 0) + 1
+    return out
+
+
 def wait_until(condition, what: str, timeout: float) -> None:
     """Poll ``condition`` every 0.1 s (MqttClient.wait_for runs its predicate on every message, too slow over a
     stream of chunks); AssertionError naming ``what`` past ``timeout`` seconds."""

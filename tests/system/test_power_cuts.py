@@ -16,7 +16,6 @@ in ``make test`` through tests/system/test_install_safety.py, with the release's
 from __future__ import annotations
 
 import collections
-import json
 import os
 import random
 import shutil
@@ -30,7 +29,7 @@ from image import bundle as bundles
 from image import disk
 from tests.support import tiny_models
 from tests.support.devices import new_card, wait_status
-from tests.support.harness import MqttClient, wait_until
+from tests.support.harness import MqttClient, chunks_by_id, finals_by_id, wait_until
 from tests.support.powercut import LAN_MQTT, READY_WITHIN, CardDevice, card_settings
 
 pytestmark = pytest.mark.image
@@ -214,19 +213,6 @@ def save_the_broker(device: CardDevice) -> str:
         "[ \"$now\" != \"$before\" ] && sync && echo $now'").strip()
 
 
-def finals_and_chunks(messages) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """Per request id: the types of its final replies (result or error), and how many chunks it streamed."""
-    finals: dict[str, list[str]] = {}
-    chunks: dict[str, int] = {}
-    for message in messages:
-        body = json.loads(message.payload)
-        if body["type"] in ("result", "error"):
-            finals.setdefault(body["id"], []).append(body["type"])
-        elif body["type"] == "chunk":
-            chunks[body["id"]] = chunks.get(body["id"], 0) + 1
-    return finals, chunks
-
-
 def test_a_power_cut_with_requests_in_flight(serving_device):
     """Issue 12.4(c): a sensor's QoS 1 requests, all acked by the broker and in its last save, some answered, one
     running and the rest queued when the plug is pulled. After the boot (the file system clean, serving within the
@@ -254,7 +240,8 @@ def test_a_power_cut_with_requests_in_flight(serving_device):
         assert saved, "mosquitto did not save on SIGUSR1"
 
         def mid_flight() -> bool:  # one answered at least, and another several chunks into its run
-            finals, chunks = finals_and_chunks(list(sensor.messages))
+            messages = list(sensor.messages)
+            finals, chunks = finals_by_id(messages), chunks_by_id(messages)
             return len(finals) >= 1 and any(n >= 3 and rid not in finals for rid, n in chunks.items())
 
         wait_until(mid_flight, "one request answered and another running", 300)
@@ -262,7 +249,7 @@ def test_a_power_cut_with_requests_in_flight(serving_device):
     finally:
         sensor.client.loop_stop()  # its broker is gone with the power: no DISCONNECT to send
     before = list(sensor.messages)
-    answered_before, chunks_before = finals_and_chunks(before)
+    answered_before, chunks_before = finals_by_id(before), chunks_by_id(before)
     running = set(chunks_before) - set(answered_before)
     assert running and len(answered_before) + len(running) < REQUESTS, (answered_before, chunks_before)
 
@@ -271,10 +258,11 @@ def test_a_power_cut_with_requests_in_flight(serving_device):
     requester = connect()  # the same session: what was published for it while it was away comes now
     try:
         try:
-            wait_until(lambda: len(finals_and_chunks(before + list(requester.messages))[0]) == REQUESTS,
+            wait_until(lambda: len(finals_by_id(before + list(requester.messages))) == REQUESTS,
                        "a final reply to every request", 300)
         except AssertionError as missing:
-            finals_after, chunks_after = finals_and_chunks(list(requester.messages))
+            got = list(requester.messages)
+            finals_after, chunks_after = finals_by_id(got), chunks_by_id(got)
             log = device.ssh("sudo journalctl -b --no-pager -o cat -u appliance -t mosquitto", check=False)
             raise AssertionError(f"{missing}\nbefore the cut: finals {answered_before}, chunks {chunks_before}\n"
                                  f"after: finals {finals_after}, chunks {chunks_after}\n{log[-4000:]}") from None
@@ -282,7 +270,7 @@ def test_a_power_cut_with_requests_in_flight(serving_device):
         after = list(requester.messages)
     finally:
         requester.close()
-    finals, _ = finals_and_chunks(before + after)
+    finals = {rid: [f["type"] for f in bodies] for rid, bodies in finals_by_id(before + after).items()}
     assert sorted(finals) == sorted(ids)
     twice = {rid: kinds for rid, kinds in finals.items() if len(kinds) != 1}
     assert not twice, f"answered more than once: {twice}"
@@ -291,7 +279,7 @@ def test_a_power_cut_with_requests_in_flight(serving_device):
     assert "answering a request accepted before the restart" in log, log[-3000:]
     assert device.journal_errors() == []
     row = {"cut_at_s": round(cut_at, 1), "answered_before": len(answered_before), "running": sorted(running),
-           "answered_after": len(finals_and_chunks(after)[0]), "ready_s": round(ready, 1), "fsck": fsck,
+           "answered_after": len(finals_by_id(after)), "ready_s": round(ready, 1), "fsck": fsck,
            "journal_answered_again": log.count("answering a request accepted before the restart"),
            "broker_copies_of_answered": log.count("from before the restart handed back (answered")}
     device.cut()
