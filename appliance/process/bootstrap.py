@@ -19,7 +19,8 @@ from typing import ClassVar, Protocol
 class Program(Protocol):
     """What a child process runs: the inference worker (llm_worker.py) or the ONNX worker (onnx_worker.py)."""
 
-    #: process name, shown by ps and in log lines ("appliance-worker-3")
+    #: process name (at most 15 characters, the kernel's limit): what ps, top and the kernel's OOM-killer line show
+    #: in place of "python3", and the prefix of the pipe's thread and log names ("appliance-llm-3")
     name: ClassVar[str]
     #: the kernel's OOM killer takes the highest score first: a worker, not the parent holding MQTT and HTTP
     oom_score_adj: ClassVar[int]
@@ -37,6 +38,8 @@ def main(conn: Connection, program: Program, log_level: int) -> None:
     # the MQTT session and the HTTP server. Raising one's own score needs no privilege.
     with contextlib.suppress(OSError):
         Path("/proc/self/oom_score_adj").write_text(str(program.oom_score_adj))
+    with contextlib.suppress(OSError):  # not Linux: keep the interpreter's name
+        Path("/proc/self/comm").write_text(program.name)
     faulthandler.enable()  # a segfault in an engine leaves a traceback on stderr for the journal
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):  # the parent went away

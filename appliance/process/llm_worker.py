@@ -64,7 +64,7 @@ class LlmWorker:
     settings: EngineSettings
     verify: bool  # check each model's sha256 before loading it
 
-    name: ClassVar[str] = "appliance-worker"
+    name: ClassVar[str] = "appliance-llm"
     oom_score_adj: ClassVar[int] = 800
 
     def serve(self, conn: Connection) -> None:

@@ -269,12 +269,14 @@ def test_stuck_worker_is_restarted_and_its_requester_told(appliance_factory, mqt
     assert client.request(app.topic("generate"), {"prompt": "a", "max_tokens": 3})[-1]["type"] == "result"
 
 
-def test_worker_volunteers_for_the_oom_killer(appliance):
+def test_worker_volunteers_for_the_oom_killer_under_its_own_name(appliance):
     pid = appliance.status()["worker_pid"]
     with open(f"/proc/{pid}/oom_score_adj") as fh:
         assert int(fh.read()) == 800
     with open(f"/proc/{appliance.proc.pid}/oom_score_adj") as fh:
         assert int(fh.read()) < 800
+    with open(f"/proc/{pid}/comm") as fh:  # what ps, top and the kernel's OOM-killer line name it
+        assert fh.read().strip() == "appliance-llm"
 
 
 def test_status_command(appliance_factory, board):
