@@ -33,13 +33,14 @@ class EngineSettings:
     mmap: bool = True
     rwkv_strategy: str = "cpu fp32i8"
     parallel: int = 1  # sequences decoded in one batch (llama.cpp only; the guard may lower it per load)
+    flash_attention: bool = False  # llama.cpp only
 
     @classmethod
     def from_config(cls, worker: WorkerConfig) -> EngineSettings:
         """The settings of ``[worker]``, with ``threads = 0`` resolved to this machine's physical cores."""
         return cls(threads=worker.threads or physical_cores(), context_size=worker.context_size,
                    batch_size=worker.batch_size, mmap=worker.mmap, rwkv_strategy=worker.rwkv_strategy,
-                   parallel=worker.parallel)
+                   parallel=worker.parallel, flash_attention=worker.flash_attention)
 
 
 def physical_cores() -> int:

@@ -231,7 +231,7 @@ def make_context(llm: Llama, slots: int, context_size: int, prompt_chunk: int, t
     token-sized context of its own and decodes here). Freed with ``llama_free``."""
     import llama_cpp
 
-    # the Llama's own settings (flash attention off, rope, KV types...): the same arithmetic as the serial path
+    # the Llama's own settings (flash attention as [worker] says, rope, KV types...): the serial path's arithmetic
     params = type(llm.context_params).from_buffer_copy(llm.context_params)
     params.n_ctx = context_size * slots
     params.n_batch = prompt_chunk + slots

@@ -83,6 +83,7 @@ class LlamaCppBackend(Backend):
             llm = llama_cpp.Llama(
                 model_path=str(entry.path), n_ctx=n_ctx, n_batch=n_batch,
                 n_threads=threads, n_threads_batch=threads, use_mmap=self.settings.mmap, verbose=False,
+                flash_attn=self.settings.flash_attention,
                 lora_path=str(entry.lora) if entry.lora else None, lora_scale=entry.lora_scale)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"model '{entry.id}': llama.cpp could not load {entry.path}"

@@ -195,6 +195,11 @@ class WorkerConfig:
                                   300.0, check=_between(1, 86400))
     default_max_tokens: int = _opt("max_tokens of a request that does not set it.", 256, check=_between(1, 131072))
     mmap: bool = _opt("Memory-map model files (pages stay in the page cache, shared and reclaimable).", True)
+    flash_attention: bool = _opt("llama.cpp's flash attention, as `llama-server` runs by default (a batched "
+                                 "step was 5-18 % faster with it here). At temperature 0 a text may differ from "
+                                 "the one without it (6 of 100 prompts did, from the first token); alone and "
+                                 "batched stay identical. Off, the single-request path is token-identical to "
+                                 "llama-cpp-python's (docs/benchmarks.md).", False)
     rwkv_strategy: str = _opt("How the rwkv backend holds RWKV `.pth` weights, unless the catalog entry sets "
                               "`strategy`: `cpu fp32i8` stores matrices as int8 (a quarter of the bytes of "
                               "`cpu fp32`, but it dequantises on every token: many times slower on CPU, and on a "

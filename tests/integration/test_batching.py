@@ -110,6 +110,33 @@ def test_batched_text_matches_the_text_alone_at_temperature_zero(alone, batched)
         assert (got.finish_reason, got.usage) == (completion.finish_reason, completion.usage)
 
 
+def test_flash_attention_reaches_the_batch_context_and_every_request_completes(catalog_path, monkeypatch):
+    """`worker.flash_attention`: the batch's own context is made with it (seen at the llama.cpp call), and four
+    requests decoded together each finish with their own text."""
+    import llama_cpp
+
+    made_with: list[int] = []
+    make = llama_cpp.llama_init_from_model
+
+    def spy(model, params):
+        made_with.append(params.flash_attn_type)
+        return make(model, params)
+
+    monkeypatch.setattr(llama_cpp, "llama_init_from_model", spy)
+    settings = EngineSettings(threads=2, context_size=512, batch_size=16, parallel=4, flash_attention=True)
+    with LlamaCppBackend(settings) as backend:
+        backend.load(Catalog.load(catalog_path).get("tiny"))
+        run = Run(backend)
+        for key, prompt in enumerate(PROMPTS[:4]):
+            run.join(key, prompt, max_tokens=12)
+        run.until()
+    assert made_with and set(made_with) == {llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED}, made_with
+    for key in range(4):
+        final = run.final(key)
+        assert isinstance(final, Completion) and final.usage.completion_tokens > 0, final
+        assert run.pieces(key) == final.text
+
+
 def test_a_request_joins_a_running_batch_and_leaves_before_it(alone, batched):
     run = Run(batched)
     run.join(1, "once upon a time", max_tokens=60)
