@@ -76,7 +76,9 @@ def test_prefix_cache_does_not_change_results(backend):
 
 
 def test_long_prompt_reports_progress_and_can_be_cancelled_between_batches(backend):
-    prompt = "in " * 150  # ~150 tokens = 10 batches of 16
+    # Each prompt opens with a word no other test's prompt starts with: the backend reuses the longest cached
+    # prefix, so after "in " * 200 (or "in " * 40) ran in the same module it would evaluate only the tail.
+    prompt = "progress " + "in " * 150  # ~150 tokens = 10 batches of 16
     events, _, finished = run(backend, prompt, max_tokens=4)
     progress = [e for e in events if isinstance(e, PromptProgress)]
     assert len(progress) >= 9 and progress[-1].done == progress[-1].total
@@ -86,7 +88,8 @@ def test_long_prompt_reports_progress_and_can_be_cancelled_between_batches(backe
         polls.append(1)
         return len(polls) > 3
 
-    events, pieces, finished = run(backend, "and " * 150, max_tokens=4, should_stop=stop_after_three)
+    events, pieces, finished = run(backend, "cancel " + "and " * 150, max_tokens=4,
+                                     should_stop=stop_after_three)
     assert finished is None and pieces == []
     assert len([e for e in events if isinstance(e, PromptProgress)]) == 3
     # the backend is usable afterwards and still exact

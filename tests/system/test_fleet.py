@@ -124,6 +124,12 @@ def play(inventory: Path, playbook: str, bundle: Path | None, label: str, *extra
     return result.returncode, result.stdout + result.stderr, recap
 
 
+def why(out: str, tail: int = 6000) -> str:
+    """A failed play's fatal and unreachable lines (they may lie far above the tail), then its tail."""
+    fatal = [line for line in out.splitlines() if line.startswith(("fatal:", "failed:")) or "UNREACHABLE" in line]
+    return "\n".join(fatal) + "\n...\n" + out[-tail:]
+
+
 def versions(fleet, control_key) -> dict[str, str]:
     return {name: ssh(vm, control_key, "/opt/appliance/current/venv/bin/appliance --version").split()[-1]
             for name, vm in fleet.items()}
@@ -204,33 +210,33 @@ def test_the_fleet_is_provisioned_updated_and_rolled_back(fleet, inventory, bund
         assert "UNREACHABLE" in probe, (name, probe)
 
     rc, out, recap = play(inventory, "site.yml", bundle_amd64, "site.yml (provision)")
-    assert rc == 0, out[-6000:]
+    assert rc == 0, why(out)
     assert set(recap) == set(HOSTS) and all(r["failed"] == 0 for r in recap.values())
     rc, out, recap = play(inventory, "site.yml", bundle_amd64, "site.yml again")
-    assert rc == 0 and all(r["changed"] == 0 for r in recap.values()), out[-6000:]
+    assert rc == 0 and all(r["changed"] == 0 for r in recap.values()), why(out)
     ca = tls_ca[0]
     answers(fleet, ca)
     first_boot_and_keys_hold(fleet, control_key, ca)
 
     rc, out, recap = play(inventory, "update.yml", good, "update.yml 0.1.1", *BATCHES)
-    assert rc == 0, out[-6000:]
+    assert rc == 0, why(out)
     assert versions(fleet, control_key) == dict.fromkeys(HOSTS, "0.1.1")
     answers(fleet, ca)
     first_boot_and_keys_hold(fleet, control_key, ca)
     rc, out, recap = play(inventory, "update.yml", good, "update.yml 0.1.1 again", *BATCHES)
-    assert rc == 0 and all(r["changed"] == 0 for r in recap.values()), out[-6000:]
+    assert rc == 0 and all(r["changed"] == 0 for r in recap.values()), why(out)
 
     rc, out, recap = play(inventory, "update.yml", broken, "update.yml broken 0.1.2", *BATCHES)
     assert rc != 0
     assert "release 0.1.2 failed its health check on fleet-1 (batch: fleet-1); rolled back to 0.1.1" in out, \
-        out[-6000:]
+        why(out)
     assert set(recap) == {"fleet-1"}, "the canary's batch failed, so the play stopped before the other batches"
     assert versions(fleet, control_key) == dict.fromkeys(HOSTS, "0.1.1")
     answers(fleet, ca)
 
     report = tmp_path / "fleet.json"
     rc, out, recap = play(inventory, "status.yml", None, "status.yml", "-e", f"status_report={report}")
-    assert rc == 0, out[-4000:]
+    assert rc == 0, why(out, 4000)
     rows = {row["host"]: row for row in json.loads(report.read_text())}
     assert {h: (r["state"], r["version"], r["release"], r["model"]) for h, r in rows.items()} == \
         dict.fromkeys(HOSTS, ("ready", "0.1.1", "0.1.1", "tiny"))
