@@ -55,7 +55,8 @@ run: $(BIN)/.installed-run ## set up and serve the embedded default model over M
 test: typecheck ## every tier: types, unit, integration (mosquitto, llama.cpp, rwkv, onnx), system (images, QEMU)
 	@scripts/ensure-mosquitto --required
 	@scripts/ensure-image-tools
-	$(BIN)/pytest -m "not long" $(PYTEST_ARGS)
+	@# the system tier here, the unit and integration tiers beside it; timing-bound modules wait for them
+	PYTEST=$(BIN)/pytest scripts/test-tiers $(PYTEST_ARGS)
 
 # what takes many minutes on the twin (marked `long`): card writes (~20 min), power cuts during a copy, the twin's
 # self-rollback; and five power cuts at each kind of moment where `make test` makes one

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,21 @@ def pytest_collection_modifyitems(items):
             # the first test of a module builds its image in the fixture's setup: on a machine with no build
             # cache that is the Debian base under qemu-user and a cross-compiled llama.cpp (docs/image.md)
             item.add_marker(pytest.mark.timeout(5400 if item.get_closest_marker("image") else 900))
+    # timing-bound modules last (a stable sort: pytest-randomly's shuffle stays within each group)
+    items.sort(key=lambda item: item.get_closest_marker("quiet") is not None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quiet_machine(request):
+    """A `quiet` test waits until the tiers that `make test` runs beside the system tier have finished
+    (scripts/test-tiers names their end in APPLIANCE_TESTS_BESIDE): its bounds assume the machine to itself. Module
+    scope, so that it comes before the module's own fixtures (a booted twin)."""
+    done = os.environ.get("APPLIANCE_TESTS_BESIDE")
+    if done and request.node.get_closest_marker("quiet") and not os.path.exists(done):
+        started = time.monotonic()
+        while not os.path.exists(done):
+            time.sleep(1)
+        print(f"waited {time.monotonic() - started:.0f} s for the tiers beside to finish")
 
 
 @pytest.fixture(scope="session")

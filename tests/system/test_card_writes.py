@@ -23,7 +23,7 @@ from tests.support.devices import new_card
 from tests.support.harness import MqttClient
 from tests.support.powercut import LAN_MQTT, CardDevice, card_settings
 
-pytestmark = [pytest.mark.image, pytest.mark.long]
+pytestmark = [pytest.mark.image, pytest.mark.long, pytest.mark.quiet]
 
 IDLE_S = float(os.environ.get("APPLIANCE_WRITES_IDLE_S", "600"))
 REQUESTS = int(os.environ.get("APPLIANCE_WRITES_REQUESTS", "300"))

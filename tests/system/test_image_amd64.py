@@ -21,7 +21,7 @@ from image.steps import REPO
 from tests.support.devices import SSH_OPTIONS, generate_over_mqtt, new_card, power_off, ssh, wait_serving, wait_status
 from tests.support.harness import http_get
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.quiet]
 
 READY_WITHIN = 90.0  # seconds from power-on (the acceptance bound)
 SENSOR, SECRET = "weather-station", "a long sensor password"

@@ -24,7 +24,7 @@ from tests.support import tiny_onnx
 from tests.support.devices import generate_over_mqtt, new_card, power_off, ssh
 from tests.support.harness import http_get, http_post
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.quiet]
 
 PI_BOOT_FILES = {"bootcode.bin", "start4.elf", "fixup4.dat", "start.elf", "fixup.dat", "config.txt", "cmdline.txt",
                  "bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb", "bcm2711-rpi-cm4-io.dtb", "bcm2837-rpi-3-b-plus.dtb",

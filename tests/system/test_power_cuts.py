@@ -32,7 +32,7 @@ from tests.support.devices import new_card, wait_status
 from tests.support.harness import MqttClient, chunks_by_id, finals_by_id, wait_until
 from tests.support.powercut import LAN_MQTT, READY_WITHIN, CardDevice, card_settings
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.quiet]
 
 SEED = int(os.environ.get("APPLIANCE_POWERCUT_SEED", "1212"))
 CUTS = int(os.environ.get("APPLIANCE_POWERCUT_CUTS", "1"))  # per kind of moment; `make test-long`: 5
