@@ -1,7 +1,8 @@
 """The one way every child process starts: what runs before a worker's own loop, whichever worker it is.
 
-A child is started with multiprocessing's ``spawn`` (the parent runs paho and HTTP threads, which ``fork`` would copy
-mid-flight) and given a :class:`Program`: a small picklable object that says what the child is and runs its loop on
+A child is a fresh interpreter (``python -m appliance.process <fd>``: the parent runs paho and HTTP threads, which
+``fork`` would copy mid-flight) holding one end of a socket pair; the parent's first message on it is a
+:class:`Start` carrying a :class:`Program`: a small picklable object that says what the child is and runs its loop on
 the pipe to the parent.
 """
 
@@ -11,6 +12,7 @@ import contextlib
 import faulthandler
 import logging
 import signal
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -27,6 +29,24 @@ class Program(Protocol):
 
     def serve(self, conn: Connection) -> None:
         """Announce Ready, then answer messages until Shutdown; returns (or raises EOFError) when done."""
+
+
+@dataclass(frozen=True)
+class Start:
+    """The parent's first message to a new child: what to run, and the parent's log level."""
+
+    program: Program
+    log_level: int
+
+
+def from_parent(fd: int) -> None:
+    """``python -m appliance.process <fd>``: read the :class:`Start` on the parent's socket and run it."""
+    conn = Connection(fd)
+    try:
+        start = conn.recv()
+    except (EOFError, OSError):  # the parent went away before it said what to run
+        return
+    main(conn, start.program, start.log_level)
 
 
 def main(conn: Connection, program: Program, log_level: int) -> None:

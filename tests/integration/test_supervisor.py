@@ -10,6 +10,7 @@ import signal
 import time
 import uuid
 
+import psutil
 import pytest
 
 from appliance.backends.probe import MiB
@@ -277,6 +278,9 @@ def test_worker_volunteers_for_the_oom_killer_under_its_own_name(appliance):
         assert int(fh.read()) < 800
     with open(f"/proc/{pid}/comm") as fh:  # what ps, top and the kernel's OOM-killer line name it
         assert fh.read().strip() == "appliance-llm"
+    # and it is the service's only child: no helper process (multiprocessing's resource tracker was one, 8 MiB)
+    children = psutil.Process(appliance.proc.pid).children()
+    assert [(c.pid, c.name()) for c in children] == [(pid, "appliance-llm")]
 
 
 def test_status_command(appliance_factory, board):
