@@ -76,7 +76,7 @@ class PipeHandle:
 
 
 class WorkerProcess(PipeHandle):
-    """A child running ``program``: a fresh interpreter (``python -m appliance.process <fd>``, no fork: the parent
+    """A child running ``program``: a fresh interpreter (``python -P -m appliance.process <fd>``, no fork: the parent
     runs paho and HTTP threads, which a fork would copy mid-flight) on one end of a socket pair, whose first message
     is the program (:func:`appliance.process.bootstrap.from_parent`).
 
@@ -94,7 +94,9 @@ class WorkerProcess(PipeHandle):
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
         try:
-            self._process = subprocess.Popen([sys.executable, "-m", "appliance.process", str(theirs.fileno())],
+            # -P: the working directory stays off sys.path, so the child imports the parent's appliance package, not
+            # whatever a directory named "appliance" where the service was started holds
+            self._process = subprocess.Popen([sys.executable, "-P", "-m", "appliance.process", str(theirs.fileno())],
                                              pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
