@@ -1,4 +1,4 @@
-"""``python -m appliance.process <fd>``: how the parent (process/handle.py) starts every child process."""
+"""``python -P -m appliance.process <fd>``: how the parent (process/handle.py) starts every child process."""
 
 import sys
 

@@ -1,6 +1,6 @@
 """The one way every child process starts: what runs before a worker's own loop, whichever worker it is.
 
-A child is a fresh interpreter (``python -m appliance.process <fd>``: the parent runs paho and HTTP threads, which
+A child is a fresh interpreter (``python -P -m appliance.process <fd>``: the parent runs paho and HTTP threads, which
 ``fork`` would copy mid-flight) holding one end of a socket pair; the parent's first message on it is a
 :class:`Start` carrying a :class:`Program`: a small picklable object that says what the child is and runs its loop on
 the pipe to the parent.
@@ -40,7 +40,7 @@ class Start:
 
 
 def from_parent(fd: int) -> None:
-    """``python -m appliance.process <fd>``: read the :class:`Start` on the parent's socket and run it."""
+    """``python -P -m appliance.process <fd>``: read the :class:`Start` on the parent's socket and run it."""
     conn = Connection(fd)
     try:
         start = conn.recv()
