@@ -221,6 +221,8 @@ def test_the_fleet_is_provisioned_updated_and_rolled_back(fleet, inventory, bund
     rc, out, recap = play(inventory, "update.yml", good, "update.yml 0.1.1", *BATCHES)
     assert rc == 0, why(out)
     assert versions(fleet, control_key) == dict.fromkeys(HOSTS, "0.1.1")
+    for name, vm in fleet.items():  # what was sent is unpacked, and no tar stays on the card
+        assert ssh(vm, control_key, "sudo ls /var/lib/appliance-incoming").split() == ["0.1.1"], name
     answers(fleet, ca)
     first_boot_and_keys_hold(fleet, control_key, ca)
     rc, out, recap = play(inventory, "update.yml", good, "update.yml 0.1.1 again", *BATCHES)
