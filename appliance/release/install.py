@@ -145,11 +145,13 @@ def _install_release(bundle: Bundle, target: Path, layout: Layout, log: Callable
     base = layout.release(current_release(layout) or "-")
     old = _wheel_digests(parse_manifest(base / "MANIFEST")) if _reusable(base) else None
     if old is not None:
-        # a copy of the running release's venv, with only the wheels that differ (by digest) put in: an update
-        # that changes the appliance alone takes seconds instead of minutes of unpacking and compiling on a card
+        # the running release's venv, hard-linked file by file, with only the wheels that differ (by digest) put
+        # in: an update that changes the appliance alone takes seconds instead of minutes of unpacking and
+        # compiling on a card, and the two releases share ~300 MB of unchanged files. Nothing writes a venv's file
+        # in place: pip unlinks a file before it writes it, Python replaces a .pyc by rename, _retarget too.
         changed = sorted(name for name, digest in wheels.items() if old.get(name) != digest)
-        log(f"copying the venv of release {base.name}; installing the {len(changed)} wheels that differ")
-        _run(["cp", "-a", str(base / "venv"), str(target / "venv")])
+        log(f"linking the venv of release {base.name}; installing the {len(changed)} wheels that differ")
+        _run(["cp", "-a", "--link", str(base / "venv"), str(target / "venv")])
         _retarget(target / "venv" / "bin", str(base / "venv"), str(target / "venv"))
         if gone := sorted({_dist(n) for n in old} - {_dist(n) for n in wheels}):
             _run([*pip, "uninstall", "--yes", "--quiet", *gone])
@@ -189,12 +191,16 @@ def _dist(wheel_name: str) -> str:
 
 
 def _retarget(bin_dir: Path, old: str, new: str) -> None:
-    """A copied venv's scripts name the interpreter of the venv they were copied from: point them at the copy."""
+    """A linked venv's scripts name the interpreter of the venv they came from: point them at the new one, each
+    through a new file renamed over the link (writing through it would change the other release's script too)."""
     for script in bin_dir.iterdir():
         if script.is_file() and not script.is_symlink():
             data = script.read_bytes()
             if old.encode() in data[:4096]:
-                script.write_bytes(data.replace(old.encode(), new.encode()))
+                fresh = script.with_name(f".{script.name}.retarget")
+                fresh.write_bytes(data.replace(old.encode(), new.encode()))
+                shutil.copymode(script, fresh)
+                os.replace(fresh, script)
 
 
 def _install_models(bundle: Bundle, release_dir: Path, store: ModelStore, layout: Layout,

@@ -143,6 +143,14 @@ def test_releases_switch_roll_back_and_prune_with_their_models(bundle_amd64, mod
     version = subprocess.run([str(device / "opt/current/venv/bin/appliance"), "--version"], capture_output=True,
                              text=True).stdout.strip()
     assert version == "appliance 0.1.1"
+    old_venv, new_venv = device / "opt/releases/0.1.0/venv", device / "opt/releases/0.1.1/venv"
+    assert subprocess.run([str(old_venv / "bin/appliance"), "--version"], capture_output=True,
+                          text=True).stdout.strip() == "appliance 0.1.0", "the previous release is untouched"
+    assert (old_venv / "bin/pip").read_bytes().startswith(f"#!{old_venv}/bin/python".encode())
+    assert (new_venv / "bin/pip").read_bytes().startswith(f"#!{new_venv}/bin/python".encode())
+    shared = next(old_venv.glob("lib/python3*/site-packages/numpy/__init__.py"))
+    assert shared.stat().st_ino == (new_venv / shared.relative_to(old_venv)).stat().st_ino, \
+        "the unchanged files are linked, not copied: the releases share them on the card"
 
     def catalog() -> str:
         return (device / "opt/current/models/catalog.toml").read_text()
