@@ -37,8 +37,11 @@ pytestmark = [pytest.mark.image, pytest.mark.quiet]
 SEED = int(os.environ.get("APPLIANCE_POWERCUT_SEED", "1212"))
 CUTS = int(os.environ.get("APPLIANCE_POWERCUT_CUTS", "1"))  # per kind of moment; `make test-long`: 5
 SWITCH_WINDOW = (0.0, 4.0)  # seconds after the switch
-# seconds after the copy began, for `make test`'s one cut during a copy: well inside it (the venv's copy took 86 s
-# on a loaded machine, about 30 s on a quiet one) without an uncut update first to time it, as test-long does
+# seconds after the copy began, for `make test`'s one cut during a copy: well inside it without an uncut update first
+# to time it, as test-long does. The copy is what the installer does between these two lines of its log: the venv
+# linked from the running release's, the changed wheel and the release's new model put in, all of it flushed (86 s
+# on a loaded machine, about 30 s on a quiet one when the venv was copied whole)
+COPY_BEGINS, SWITCHED = "linking the venv", "switched current"
 EARLY_IN_THE_COPY = (0.5, 8.0)
 SENSOR, SECRET = "power-sensor", "a long power password"
 DEVICE_ID = "cut-01"
@@ -186,7 +189,7 @@ def test_power_cuts_within_seconds_of_the_switch_and_early_in_a_copy(device, upd
 
 def cut_during_the_copy(device: CardDevice, update_bundles, version: str, old: str, delay: float) -> dict:
     """An update cut ``delay`` s after its copy began: the old release, whole, unless the copy was done by then."""
-    cut = device.run_and_cut(install_command(update_bundles[version]), marker="copying the venv", delay=delay)
+    cut = device.run_and_cut(install_command(update_bundles[version]), marker=COPY_BEGINS, delay=delay)
     row = after_the_cut(device, old, version)
     interrupted = row["release"] == old
     assert not interrupted or version in row["unstamped"] or "switched current" not in cut.output
@@ -293,8 +296,8 @@ def test_power_cuts_in_the_middle_of_the_copy(device, update_bundles):
     fractions = [round(rng.uniform(0.05, 0.95), 3) for _ in range(CUTS)]
     start(device, first=True)
     # an update with no cut first, to learn how long the copy takes on this machine
-    marks = device.run_marked(install_command(update_bundles[VERSIONS[0]]), ("copying the venv", "switched current"))
-    copy_s = marks["switched current"] - marks["copying the venv"]
+    marks = device.run_marked(install_command(update_bundles[VERSIONS[0]]), (COPY_BEGINS, SWITCHED))
+    copy_s = marks[SWITCHED] - marks[COPY_BEGINS]
     kept(device)
     rows, old = [], VERSIONS[0]
     for version, fraction in zip(VERSIONS[1:], fractions, strict=True):
