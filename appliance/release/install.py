@@ -26,6 +26,7 @@ import fcntl
 import os
 import platform
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -197,10 +198,7 @@ def _retarget(bin_dir: Path, old: str, new: str) -> None:
         if script.is_file() and not script.is_symlink():
             data = script.read_bytes()
             if old.encode() in data[:4096]:
-                fresh = script.with_name(f".{script.name}.retarget")
-                fresh.write_bytes(data.replace(old.encode(), new.encode()))
-                shutil.copymode(script, fresh)
-                os.replace(fresh, script)
+                write_file(script, data.replace(old.encode(), new.encode()), mode=stat.S_IMODE(script.stat().st_mode))
 
 
 def _install_models(bundle: Bundle, release_dir: Path, store: ModelStore, layout: Layout,
