@@ -55,14 +55,10 @@ def send(tmp_path: Path, bundle: Path, release: str, staging: Path) -> tuple[dic
     return json.loads(json.loads(shown.group(1))), tasks
 
 
-def staged(release_dir: Path) -> dict[str, bytes]:
-    return {p.relative_to(release_dir).as_posix(): p.read_bytes()
-            for p in sorted(release_dir.rglob("*")) if p.is_file() and p.relative_to(release_dir).parts[0] != "models"}
-
-
-def expected(bundle: Path) -> dict[str, bytes]:
-    return {p.relative_to(bundle).as_posix(): p.read_bytes()
-            for p in sorted(bundle.rglob("*")) if p.is_file() and p.relative_to(bundle).parts[0] != "models"}
+def software(root: Path) -> dict[str, bytes]:
+    """The files under a bundle or a staged release outside models/ (the models role's part), by relative path."""
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).parts[0] != "models"}
 
 
 def test_only_what_the_device_lacks_is_sent(tmp_path):
@@ -78,7 +74,7 @@ def test_only_what_the_device_lacks_is_sent(tmp_path):
     assert gathered == {"linked": [], "removed": [], "missing": [
         "bin/appliance-install-bundle", "systemd/appliance.service", "wheels/appliance-0.1.0.whl",
         "wheels/llama.whl", "wheels/numpy.whl"]}, "nothing staged yet: every software file is sent, no model"
-    assert staged(staging / "0.1.0") == expected(first)
+    assert software(staging / "0.1.0") == software(first)
     assert not (staging / "0.1.0.tar").exists(), "the tar is unpacked and removed"
 
     gathered, tasks = send(tmp_path, first, "0.1.0", staging)
@@ -110,7 +106,7 @@ def test_only_what_the_device_lacks_is_sent(tmp_path):
         "removed": ["wheels/appliance-0.0.9.whl"],
         "missing": ["systemd/appliance.service", "wheels/appliance-0.1.1.whl", "wheels/new-dependency.whl"]}, \
         "held files linked (the damaged one replaced), the link not followed, the changed and new ones sent"
-    assert staged(staging / "0.1.1") == expected(second)
+    assert software(staging / "0.1.1") == software(second)
     assert (staging / "0.1.1" / "wheels" / "numpy.whl").stat().st_ino == \
         (staging / "0.1.0" / "wheels" / "numpy.whl").stat().st_ino, "linked, not copied: no second 80 MB on the card"
     assert not (staging / "0.1.1" / "systemd" / "appliance.service").is_symlink()

@@ -12,7 +12,8 @@ holds any). Prints {"linked": [...], "removed": [...], "missing": [...]} as JSON
 
 Nothing here is trusted: the installer checks the signature and every digest again before it installs anything.
 Runs on the device with Debian's python3, standard library only; root runs it in a directory only root can write,
-and it still neither follows nor links a symbolic link.
+and it still neither follows nor links a symbolic link. It reads the MANIFEST itself rather than through the
+device's installer (appliance/release/verify.py), which may be older than this role and is replaced by the bundle.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def software(manifest: Path) -> dict[str, str]:
         digest, sep, rel = line.partition("  ")
         path = PurePosixPath(rel)
         if not sep or len(digest) != 64 or path.is_absolute() or ".." in path.parts or not path.parts:
-            raise SystemExit(f"{manifest}: not a MANIFEST line: {line!r}")
+            raise ValueError(f"{manifest}: not a MANIFEST line: {line!r}")
         if path.parts[0] != MODELS:
             files[path.as_posix()] = digest
     return files
@@ -66,7 +67,7 @@ def held_elsewhere(staging: Path, release: str) -> dict[str, list[Path]]:
             continue
         try:
             files = software(manifest)
-        except (SystemExit, UnicodeDecodeError):
+        except ValueError:  # UnicodeDecodeError too
             continue  # a damaged leftover is only a source we cannot use
         for rel, digest in files.items():
             held.setdefault(digest, []).append(other / rel)
@@ -114,4 +115,7 @@ def gather(staging: Path, release: str) -> dict[str, list[str]]:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit(__doc__.split("\n\n")[1])
-    print(json.dumps(gather(Path(sys.argv[1]), sys.argv[2])))
+    try:
+        print(json.dumps(gather(Path(sys.argv[1]), sys.argv[2])))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
