@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import image_builds as image_builds_module
 from tests.support import tiny_models
 
 
@@ -26,17 +27,37 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("quiet") is not None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_builds(request, tmp_path_factory):
+    """The images the selected quiet tests boot, built by a child process at the lowest priority beside the tests
+    that tolerate a busy machine (tests/support/image_builds.py); None when no selected test needs one."""
+    needed = {name for item in request.session.items for name in item.fixturenames}
+    jobs = [job for job, fixture in image_builds_module.JOBS.items() if fixture in needed]
+    if not jobs:
+        yield None
+        return
+    builds = image_builds_module.ImageBuilds(
+        jobs, tmp_path_factory.mktemp("image-builds"), catalog=request.getfixturevalue("tiny_catalog"),
+        key=request.getfixturevalue("signing_key"))
+    yield builds
+    builds.close()
+
+
 @pytest.fixture(scope="module", autouse=True)
-def quiet_machine(request):
+def quiet_machine(request, image_builds):
     """A `quiet` test waits until the tiers that `make test` runs beside the system tier have finished
-    (scripts/test-tiers names their end in APPLIANCE_TESTS_BESIDE): its bounds assume the machine to itself. Module
-    scope, so that it comes before the module's own fixtures (a booted twin)."""
+    (scripts/test-tiers names their end in APPLIANCE_TESTS_BESIDE) and the image builds have ended: its bounds
+    assume the machine to itself. Module scope, so that it comes before the module's own fixtures (a booted twin)."""
+    if not request.node.get_closest_marker("quiet"):
+        return
+    started = time.monotonic()
     done = os.environ.get("APPLIANCE_TESTS_BESIDE")
-    if done and request.node.get_closest_marker("quiet") and not os.path.exists(done):
-        started = time.monotonic()
-        while not os.path.exists(done):
-            time.sleep(1)
-        print(f"waited {time.monotonic() - started:.0f} s for the tiers beside to finish")
+    while done and not os.path.exists(done):
+        time.sleep(1)
+    if image_builds is not None:
+        image_builds.wait()
+    if time.monotonic() - started > 1:
+        print(f"waited {time.monotonic() - started:.0f} s for the tiers beside and the image builds to finish")
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +93,8 @@ def bundle_amd64(tmp_path_factory, tiny_catalog, signing_key) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle_amd64_default(tmp_path_factory, signing_key) -> Path:
-    """The bundle `make bundle ARCH=amd64` builds: no catalog given, so the embedded default model."""
+    """The bundle `make bundle ARCH=amd64` builds: no catalog given, so the embedded default model. (The image of
+    the same name builds its own, beside: a test waiting here must not wait for the tiers beside to finish.)"""
     from image import bundle
     return bundle.build("amd64", tmp_path_factory.mktemp("dist-default"), key=signing_key, tarball=False)
 
@@ -85,11 +107,9 @@ def as_root():
 
 
 @pytest.fixture(scope="session")
-def amd64_default_image(as_root, bundle_amd64_default, signing_key, tmp_path_factory):
-    """The QEMU twin as `make image ARCH=amd64` builds it: the embedded default model."""
-    from image import build
-    return build.build("amd64", tmp_path_factory.mktemp("image-default"), bundle=bundle_amd64_default,
-                       key=signing_key, compress=False)
+def amd64_default_image(as_root, image_builds) -> Path:
+    """The QEMU twin as `make image ARCH=amd64` builds it: the embedded default model (built beside other tests)."""
+    return image_builds.result("amd64-default")["image"]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -32,24 +31,10 @@ PI_BOOT_FILES = {"bootcode.bin", "start4.elf", "fixup4.dat", "start.elf", "fixup
 
 
 @pytest.fixture(scope="session")
-def bundle_arm64(as_root, tmp_path_factory, tiny_catalog, signing_key):
-    from image import bundle
-    return bundle.build("arm64", tmp_path_factory.mktemp("dist-arm64"), catalog=tiny_catalog, key=signing_key,
-                        tarball=False)
-
-
-@pytest.fixture(scope="session")
-def arm64_image(bundle_arm64, signing_key, tmp_path_factory):
-    """The compressed image, and the raw one it expands to."""
-    from image import build
-    out = tmp_path_factory.mktemp("image-arm64")
-    packed = build.build("arm64", out, bundle=bundle_arm64, key=signing_key, compress=True, keep_tree=True)
-    raw = out / "raw.img"
-    with raw.open("wb") as f:
-        subprocess.run(["xz", "-dc", str(packed)], stdout=f, check=True)
-    yield packed, raw
-    # the kept tree is one of its own per build in the shared cache: nothing else removes it
-    shutil.rmtree(json.loads(packed.with_name(packed.name + ".json").read_text())["tree"], ignore_errors=True)
+def arm64_image(as_root, image_builds):
+    """The compressed image, and the raw one it expands to (built beside other tests: tests/support/image_builds.py)."""
+    built = image_builds.result("arm64")
+    return built["packed"], built["raw"]
 
 
 def test_the_image_is_named_and_summarised(arm64_image):
