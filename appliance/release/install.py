@@ -36,10 +36,8 @@ from typing import Any
 from . import trial as trials
 from .safefs import Directory, flush_filesystem, write_file
 from .store import ModelStore
-from .verify import Bundle, BundleError, is_model, parse_manifest, store_name
+from .verify import STAMP, Bundle, BundleError, check_unread, installed_from, is_model, parse_manifest, store_name
 from .versions import is_older
-
-STAMP = ".complete"
 
 
 @dataclass
@@ -83,9 +81,9 @@ def install(bundle: Bundle, layout: Layout, activate: bool = True, discard_model
         if not allow_downgrade:
             refuse_downgrade(bundle, layout)
         target = layout.release(bundle.release)
-        stamp = target / STAMP
-        stamped = stamp.is_file() and stamp.read_text().strip() == bundle.manifest_sha256
+        stamped = installed_from(target) == bundle.manifest_sha256
         if not stamped:
+            check_unread(bundle)  # verified against a release that is no longer there: read now, so check now
             # room first: releases nothing names any more, and what an interrupted install or prune left (a power
             # cut seconds after a switch stops the prune that follows it; a few such releases fill a card)
             changes["removed"] = prune(layout, also_keep=bundle.release,

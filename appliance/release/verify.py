@@ -25,6 +25,7 @@ ARCH_OF_MACHINE = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm
 _LINE = re.compile(r"([0-9a-f]{64})  (\S(?:.*\S)?)")
 _RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 CHUNK = 1 << 20
+STAMP = ".complete"  # in a release's directory: the sha256 of the MANIFEST it was installed from, written last
 
 
 class BundleError(Exception):
@@ -41,6 +42,9 @@ class Bundle:
     digests: dict[str, str]  # relative path -> sha256, as MANIFEST lists them
     manifest_sha256: str
     stored: frozenset[str] = frozenset()  # model files not sent because the device's store holds them
+    # files checked for presence only, not against their digest: the software of a release already installed from
+    # this MANIFEST, which installing it again does not read (``check_unread`` checks them if it must after all)
+    unread: frozenset[str] = frozenset()
 
     def files_under(self, folder: str) -> list[str]:
         return sorted(p for p in self.digests if p.startswith(folder + "/"))
@@ -54,11 +58,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(bundle_dir: Path, signers: Path, arch: str | None = None, store: Path | None = None) -> Bundle:
+def verify(bundle_dir: Path, signers: Path, arch: str | None = None, store: Path | None = None,
+           releases: Path | None = None) -> Bundle:
     """The bundle, once its signature, every digest and its metadata check out; else BundleError.
 
     With ``store`` (the device's model store), a model file may be left out of the bundle directory when the store
-    already holds it, checked by digest: the fleet playbooks send only the models a device lacks."""
+    already holds it, checked by digest: the fleet playbooks send only the models a device lacks.
+
+    With ``releases`` (the device's releases directory), the software of a release already installed from this very
+    MANIFEST (its stamp names the MANIFEST's sha256) is checked for presence only: each of those files was checked
+    against its digest when that release was installed, and installing it again reads none of them (every run of the
+    fleet's playbooks would otherwise hash 80 MB twice on every device). bundle.toml, the catalog and the model
+    files, which an install reads, are checked as always."""
     bundle_dir = Path(bundle_dir)
     for name in SIGNED:
         if not (bundle_dir / name).is_file():
@@ -74,14 +85,31 @@ def verify(bundle_dir: Path, signers: Path, arch: str | None = None, store: Path
         raise BundleError(f"{manifest}: the signature does not verify against {signers}"
                           f"{': ' + why[-1] if why else ''}")
     digests = parse_manifest(manifest)
-    stored = _check_files(bundle_dir, digests, store)
+    manifest_sha256 = sha256_file(manifest)
+    _check_digests(bundle_dir, {"bundle.toml": digests["bundle.toml"]})  # first: it names the release
     meta = _metadata(bundle_dir)
+    unread: frozenset[str] = frozenset()
+    if releases is not None and installed_from(releases / meta["release"]) == manifest_sha256:
+        unread = frozenset(rel for rel in digests if rel != "bundle.toml" and not rel.startswith("models/"))
+    stored = _check_files(bundle_dir, digests, store, unread)
     wanted = arch or machine_arch()
     if meta["arch"] != wanted:
         raise BundleError(f"bundle.toml: arch = {meta['arch']!r}, but this device is {wanted}")
     return Bundle(path=bundle_dir, release=meta["release"], version=meta["version"], arch=meta["arch"],
-                  requirement=meta["requirement"], digests=digests, manifest_sha256=sha256_file(manifest),
-                  stored=stored)
+                  requirement=meta["requirement"], digests=digests, manifest_sha256=manifest_sha256,
+                  stored=stored, unread=unread)
+
+
+def installed_from(release_dir: Path) -> str | None:
+    """The sha256 of the MANIFEST an installed release came from (its stamp), or None: not (completely) installed."""
+    stamp = release_dir / STAMP
+    return stamp.read_text().strip() if stamp.is_file() else None
+
+
+def check_unread(bundle: Bundle) -> None:
+    """Check the files ``verify`` left unread against their digest (an install that must read them after all: the
+    release it found installed is gone); BundleError names the first that does not match."""
+    _check_digests(bundle.path, {rel: bundle.digests[rel] for rel in bundle.unread})
 
 
 def machine_arch() -> str:
@@ -106,7 +134,10 @@ def parse_manifest(manifest: Path) -> dict[str, str]:
     return digests
 
 
-def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None) -> frozenset[str]:
+def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None,
+                 unread: frozenset[str] = frozenset()) -> frozenset[str]:
+    """Every listed file present (a model may be in the store instead: those are returned) and nothing unlisted;
+    each checked against its digest but those in ``unread``."""
     present = set()
     for path in bundle_dir.rglob("*"):
         rel = path.relative_to(bundle_dir).as_posix()
@@ -125,15 +156,30 @@ def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None) 
                 raise BundleError(f"{rel}: listed in MANIFEST but missing"
                                   + (" (and not in the device's model store)" if store and is_model(rel) else ""))
             stored.add(rel)
-        for rel, expected in sorted(digests.items()):
-            # the store's copy is read without following links: root reads nothing the service could point it at
-            actual = held.sha256(store_name(rel, expected)) if held and rel in stored else sha256_file(bundle_dir / rel)
-            if actual != expected:
-                raise BundleError(f"{rel}: sha256 {actual} does not match MANIFEST's {expected}")
+        if held is not None:
+            for rel in sorted(stored):
+                # the store's copy is read without following links: root reads nothing the service could point it at
+                _match(rel, held.sha256(store_name(rel, digests[rel])), digests[rel])
+        _check_digests(bundle_dir, {rel: digests[rel] for rel in digests.keys() - stored - unread})
     finally:
         if held is not None:
             held.close()
     return frozenset(stored)
+
+
+def _check_digests(bundle_dir: Path, digests: dict[str, str]) -> None:
+    for rel, expected in sorted(digests.items()):
+        path = bundle_dir / rel
+        if path.is_symlink():
+            raise BundleError(f"{rel}: a symbolic link in the bundle")
+        if not path.is_file():
+            raise BundleError(f"{rel}: listed in MANIFEST but missing")
+        _match(rel, sha256_file(path), expected)
+
+
+def _match(rel: str, actual: str | None, expected: str) -> None:
+    if actual != expected:
+        raise BundleError(f"{rel}: sha256 {actual} does not match MANIFEST's {expected}")
 
 
 def is_model(rel: str) -> bool:

@@ -123,6 +123,44 @@ def test_a_tampered_bundle_is_refused_and_nothing_installed(bundle_amd64, signin
     assert not (device / "opt").exists() and not (device / "state").exists(), "nothing may be installed"
 
 
+def test_an_installed_release_is_not_hashed_again_unless_it_must_be_read(bundle_amd64, signing_key, tmp_path):
+    """Installing the release a device already has from the same MANIFEST reads none of its software, so the
+    staged wheels are not hashed again (each fleet run would hash 80 MB twice); they must still all be there and
+    nothing unlisted, the `verify` command still checks every byte, and an install that has to read them after all
+    checks them first."""
+    bundle, device = _copy(bundle_amd64, tmp_path), tmp_path / "device"
+    assert install(bundle, device, signing_key)[0].returncode == 0
+    _flip_byte(next((bundle / "wheels").glob("paho_mqtt-*.whl")))  # the staged copy only; the release is intact
+    result, body = install(bundle, device, signing_key)
+    assert result.returncode == 0 and body["changed"] is False, result.stderr
+    result, _ = install(bundle, device, signing_key, command="verify")
+    assert result.returncode == 1 and "paho_mqtt" in result.stderr and "does not match MANIFEST" in result.stderr
+    (bundle / "wheels" / "evil-1.0-py3-none-any.whl").write_bytes(b"PK")
+    result, _ = install(bundle, device, signing_key)
+    assert result.returncode == 1 and "evil" in result.stderr and "not in MANIFEST" in result.stderr, result.stderr
+    (bundle / "wheels" / "evil-1.0-py3-none-any.whl").unlink()
+    flask = next((bundle / "wheels").glob("flask-*.whl"))
+    kept = flask.read_bytes()
+    flask.unlink()
+    result, _ = install(bundle, device, signing_key, "--no-activate")
+    assert result.returncode == 1 and "flask" in result.stderr and "missing" in result.stderr, result.stderr
+    flask.write_bytes(kept)
+
+    # the release goes between the check and the install (a prune by another install): the install reads the
+    # staged wheels after all, so it checks them first, and installs nothing from the damaged copy
+    from appliance.release import install as installer
+    from appliance.release.verify import BundleError, verify
+    layout = installer.Layout(prefix=device / "opt", state_dir=device / "state", units_dir=None, tool=None)
+    checked = verify(bundle, device / "bundle-signers", store=layout.models, releases=layout.prefix / "releases")
+    assert checked.unread and all(rel.startswith(("wheels/", "bin/", "systemd/", "mosquitto/"))
+                                  for rel in checked.unread), sorted(checked.unread)
+    (device / "opt/current").unlink()
+    shutil.rmtree(device / "opt/releases" / checked.release)
+    with pytest.raises(BundleError, match=r"wheels/paho_mqtt-\S+: sha256 \w+ does not match MANIFEST"):
+        installer.install(checked, layout, log=lambda message: None)
+    assert not (device / "opt/releases" / checked.release).exists()
+
+
 def _catalog_of(tmp_path, models_dir, model_id: str, file_name: str) -> Path:
     path = tmp_path / f"{model_id}.toml"
     path.write_text(tiny_models.catalog_entry(model_id, models_dir / file_name, absolute=True, template="chatml"))
