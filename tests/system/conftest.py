@@ -93,8 +93,8 @@ def bundle_amd64(tmp_path_factory, tiny_catalog, signing_key) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle_amd64_default(tmp_path_factory, signing_key) -> Path:
-    """The bundle `make bundle ARCH=amd64` builds: no catalog given, so the embedded default model. (The image of
-    the same name builds its own, beside: a test waiting here must not wait for the tiers beside to finish.)"""
+    """The bundle `make bundle ARCH=amd64` builds: no catalog given, so the embedded default model. (The twin's
+    image of it builds its own in image_builds' child: the bundle test runs in the other pytest of `make test`.)"""
     from image import bundle
     return bundle.build("amd64", tmp_path_factory.mktemp("dist-default"), key=signing_key, tarball=False)
 
