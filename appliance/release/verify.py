@@ -91,7 +91,7 @@ def verify(bundle_dir: Path, signers: Path, arch: str | None = None, store: Path
     unread: frozenset[str] = frozenset()
     if releases is not None and installed_from(releases / meta["release"]) == manifest_sha256:
         unread = frozenset(rel for rel in digests if rel != "bundle.toml" and not rel.startswith("models/"))
-    stored = _check_files(bundle_dir, digests, store, unread)
+    stored = _check_files(bundle_dir, digests, store, not_hashed=unread | {"bundle.toml"})  # bundle.toml: above
     wanted = arch or machine_arch()
     if meta["arch"] != wanted:
         raise BundleError(f"bundle.toml: arch = {meta['arch']!r}, but this device is {wanted}")
@@ -135,9 +135,9 @@ def parse_manifest(manifest: Path) -> dict[str, str]:
 
 
 def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None,
-                 unread: frozenset[str] = frozenset()) -> frozenset[str]:
+                 not_hashed: frozenset[str] = frozenset()) -> frozenset[str]:
     """Every listed file present (a model may be in the store instead: those are returned) and nothing unlisted;
-    each checked against its digest but those in ``unread``."""
+    each checked against its digest but those in ``not_hashed``."""
     present = set()
     for path in bundle_dir.rglob("*"):
         rel = path.relative_to(bundle_dir).as_posix()
@@ -160,7 +160,7 @@ def _check_files(bundle_dir: Path, digests: dict[str, str], store: Path | None,
             for rel in sorted(stored):
                 # the store's copy is read without following links: root reads nothing the service could point it at
                 _match(rel, held.sha256(store_name(rel, digests[rel])), digests[rel])
-        _check_digests(bundle_dir, {rel: digests[rel] for rel in digests.keys() - stored - unread})
+        _check_digests(bundle_dir, {rel: digests[rel] for rel in digests.keys() - stored - not_hashed})
     finally:
         if held is not None:
             held.close()

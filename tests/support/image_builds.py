@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,18 +46,18 @@ def build_job(name: str, out: Path, catalog: Path, key: Path) -> dict[str, str]:
             subprocess.run(["xz", "-dc", str(packed)], stdout=f, check=True)
         # the tree is kept for the tests that read it; ImageBuilds.close removes it (one per build, in the shared cache)
         tree = json.loads(packed.with_name(packed.name + ".json").read_text())["tree"]
-        return {"bundle": str(built), "packed": str(packed), "raw": str(raw), "tree": tree}
+        return {"packed": str(packed), "raw": str(raw), "tree": tree}
     if name == "amd64-default":
         built = bundle.build("amd64", out / "dist-default", key=key, tarball=False)
         image = build.build("amd64", out / "image-default", bundle=built, key=key, compress=False)
-        return {"bundle": str(built), "image": str(image)}
+        return {"image": str(image)}
     raise ValueError(f"no image job named {name!r}; known: {', '.join(JOBS)}")
 
 
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     out = Path(spec["out"])
-    results: dict[str, dict[str, str]] = {}
+    results: dict[str, dict[str, Any]] = {}  # job -> {"built": {name: path}} or {"error": traceback}
     for name in spec["jobs"]:
         started = time.monotonic()
         try:
