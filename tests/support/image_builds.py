@@ -3,9 +3,11 @@ priority while the other tests run, so that it takes only the time they leave id
 core idle once the tiers beside it have finished) and the quiet part of the run holds only what its bounds measure.
 The arm64 image alone is 4-5 minutes of building and compressing on the 2-core CI machine.
 
-The system tier's conftest starts the builds its selected tests need (none for a run that needs none); a fixture
-that needs an image waits for it, and a quiet module waits for all of them. The child builds one image after
-another, writes what each became (or why it failed) to ``results.json`` and its progress to ``builds.log``.
+The system tier's conftest starts the builds its selected tests need (none for a run that needs none) and orders the
+quiet modules by the last image they need; a fixture that needs an image waits for that one only. A build still
+running beside a quiet module takes only what the module leaves idle (nice 19 against 0 is a CPU share of 15 to
+1024). The child builds one image after another, writes what each became (or why it failed) to ``results.json`` and
+its progress to ``builds.log``.
 
     python -m tests.support.image_builds SPEC.json      (what ImageBuilds runs; SPEC names the jobs)"""
 
@@ -23,10 +25,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
-# job name -> the session fixture that takes its value from it (a job runs when a selected test uses that fixture)
+# job name -> the session fixture that takes its value from it (a job runs when a selected test uses that fixture),
+# in the order the child builds them: the short one first, so that its tests need not wait for the long one (on a
+# machine with no build cache the arm64 image waits for a Debian base built under qemu-user: half an hour)
 JOBS = {
-    "arm64": "arm64_image",  # `make image`: the tiny catalog, compressed, then expanded to boot
     "amd64-default": "amd64_default_image",  # `make image ARCH=amd64`: the embedded default model
+    "arm64": "arm64_image",  # `make image`: the tiny catalog, compressed, then expanded to boot
 }
 
 
@@ -85,18 +89,18 @@ class ImageBuilds:
                 ["nice", "-n", "19", "ionice", "-c", "3", sys.executable, "-m", "tests.support.image_builds",
                  str(spec)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
-    def wait(self) -> None:
-        """Until every job has ended (built or failed)."""
-        self._child.wait()
+    def _results(self) -> dict[str, dict[str, Any]]:
+        results_file = self.out / "results.json"  # replaced whole after each job (never read half-written)
+        return json.loads(results_file.read_text()) if results_file.is_file() else {}
 
     def result(self, job: str) -> dict[str, Path]:
-        """The paths ``job`` made, once built; ImageBuildFailed with its error and the log's end if it failed."""
+        """The paths ``job`` made, once built (the jobs after it may still be building); ImageBuildFailed with its
+        error and the log's end if it failed."""
         if job not in self.jobs:
             raise ValueError(f"image job {job!r} was not started (started: {self.jobs})")
-        self.wait()
-        results_file = self.out / "results.json"
-        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-        got = results.get(job)
+        while (got := self._results().get(job)) is None and self._child.poll() is None:
+            time.sleep(1)
+        got = got or self._results().get(job)  # written just before the child ended
         if got is None or "built" not in got:
             tail = self.log.read_text(errors="replace")[-4000:] if self.log.is_file() else "(no log)"
             error = got["error"] if got else f"the builder ended with {self._child.returncode}"
@@ -113,8 +117,7 @@ class ImageBuilds:
             except subprocess.TimeoutExpired:
                 self._child.kill()
                 self._child.wait()
-        results_file = self.out / "results.json"
-        for got in (json.loads(results_file.read_text()) if results_file.is_file() else {}).values():
+        for got in self._results().values():
             if "tree" in got.get("built", {}):
                 shutil.rmtree(got["built"]["tree"], ignore_errors=True)
 

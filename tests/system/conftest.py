@@ -23,9 +23,18 @@ def pytest_collection_modifyitems(items):
             # the first test of a module builds its image in the fixture's setup: on a machine with no build
             # cache that is the Debian base under qemu-user and a cross-compiled llama.cpp (docs/image.md)
             item.add_marker(pytest.mark.timeout(5400 if item.get_closest_marker("image") else 900))
-    # timing-bound modules last (a stable sort: pytest-randomly's shuffle stays within each group)
-    items.sort(key=lambda item: item.get_closest_marker("quiet") is not None)
+    # timing-bound modules last, in the order their prebuilt images become ready (a stable sort: pytest-randomly's
+    # shuffle stays within each group, and a module's tests stay together)
+    build_rank = {fixture: rank for rank, fixture in enumerate(image_builds_module.JOBS.values(), start=1)}
+    module_rank: dict[str, int] = {}
+    for item in items:
+        needs = max((build_rank.get(name, 0) for name in item.fixturenames), default=0)
+        module_rank[_module(item)] = max(module_rank.get(_module(item), 0), needs)
+    items.sort(key=lambda item: (item.get_closest_marker("quiet") is not None, module_rank[_module(item)]))
 
+
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
 
 @pytest.fixture(scope="session", autouse=True)
 def image_builds(request, tmp_path_factory):
@@ -44,20 +53,19 @@ def image_builds(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def quiet_machine(request, image_builds):
+def quiet_machine(request):
     """A `quiet` test waits until the tiers that `make test` runs beside the system tier have finished
-    (scripts/test-tiers names their end in APPLIANCE_TESTS_BESIDE) and the image builds have ended: its bounds
-    assume the machine to itself. Module scope, so that it comes before the module's own fixtures (a booted twin)."""
+    (scripts/test-tiers names their end in APPLIANCE_TESTS_BESIDE): its bounds assume the machine to itself, but for
+    an image still being built at nice 19 (its fixture waits for the image it boots, not for the others). Module
+    scope, so that it comes before the module's own fixtures (a booted twin)."""
     if not request.node.get_closest_marker("quiet"):
         return
     started = time.monotonic()
     done = os.environ.get("APPLIANCE_TESTS_BESIDE")
     while done and not os.path.exists(done):
         time.sleep(1)
-    if image_builds is not None:
-        image_builds.wait()
     if time.monotonic() - started > 1:
-        print(f"waited {time.monotonic() - started:.0f} s for the tiers beside and the image builds to finish")
+        print(f"waited {time.monotonic() - started:.0f} s for the tiers beside to finish")
 
 
 @pytest.fixture(scope="session")
