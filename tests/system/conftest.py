@@ -36,6 +36,7 @@ def pytest_collection_modifyitems(items):
 def _module(item) -> str:
     return item.nodeid.split("::")[0]
 
+
 @pytest.fixture(scope="session", autouse=True)
 def image_builds(request, tmp_path_factory):
     """The images the selected quiet tests boot, built by a child process at the lowest priority beside the tests
