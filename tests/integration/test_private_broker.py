@@ -26,11 +26,11 @@ def _round_trip(app, port: int) -> dict:
 def test_private_broker_on_the_configured_port(appliance_factory):
     port = free_port()
     app = appliance_factory(overrides={"mqtt": {"host": "", "port": port}})
+    final = _round_trip(app, port)  # first: it waits for the "ready" status, so the MQTT connect has been logged
+    assert final["type"] == "result" and final["usage"]["completion_tokens"] == 3
     log = app.log_text()
     assert f"private mosquitto listening on 127.0.0.1:{port}" in log
     assert f"MQTT 127.0.0.1:{port} topics appliance/{app.device}/generate" in log
-    final = _round_trip(app, port)
-    assert final["type"] == "result" and final["usage"]["completion_tokens"] == 3
     assert app.stop() == 0
     assert port_is_free("127.0.0.1", port), "the private broker stops with the appliance"
 
