@@ -113,8 +113,9 @@ def test_busy_device_does_not_swallow_fleet_work_another_device_can_do(appliance
     client.publish(busy.topic("generate"), {**long, "id": "long"}, response_topic="test/share/long",
                    correlation=b"long")
     client.wait_for(lambda m: m.topic == "test/share/long")  # generating now
-    # one waits in its queue; two more wait with the broker and refill the queue, so it stays full for a minute
-    backlog = ["w1", "w2", "w3"]
+    # one waits in its queue; more wait with the broker and refill the queue, so it stays full for over a minute
+    # (each takes ~10 s at this model's ~380 tok/s: three lasted ~40 s, which a loaded machine's loop below outran)
+    backlog = [f"w{i}" for i in range(1, 8)]
     for rid in backlog:
         client.publish(busy.topic("generate"), {**long, "id": rid}, response_topic=f"test/share/{rid}",
                        correlation=rid.encode())
