@@ -26,15 +26,11 @@ def pytest_collection_modifyitems(items):
     # timing-bound modules last, in the order their prebuilt images become ready (a stable sort: pytest-randomly's
     # shuffle stays within each group, and a module's tests stay together)
     build_rank = {fixture: rank for rank, fixture in enumerate(image_builds_module.JOBS.values(), start=1)}
-    module_rank: dict[str, int] = {}
+    module_rank: dict[Path, int] = {}
     for item in items:
         needs = max((build_rank.get(name, 0) for name in item.fixturenames), default=0)
-        module_rank[_module(item)] = max(module_rank.get(_module(item), 0), needs)
-    items.sort(key=lambda item: (item.get_closest_marker("quiet") is not None, module_rank[_module(item)]))
-
-
-def _module(item) -> str:
-    return item.nodeid.split("::")[0]
+        module_rank[item.path] = max(module_rank.get(item.path, 0), needs)
+    items.sort(key=lambda item: (item.get_closest_marker("quiet") is not None, module_rank[item.path]))
 
 
 @pytest.fixture(scope="session", autouse=True)
