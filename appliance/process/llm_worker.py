@@ -55,6 +55,9 @@ from appliance.protocol import Completion
 log = logging.getLogger("appliance.worker")
 
 PROGRESS_EVERY = 0.5  # seconds between liveness reports of a non-streamed generation
+# What the pipe raises once the parent has closed it (a stop, a restart, a kill of the service) while a generation
+# sends a piece or polls for a cancel. (A batch step neither sends nor polls: the batch loop does, outside its try.)
+PARENT_GONE = (EOFError, BrokenPipeError, ConnectionResetError)
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,8 @@ class _Child:
         try:
             for event in self.backend.generate(task, lambda: self._should_stop(key)):
                 finished = report.send(event) or finished
+        except PARENT_GONE:
+            raise  # not the engine's failure: nobody is left to tell (bootstrap.main ends the child quietly)
         except Exception as exc:
             self._fail(key, exc, "generation failed inside the engine")
             return
