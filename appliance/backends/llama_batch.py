@@ -111,6 +111,9 @@ class LlamaBatch(SequenceBatch):
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+        if self.ctx is not None:  # its KV cache: every slot's context_size of cells (what a reload must get back)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
 
     def _sampler(self, request: PreparedRequest) -> Any:
         """The chain ``Llama._init_sampler`` builds for ``create_completion``'s defaults, for one request."""

@@ -23,7 +23,6 @@ from appliance.backends.base import (
     SequenceBatch,
 )
 from appliance.backends.llama_batch import PreparedRequest
-from appliance.backends.llama_probe import TINY_BATCH, TINY_CONTEXT
 from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_budget
 from appliance.catalog.entry import ModelEntry
 from appliance.errors import BadRequest, ModelError
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
 
     from appliance.backends.base import EngineSettings
 
+_OWN_CONTEXT, _OWN_BATCH = 256, 8  # batched: the Llama object's own context, made by Llama() and freed (load)
 _FALLBACK_TEMPLATE = "chatml"  # what llama-server uses for a GGUF without a template and no catalog entry
 
 
@@ -76,8 +76,9 @@ class LlamaCppBackend(Backend):
         self.close()
         threads, slots = self.settings.threads, self.settings.parallel
         # batched: the Llama object keeps the weights, tokenizer and template; the KV cache of every slot lives in
-        # the batch's own context (llama_batch.make_context), so the Llama's context is kept minimal
-        n_ctx, n_batch = (TINY_CONTEXT, TINY_BATCH) if slots > 1 else (self.settings.context_size,
+        # the batch's own context (llama_batch.make_context). Llama() insists on a context of its own: the smallest
+        # (llama.cpp rounds n_ctx up to 256), freed below before the batch's is made
+        n_ctx, n_batch = (_OWN_CONTEXT, _OWN_BATCH) if slots > 1 else (self.settings.context_size,
                                                                        self.settings.batch_size)
         try:
             llm = llama_cpp.Llama(
@@ -103,6 +104,9 @@ class LlamaCppBackend(Backend):
             return self.load(entry)
         context_size = llm.n_ctx()
         if slots > 1:
+            # nothing decodes in the Llama's own context while a batch serves: its KV cells and buffers (~6 MiB
+            # for SmolLM2-135M) go back now (Llama.close frees it only once, so closing it early is safe)
+            llm._ctx.close()
             try:
                 ctx = llama_batch.make_context(llm, slots, self.settings.context_size, self.settings.batch_size,
                                                threads)
@@ -121,9 +125,8 @@ class LlamaCppBackend(Backend):
     def set_threads(self, threads: int) -> None:
         import llama_cpp
         if self._model is not None:
-            llama_cpp.llama_set_n_threads(self._model.llm.ctx, threads, threads)
-            if self._model.batch is not None:
-                llama_cpp.llama_set_n_threads(self._model.batch.ctx, threads, threads)
+            batch = self._model.batch  # batched, the Llama's own context is freed (load)
+            llama_cpp.llama_set_n_threads(batch.ctx if batch is not None else self._model.llm.ctx, threads, threads)
 
     def close(self) -> None:
         if self._model is not None:

@@ -18,7 +18,6 @@ The header is read once per version of the file (path, size, modification time),
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
 F16 = 2
 F32 = 4
 MAX_UBATCH = 512  # llama-cpp-python's default n_ubatch; the micro-batch is min(n_batch, this)
-TINY_CONTEXT, TINY_BATCH = 256, 8  # the Llama object's own context while a batch decodes (llama_cpp.py)
 
 LLAMA_CPP_ARCHITECTURES = frozenset(  # the list as it reads in llama-arch.cpp
     """
@@ -112,10 +110,6 @@ def llama_footprint(model_id: str, arch: Architecture, weights: int, settings: E
     compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32
                + n_ubatch * (8 * arch.n_embd + 3 * arch.n_ff) * F32
                + arch.n_vocab * F32)  # the output (logits) buffer
-    if settings.parallel > 1:  # the Llama object's own minimal context beside the batch's (llama_cpp.py)
-        own = llama_footprint(model_id, arch, 0, replace(settings, parallel=1, context_size=TINY_CONTEXT,
-                                                         batch_size=TINY_BATCH), 0)
-        kv, compute = kv + own.kv_cache, compute + own.compute
     return Footprint(model_id=model_id, weights=weights, kv_cache=kv, compute=compute, margin=margin)
 
 

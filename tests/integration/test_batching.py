@@ -12,9 +12,11 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+from appliance import backends
 from appliance.backends.base import EngineSettings, GenerationTask, Piece, PromptProgress, SequenceEvent
 from appliance.backends.llama_cpp import LlamaCppBackend
 from appliance.catalog import Catalog
@@ -193,6 +195,31 @@ def test_a_prompt_longer_than_a_slot_is_refused_at_join(batched):
     with pytest.raises(TooLong):
         batched.batch().join(1, task("in " * 600))
     assert batched.batch().keys == []
+
+
+def _anonymous_mib() -> float:
+    """This process's anonymous memory: what llama.cpp's KV cache and buffers take (the weights are mapped)."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no Anonymous line in /proc/self/smaps_rollup")
+
+
+def test_a_batched_model_unloaded_gives_its_kv_cache_back(catalog_path):
+    """A reload (another model, or the guard lowering the slot count) must not keep the last batch's context: its
+    KV cache is every slot's context_size of cells. Three loads and closes in a row hold no more than one."""
+    entry = Catalog.load(catalog_path).get("slow")  # the tiny model with the most KV cache per token
+    settings = EngineSettings(threads=2, context_size=4096, batch_size=16, mmap=True, parallel=4)
+    kv_mib = backends.probe_for("llama_cpp").footprint(entry, settings, margin=0).kv_cache / 2**20
+    after_close = []
+    for _ in range(3):
+        backend = LlamaCppBackend(settings)
+        assert backend.load(entry).slots == 4
+        backend.close()
+        backend.close()  # idempotent
+        after_close.append(_anonymous_mib())
+    assert kv_mib >= 32, kv_mib  # large enough that a kept context would show
+    assert after_close[2] - after_close[0] < kv_mib / 2, (after_close, kv_mib)
 
 
 # -- the appliance as a process ------------------------------------------------------------------------------------
