@@ -75,6 +75,13 @@ class PipeHandle:
         self._conn.close()
 
 
+# glibc's malloc raises its mmap threshold (up to 32 MiB) each time a large block is freed, as llama.cpp frees a
+# context on every load, so later buffers up to that size come from the heap and stay there after they are freed:
+# 4 MiB more resident in a worker that has served a batch of SmolLM2. Setting the trim threshold (to its default)
+# turns that adjustment off. Only glibc reads it; the operator's own MALLOC_* settings win.
+CHILD_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
+
+
 class WorkerProcess(PipeHandle):
     """A child running ``program``: a fresh interpreter (``python -P -m appliance.process <fd>``, no fork: the parent
     runs paho and HTTP threads, which a fork would copy mid-flight) on one end of a socket pair, whose first message
@@ -97,7 +104,8 @@ class WorkerProcess(PipeHandle):
             # -P: the working directory stays off sys.path, so the child imports the parent's appliance package, not
             # whatever a directory named "appliance" where the service was started holds
             self._process = subprocess.Popen([sys.executable, "-P", "-m", "appliance.process", str(theirs.fileno())],
-                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                             env={**CHILD_MALLOC, **os.environ})
         finally:
             theirs.close()
         self.pid = self._process.pid

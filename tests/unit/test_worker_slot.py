@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,15 @@ def test_a_stalled_worker_process_is_killed_with_sigkill(rig, caplog):
         assert _error(sink.final(timeout=30)).error.code == "timeout"
         r.wait_state("ready", timeout=30)
     assert "worker process exited (killed by SIGKILL) while generating" in caplog.text
+
+
+def test_a_worker_process_starts_with_glibcs_malloc_thresholds_fixed(rig):
+    """A freed llama.cpp context must not raise malloc's thresholds for the rest of the worker's life
+    (appliance/process/handle.py: CHILD_MALLOC)."""
+    r = rig(process=True)
+    r.wait_state("ready", timeout=30)
+    environ = Path(f"/proc/{r.scheduler.worker.pid}/environ").read_bytes().split(b"\0")
+    assert b"MALLOC_TRIM_THRESHOLD_=131072" in environ
 
 
 def test_restarts_back_off_then_stop_and_refuse(rig, monkeypatch, caplog):
