@@ -106,7 +106,7 @@ class LlamaCppBackend(Backend):
         if slots > 1:
             # nothing decodes in the Llama's own context while a batch serves: its KV cells and buffers (~6 MiB
             # for SmolLM2-135M) go back now (Llama.close frees it only once, so closing it early is safe)
-            llm._ctx.close()
+            llm._ctx.close()  # type: ignore[no-untyped-call]
             try:
                 ctx = llama_batch.make_context(llm, slots, self.settings.context_size, self.settings.batch_size,
                                                threads)
