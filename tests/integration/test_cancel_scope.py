@@ -96,7 +96,9 @@ def test_a_cancel_naming_another_reply_destination_changes_nothing(appliance_fac
     prefix = f"test/scope/{uuid.uuid4().hex}"
     requester.subscribe(prefix + "/#")
     running, queued = f"{prefix}/running", f"{prefix}/queued"
-    for rid, topic, body in (("running", running, SHORT), ("queued", queued, LONG)):
+    # the running one long enough to keep the other queued while five cancels arrive (300 tokens ended first on a
+    # loaded CI, and the queued one started streaming before its cancel came)
+    for rid, topic, body in (("running", running, {**LONG, "max_tokens": 1500}), ("queued", queued, LONG)):
         if protocol == "5":
             requester.publish(app.topic("generate"), {**body, "id": rid}, response_topic=topic,
                               correlation=rid.encode())
