@@ -78,7 +78,7 @@ class PipeHandle:
 # glibc's malloc raises its mmap threshold (up to 32 MiB) each time a large block is freed, as llama.cpp frees a
 # context on every load, so later buffers up to that size come from the heap and stay there after they are freed:
 # 4 MiB more resident in a worker that has served a batch of SmolLM2. Setting the trim threshold (to its default)
-# turns that adjustment off. Only glibc reads it; the operator's own MALLOC_* settings win.
+# turns that adjustment off. Only glibc reads it; a MALLOC_TRIM_THRESHOLD_ in the service's own environment wins.
 CHILD_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
 
 
