@@ -14,6 +14,8 @@ One appliance with four slots, over HTTP, the same prompt and parameters as benc
   idle device (target <= 2x);
 - 8 MQTT clients against one device, half on the ``$share`` fleet topic and half on the device's own topic (both
   feed the batch): aggregate tok/s and p95 TTFT (first streamed chunk);
+- a shared board: single-client and 4-client tok/s with half the cores kept busy by another process, the appliance
+  as shipped against the same with libgomp's default spinning (bench/shared_board.py);
 - determinism: at temperature 0, how many of ``--prompts`` prompts give the same text alone and batched four at a
   time (in-process, llama_cpp backend), and where the first difference is.
 
@@ -44,8 +46,9 @@ import psutil
 
 from appliance.catalog import default_model
 from appliance.transports.broker import Mosquitto, free_port
+from bench import shared_board
 from bench.report_sections import replace_section
-from tests.support.harness import MqttClient, new_appliance
+from tests.support.harness import Appliance, MqttClient, new_appliance
 
 PROMPT = "The history of the Raspberry Pi began in 2006, when"
 SHORT = "In one sentence, the Raspberry Pi is a small and cheap computer that"  # about 16 tokens
@@ -284,11 +287,14 @@ def main() -> int:
                            f'sha256 = "{default_model.SHA256}"\n')
         broker = Mosquitto(workdir / "broker", free_port(), persistence=False)
         broker.start()
-        app = new_appliance(workdir, broker.port, catalog, default_model.MODEL_ID, {
-            "worker": {"threads": args.threads, "context_size": args.context, "parallel": 4, "max_queue": 8,
-                       "request_timeout": 600, "flash_attention": args.flash_attention},
-            "logging": {"level": "warning"}})
-        app.start(timeout=180)
+
+        def start(env: dict[str, str]) -> Appliance:
+            return new_appliance(workdir, broker.port, catalog, default_model.MODEL_ID, {
+                "worker": {"threads": args.threads, "context_size": args.context, "parallel": 4, "max_queue": 8,
+                           "request_timeout": 600, "flash_attention": args.flash_attention},
+                "logging": {"level": "warning"}}, env).start(timeout=180)
+
+        app = start({})
         client = MqttClient(broker.host, broker.port)
         try:
             base = app.http_url
@@ -304,6 +310,9 @@ def main() -> int:
         finally:
             client.close()
             app.stop()
+        try:
+            board = shared_board.measure(start, aggregate, args.threads, args.tokens, args.rounds)
+        finally:
             broker.stop()
         same, where = determinism(model, args.prompts, args.threads, args.flash_attention)
         server = (server_aggregate(args.llama_server, model, args.threads, args.context, args.tokens)
@@ -329,6 +338,7 @@ def main() -> int:
         *memory_rows(app_memory, server.memory if server else None),
         f"| idle CPU over {args.idle_seconds:.0f} s after the runs, service + all children | "
         f"{idle_cpu:.2f} % of one core | <= 1 % |",
+        *shared_board.rows(board, args.threads),
         f"| temperature 0, alone vs batched 4 at a time | {same} of {args.prompts} identical | reported |", "",
     ]
     if where:

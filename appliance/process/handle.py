@@ -75,11 +75,19 @@ class PipeHandle:
         self._conn.close()
 
 
-# glibc's malloc raises its mmap threshold (up to 32 MiB) each time a large block is freed, as llama.cpp frees a
-# context on every load, so later buffers up to that size come from the heap and stay there after they are freed:
-# 4 MiB more resident in a worker that has served a batch of SmolLM2. Setting the trim threshold (to its default)
-# turns that adjustment off. Only glibc reads it; a MALLOC_TRIM_THRESHOLD_ in the service's own environment wins.
-CHILD_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
+# What every child starts with (the service's own environment wins, so an operator can set either differently).
+# - glibc's malloc raises its mmap threshold (up to 32 MiB) each time a large block is freed, as llama.cpp frees a
+#   context on every load, so later buffers up to that size come from the heap and stay there after they are freed:
+#   4 MiB more resident in a worker that has served a batch of SmolLM2. Setting the trim threshold (to its default)
+#   turns that adjustment off. Only glibc reads it.
+# - llama.cpp's CPU threads meet at an OpenMP barrier after every step of the graph (hundreds per token), and
+#   libgomp's threads spin 300000 times there before they sleep. On a board whose cores are shared (mosquitto, the
+#   service streaming answers, a sensor app, the ONNX child) a spinning thread burns the time slice its preempted
+#   partner needs: with one core of two busy, SmolLM2 ran 28-38 tok/s alone and 40-47 four at a time; with both busy,
+#   13-14 and 21-22. Spinning 300 times gives 44-45 / 72-77 and 47-49 / 71-72, and the same speed on idle cores
+#   (docs/benchmarks.md, "a shared board"). Sleeping at once (OMP_WAIT_POLICY=passive) costs 60 % of it when idle.
+#   Only libgomp (llama.cpp's and torch's OpenMP on Linux) reads it.
+CHILD_ENV = {"MALLOC_TRIM_THRESHOLD_": str(128 * 1024), "GOMP_SPINCOUNT": "300"}
 
 
 class WorkerProcess(PipeHandle):
@@ -105,7 +113,7 @@ class WorkerProcess(PipeHandle):
             # whatever a directory named "appliance" where the service was started holds
             self._process = subprocess.Popen([sys.executable, "-P", "-m", "appliance.process", str(theirs.fileno())],
                                              pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                             env={**CHILD_MALLOC, **os.environ})
+                                             env={**CHILD_ENV, **os.environ})
         finally:
             theirs.close()
         self.pid = self._process.pid
