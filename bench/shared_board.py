@@ -58,4 +58,3 @@ def rows(board: SharedBoard, cores: int) -> list[str]:
         out.append(f"| {board.busy} of {cores} cores kept busy by another process, {clients} | {mine:.1f} tok/s; "
                    f"with libgomp's default spinning {theirs:.1f} tok/s; {mine / theirs:.2f}x | reported |")
     return out
-
