@@ -75,7 +75,7 @@ bench: $(BIN)/.installed ## benchmark against raw llama-cpp-python and its serve
 	@scripts/ensure-mosquitto --required
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
-	$(BIN)/python -m bench.embeddings --append docs/benchmarks.md
+	$(BIN)/python -m bench.embeddings --out docs/benchmarks.md
 	@# C++ llama-server from the vendored llama.cpp (same flags), built once and cached; LLAMA_SERVER=path overrides it
 	server=$(if $(LLAMA_SERVER),$(LLAMA_SERVER),$$(LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PYTHON=$(BIN)/python \
 		scripts/build-llama-server)) && \

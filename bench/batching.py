@@ -20,7 +20,8 @@ One appliance with four slots, over HTTP, the same prompt and parameters as benc
   time (in-process, llama_cpp backend), and where the first difference is.
 
 Ratios within one run only; nothing here is a timed assertion. The section is written between the ``batching``
-markers of docs/benchmarks.md (bench/report_sections.py), after bench/run.py has written the page.
+markers of docs/benchmarks.md (bench/report_sections.py), as bench/run.py and bench/embeddings.py write theirs:
+the page's prose between the sections stays.
 """
 
 from __future__ import annotations

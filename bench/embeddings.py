@@ -2,7 +2,7 @@
 ``/v1/embeddings`` (the real ``openai`` client; batches of 16 texts and single texts) and in-process (the worker's
 own code, tensors/embedder.py, with no HTTP and no process hop), the same texts and thread count on both.
 
-    .venv/bin/python -m bench.embeddings            # prints its section; `make bench` appends it to docs/benchmarks.md
+    .venv/bin/python -m bench.embeddings            # prints its section; `make bench` puts it in docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import openai
 from appliance.backends.onnx import OnnxSessions
 from appliance.catalog import default_embedder
 from appliance.tensors.embedder import Embedder
+from bench.report_sections import replace_section
 from tests.support.harness import new_appliance
 
 # sentences of a typical passage length (20-30 words): what a document search embeds
@@ -81,12 +82,12 @@ def section(rounds: int = 3) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--append", type=Path, help="append the section to this file (docs/benchmarks.md)")
+    parser.add_argument("--out", type=Path, help="put the section in this file, between its embeddings markers "
+                        "(docs/benchmarks.md; bench/report_sections.py)")
     args = parser.parse_args(argv)
     text = section(args.rounds)
-    if args.append is not None:
-        with args.append.open("a", encoding="utf-8") as out:
-            out.write(text)
+    if args.out is not None:
+        replace_section(args.out, "embeddings", text)
     print(text)
     return 0
 
