@@ -84,9 +84,9 @@ class PipeHandle:
 #   libgomp's threads spin 300000 times there before they sleep. On a board whose cores are shared (mosquitto, the
 #   service streaming answers, a sensor app, the ONNX child) a spinning thread burns the time slice its preempted
 #   partner needs: with one core of two busy, SmolLM2 ran 28-38 tok/s alone and 40-47 four at a time; with both busy,
-#   13-14 and 21-22. Spinning 300 times gives 44-45 / 72-77 and 47-49 / 71-72, and the same speed on idle cores
-#   (docs/benchmarks.md, "a shared board"). Sleeping at once (OMP_WAIT_POLICY=passive) would cost 60 % of one
-#   request's speed on idle cores.
+#   13-14 and 21-22. Spinning 300 times gives 44-45 / 72-77 and 47-49 / 71-72. Its price on idle cores is a
+#   wake-up per token: about 5 % of one SmolLM2 request's speed (8 ms a token), a far smaller share of a larger
+#   model's; sleeping at once (OMP_WAIT_POLICY=passive) would cost 60 % (docs/benchmarks.md has the runs).
 #   Only libgomp (llama.cpp's and torch's OpenMP on Linux) reads it.
 CHILD_ENV = {"MALLOC_TRIM_THRESHOLD_": str(128 * 1024), "GOMP_SPINCOUNT": "300"}
 
