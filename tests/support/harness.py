@@ -76,6 +76,7 @@ class Appliance:
     config: dict
     env_extra: dict = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    log_start: int = 0  # where this start's lines begin in the log (a restart appends to it)
 
     @property
     def device(self) -> str:
@@ -100,6 +101,7 @@ class Appliance:
         env.pop("APPLIANCE_DEBUG", None)
         env["PYTHONPATH"] = str(REPO)
         with self.log_path.open("ab") as log:
+            self.log_start = log.tell()
             self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "-c", str(config_path)],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
         if wait:
@@ -111,6 +113,27 @@ class Appliance:
 
     def wait_ready(self, timeout: float = 60) -> None:
         self.readyz_until("ready", timeout=timeout)
+        self.wait_subscribed()
+
+    def wait_subscribed(self, timeout: float = 10) -> None:
+        """/readyz says ready once the model is loaded; the MQTT sessions connect and subscribe just after, and a
+        request published before that reaches no subscriber and is dropped by the broker (seen on a loaded CI
+        machine: 0.25 s between the two). Wait for the sessions' "subscribed" lines in this start's log; give up
+        quietly after ``timeout`` s, as a test that stopped the broker on purpose expects no subscription."""
+        mqtt = self.config.get("mqtt", {})
+        level = self.config.get("logging", {}).get("level", "info")
+        if not mqtt.get("enabled", True) or level not in ("info", "debug"):
+            return  # no MQTT, or a log that leaves those lines out
+        sessions = ["device", "fleet"] if mqtt.get("fleet", True) else ["device"]
+        wanted = [f"MQTT ({which} session): subscribed" for which in sessions]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.log_path.open("rb") as log:
+                log.seek(self.log_start)
+                text = log.read().decode(errors="replace")
+            if all(line in text for line in wanted):
+                return
+            time.sleep(0.05)
 
     def readyz_until(self, state: str, *, timeout: float = 60, headers: dict | None = None) -> list[tuple[int, dict]]:
         """Poll /readyz until it reports ``state``; returns every distinct (HTTP status, body) seen on the way."""
