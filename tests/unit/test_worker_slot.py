@@ -42,21 +42,24 @@ def test_a_stalled_worker_process_is_killed_with_sigkill(rig, caplog):
     assert "worker process exited (killed by SIGKILL) while generating" in caplog.text
 
 
+def _worker_environ(rig) -> list[bytes]:
+    """The environment a real worker process started with, entry by entry."""
+    r = rig(process=True)
+    r.wait_state("ready", timeout=30)
+    return Path(f"/proc/{r.scheduler.worker.pid}/environ").read_bytes().split(b"\0")
+
+
 def test_a_worker_process_starts_with_malloc_thresholds_fixed_and_short_openmp_spins(rig):
     """A freed llama.cpp context must not raise malloc's thresholds for the rest of the worker's life, and OpenMP
     threads must not spin away a shared core's time (appliance/process/handle.py: CHILD_ENV)."""
-    r = rig(process=True)
-    r.wait_state("ready", timeout=30)
-    environ = Path(f"/proc/{r.scheduler.worker.pid}/environ").read_bytes().split(b"\0")
+    environ = _worker_environ(rig)
     assert b"MALLOC_TRIM_THRESHOLD_=131072" in environ
     assert b"GOMP_SPINCOUNT=300" in environ
 
 
 def test_the_operators_own_openmp_setting_wins(rig, monkeypatch):
     monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
-    r = rig(process=True)
-    r.wait_state("ready", timeout=30)
-    environ = Path(f"/proc/{r.scheduler.worker.pid}/environ").read_bytes().split(b"\0")
+    environ = _worker_environ(rig)
     assert b"GOMP_SPINCOUNT=300000" in environ and b"GOMP_SPINCOUNT=300" not in environ
 
 
