@@ -15,20 +15,19 @@ where batched matrix kernels round differently (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance.backends.base import GenerationEvent, Piece, PromptProgress, SequenceBatch, SequenceEvent
+from appliance.backends.llama_model import ContextSettings
 from appliance.backends.text import Clock, TextStream
 from appliance.errors import ApplianceError, ModelError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from llama_cpp import Llama
-
-    from appliance.backends.base import GenerationTask
+    from appliance.backends.base import EngineSettings, GenerationTask
+    from appliance.backends.llama_model import GgufModel
     from appliance.protocol import Completion, SamplingParams
 
 PENALTY_LAST_N = 64  # Llama's last_n_tokens_size default: the window the repeat penalty looks back over
@@ -64,16 +63,16 @@ class _Sequence:
 
 
 class LlamaBatch(SequenceBatch):
-    def __init__(self, llm: Llama, ctx: Any, slots: int, prompt_chunk: int,
+    def __init__(self, model: GgufModel, ctx: Any, slots: int, prompt_chunk: int,
                  prepare: Callable[[GenerationTask], PreparedRequest], model_id: str) -> None:
         import llama_cpp
 
         self.slots = slots
-        self._llm, self.ctx = llm, ctx
+        self._model, self.ctx = model, ctx
         self._prepare = prepare
         self._model_id = model_id
         self._chunk = prompt_chunk
-        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self._vocab = model.vocab
         self._memory = llama_cpp.llama_get_memory(ctx)
         # every generating sequence's token plus a chunk of prompt: never more than the context's n_batch
         self._capacity = prompt_chunk + slots
@@ -197,14 +196,13 @@ class LlamaBatch(SequenceBatch):
 
     def _accept(self, sequence: _Sequence, token: int) -> list[GenerationEvent | ApplianceError]:
         """The serial path's rules for one sampled token (llama_cpp.py ``_sample``)."""
-        import llama_cpp
 
         sequence.clock.token()
         stream, request = sequence.stream, sequence.request
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if self._model.is_end_of_generation(token):
             return self._finish(sequence, "stop")
         sequence.generated += 1
-        stream.push(self._llm.detokenize([token]))
+        stream.push(self._model.detokenize([token]))
         sequence.last = token
         if stream.inside_character:
             return []  # never stop inside a multi-byte character
@@ -229,27 +227,27 @@ class LlamaBatch(SequenceBatch):
         return [*out, completion]
 
 
-def make_context(llm: Llama, slots: int, context_size: int, prompt_chunk: int, threads: int) -> Any:
-    """A llama.cpp context with ``slots`` sequences of ``context_size`` each (llama_cpp.py loads the Llama with a
-    token-sized context of its own and decodes here). Freed with ``llama_free``."""
+def make_context(model: GgufModel, settings: EngineSettings) -> Any:
+    """A llama.cpp context with ``settings.parallel`` sequences of ``settings.context_size`` each, made with the
+    settings the serial path's ``Llama`` would use (flash attention as [worker] says, rope, KV types...): the same
+    arithmetic. Freed with ``llama_free``."""
     import llama_cpp
 
-    # the Llama's own settings (flash attention as [worker] says, rope, KV types...): the serial path's arithmetic
-    params = type(llm.context_params).from_buffer_copy(llm.context_params)
-    params.n_ctx = context_size * slots
+    slots, prompt_chunk = settings.parallel, settings.batch_size
+    params = model.context_params(ContextSettings(n_ctx=settings.context_size, n_batch=prompt_chunk,
+                                                  threads=settings.threads, flash_attention=settings.flash_attention))
+    params.n_ctx = settings.context_size * slots
     params.n_batch = prompt_chunk + slots
     params.n_ubatch = min(params.n_batch, 512)
     params.n_seq_max = slots
-    params.n_threads = params.n_threads_batch = threads
     params.kv_unified = False  # each sequence gets n_ctx / n_seq_max cells: a request cannot starve another
-    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    ctx = llama_cpp.llama_init_from_model(model.model, params)
     if not ctx:
-        raise ModelError(f"llama.cpp could not make a context for {slots} sequences of {context_size} tokens")
-    adapter = getattr(llm, "_lora_adapter", None)
-    if adapter is not None:
-        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
-        scales = (ctypes.c_float * 1)(getattr(llm, "lora_scale", 1.0))
-        if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales):
-            llama_cpp.llama_free(ctx)
-            raise ModelError("llama.cpp could not apply the LoRA adapter to the batched context")
+        raise ModelError(f"llama.cpp could not make a context for {slots} sequences of {settings.context_size} "
+                         "tokens")
+    try:
+        model.apply_lora(ctx)
+    except ModelError:
+        llama_cpp.llama_free(ctx)
+        raise
     return ctx

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
-from appliance.backends import llama_batch, llama_seq2seq, templates
+from appliance.backends import llama_batch, llama_lib, templates
 from appliance.backends.base import (
     Backend,
     GenerationEvent,
@@ -22,7 +22,9 @@ from appliance.backends.base import (
     PromptProgress,
     SequenceBatch,
 )
+from appliance.backends.jinja_template import ChatTemplate
 from appliance.backends.llama_batch import PreparedRequest
+from appliance.backends.llama_model import GgufModel
 from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_budget
 from appliance.catalog.entry import ModelEntry
 from appliance.errors import BadRequest, ModelError
@@ -34,21 +36,20 @@ from appliance.tools import grammar as tool_grammar
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from llama_cpp.llama_grammar import LlamaGrammar
     from llama_cpp.llama_types import ChatCompletionRequestMessage, ChatCompletionTool
 
     from appliance.backends.base import EngineSettings
 
-_OWN_CONTEXT, _OWN_BATCH = 256, 8  # batched: the Llama object's own context, made by Llama() and freed (load)
 _FALLBACK_TEMPLATE = "chatml"  # what llama-server uses for a GGUF without a template and no catalog entry
 
 
 @dataclass
 class _Loaded:
-    llm: Llama
+    model: GgufModel  # tokens, chat template and grammar check, the same on both paths
+    llm: Llama | None  # the serial path's generator; batched, no Llama is loaded at all (llama_lib.py)
     entry: ModelEntry
-    jinja: Jinja2ChatFormatter | None  # when the GGUF embeds a chat template (and the catalog names none)
+    jinja: ChatTemplate | None  # when the GGUF embeds a chat template (and the catalog names none)
     tools: bool  # that template renders tools and writes <tool_call> blocks (appliance/tools.py)
     encoder_decoder: bool  # T5: the prompt goes through the encoder (llama_seq2seq)
     batch: llama_batch.LlamaBatch | None = None  # worker.parallel > 1: requests decode together here
@@ -70,69 +71,82 @@ class LlamaCppBackend(Backend):
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
     def load(self, entry: ModelEntry) -> ModelInfo:
-        import llama_cpp  # lazy: the engine is only imported inside the worker process
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         self.close()
-        threads, slots = self.settings.threads, self.settings.parallel
-        # batched: the Llama object keeps the weights, tokenizer and template; the KV cache of every slot lives in
-        # the batch's own context (llama_batch.make_context). Llama() insists on a context of its own: the smallest
-        # (llama.cpp rounds n_ctx up to 256), freed below before the batch's is made
-        n_ctx, n_batch = (_OWN_CONTEXT, _OWN_BATCH) if slots > 1 else (self.settings.context_size,
-                                                                       self.settings.batch_size)
+        if self.settings.parallel > 1:
+            info = self._load_batched(entry)
+            if info is not None:
+                return info
+            # one at a time: T5's encoder runs per request, and recurrent state in a batch is not safe in this
+            # llama.cpp (a tiny RWKV-7 gave the second of two identical batched requests another text)
+            self.settings = replace(self.settings, parallel=1)
+        return self._load_serial(entry)
+
+    def _load_serial(self, entry: ModelEntry) -> ModelInfo:
+        from llama_cpp import Llama  # lazy: the engine is only imported inside the worker process
+
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(entry.path), n_ctx=n_ctx, n_batch=n_batch,
-                n_threads=threads, n_threads_batch=threads, use_mmap=self.settings.mmap, verbose=False,
-                flash_attn=self.settings.flash_attention,
-                lora_path=str(entry.lora) if entry.lora else None, lora_scale=entry.lora_scale)
+            llm = Llama(model_path=str(entry.path), n_ctx=self.settings.context_size, n_batch=self.settings.batch_size,
+                        n_threads=self.settings.threads, n_threads_batch=self.settings.threads,
+                        use_mmap=self.settings.mmap, verbose=False, flash_attn=self.settings.flash_attention,
+                        lora_path=str(entry.lora) if entry.lora else None, lora_scale=entry.lora_scale)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelError(f"model '{entry.id}': llama.cpp could not load {entry.path}"
-                             f"{' with LoRA ' + entry.lora.name if entry.lora else ''}: {exc}") from None
-        embedded = llm.metadata.get("tokenizer.chat_template")
+            raise _load_error(entry, exc) from None
+        model = GgufModel.of(llm)
+        self._model = self._loaded_as(model, llm, entry)
+        return self._info(llm.n_ctx())
+
+    def _load_batched(self, entry: ModelEntry) -> ModelInfo | None:
+        """Weights and vocabulary without a Llama; the KV cache of every slot lives in the batch's context
+        (llama_batch.make_context). None for a model that must run one request at a time."""
+        try:
+            model = GgufModel.load(entry.path, mmap=self.settings.mmap, lora=entry.lora, lora_scale=entry.lora_scale)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise _load_error(entry, exc) from None
+        if model.has_encoder or model.is_recurrent:
+            model.close()
+            return None
+        self._model = loaded = self._loaded_as(model, None, entry)
+        try:
+            ctx = llama_batch.make_context(model, self.settings)
+        except ModelError:
+            self.close()
+            raise
+        loaded.batch = llama_batch.LlamaBatch(model, ctx, self.settings.parallel, self.settings.batch_size,
+                                              self._prepare, entry.id)
+        return self._info(self.settings.context_size)
+
+    def _loaded_as(self, model: GgufModel, llm: Llama | None, entry: ModelEntry) -> _Loaded:
+        embedded = model.chat_template()
         jinja = None
         if embedded and entry.template is None:
-            jinja = Jinja2ChatFormatter(template=embedded, eos_token=_token_text(llm, llm.token_eos()),
-                                        bos_token=_token_text(llm, llm.token_bos()))
-        self._model = _Loaded(llm, entry, jinja, jinja is not None and template_supports(embedded),
-                              bool(llama_cpp.llama_model_has_encoder(llm.model)))
-        # one at a time: T5's encoder runs per request, and recurrent state in a batch is not safe in this
-        # llama.cpp (a tiny RWKV-7 gave the second of two identical batched requests another text)
-        if slots > 1 and (self._model.encoder_decoder or llama_cpp.llama_model_is_recurrent(llm.model)
-                          or llama_cpp.llama_model_is_hybrid(llm.model)):
-            self.settings = replace(self.settings, parallel=1)
-            return self.load(entry)
-        context_size = llm.n_ctx()
-        if slots > 1:
-            # nothing decodes in the Llama's own context while a batch serves: its KV cells and buffers (~6 MiB
-            # for SmolLM2-135M) go back now (Llama.close frees it only once, so closing it early is safe)
-            llm._ctx.close()  # type: ignore[no-untyped-call]
-            try:
-                ctx = llama_batch.make_context(llm, slots, self.settings.context_size, self.settings.batch_size,
-                                               threads)
-            except ModelError:
-                self.close()
-                raise
-            self._model.batch = llama_batch.LlamaBatch(llm, ctx, slots, self.settings.batch_size, self._prepare,
-                                                       entry.id)
-            context_size = self.settings.context_size
-        return ModelInfo(id=entry.id, context_size=context_size, slots=slots,
-                         chat_template="embedded" if jinja else (entry.template or _FALLBACK_TEMPLATE))
+            jinja = ChatTemplate(embedded, eos_token=model.token_text(model.eos()),
+                                 bos_token=model.token_text(model.bos()))
+        return _Loaded(model, llm, entry, jinja, jinja is not None and template_supports(embedded),
+                       model.has_encoder)
+
+    def _info(self, context_size: int) -> ModelInfo:
+        loaded = self._loaded
+        return ModelInfo(id=loaded.entry.id, context_size=context_size, slots=self.settings.parallel,
+                         chat_template="embedded" if loaded.jinja else (loaded.entry.template or _FALLBACK_TEMPLATE))
 
     def batch(self) -> SequenceBatch | None:
         return self._model.batch if self._model is not None else None
 
     def set_threads(self, threads: int) -> None:
-        import llama_cpp
+        lib = llama_lib.bindings()
         if self._model is not None:
-            batch = self._model.batch  # batched, the Llama's own context is freed (load)
-            llama_cpp.llama_set_n_threads(batch.ctx if batch is not None else self._model.llm.ctx, threads, threads)
+            batch, llm = self._model.batch, self._model.llm
+            ctx = batch.ctx if batch is not None else llm.ctx if llm is not None else None
+            if ctx is not None:
+                lib.llama_set_n_threads(ctx, threads, threads)
 
     def close(self) -> None:
         if self._model is not None:
             if self._model.batch is not None:
                 self._model.batch.close()  # frees its context before the model it was made from
-            self._model.llm.close()
+            self._model.model.close()  # frees nothing of a Llama's: the Llama does
+            if self._model.llm is not None:
+                self._model.llm.close()
         self._model = None
 
     # -- tokens ------------------------------------------------------------------------------------------------
@@ -140,24 +154,18 @@ class LlamaCppBackend(Backend):
     def _prompt_tokens(self, task: GenerationTask) -> tuple[list[int], tuple[str, ...]]:
         """Token ids of the prompt and the template's stop sequences."""
         loaded = self._loaded
-        llm = loaded.llm
+        model = loaded.model
         if task.messages is None:
             # create_completion: BOS (when the vocabulary asks for it) + the text, special tokens parsed
-            return llm.tokenize((task.prompt or "").encode("utf-8"), add_bos=True, special=True), ()
+            return model.tokenize((task.prompt or "").encode("utf-8"), add_bos=True, special=True), ()
         if loaded.jinja is not None:
             tools = cast("list[ChatCompletionTool]", task.tools.definitions()) if task.tools is not None else None
             rendered = loaded.jinja(messages=[_as_dict(m) for m in task.messages], tools=tools)
             # the template writes BOS itself, exactly as create_chat_completion tokenises it
-            tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
-            stop = rendered.stop or ()
-            return tokens, (stop,) if isinstance(stop, str) else tuple(stop)
+            tokens = model.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+            return tokens, rendered.stop
         text = templates.render(loaded.entry.template or _FALLBACK_TEMPLATE, task.messages)
-        return llm.tokenize(text.text.encode("utf-8"), add_bos=True, special=True), text.stop
-
-    def _is_end_of_generation(self, token: int) -> bool:
-        import llama_cpp
-        # pinned llama-cpp-python 0.3.x: the vocab handle lives on the private model wrapper
-        return bool(llama_cpp.llama_vocab_is_eog(self._loaded.llm._model.vocab, token))
+        return model.tokenize(text.text.encode("utf-8"), add_bos=True, special=True), text.stop
 
     # -- generation --------------------------------------------------------------------------------------------
 
@@ -167,7 +175,7 @@ class LlamaCppBackend(Backend):
         Afterwards ``generate`` finds the whole prompt cached and samples at once; the batches are the same ones it
         would have evaluated, so results do not change.
         """
-        llm = self._loaded.llm
+        llm = self._serial_llm()
         cached = llm.input_ids[: llm.n_tokens].tolist()
         common = 0
         for a, b in zip(cached, tokens, strict=False):
@@ -192,7 +200,7 @@ class LlamaCppBackend(Backend):
     def _prepare(self, task: GenerationTask) -> PreparedRequest:
         """Tokens, budget, stops, seed and grammar of one request, the same for the serial and batched paths."""
         loaded = self._loaded
-        llm, params = loaded.llm, task.params
+        params = task.params
         if task.tools is not None or any(m.uses_tools for m in task.messages or ()):
             _check_tools(loaded)  # before rendering: a template without tools would drop them silently
         try:
@@ -200,10 +208,10 @@ class LlamaCppBackend(Backend):
         except (ValueError, TypeError) as exc:  # a chat template that raises on these messages
             raise ModelError(f"the chat template could not render these messages: {exc}") from None
         # batched, the Llama's own context is minimal: each sequence has worker.context_size of the batch's
-        n_ctx = self.settings.context_size if loaded.batch is not None else llm.n_ctx()
+        n_ctx = self.settings.context_size if loaded.batch is not None else self._serial_llm().n_ctx()
         max_tokens = token_budget(len(prompt_tokens), n_ctx, task)
-        output = _tool_output(llm, task.tools) if task.tools is not None else task.structured
-        grammar = _grammar(llm, output) if output is not None else None
+        output = _tool_output(task.tools) if task.tools is not None else task.structured
+        grammar = _grammar(loaded.model, output) if output is not None else None
         if grammar is not None and loaded.encoder_decoder:
             raise BadRequest("an encoder-decoder model cannot constrain its output to a grammar", param="format")
         return PreparedRequest(tokens=prompt_tokens, params=params, max_tokens=max_tokens,
@@ -215,7 +223,7 @@ class LlamaCppBackend(Backend):
         from llama_cpp.llama_grammar import LlamaGrammar
 
         loaded = self._loaded
-        llm, params = loaded.llm, task.params
+        llm, params = self._serial_llm(), task.params
         request = self._prepare(task)
         prompt_tokens = request.tokens
         llm.set_seed(request.seed)
@@ -223,6 +231,8 @@ class LlamaCppBackend(Backend):
         clock = Clock()
         try:
             if loaded.encoder_decoder:
+                from appliance.backends import llama_seq2seq  # numpy: kept out of a batched worker (llama_lib.py)
+
                 token_stream = llama_seq2seq.tokens(llm, prompt_tokens, params, request.seed)
             else:
                 yield from self._prefill(prompt_tokens, should_stop)
@@ -240,19 +250,25 @@ class LlamaCppBackend(Backend):
         except RuntimeError as exc:  # llama_decode failures surface as RuntimeError
             raise ModelError(f"llama.cpp failed while generating: {exc}") from None
 
+    def _serial_llm(self) -> Llama:
+        llm = self._loaded.llm
+        if llm is None:
+            raise ModelError("this model decodes in a batch: requests join it (LlamaBatch), not generate()")
+        return llm
+
     def _sample(self, loaded: _Loaded, token_stream: Iterator[int], prompt_tokens: list[int], max_tokens: int,
                 stops: tuple[str, ...], should_stop: Callable[[], bool], clock: Clock) -> Iterator[GenerationEvent]:
-        llm = loaded.llm
+        model = loaded.model
         clock.sampling()
         stream = TextStream(stops)
         n_generated, finish_reason = 0, "length"
         for token in token_stream:
             clock.token()
-            if self._is_end_of_generation(token):
+            if model.is_end_of_generation(token):
                 finish_reason = "stop"
                 break
             n_generated += 1
-            stream.push(llm.detokenize([token]))
+            stream.push(model.detokenize([token]))
             if stream.inside_character:
                 continue  # like create_completion: never stop inside a multi-byte character
             if stream.find_stop():
@@ -277,9 +293,14 @@ def _check_answer(task: GenerationTask, completion: Completion) -> None:
         check_complete(task.structured, completion)
 
 
-def _grammar(llm: Llama, output: StructuredOutput) -> LlamaGrammar:
+def _load_error(entry: ModelEntry, exc: Exception) -> ModelError:
+    return ModelError(f"model '{entry.id}': llama.cpp could not load {entry.path}"
+                      f"{' with LoRA ' + entry.lora.name if entry.lora else ''}: {exc}")
+
+
+def _grammar(model: GgufModel, output: StructuredOutput) -> LlamaGrammar:
     """A fresh grammar for one request (a grammar sampler keeps state: never shared between requests)."""
-    import llama_cpp
+    llama_lib.bindings()
     from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
     try:
@@ -289,11 +310,8 @@ def _grammar(llm: Llama, output: StructuredOutput) -> LlamaGrammar:
             grammar = LlamaGrammar.from_string(output.grammar or JSON_GBNF)
     except Exception as exc:  # the converter asserts on schemas check_schema should already have refused
         raise BadRequest(f"the JSON schema could not be turned into a grammar: {exc}", param="json_schema") from None
-    # llama-cpp-python adds a grammar that fails to parse as a NULL sampler (a crash later): try it here first
-    probe = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode("utf-8"), b"root")
-    if not probe:
+    if not model.grammar_parses(grammar._grammar):
         raise BadRequest("the grammar does not parse as GBNF (llama.cpp's grammar syntax)", param="grammar")
-    llama_cpp.llama_sampler_free(probe)
     return grammar
 
 
@@ -309,8 +327,9 @@ def _check_tools(loaded: _Loaded) -> None:
     raise BadRequest(f"model '{loaded.entry.id}' cannot call tools: {why}", param="tools")
 
 
-def _tool_output(llm: Llama, use: ToolUse) -> StructuredOutput | None:
+def _tool_output(use: ToolUse) -> StructuredOutput | None:
     """The grammar a tool-calling answer is generated under, as a raw-grammar structured output."""
+    llama_lib.bindings()
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
@@ -318,10 +337,6 @@ def _tool_output(llm: Llama, use: ToolUse) -> StructuredOutput | None:
     except Exception as exc:  # the converter asserts on schemas check_schema should already have refused
         raise BadRequest(f"a tool's parameters could not be turned into a grammar: {exc}", param="tools") from None
     return StructuredOutput("grammar", grammar=text) if text is not None else None
-
-
-def _token_text(llm: Llama, token: int) -> str:
-    return llm.detokenize([token], special=True).decode("utf-8", errors="ignore") if token >= 0 else ""
 
 
 def _as_dict(message: Message) -> ChatCompletionRequestMessage:

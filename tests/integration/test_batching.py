@@ -260,6 +260,9 @@ def test_a_short_request_is_answered_while_a_long_generation_runs(appliance_fact
     assert short[-1]["type"] == "result"
     finals = [m for m in client.messages if m.topic == long_topic and json.loads(m.payload)["type"] != "chunk"]
     assert finals == [], "the long generation was still running when the short answer came"
+    # the batched worker runs on llama.cpp's C API alone: numpy (15 MiB resident) never loads (llama_lib.py)
+    maps = Path(f"/proc/{app.status()['worker_pid']}/maps").read_text()
+    assert "libllama" in maps and "_multiarray_umath" not in maps
     client.cancel(app.topic("cancel"), "r0", long_topic)
     client.wait_for(lambda m: m.topic == long_topic and json.loads(m.payload)["type"] == "error", timeout=30)
 

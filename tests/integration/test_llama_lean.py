@@ -1,0 +1,196 @@
+"""The batched llama.cpp path runs on llama.cpp's C API alone (appliance/backends/llama_lib.py, llama_model.py,
+jinja_template.py): no ``Llama``, no numpy in the worker. What it does in place of llama-cpp-python must equal what
+llama-cpp-python does, so each piece is compared with the library on real tiny GGUFs: model and context settings field
+by field, tokens both ways, chat templates rendered both ways; and a fresh interpreter serving batched requests is
+checked to have left numpy unloaded (the serial path, which needs ``Llama``, loads it: the check can fail)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from appliance.backends.jinja_template import ChatTemplate
+from appliance.backends.llama_model import ContextSettings, GgufModel
+from tests.support import tiny_models
+from tests.support.harness import REPO
+
+llama_cpp = pytest.importorskip("llama_cpp")
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
+
+TEXTS = ["the cat is on the", "", "a", "Hello, world!  How are you today?", "ünïcödé → ✓ 日本", "¿Dónde está? 你好",
+         "<|im_start|>user\nhi<|im_end|>", "in " * 300]
+
+
+def _fields(struct) -> dict[str, object]:
+    """A ctypes parameter struct as plain values (pointers as their addresses, NULL as None)."""
+    out: dict[str, object] = {}
+    for name, *_ in struct._fields_:
+        value = getattr(struct, name)
+        if isinstance(value, ctypes._Pointer | ctypes._CFuncPtr):  # two objects wrapping the same address
+            value = ctypes.cast(value, ctypes.c_void_p).value
+        out[name] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(models_dir):
+    """The same GGUF loaded by llama-cpp-python's Llama and by GgufModel.load."""
+    path = models_dir / "tiny-chat.gguf"
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=16, n_threads=2, verbose=False, flash_attn=True)
+    model = GgufModel.load(path, mmap=True)
+    yield llm, model
+    model.close()
+    llm.close()
+
+
+def test_context_settings_are_the_ones_llama_makes(pair):
+    llm, model = pair
+    mine = model.context_params(ContextSettings(n_ctx=512, n_batch=16, threads=2, flash_attention=True))
+    assert _fields(mine) == _fields(llm.context_params)
+    other = model.context_params(ContextSettings(n_ctx=512, n_batch=16, threads=2, flash_attention=False))
+    assert _fields(other) != _fields(llm.context_params)  # the comparison sees a difference where there is one
+
+
+def test_tokens_both_ways_are_llamas(pair):
+    llm, model = pair
+    for text in TEXTS:
+        for add_bos in (True, False):
+            for special in (True, False):
+                data = text.encode("utf-8")
+                tokens = model.tokenize(data, add_bos=add_bos, special=special)
+                assert tokens == llm.tokenize(data, add_bos=add_bos, special=special), (text, add_bos, special)
+                assert model.detokenize(tokens) == llm.detokenize(tokens)
+                assert model.detokenize(tokens, special=True) == llm.detokenize(tokens, special=True)
+    every = list(range(llm.n_vocab()))
+    assert [model.detokenize([t]) for t in every] == [llm.detokenize([t]) for t in every]
+    assert (model.bos(), model.eos()) == (llm.token_bos(), llm.token_eos())
+    assert model.chat_template() == llm.metadata["tokenizer.chat_template"]
+
+
+def test_a_model_without_a_template_says_so(models_dir):
+    model = GgufModel.load(models_dir / "tiny-q4_0.gguf", mmap=True)
+    try:
+        assert model.chat_template() is None
+    finally:
+        model.close()
+        model.close()  # idempotent
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "¿Qué hora es? 现在几点？"},
+     {"role": "assistant", "content": "No sé."}, {"role": "user", "content": "ok"}],
+    [{"role": "user", "content": "weather?"},
+     {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+         "name": "weather", "arguments": {"city": "Cusco"}}}]},
+     {"role": "tool", "content": "{\"temp\": 12}", "tool_call_id": "c1"}],
+]
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Weather now, «in» a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("template", [tiny_models.CHAT_TEMPLATE, tiny_models.TOOLS_TEMPLATE], ids=["chat", "tools"])
+def test_chat_templates_render_as_llama_cpp_pythons_formatter(template):
+    mine = ChatTemplate(template, eos_token="<|im_end|>", bos_token="<s>")
+    theirs = Jinja2ChatFormatter(template=template, eos_token="<|im_end|>", bos_token="<s>")
+    for messages in CONVERSATIONS:
+        for tools in (None, TOOLS):
+            rendered, expected = mine(messages=messages, tools=tools), theirs(messages=messages, tools=tools)
+            assert rendered.prompt == expected.prompt
+            assert list(rendered.stop) == expected.stop
+    raising = "{{ raise_exception('only user turns') }}"
+    with pytest.raises(ValueError, match="only user turns"):
+        ChatTemplate(raising, eos_token="", bos_token="")(messages=CONVERSATIONS[0])
+
+
+_SERVE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from appliance.backends import llama_lib
+    from appliance.backends.base import EngineSettings, GenerationTask
+    from appliance.backends.llama_cpp import LlamaCppBackend
+    from appliance.catalog import Catalog
+    from appliance.protocol import Completion, Message, SamplingParams
+    from appliance.structured import StructuredOutput
+
+    parallel = int(sys.argv[2])
+    settings = EngineSettings(threads=2, context_size=256, batch_size=16, mmap=True, parallel=parallel)
+    texts = []
+    with LlamaCppBackend(settings) as backend:
+        backend.load(Catalog.load(Path(sys.argv[1])).get("tiny-chat"))
+        tasks = [GenerationTask(prompt=None, messages=(Message(role="user", content="hi"),),
+                                params=SamplingParams(max_tokens=8, temperature=0)),
+                 GenerationTask(prompt="the cat", messages=None, params=SamplingParams(max_tokens=8, temperature=0),
+                                structured=StructuredOutput("grammar", grammar='root ::= "yes" | "no"'))]
+        batch = backend.batch()
+        if batch is None:
+            for task in tasks:
+                texts += [e.text for e in backend.generate(task, lambda: False) if isinstance(e, Completion)]
+        else:
+            for key, task in enumerate(tasks):
+                batch.join(key, task)
+            while batch.keys:
+                texts += [e.event.text for e in batch.step() if isinstance(e.event, Completion)]
+    print(json.dumps({"texts": texts, "numpy": "numpy" in sys.modules, "stand_in": llama_lib.is_stand_in()}))
+""")
+
+
+def _serve_in_a_fresh_interpreter(catalog: Path, parallel: int) -> dict:
+    out = subprocess.run([sys.executable, "-P", "-c", _SERVE, str(catalog), str(parallel)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_batched_worker_never_loads_numpy_and_a_serial_one_does(catalog_path):
+    batched = _serve_in_a_fresh_interpreter(catalog_path, 2)
+    assert batched["numpy"] is False and batched["stand_in"] is True
+    assert len(batched["texts"]) == 2
+    serial = _serve_in_a_fresh_interpreter(catalog_path, 1)
+    assert serial["numpy"] is True and serial["stand_in"] is False
+    assert sorted(serial["texts"]) == sorted(batched["texts"])  # tiny model, temperature 0: the same answers
+
+
+def test_the_stand_in_loads_the_real_package_when_asked_for_llama():
+    code = ("import sys; from appliance.backends import llama_lib; lib = llama_lib.bindings(); "
+            "assert 'numpy' not in sys.modules and lib.llama_decode is not None; "
+            "from llama_cpp import Llama; import llama_cpp; "
+            "print(Llama.__module__, llama_lib.is_stand_in(), 'numpy' in sys.modules, llama_cpp.Llama is Llama)")
+    out = subprocess.run([sys.executable, "-P", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         check=True)
+    assert out.stdout.split() == ["llama_cpp.llama", "False", "True", "True"]
+
+
+def test_a_lora_adapter_applies_to_the_batched_context(tmp_path):
+    """The adapter GgufModel.load reads goes on the batch's context at its scale: batched text equals llama-cpp-
+    python's own with the adapter, and differs from the base model's."""
+    from appliance.backends.base import EngineSettings, GenerationTask
+    from appliance.backends.llama_cpp import LlamaCppBackend
+    from appliance.catalog.entry import ModelEntry
+    from appliance.protocol import Completion, SamplingParams
+
+    base, lora = tiny_models.write_llama(tmp_path / "base.gguf", seed=11), tmp_path / "lora.gguf"
+    tiny_models.write_lora(lora, seed=12)
+    prompt, params = "the cat is on the", SamplingParams(max_tokens=24, temperature=0)
+
+    def batched(adapter: Path | None) -> str:
+        entry = ModelEntry(id="m", path=base, sha256=None, backend="llama_cpp", commercial_use=True, lora=adapter)
+        with LlamaCppBackend(EngineSettings(threads=2, context_size=512, batch_size=256, parallel=2)) as backend:
+            backend.load(entry)
+            batch = backend.batch()
+            batch.join(0, GenerationTask(prompt=prompt, messages=None, params=params))
+            while batch.keys:
+                done = [e.event for e in batch.step() if isinstance(e.event, Completion)]
+        return done[0].text
+
+    direct = llama_cpp.Llama(str(base), n_ctx=512, n_batch=256, n_threads=2, verbose=False, lora_path=str(lora))
+    expected = direct.create_completion(prompt, max_tokens=24, temperature=0)["choices"][0]["text"]
+    direct.close()
+    assert batched(lora) == expected
+    assert batched(None) != expected
