@@ -91,8 +91,11 @@ class LlamaCppBackend(Backend):
                         lora_path=str(entry.lora) if entry.lora else None, lora_scale=entry.lora_scale)
         except (ValueError, RuntimeError, OSError) as exc:
             raise _load_error(entry, exc) from None
-        model = GgufModel.of(llm)
-        self._model = self._loaded_as(model, llm, entry)
+        try:
+            self._model = self._loaded_as(GgufModel.of(llm), llm, entry)
+        except BaseException:
+            llm.close()
+            raise
         return self._info(llm.n_ctx())
 
     def _load_batched(self, entry: ModelEntry) -> ModelInfo | None:
@@ -105,11 +108,12 @@ class LlamaCppBackend(Backend):
         if model.has_encoder or model.is_recurrent:
             model.close()
             return None
-        self._model = loaded = self._loaded_as(model, None, entry)
         try:
+            self._model = loaded = self._loaded_as(model, None, entry)
             ctx = llama_batch.make_context(model, self.settings)
-        except ModelError:
+        except BaseException:
             self.close()
+            model.close()  # idempotent: self.close() has closed it when it got as far as _model
             raise
         loaded.batch = llama_batch.LlamaBatch(model, ctx, self.settings.parallel, self.settings.batch_size,
                                               self._prepare, entry.id)

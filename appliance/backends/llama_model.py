@@ -50,14 +50,10 @@ class GgufModel:
         """Load as ``Llama(model_path, use_mmap=mmap, lora_path=lora, lora_scale=...)`` would, without ``Llama``."""
         lib = llama_lib.bindings()
         lib.llama_backend_init()  # idempotent in llama.cpp; Llama calls it once per process
-        params = lib.llama_model_default_params()
-        params.n_gpu_layers, params.split_mode, params.main_gpu = 0, lib.LLAMA_SPLIT_MODE_LAYER, 0
-        params.vocab_only = False
-        # as Llama: a LoRA is applied to weights read into memory, never to a mapped file
-        params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if mmap and lora is None else lib.LLAMA_LOAD_MODE_NONE
         if not path.exists():
             raise ValueError(f"Model path does not exist: {path}")
-        model = lib.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        model = lib.llama_model_load_from_file(str(path).encode("utf-8"), cls.model_params(mmap=mmap,
+                                                                                           lora=lora is not None))
         if not model:
             raise ValueError(f"Failed to load model from file: {path}")
         adapter = None
@@ -67,6 +63,18 @@ class GgufModel:
                 lib.llama_model_free(model)
                 raise RuntimeError(f"Failed to initialize LoRA adapter from lora path: {lora}")
         return cls(model, owned=True, lora=adapter, lora_scale=lora_scale)
+
+    @staticmethod
+    def model_params(*, mmap: bool, lora: bool) -> Any:
+        """``Llama.model_params`` for ``use_mmap=mmap`` and a LoRA or none (every other argument at Llama's
+        default)."""
+        lib = llama_lib.bindings()
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers, params.split_mode, params.main_gpu = 0, lib.LLAMA_SPLIT_MODE_LAYER, 0
+        params.vocab_only = False
+        # as Llama: a LoRA is applied to weights read into memory, never to a mapped file
+        params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if mmap and not lora else lib.LLAMA_LOAD_MODE_NONE
+        return params
 
     def close(self) -> None:
         if self._owned and self.model is not None:

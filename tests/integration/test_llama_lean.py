@@ -49,8 +49,14 @@ def pair(models_dir):
     llm.close()
 
 
-def test_context_settings_are_the_ones_llama_makes(pair):
+def test_model_and_context_settings_are_the_ones_llama_makes(pair, models_dir):
     llm, model = pair
+    assert _fields(GgufModel.model_params(mmap=True, lora=False)) == _fields(llm.model_params)
+    unmapped = llama_cpp.Llama(str(models_dir / "tiny-chat.gguf"), n_ctx=256, use_mmap=False, verbose=False)
+    assert _fields(GgufModel.model_params(mmap=False, lora=False)) == _fields(unmapped.model_params)
+    assert _fields(GgufModel.model_params(mmap=True, lora=True)) == _fields(unmapped.model_params)
+    assert _fields(GgufModel.model_params(mmap=True, lora=False)) != _fields(unmapped.model_params)  # can differ
+    unmapped.close()
     mine = model.context_params(ContextSettings(n_ctx=512, n_batch=16, threads=2, flash_attention=True))
     assert _fields(mine) == _fields(llm.context_params)
     other = model.context_params(ContextSettings(n_ctx=512, n_batch=16, threads=2, flash_attention=False))
