@@ -6,7 +6,9 @@ the context is made with ``n_seq_max`` = slots and a per-sequence share, llama.c
 unified) and its own sampler chain (a grammar sampler keeps state; a seed is per request). A step puts every
 generating sequence's last token in the batch, then fills what ``batch_size`` leaves with the prompt chunks of
 newcomers, so a long prompt delays the others by at most one chunk per step. A request that ends or is cancelled
-leaves between steps and its KV cells are cleared for the next one.
+leaves between steps; its sequence keeps its KV cells, and the next request given that sequence starts after the
+prefix it shares with them (a system prompt every sensor or Assist request repeats is evaluated once per slot): a
+newcomer gets the free sequence whose cells share the longest prefix with its prompt, else the emptiest.
 
 The sampler chain and the token rules are those of ``Llama.generate`` and the serial path in llama_cpp.py (same
 defaults, same stop, length and UTF-8 rules), so at temperature 0 a request's text alone and batched differs only
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance.backends.base import GenerationEvent, Piece, PromptProgress, SequenceBatch, SequenceEvent
-from appliance.backends.llama_model import ContextSettings
+from appliance.backends.llama_model import ContextSettings, shared_prefix
 from appliance.backends.text import Clock, TextStream
 from appliance.errors import ApplianceError, ModelError
 
@@ -55,8 +57,9 @@ class _Sequence:
     sampler: Any  # llama_sampler_p: the request's own chain, freed when it leaves
     stream: TextStream
     clock: Clock = field(default_factory=Clock)
-    fed: int = 0  # prompt tokens already put in a batch
+    fed: int = 0  # prompt tokens already put in a batch (or kept in the KV cells from the sequence's last request)
     position: int = 0  # the position of the next token in this sequence
+    cells: list[int] = field(default_factory=list)  # the tokens in this sequence's KV cells, by position
     last: int | None = None  # the token sampled last, decoded at the next step
     generated: int = 0
     logits_at: int = -1  # index in the batch just built of the token whose logits this sequence samples from
@@ -78,6 +81,7 @@ class LlamaBatch(SequenceBatch):
         self._capacity = prompt_chunk + slots
         self._batch: Any = llama_cpp.llama_batch_init(self._capacity, 0, 1)
         self._sequences: dict[int, _Sequence] = {}
+        self._left: dict[int, list[int]] = {}  # a free sequence id -> the tokens its KV cells still hold
 
     @property
     def keys(self) -> list[int]:
@@ -90,23 +94,39 @@ class LlamaBatch(SequenceBatch):
             raise ModelError(f"the batch is full ({self.slots} requests)")
         request = self._prepare(task)
         used = {s.seq_id for s in self._sequences.values()}
-        seq_id = next(i for i in range(self.slots) if i not in used)
-        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)  # whatever the last user left behind
-        self._sequences[key] = _Sequence(key, seq_id, request, self._sampler(request), TextStream(request.stops))
+        free = [i for i in range(self.slots) if i not in used]
+        # the free sequence sharing the longest prefix with this prompt, else the one holding the least
+        seq_id = max(free, key=lambda i: (shared_prefix(self._left.get(i, []), request.tokens),
+                                          -len(self._left.get(i, []))))
+        kept = self._model.keep_prefix(self.ctx, seq_id, self._left.pop(seq_id, []), request.tokens)
+        if kept == 0:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)  # whatever the last user left behind
+        self._sequences[key] = _Sequence(key, seq_id, request, self._sampler(request), TextStream(request.stops),
+                                         fed=kept, position=kept, cells=request.tokens[:kept])
 
     def leave(self, key: int) -> None:
+        self._leave(key, keep=True)
+
+    def _leave(self, key: int, *, keep: bool) -> None:
+        """Free the request's sampler; its sequence's KV cells stay for the next request's shared prefix (``keep``)
+        or are cleared (a failed decode leaves them undefined)."""
         import llama_cpp
 
         sequence = self._sequences.pop(key, None)
         if sequence is not None:
             llama_cpp.llama_sampler_free(sequence.sampler)
-            llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+            if keep:
+                self._left[sequence.seq_id] = sequence.cells
+            else:
+                llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+                self._left.pop(sequence.seq_id, None)
 
     def close(self) -> None:
         import llama_cpp
 
         for key in list(self._sequences):
-            self.leave(key)
+            self._leave(key, keep=False)
+        self._left.clear()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -154,6 +174,7 @@ class LlamaBatch(SequenceBatch):
             nonlocal n
             batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, sequence.position, 1
             batch.seq_id[n][0], batch.logits[n] = sequence.seq_id, logits
+            sequence.cells.append(token)
             sequence.position += 1
             n += 1
 
@@ -182,7 +203,7 @@ class LlamaBatch(SequenceBatch):
         if code != 0:  # 1: no KV slot (cannot happen: each sequence has its own share), 2: aborted, <0: error
             failed = [s.key for s in self._sequences.values() if s.logits_at >= 0 or s.fed > 0]
             for key in failed:
-                self.leave(key)
+                self._leave(key, keep=False)
             error = ModelError(f"llama.cpp failed while generating: llama_decode returned {code}")
             return [*events, *(SequenceEvent(key, error) for key in failed)]
         for sequence in list(self._sequences.values()):

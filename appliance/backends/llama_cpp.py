@@ -24,7 +24,7 @@ from appliance.backends.base import (
 )
 from appliance.backends.jinja_template import ChatTemplate
 from appliance.backends.llama_batch import PreparedRequest
-from appliance.backends.llama_model import GgufModel
+from appliance.backends.llama_model import GgufModel, shared_prefix
 from appliance.backends.text import Clock, TextStream, seed_of, stops_of, token_budget
 from appliance.catalog.entry import ModelEntry
 from appliance.errors import BadRequest, ModelError
@@ -181,19 +181,15 @@ class LlamaCppBackend(Backend):
         """
         llm = self._serial_llm()
         cached = llm.input_ids[: llm.n_tokens].tolist()
-        common = 0
-        for a, b in zip(cached, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        if common == len(tokens) == len(cached):
+        if shared_prefix(cached, tokens) == len(tokens) == len(cached):
             return  # exact prompt already evaluated (generate decides whether it can sample right away)
-        if common == len(tokens):
-            common -= 1  # re-evaluate the last prompt token to refresh its logits
-        if common == 0 or getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False):
-            llm.reset()  # type: ignore[no-untyped-call]  # recurrent state cannot be truncated to a prefix
+        recurrent = getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False)
+        kept = 0 if recurrent else self._loaded.model.keep_prefix(llm.ctx, 0, cached, tokens)
+        if kept == 0:
+            # recurrent state cannot be cut to a prefix; a sliding window may have dropped the prefix's own cells
+            llm.reset()  # type: ignore[no-untyped-call]
         else:
-            llm.n_tokens = common  # eval() drops the cache cells past n_tokens
+            llm.n_tokens = kept  # the cells past it are gone (keep_prefix); eval() goes on from there
         step = llm.n_batch
         for start in range(llm.n_tokens, len(tokens), step):
             if should_stop():

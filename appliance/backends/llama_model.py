@@ -151,6 +151,25 @@ class GgufModel:
         self._lib.llama_sampler_free(probe)
         return True
 
+    # -- a sequence's cached prefix --------------------------------------------------------------------------------
+
+    def keep_prefix(self, ctx: Any, seq_id: int, cached: list[int], tokens: list[int]) -> int:
+        """How many of ``tokens`` start from the KV cells that ``cached`` left in sequence ``seq_id`` of ``ctx``; the
+        cells after those are removed. 0 when none can be kept: the caller clears the sequence.
+
+        The last prompt token is always decoded again (its logits start the answer). A sliding-window cache (Gemma 3)
+        drops cells far behind the newest it held: when the prefix's own window is gone, nothing is kept, as
+        llama-server decides ("forcing full prompt re-processing due to lack of cache data")."""
+        lib = self._lib
+        common = min(shared_prefix(cached, tokens), len(tokens) - 1)
+        if common <= 0:
+            return 0
+        memory = lib.llama_get_memory(ctx)
+        lowest = lib.llama_memory_seq_pos_min(memory, seq_id)
+        if lowest < 0 or lowest > max(0, common - lib.llama_model_n_swa(self.model)):
+            return 0
+        return common if lib.llama_memory_seq_rm(memory, seq_id, common, -1) else 0
+
     # -- contexts ----------------------------------------------------------------------------------------------
 
     def context_params(self, settings: ContextSettings) -> Any:
@@ -180,3 +199,13 @@ class GgufModel:
         scales = (ctypes.c_float * 1)(self.lora_scale)
         if lib.llama_set_adapters_lora(ctx, adapters, 1, scales):
             raise ModelError("llama.cpp could not apply the LoRA adapter to the batched context")
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two lists share from their start."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

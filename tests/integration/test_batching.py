@@ -153,6 +153,30 @@ def test_a_request_joins_a_running_batch_and_leaves_before_it(alone, batched):
     assert progress and progress[-1].done == progress[-1].total
 
 
+def test_a_request_sharing_a_finished_ones_prefix_is_evaluated_from_where_they_differ(alone, batched):
+    """A sequence keeps its KV cells when its request leaves; a newcomer goes to the free sequence sharing the longest
+    prefix with its prompt (an unrelated one to the emptiest), and only its own part is evaluated: the first progress
+    report is already past the shared prefix. The texts are those alone."""
+    system = "You answer for the greenhouse in one short sentence. " * 3
+    first, second, other = system + "Is it warm?", system + "Is it dry?", "of and the"
+    run = Run(batched)
+    for key in range(4):  # every sequence busy once, so each holds cells, then all free
+        run.join(10 + key, f"{key} filler words", max_tokens=2)
+    run.until()
+    run.join(1, first, max_tokens=12)
+    run.until()
+    run.join(2, other, max_tokens=12)  # must not take the sequence holding the system prompt
+    run.join(3, second, max_tokens=12)
+    run.until()
+    progress = [e for e in run.events[3] if isinstance(e, PromptProgress)]
+    chunk = BATCHED.batch_size
+    assert progress[0].done > chunk, f"evaluated from the start: {progress}"
+    assert progress[-1].done == progress[-1].total
+    for key, prompt in ((1, first), (2, other), (3, second)):
+        assert run.final(key).text == text_alone(alone, prompt, max_tokens=12).text
+    assert run.final(3).usage.prompt_tokens == progress[-1].total  # usage counts the whole prompt all the same
+
+
 def test_cancelling_one_request_leaves_the_others_untouched(alone, batched):
     run = Run(batched)
     for key, prompt in enumerate(PROMPTS[:3]):
@@ -165,7 +189,7 @@ def test_cancelling_one_request_leaves_the_others_untouched(alone, batched):
     for key in (0, 2):
         assert run.final(key).text == text_alone(alone, PROMPTS[key], max_tokens=40).text
         assert run.pieces(key) == run.final(key).text
-    run.join(9, PROMPTS[1], max_tokens=40)  # its cells were cleared: the next request in that slot starts clean
+    run.join(9, PROMPTS[1], max_tokens=40)  # its cells stayed: the next request with its prompt starts from them
     run.until()
     assert run.final(9).text == text_alone(alone, PROMPTS[1], max_tokens=40).text
 
@@ -325,7 +349,7 @@ def _last_json(script: str, path, env) -> object:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("arch", ["gptneox", "chatglm", "mpt", "rwkv7", "t5"])
+@pytest.mark.parametrize("arch", ["gptneox", "chatglm", "mpt", "gemma3", "rwkv7", "t5"])
 def test_other_architectures_batch_or_run_one_at_a_time(arch, tmp_path):
     """Decoder-only attention models batch and give llama-cpp-python's text in every slot; recurrent models (RWKV,
     Mamba) and encoder-decoder ones (T5) get one slot."""

@@ -200,3 +200,32 @@ def test_a_lora_adapter_applies_to_the_batched_context(tmp_path):
     direct.close()
     assert batched(lora) == expected
     assert batched(None) != expected
+
+
+def _decode(lib, ctx, tokens: list[int], step: int = 16) -> None:
+    for start in range(0, len(tokens), step):
+        part = tokens[start:start + step]
+        assert lib.llama_decode(ctx, lib.llama_batch_get_one((lib.llama_token * len(part))(*part), len(part))) == 0
+
+
+@pytest.mark.parametrize("full_window", [True, False])
+def test_a_prefix_whose_sliding_window_cells_are_gone_is_not_kept(tmp_path, full_window):
+    """Gemma 3's sliding-window layers: with the cache llama.cpp makes by default (every cell kept, Llama's and the
+    appliance's setting) a shared prefix is kept; with a window-sized cache (llama-server's default) the cells
+    before the prefix's end were overwritten, so keep_prefix keeps nothing instead of a prefix that would attend to
+    cells that are gone."""
+    from appliance.backends import llama_lib
+    from tests.support import tiny_archs
+
+    lib = llama_lib.bindings()
+    model = GgufModel.load(tiny_archs.write("gemma3", tmp_path / "gemma3.gguf"), mmap=True)
+    params = model.context_params(ContextSettings(n_ctx=512, n_batch=16, threads=2, flash_attention=False))
+    params.swa_full = full_window
+    ctx = lib.llama_init_from_model(model.model, params)
+    try:
+        tokens = model.tokenize(b"the cat is on the mat and " * 40, add_bos=True, special=False)[:480]
+        _decode(lib, ctx, tokens)
+        assert model.keep_prefix(ctx, 0, tokens, [*tokens[:40], 7, 8]) == (40 if full_window else 0)
+    finally:
+        lib.llama_free(ctx)
+        model.close()

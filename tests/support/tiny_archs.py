@@ -24,7 +24,7 @@ Which hparams the loader needs (found by dropping each key/tensor in turn):
 every architecture needs ``{arch}.context_length``, ``.embedding_length``, ``.block_count`` ("key not found in
 model") and, in effect, ``.feed_forward_length`` and ``.attention.head_count`` (without them tensor shapes are
 expected with a 0 dimension); plus its norm epsilon, ``.attention.layer_norm_epsilon`` (gptneox falcon mpt bloom
-olmo phi2 gpt2 starcoder stablelm) or ``.attention.layer_norm_rms_epsilon`` (chatglm qwen2 baichuan gemma t5).
+olmo phi2 gpt2 starcoder stablelm) or ``.attention.layer_norm_rms_epsilon`` (chatglm qwen2 baichuan gemma gemma3 t5).
 ``.attention.head_count_kv`` and ``.rope.dimension_count`` are optional (they default to head_count and the head
 size). Per-architecture extras are commented in the writers. ``output.weight`` is optional (tied to token_embd when
 absent) for falcon mpt bloom olmo chatglm qwen2 gpt2 starcoder t5, required for gptneox phi2 stablelm baichuan
@@ -299,6 +299,30 @@ def _gemma(b: _Builder) -> None:
     _llama_like(b, tied=True)  # no output.weight: llama.cpp ties it to token_embd (an extra tensor is an error)
 
 
+#: gemma3's sliding window in the tiny file: with 2 layers both use it (llama.cpp makes every 6th layer global), so a
+#: prompt a few windows long leaves the cache without its first cells (tests of prefix reuse need that)
+GEMMA3_WINDOW = 16
+
+
+def _gemma3(b: _Builder) -> None:  # Gemma 3 (the shelf's 270M and 1B): sliding-window attention, q/k norms
+    b.hparams(norm="rms")
+    b.w.add_sliding_window(GEMMA3_WINDOW)
+    b.token_embd(tied=True)
+    b.norm("output_norm", bias=False)
+    for i in _layers():
+        p = f"blk.{i}."
+        for name in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            b.norm(p + name, bias=False)
+        b.norm(p + "attn_q_norm", bias=False, n=HEAD_DIM)
+        b.norm(p + "attn_k_norm", bias=False, n=HEAD_DIM)
+        for name in ("attn_q", "attn_k", "attn_v"):
+            b.linear(p + name, N_EMBD, N_EMBD)
+        b.linear(p + "attn_output", N_EMBD, N_EMBD)
+        b.linear(p + "ffn_gate", N_EMBD, N_FF)
+        b.linear(p + "ffn_up", N_EMBD, N_FF)
+        b.linear(p + "ffn_down", N_FF, N_EMBD)
+
+
 def _stablelm(b: _Builder) -> None:
     _llama_like(b, norm="layer", norm_bias=True)  # LayerNorm with bias; ffn_norm optional (absent in StableLM-2 12B)
 
@@ -445,13 +469,14 @@ _WRITERS: dict[str, Callable[[_Builder], None]] = {
     "stablelm": _stablelm,
     "baichuan": _baichuan,
     "gemma": _gemma,
+    "gemma3": _gemma3,
     "t5": _t5,
     "gptj": _gptj,
     "opt": _gpt2,  # any layout: llama.cpp rejects the architecture name before looking at tensors
 }
 
 ARCHITECTURES: list[str] = ["gptneox", "falcon", "mpt", "bloom", "olmo", "chatglm", "rwkv6", "rwkv7", "qwen2",
-                            "phi2", "gpt2", "starcoder", "stablelm", "baichuan", "gemma"]
+                            "phi2", "gpt2", "starcoder", "stablelm", "baichuan", "gemma", "gemma3"]
 ENCODER_DECODER: list[str] = ["t5"]
 UNSUPPORTED: dict[str, str] = {  # arch -> llama.cpp's log line; Llama() raises ValueError
     "gptj": "llama_model_load: error loading model: unsupported model architecture: 'gptj'",
