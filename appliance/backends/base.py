@@ -118,6 +118,22 @@ class SequenceBatch(ABC):
     def keys(self) -> list[int]:
         """The requests in the batch, in the order they joined."""
 
+    def alone(self, task: GenerationTask, should_stop: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        """One request through an empty batch, yielding what :meth:`Backend.generate` yields (a backend whose model
+        decodes in a batch serves ``generate`` this way); the error that ends it is raised."""
+        key = 0
+        self.join(key, task)
+        try:
+            while key in self.keys:
+                if should_stop():
+                    return
+                for event in self.step():
+                    if isinstance(event.event, ApplianceError):
+                        raise event.event
+                    yield event.event
+        finally:
+            self.leave(key)
+
 
 class Backend(ABC):
     """An inference engine. Implementations import their engine lazily, in :meth:`load`."""

@@ -1,4 +1,5 @@
-"""Continuous batching for llama.cpp (``worker.parallel`` > 1): several requests decode in one ``llama_decode``.
+"""Continuous batching for llama.cpp: up to ``worker.parallel`` requests decode in one ``llama_decode`` (with one
+slot, the default, this is how a decoder-only model serves one request at a time).
 
 Per-token work on a small board is bound by memory bandwidth, so one decode of N sequences costs little more than
 one of a single sequence. Each request gets a sequence id (its own cells of the KV cache, ``context_size`` of them:
@@ -258,7 +259,9 @@ def make_context(model: GgufModel, settings: EngineSettings) -> Any:
     params = model.context_params(ContextSettings(n_ctx=settings.context_size, n_batch=prompt_chunk,
                                                   threads=settings.threads, flash_attention=settings.flash_attention))
     params.n_ctx = settings.context_size * slots
-    params.n_batch = prompt_chunk + slots
+    # a step holds every generating sequence's token beside a prompt chunk; one slot is never both at once, so it
+    # gets Llama's own n_batch (and the same micro-batches: the same arithmetic as llama-cpp-python's)
+    params.n_batch = prompt_chunk + (slots if slots > 1 else 0)
     params.n_ubatch = min(params.n_batch, 512)
     params.n_seq_max = slots
     params.kv_unified = False  # each sequence gets n_ctx / n_seq_max cells: a request cannot starve another

@@ -1,9 +1,13 @@
 """GGUF models (Q4_0, Q4_K_M, Q8_0, ...) through llama.cpp, by way of llama-cpp-python.
 
-Generation follows ``Llama.create_completion`` exactly (same tokenisation, same sampler chain and defaults, same
-stop and length rules), so the appliance's text is token-identical to calling llama-cpp-python directly. Two things
-are added around it: the prompt is evaluated batch by batch so a cancel or timeout is noticed during a long prompt,
-and text is released only when it can no longer turn into a stop sequence or the middle of a UTF-8 character.
+Decoder-only models decode in a batch of ``worker.parallel`` sequences, one or several (llama_batch.py), on
+llama.cpp's C API alone; recurrent and hybrid models (RWKV, Mamba) and encoder-decoder ones (T5) run one request at a
+time through llama-cpp-python's ``Llama`` (and llama_seq2seq.py for T5's encoder). Either way generation follows
+``Llama.create_completion`` exactly (same tokenisation, same sampler chain and defaults, same stop and length rules),
+so the appliance's text is token-identical to calling llama-cpp-python directly (tests/integration/
+test_llama_backend.py). Two things are added around it: the prompt is evaluated chunk by chunk so a cancel or timeout
+is noticed during a long prompt, and text is released only when it can no longer turn into a stop sequence or the
+middle of a UTF-8 character.
 """
 
 from __future__ import annotations
@@ -47,12 +51,12 @@ _FALLBACK_TEMPLATE = "chatml"  # what llama-server uses for a GGUF without a tem
 @dataclass
 class _Loaded:
     model: GgufModel  # tokens, chat template and grammar check, the same on both paths
-    llm: Llama | None  # the serial path's generator; batched, no Llama is loaded at all (llama_lib.py)
+    llm: Llama | None  # recurrent and T5 models' generator; batched, no Llama is loaded at all (llama_lib.py)
     entry: ModelEntry
     jinja: ChatTemplate | None  # when the GGUF embeds a chat template (and the catalog names none)
     tools: bool  # that template renders tools and writes <tool_call> blocks (appliance/tools.py)
     encoder_decoder: bool  # T5: the prompt goes through the encoder (llama_seq2seq)
-    batch: llama_batch.LlamaBatch | None = None  # worker.parallel > 1: requests decode together here
+    batch: llama_batch.LlamaBatch | None = None  # decoder-only models: requests decode here, one or several
 
 
 class LlamaCppBackend(Backend):
@@ -72,13 +76,12 @@ class LlamaCppBackend(Backend):
 
     def load(self, entry: ModelEntry) -> ModelInfo:
         self.close()
-        if self.settings.parallel > 1:
-            info = self._load_batched(entry)
-            if info is not None:
-                return info
-            # one at a time: T5's encoder runs per request, and recurrent state in a batch is not safe in this
-            # llama.cpp (a tiny RWKV-7 gave the second of two identical batched requests another text)
-            self.settings = replace(self.settings, parallel=1)
+        info = self._load_batched(entry)  # one slot or several: the same path
+        if info is not None:
+            return info
+        # one at a time through Llama: T5's encoder runs per request, and recurrent state in a batch is not safe in
+        # this llama.cpp (a tiny RWKV-7 gave the second of two identical batched requests another text)
+        self.settings = replace(self.settings, parallel=1)
         return self._load_serial(entry)
 
     def _load_serial(self, entry: ModelEntry) -> ModelInfo:
@@ -223,6 +226,9 @@ class LlamaCppBackend(Backend):
         from llama_cpp.llama_grammar import LlamaGrammar
 
         loaded = self._loaded
+        if loaded.batch is not None:
+            yield from loaded.batch.alone(task, should_stop)
+            return
         llm, params = self._serial_llm(), task.params
         request = self._prepare(task)
         prompt_tokens = request.tokens
