@@ -9,7 +9,8 @@ generating sequence's last token in the batch, then fills what ``batch_size`` le
 newcomers, so a long prompt delays the others by at most one chunk per step. A request that ends or is cancelled
 leaves between steps; its sequence keeps its KV cells, and the next request given that sequence starts after the
 prefix it shares with them (a system prompt every sensor or Assist request repeats is evaluated once per slot): a
-newcomer gets the free sequence whose cells share the longest prefix with its prompt, else the emptiest.
+newcomer gets the free sequence whose cells share the longest prefix with its prompt, else the one left longest ago;
+the same prompt again is sampled from the logits its sequence kept (llama_logits.py), with no decode at all.
 
 The sampler chain and the token rules are those of ``Llama.generate`` and the serial path in llama_cpp.py (same
 defaults, same stop, length and UTF-8 rules), so at temperature 0 a request's text alone and batched differs only
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance.backends.base import GenerationEvent, Piece, PromptProgress, SequenceBatch, SequenceEvent
+from appliance.backends.llama_logits import PromptEndLogits
 from appliance.backends.llama_model import ContextSettings, shared_prefix
 from appliance.backends.text import Clock, TextStream
 from appliance.errors import ApplianceError, ModelError
@@ -64,6 +66,7 @@ class _Sequence:
     last: int | None = None  # the token sampled last, decoded at the next step
     generated: int = 0
     logits_at: int = -1  # index in the batch just built of the token whose logits this sequence samples from
+    ready: bool = False  # its prompt is the one the sequence ended last time: sampled from the kept logits (no decode)
 
 
 class LlamaBatch(SequenceBatch):
@@ -83,6 +86,11 @@ class LlamaBatch(SequenceBatch):
         self._batch: Any = llama_cpp.llama_batch_init(self._capacity, 0, 1)
         self._sequences: dict[int, _Sequence] = {}
         self._left: dict[int, list[int]] = {}  # a free sequence id -> the tokens its KV cells still hold
+        self._left_at: dict[int, int] = {}  # a sequence id -> when its last request left (self._leaves then)
+        self._leaves = 0
+        # a sequence id -> the prompt whose last logits it keeps (llama_logits.py: a repeated prompt needs no decode)
+        self._prompt_ends = PromptEndLogits(llama_cpp, llama_cpp.llama_vocab_n_tokens(self._vocab), slots)
+        self._ended_prompt: dict[int, list[int]] = {}
 
     @property
     def keys(self) -> list[int]:
@@ -96,14 +104,29 @@ class LlamaBatch(SequenceBatch):
         request = self._prepare(task)
         used = {s.seq_id for s in self._sequences.values()}
         free = [i for i in range(self.slots) if i not in used]
-        # the free sequence sharing the longest prefix with this prompt, else the one holding the least
-        seq_id = max(free, key=lambda i: (shared_prefix(self._left.get(i, []), request.tokens),
-                                          -len(self._left.get(i, []))))
-        kept = self._model.keep_prefix(self.ctx, seq_id, self._left.pop(seq_id, []), request.tokens)
-        if kept == 0:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)  # whatever the last user left behind
+        seq_id = max(free, key=lambda i: (self._worth(self._left.get(i, []), request.tokens),
+                                          -self._left_at.get(i, -1)))
+        tokens, cells = request.tokens, self._left.pop(seq_id, [])
+        ready = (tokens != [] and self._ended_prompt.get(seq_id) == tokens == cells[:len(tokens)]
+                 and self._model.keep_cells(self.ctx, seq_id, len(tokens)))
+        if ready:
+            kept = len(tokens)
+        else:
+            self._ended_prompt.pop(seq_id, None)
+            kept = self._model.keep_prefix(self.ctx, seq_id, cells, tokens)
+            if kept == 0:
+                llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)  # whatever the last user left behind
         self._sequences[key] = _Sequence(key, seq_id, request, self._sampler(request), TextStream(request.stops),
-                                         fed=kept, position=kept, cells=request.tokens[:kept])
+                                         fed=kept, position=kept, cells=tokens[:kept], ready=ready)
+
+    @staticmethod
+    def _worth(cells: list[int], tokens: list[int]) -> int:
+        """What a free sequence's cells are worth to a newcomer: the prompt tokens they spare evaluating, counted
+        only when that is more than a BOS and at least half the prompt or half the cells (a shared BOS or first word
+        must not evict another prompt's cache); the newcomer takes the worthiest sequence, else the one left longest
+        ago (llama-server also weighs a slot's similarity to the prompt before reusing it)."""
+        spared = min(shared_prefix(cells, tokens), len(tokens) - 1)
+        return spared if spared > 1 and 2 * spared >= min(len(tokens), len(cells)) else 0
 
     def leave(self, key: int) -> None:
         self._leave(key, keep=True)
@@ -116,11 +139,14 @@ class LlamaBatch(SequenceBatch):
         sequence = self._sequences.pop(key, None)
         if sequence is not None:
             llama_cpp.llama_sampler_free(sequence.sampler)
+            self._leaves += 1
+            self._left_at[sequence.seq_id] = self._leaves
             if keep:
                 self._left[sequence.seq_id] = sequence.cells
             else:
                 llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
                 self._left.pop(sequence.seq_id, None)
+                self._ended_prompt.pop(sequence.seq_id, None)
 
     def close(self) -> None:
         import llama_cpp
@@ -128,6 +154,7 @@ class LlamaBatch(SequenceBatch):
         for key in list(self._sequences):
             self._leave(key, keep=False)
         self._left.clear()
+        self._ended_prompt.clear()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -179,6 +206,13 @@ class LlamaBatch(SequenceBatch):
             sequence.position += 1
             n += 1
 
+        for sequence in list(self._sequences.values()):  # a repeated prompt: its first token needs no decode
+            if sequence.ready:
+                sequence.ready = False
+                sequence.clock.sampling()
+                token = self._prompt_ends.sample(sequence.seq_id, sequence.sampler)
+                events.extend(SequenceEvent(sequence.key, e) for e in self._accept(sequence, token))
+        ended: list[_Sequence] = []  # sequences whose prompt ends in this step: their logits are kept
         for sequence in self._sequences.values():
             sequence.logits_at = -1
             if sequence.last is not None:
@@ -196,6 +230,7 @@ class LlamaBatch(SequenceBatch):
             budget -= take
             if sequence.fed == len(tokens):
                 sequence.logits_at = n - 1
+                ended.append(sequence)
             events.append(SequenceEvent(sequence.key, PromptProgress(sequence.fed, len(tokens))))
         if n == 0:
             return events
@@ -207,6 +242,9 @@ class LlamaBatch(SequenceBatch):
                 self._leave(key, keep=False)
             error = ModelError(f"llama.cpp failed while generating: llama_decode returned {code}")
             return [*events, *(SequenceEvent(key, error) for key in failed)]
+        for sequence in ended:
+            self._prompt_ends.save(self.ctx, sequence.seq_id, sequence.logits_at)
+            self._ended_prompt[sequence.seq_id] = sequence.request.tokens
         for sequence in list(self._sequences.values()):
             if sequence.logits_at < 0:
                 continue

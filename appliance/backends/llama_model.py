@@ -160,15 +160,19 @@ class GgufModel:
         The last prompt token is always decoded again (its logits start the answer). A sliding-window cache (Gemma 3)
         drops cells far behind the newest it held: when the prefix's own window is gone, nothing is kept, as
         llama-server decides ("forcing full prompt re-processing due to lack of cache data")."""
-        lib = self._lib
         common = min(shared_prefix(cached, tokens), len(tokens) - 1)
-        if common <= 0:
-            return 0
+        return common if common > 0 and self.keep_cells(ctx, seq_id, common) else 0
+
+    def keep_cells(self, ctx: Any, seq_id: int, n: int) -> bool:
+        """Keep the first ``n`` cells of sequence ``seq_id`` for what follows them and remove the rest; False (and
+        nothing kept for sure) when what follows could not attend to them all (a sliding window's cells are gone)
+        or llama.cpp cannot cut the sequence there."""
+        lib = self._lib
         memory = lib.llama_get_memory(ctx)
         lowest = lib.llama_memory_seq_pos_min(memory, seq_id)
-        if lowest < 0 or lowest > max(0, common - lib.llama_model_n_swa(self.model)):
-            return 0
-        return common if lib.llama_memory_seq_rm(memory, seq_id, common, -1) else 0
+        if lowest < 0 or lowest > max(0, n - lib.llama_model_n_swa(self.model)):
+            return False
+        return bool(lib.llama_memory_seq_rm(memory, seq_id, n, -1))
 
     # -- contexts ----------------------------------------------------------------------------------------------
 

@@ -143,12 +143,12 @@ def test_a_request_joins_a_running_batch_and_leaves_before_it(alone, batched):
     run = Run(batched)
     run.join(1, "once upon a time", max_tokens=60)
     run.until(lambda r: sum(isinstance(e, Piece) for e in r.events[1]) >= 3)
-    run.join(2, "the cat is on the", max_tokens=5)
+    run.join(2, "the dog sat by the", max_tokens=5)  # a prompt no other test sends: evaluated, with progress
     run.until(lambda r: 2 not in r.batch.keys)
     assert run.batch.keys == [1], "the first request still runs after the newcomer left"
     run.until()
     assert run.final(1).text == text_alone(alone, "once upon a time", max_tokens=60).text
-    assert run.final(2).text == text_alone(alone, "the cat is on the", max_tokens=5).text
+    assert run.final(2).text == text_alone(alone, "the dog sat by the", max_tokens=5).text
     progress = [e for e in run.events[2] if isinstance(e, PromptProgress)]
     assert progress and progress[-1].done == progress[-1].total
 
@@ -175,6 +175,22 @@ def test_a_request_sharing_a_finished_ones_prefix_is_evaluated_from_where_they_d
     for key, prompt in ((1, first), (2, other), (3, second)):
         assert run.final(key).text == text_alone(alone, prompt, max_tokens=12).text
     assert run.final(3).usage.prompt_tokens == progress[-1].total  # usage counts the whole prompt all the same
+
+
+def test_a_repeated_prompt_joins_a_running_batch_without_being_evaluated(alone, batched):
+    """Each sequence keeps the logits its prompt ended with (llama_logits.py): the same prompt again, while another
+    request decodes, samples its first token from them (no prompt progress at all) and gets the text alone."""
+    run = Run(batched)
+    run.join(1, "once upon a time", max_tokens=6)
+    run.until()
+    run.join(2, "Hello, world! How are you today?", max_tokens=30)
+    run.until(lambda r: any(isinstance(e, Piece) for e in r.events[2]))
+    run.join(3, "once upon a time", max_tokens=6)
+    run.until()
+    assert not any(isinstance(e, PromptProgress) for e in run.events[3]), run.events[3]
+    for key, prompt, tokens in ((1, "once upon a time", 6), (2, "Hello, world! How are you today?", 30),
+                                (3, "once upon a time", 6)):
+        assert run.final(key).text == text_alone(alone, prompt, max_tokens=tokens).text
 
 
 def test_cancelling_one_request_leaves_the_others_untouched(alone, batched):

@@ -75,6 +75,19 @@ def test_prefix_cache_does_not_change_results(backend):
     assert run(backend, "the cat is on the", max_tokens=20, temperature=0)[2].text == first
 
 
+@pytest.mark.parametrize("params", [{"temperature": 0}, {"temperature": 0.9, "top_p": 0.9, "top_k": 20, "seed": 7}],
+                         ids=["greedy", "seeded"])
+def test_a_repeated_prompt_is_sampled_from_kept_logits_like_llama_cpp_python(backend, reference, params):
+    """The same prompt again: no prompt evaluation at all (no progress report; llama_logits.py), and the text is
+    llama-cpp-python's, whose Llama samples a repeated prompt from its context's logits the same way."""
+    prompt = "once upon a time there was"
+    expected = reference.create_completion(prompt, max_tokens=20, **params)["choices"][0]["text"]
+    run(backend, prompt, max_tokens=20, **params)
+    events, _, finished = run(backend, prompt, max_tokens=20, **params)
+    assert not any(isinstance(e, PromptProgress) for e in events), events
+    assert finished.text == expected and finished.usage.prompt_tokens == len(reference.tokenize(prompt.encode()))
+
+
 def test_long_prompt_reports_progress_and_can_be_cancelled_between_batches(backend):
     # Each prompt opens with a word no other test's prompt starts with: the backend reuses the longest cached
     # prefix, so after "in " * 200 (or "in " * 40) ran in the same module it would evaluate only the tail.

@@ -173,3 +173,17 @@ def test_the_worker_runs_the_slots_admission_gave(rig):
     sinks[0].next_chunk(), sinks[1].next_chunk()
     assert sinks[2].nothing_more(0.1) and r.scheduler.worker.capacity == 2
     assert [s.final().completion.text for s in sinks] == ["a1 a2", "b1 b2", "c1 c2"]
+
+
+def test_a_free_sequence_is_worth_the_prompt_it_spares_and_a_shared_bos_is_worth_nothing():
+    from appliance.backends.llama_batch import LlamaBatch
+
+    system = [1, 50, 51, 52, 53, 54, 55, 56]
+    assert LlamaBatch._worth([], [1, 9, 9]) == 0  # an empty sequence
+    assert LlamaBatch._worth([1, 7, 7, 7, 7, 7], [1, 9, 9, 9]) == 0  # only BOS in common
+    assert LlamaBatch._worth([1, 7], [1, 7]) == 0  # the prompt's last token is evaluated anyway: nothing spared
+    assert LlamaBatch._worth([*system, 60, 61], [*system, 70, 71]) == len(system)  # a shared system prompt
+    assert LlamaBatch._worth([*system, 60], [*system, 60]) == len(system)  # the same prompt again: all but its last
+    long_answer = [*system, *range(100, 140)]
+    assert LlamaBatch._worth(long_answer, [*system, 70]) == len(system)  # most of the prompt, though few of the cells
+    assert LlamaBatch._worth(long_answer, [1, 50, 51, *range(200, 220)]) == 0  # a little of both: not worth evicting
