@@ -111,15 +111,18 @@ class LlamaCppBackend(Backend):
         if model.has_encoder or model.is_recurrent:
             model.close()
             return None
+        ctx = None
         try:
             self._model = loaded = self._loaded_as(model, None, entry)
             ctx = llama_batch.make_context(model, self.settings)
+            loaded.batch = llama_batch.LlamaBatch(model, ctx, self.settings.parallel, self.settings.batch_size,
+                                                  self._prepare, entry.id)
         except BaseException:
+            if ctx is not None and self._model is not None and self._model.batch is None:
+                llama_lib.bindings().llama_free(ctx)  # made, but no batch owns it yet
             self.close()
             model.close()  # idempotent: self.close() has closed it when it got as far as _model
             raise
-        loaded.batch = llama_batch.LlamaBatch(model, ctx, self.settings.parallel, self.settings.batch_size,
-                                              self._prepare, entry.id)
         return self._info(self.settings.context_size)
 
     def _loaded_as(self, model: GgufModel, llm: Llama | None, entry: ModelEntry) -> _Loaded:
@@ -210,6 +213,9 @@ class LlamaCppBackend(Backend):
             prompt_tokens, template_stop = self._prompt_tokens(task)
         except (ValueError, TypeError) as exc:  # a chat template that raises on these messages
             raise ModelError(f"the chat template could not render these messages: {exc}") from None
+        if not prompt_tokens:  # "" with a vocabulary that adds no BOS: nothing to start the answer from
+            raise BadRequest("the prompt is empty (no tokens, and this model's vocabulary adds no BOS)",
+                             param="prompt")
         # batched, the Llama's own context is minimal: each sequence has worker.context_size of the batch's
         n_ctx = self.settings.context_size if loaded.batch is not None else self._serial_llm().n_ctx()
         max_tokens = token_budget(len(prompt_tokens), n_ctx, task)

@@ -23,14 +23,17 @@ import types
 from typing import Any
 
 _PACKAGE = "llama_cpp"
-_ERROR = 3  # GGML_LOG_LEVEL_ERROR: llama.cpp's own messages below it are dropped, as Llama(verbose=False) drops them
+# ggml's log levels (ggml.h): DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (the rest of the line before). The worker's
+# stderr is the service's journal: llama.cpp's errors go there (a failed load, a failed decode's reason), its loading
+# chatter and warnings do not
+_ERROR, _CONTINUED = 4, 5
 
 
 class _StandIn(types.ModuleType):
     """The ``llama_cpp`` package with only its bindings loaded; anything else loads the real package."""
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("__") and name != "__version__":
             raise AttributeError(name)
         return getattr(_real_package(), name)
 
@@ -72,13 +75,21 @@ def _real_package() -> Any:
         except BaseException:
             sys.modules[_PACKAGE] = stand_in
             raise
+        # a submodule is bound to its package only when first imported: those loaded under the stand-in, again
+        for name, module in list(sys.modules.items()):
+            if name.startswith(f"{_PACKAGE}.") and name.count(".") == 1:
+                setattr(real, name.split(".", 1)[1], module)
         return real
     return importlib.import_module(_PACKAGE)
 
 
+_printing = False  # whether the line a CONT message continues was printed
+
+
 def _log_errors_only(level: int, text: bytes, _user: object) -> None:
-    # llama.cpp writes its loading chatter through this; the worker's stderr is the service's journal
-    if level == _ERROR:
+    global _printing
+    _printing = level == _ERROR or (level == _CONTINUED and _printing)
+    if _printing:
         sys.stderr.write(text.decode("utf-8", errors="replace"))
 
 
@@ -86,8 +97,8 @@ _callback: Any = None  # the C function pointer must outlive every llama.cpp cal
 
 
 def _quiet(c_api: Any) -> None:
-    """llama.cpp logs everything to stderr until a callback is set (the real package's _logger sets one that keeps
-    errors only, Llama(verbose=False)'s setting)."""
+    """llama.cpp logs everything to stderr until a callback is set (the real package's _logger, loaded with
+    ``Llama``, sets its own)."""
     global _callback
     _callback = c_api.llama_log_callback(_log_errors_only)
     c_api.llama_log_set(_callback, ctypes.c_void_p(0))

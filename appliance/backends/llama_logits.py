@@ -1,7 +1,8 @@
 """The logits at the end of a sequence's prompt, kept so that the same prompt again samples without decoding.
 
-``Llama.generate`` samples an exactly repeated prompt from the logits still in its context, with no decode at all;
-a batch's context holds the logits of its last step only (another sequence's, by the time the prompt comes again).
+A ``Llama`` asked the prompt it has just evaluated samples from the logits still in its context, with no decode (after
+a generation it decodes the prompt's last token again); a batch's context holds the logits of its last step only
+(another sequence's, or a later token's, by the time the prompt comes again).
 So each sequence keeps a copy of the logits its prompt ended with (``n_vocab`` floats: 192 KiB for SmolLM2, 1 MiB
 for Gemma 3), and a repeated prompt is sampled from the copy the way ``llama_sampler_sample`` samples from a
 context: every token with its logit and p = 0, the chain applied, the selected token accepted. The copies are plain

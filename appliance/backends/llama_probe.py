@@ -109,7 +109,10 @@ def llama_footprint(model_id: str, arch: Architecture, weights: int, settings: E
     kv = settings.parallel * arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
     compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32
                + n_ubatch * (8 * arch.n_embd + 3 * arch.n_ff) * F32
-               + arch.n_vocab * F32)  # the output (logits) buffer
+               + arch.n_vocab * F32  # the output (logits) buffer
+               # each slot's copy of its prompt's last logits, and the candidates they are sampled as
+               # (llama_logits.py): 4 bytes a token per slot, 20 once
+               + arch.n_vocab * (4 * settings.parallel + 20))
     return Footprint(model_id=model_id, weights=weights, kv_cache=kv, compute=compute, margin=margin)
 
 

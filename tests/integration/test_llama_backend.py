@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from appliance.backends.base import EngineSettings, GenerationTask, Piece, PromptProgress
@@ -86,6 +88,24 @@ def test_a_repeated_prompt_is_sampled_from_kept_logits_like_llama_cpp_python(bac
     events, _, finished = run(backend, prompt, max_tokens=20, **params)
     assert not any(isinstance(e, PromptProgress) for e in events), events
     assert finished.text == expected and finished.usage.prompt_tokens == len(reference.tokenize(prompt.encode()))
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_an_empty_prompt_with_no_bos_is_a_bad_request_not_a_stuck_slot(tmp_path, parallel):
+    """SmolLM2's vocabulary adds no BOS, so "" has no token to start an answer from: refused, naming the prompt
+    (a sequence with nothing to decode would never leave its slot)."""
+    from appliance.catalog.entry import ModelEntry
+    from appliance.errors import BadRequest
+    from tests.support import tiny_models
+
+    path = tiny_models.write_llama(tmp_path / "no-bos.gguf", add_bos=False)
+    entry = ModelEntry(id="no-bos", path=path, sha256=None, backend="llama_cpp", template="chatml")
+    with LlamaCppBackend(replace(SETTINGS, parallel=parallel)) as b:
+        b.load(entry)
+        with pytest.raises(BadRequest) as refused:
+            run(b, "", max_tokens=4)
+        assert refused.value.param == "prompt"
+        assert run(b, "the cat", max_tokens=4)[2].usage.completion_tokens == 4  # the slot is free again
 
 
 def test_long_prompt_reports_progress_and_can_be_cancelled_between_batches(backend):

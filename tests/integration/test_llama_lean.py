@@ -237,3 +237,18 @@ def test_a_prefix_whose_sliding_window_cells_are_gone_is_not_kept(tmp_path, full
     finally:
         lib.llama_free(ctx)
         model.close()
+
+
+def test_llama_cpps_errors_reach_stderr_and_its_loading_chatter_does_not(models_dir, tmp_path):
+    """The worker's stderr is the service's journal: a file llama.cpp cannot load leaves its reason there, a good
+    load leaves nothing (llama_lib.py's log callback; ggml's ERROR is 4, WARN 3)."""
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((models_dir / "tiny-chat.gguf").read_bytes()[:4000])
+    code = ("import sys; from pathlib import Path; from appliance.backends.llama_model import GgufModel\n"
+            "GgufModel.load(Path(sys.argv[1]), mmap=True).close()\n")
+    good = subprocess.run([sys.executable, "-P", "-c", code, str(models_dir / "tiny-chat.gguf")], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0 and good.stderr == ""
+    bad = subprocess.run([sys.executable, "-P", "-c", code, str(cut)], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "error loading model" in bad.stderr

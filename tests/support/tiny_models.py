@@ -37,9 +37,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
 
 def write_llama(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
                 n_ff: int = 128, context: int = 512, seed: int = 0, chat_template: str | None = None,
-                name: str = "tiny-llama", favour: str | None = None) -> Path:
+                name: str = "tiny-llama", favour: str | None = None, add_bos: bool = True) -> Path:
     """Write a random llama-architecture GGUF (F32) and return its path. ``favour`` (one ASCII character) makes the
-    model pick that character wherever a grammar allows it: a model that "wants" to open a tool call with ``<``."""
+    model pick that character wherever a grammar allows it: a model that "wants" to open a tool call with ``<``.
+    ``add_bos=False``: a vocabulary that starts no prompt with BOS (SmolLM2's), so "" is no token at all."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -63,7 +64,7 @@ def write_llama(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int =
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
-    writer.add_add_bos_token(True)
+    writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)

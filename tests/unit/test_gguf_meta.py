@@ -47,7 +47,8 @@ def test_estimate_and_check(tiny):
     footprint = admission.estimate(entry, config)
     assert footprint.weights == tiny.stat().st_size
     assert footprint.kv_cache == 3 * 1024 * 2 * (16 + 16) * 2  # layers x context x KV heads x (k + v dims) x f16
-    assert footprint.compute == (1024 * 64 * 8 * 4) + 64 * (8 * 128 + 3 * 256) * 4 + tiny_models.VOCAB_SIZE * 4
+    assert footprint.compute == ((1024 * 64 * 8 * 4) + 64 * (8 * 128 + 3 * 256) * 4 + tiny_models.VOCAB_SIZE * 4
+                                 + tiny_models.VOCAB_SIZE * (4 * 1 + 20))  # a slot's kept prompt-end logits
     assert footprint.margin == 10 * MiB
     admission.check(footprint, footprint.total, budget_set=False)
     with pytest.raises(InsufficientMemory) as err:
