@@ -323,8 +323,17 @@ class HttpServer:
                                      clear_untrusted_proxy_headers=True, channel_request_lookahead=5)
         self.port = int(self._server.effective_port)  # type: ignore[union-attr]  # missing from the stubs
         self.host = host
-        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._closed = False
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except (OSError, ValueError):
+            if not self._closed:
+                raise
+            # close() from the service's thread closes the sockets under a select() that waitress's loop may be
+            # inside (EBADF, or a closed socket's fileno of -1): the shutdown itself, not a fault to log
 
     def start(self) -> None:
         self._thread.start()

@@ -103,7 +103,8 @@ def test_busy_device_does_not_swallow_fleet_work_another_device_can_do(appliance
     """The `$share` case of issue 10.2: mosquitto hands shared-subscription messages round-robin, blind to how busy a
     member is. A device whose queue is full refuses its share at once with `busy` (it neither runs nor holds it), so
     the requester's retry reaches the idle device: every fleet request is answered, all by the idle device."""
-    busy = appliance_factory("slow", {"worker": {"max_queue": 1, "context_size": 4096}})
+    # a stall timeout longer than the test: its worker is stopped below
+    busy = appliance_factory("slow", {"worker": {"max_queue": 1, "context_size": 4096, "stall_timeout": 600}})
     idle = appliance_factory(overrides={"worker": {"max_queue": 16}})
     for app in (busy, idle):
         _wait_fleet_subscribed(app)
@@ -113,13 +114,13 @@ def test_busy_device_does_not_swallow_fleet_work_another_device_can_do(appliance
     client.publish(busy.topic("generate"), {**long, "id": "long"}, response_topic="test/share/long",
                    correlation=b"long")
     client.wait_for(lambda m: m.topic == "test/share/long")  # generating now
-    # one waits in its queue; more wait with the broker and refill the queue, so it stays full for over a minute
-    # (each takes ~10 s at this model's ~380 tok/s: three lasted ~40 s, which a loaded machine's loop below outran)
-    backlog = [f"w{i}" for i in range(1, 8)]
-    for rid in backlog:
-        client.publish(busy.topic("generate"), {**long, "id": rid}, response_topic=f"test/share/{rid}",
-                       correlation=rid.encode())
+    backlog = ["w1"]
+    client.publish(busy.topic("generate"), {**long, "id": "w1"}, response_topic="test/share/w1", correlation=b"w1")
     busy.wait_status(lambda s: s.get("outstanding", 0) >= 2)  # one running, one waiting: its queue is full
+    # and it stays full: with its worker stopped nothing finishes, so no seat frees while the fleet requests come
+    # (a seat freed as a long generation ended took the 10 requests' loop's s2 on a loaded CI, 2026-12-07 15:31)
+    worker = busy.status()["worker_pid"]
+    os.kill(worker, signal.SIGSTOP)
 
     ids, tries, refused_at_once = [f"s{i}" for i in range(10)], 0, []
     for rid in ids:
@@ -140,6 +141,7 @@ def test_busy_device_does_not_swallow_fleet_work_another_device_can_do(appliance
     assert int(busy.metric('appliance_errors_total{code="busy"}') or 0) == tries - len(ids), "and refused its share"
     assert all(seconds < 5 for seconds in refused_at_once), refused_at_once  # refused, not held
     assert busy.status()["outstanding"] == 2, "nothing was added to the busy device's queue"
+    os.kill(worker, signal.SIGCONT)
     for rid in ("long", *backlog):  # and wait for each to stop: the teardown's kill must not find a generation
         client.cancel(busy.topic("cancel"), rid, f"test/share/{rid}")
         assert client.replies(f"test/share/{rid}", correlation=rid.encode(), timeout=60)[-1]["type"] == "error"
