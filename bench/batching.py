@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -91,12 +92,16 @@ def concurrently(one: Callable[[int], None], clients: int) -> float:
     return time.perf_counter() - started
 
 
+_REQUESTS = itertools.count()  # every request's prompt its own: a repeated prompt would be served from kept logits
+
+
 def aggregate(base: str, clients: int, tokens: int) -> float:
-    """Completion tokens per second of ``clients`` requests sent at once."""
+    """Completion tokens per second of ``clients`` requests sent at once, each with a prompt no request had before
+    (the shared beginning is reused, the rest evaluated), so rounds compare generation with generation."""
     counts: list[int] = []
 
     def one(i: int) -> None:
-        out = post(base, {"prompt": f"{PROMPT} ({i})", "max_tokens": tokens, **PARAMS})
+        out = post(base, {"prompt": f"{PROMPT} ({next(_REQUESTS)})", "max_tokens": tokens, **PARAMS})
         counts.append(out["usage"]["completion_tokens"])
 
     seconds = concurrently(one, clients)  # before sum(counts): the threads fill counts
