@@ -193,6 +193,34 @@ def test_a_repeated_prompt_joins_a_running_batch_without_being_evaluated(alone, 
         assert run.final(key).text == text_alone(alone, prompt, max_tokens=tokens).text
 
 
+def test_a_step_is_one_graph_whatever_order_the_sequences_joined_in(alone, catalog_path):
+    """llama.cpp splits a batch over per-sequence caches into runs of increasing sequence ids, a graph each. Four
+    requests whose sequences come 1, 2, 3, 0 in the order they joined still decode as one graph a step, the same one
+    every step, which llama.cpp then reuses (its n_reused counter counts each). Filled in join order, each step was
+    two graphs of different shapes, none reused, and the 4-client aggregate ran a quarter slower."""
+    import llama_cpp
+
+    with LlamaCppBackend(BATCHED) as fresh:  # no sequence has been used: the first free one is taken
+        fresh.load(Catalog.load(catalog_path).get("tiny"))
+        run = Run(fresh)
+        run.join(0, "of and the", max_tokens=1)  # sequence 0
+        run.join(1, PROMPTS[0], max_tokens=60)  # sequence 1 (key k's prompt is PROMPTS[k - 1])
+        run.batch.leave(0)  # sequence 0 is now the one left last: the newcomers take 2, 3 and then 0
+        for key in (2, 3, 4):
+            run.join(key, PROMPTS[key - 1], max_tokens=60)
+        keys = [1, 2, 3, 4]
+        run.until(lambda r: all(any(isinstance(e, Piece) for e in r.events[k]) for k in keys))
+        run.step()  # the first step with all four generating builds the graph the next ones reuse
+        reused = llama_cpp.llama_perf_context(run.batch.ctx).n_reused
+        for _ in range(10):
+            run.step()
+        assert run.batch.keys == keys, "a request ended: pick prompts that run longer"
+        assert llama_cpp.llama_perf_context(run.batch.ctx).n_reused - reused == 10
+        run.until()
+    for key in keys:
+        assert run.final(key).text == text_alone(alone, PROMPTS[key - 1], max_tokens=60).text
+
+
 def test_cancelling_one_request_leaves_the_others_untouched(alone, batched):
     run = Run(batched)
     for key, prompt in enumerate(PROMPTS[:3]):
