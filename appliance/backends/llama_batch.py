@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.backends.base import GenerationEvent, Piece, PromptProgress, SequenceBatch, SequenceEvent
 from appliance.backends.llama_logits import PromptEndLogits
 from appliance.backends.llama_model import ContextSettings, shared_prefix
+from appliance.backends.llama_probe import step_tokens
 from appliance.backends.text import Clock, TextStream
 from appliance.errors import ApplianceError, ModelError
 
@@ -81,9 +82,8 @@ class LlamaBatch(SequenceBatch):
         self._chunk = prompt_chunk
         self._vocab = model.vocab
         self._memory = llama_cpp.llama_get_memory(ctx)
-        # every generating sequence's token plus a chunk of prompt: never more than the context's n_batch
-        self._capacity = prompt_chunk + slots
-        self._batch: Any = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        # every generating sequence's token plus a chunk of prompt: the context's n_batch (llama_probe.step_tokens)
+        self._batch: Any = llama_cpp.llama_batch_init(llama_cpp.llama_n_batch(ctx), 0, 1)
         self._sequences: dict[int, _Sequence] = {}
         self._left: dict[int, list[int]] = {}  # a free sequence id -> the tokens its KV cells still hold
         self._left_at: dict[int, int] = {}  # a sequence id -> when its last request left (self._leaves then)
@@ -298,14 +298,9 @@ def make_context(model: GgufModel, settings: EngineSettings) -> Any:
     arithmetic. Freed with ``llama_free``."""
     import llama_cpp
 
-    slots, prompt_chunk = settings.parallel, settings.batch_size
-    params = model.context_params(ContextSettings(n_ctx=settings.context_size, n_batch=prompt_chunk,
+    slots = settings.parallel
+    params = model.context_params(ContextSettings(n_ctx=settings.context_size * slots, n_batch=step_tokens(settings),
                                                   threads=settings.threads, flash_attention=settings.flash_attention))
-    params.n_ctx = settings.context_size * slots
-    # a step holds every generating sequence's token beside a prompt chunk; one slot is never both at once, so it
-    # gets Llama's own n_batch (and the same micro-batches: the same arithmetic as llama-cpp-python's)
-    params.n_batch = prompt_chunk + (slots if slots > 1 else 0)
-    params.n_ubatch = min(params.n_batch, 512)
     params.n_seq_max = slots
     params.kv_unified = False  # each sequence gets n_ctx / n_seq_max cells: a request cannot starve another
     ctx = llama_cpp.llama_init_from_model(model.model, params)

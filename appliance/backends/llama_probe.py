@@ -99,12 +99,18 @@ def check_architecture(path: Path) -> str:
     return arch
 
 
+def step_tokens(settings: EngineSettings) -> int:
+    """The most tokens one decode holds, llama.cpp's ``n_batch`` for the context (llama_batch.make_context): a prompt
+    chunk of ``worker.batch_size`` and, with several slots, a token of every slot beside it (one slot never decodes
+    both at once, so it gets Llama's own n_batch)."""
+    return settings.batch_size + (settings.parallel if settings.parallel > 1 else 0)
+
+
 def llama_footprint(model_id: str, arch: Architecture, weights: int, settings: EngineSettings,
                     margin: int) -> Footprint:
     """What llama.cpp allocates for a model of these sizes (also the model shelf's estimate, with no file at hand)."""
     n_ctx = settings.context_size
-    # batched (worker.parallel > 1): one decode holds a token of every slot beside a prompt chunk
-    n_ubatch = min(settings.batch_size + (settings.parallel if settings.parallel > 1 else 0), MAX_UBATCH)
+    n_ubatch = min(step_tokens(settings), MAX_UBATCH)
     # every slot has a context_size of its own
     kv = settings.parallel * arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
     compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32

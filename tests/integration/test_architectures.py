@@ -4,16 +4,11 @@ ones llama.cpp cannot run are refused with `unsupported_architecture`, never a c
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from appliance.catalog import sha256_file
 from tests.support import tiny_archs
-from tests.support.harness import REPO
+from tests.support.fresh_interpreter import llama_cpp_python_text
 
 pytest.importorskip("llama_cpp")
 
@@ -22,13 +17,6 @@ FAMILIES = {"gptneox": "Dolly 2.0, OpenChatKit, Open Assistant (Pythia)", "falco
             "bloom": "BLOOM(Z)", "olmo": "OLMo", "chatglm": "ChatGLM2/3", "rwkv6": "RWKV World v6",
             "rwkv7": "RWKV v7", "t5": "Flan-T5", "qwen2": "Qwen2", "phi2": "Phi-2", "gpt2": "GPT-2",
             "starcoder": "StarCoder", "stablelm": "StableLM", "baichuan": "Baichuan", "gemma": "Gemma"}
-# one process per model: loading several recurrent models one after another in one process changed the
-# second one's output (seen with rwkv6 then rwkv7), which the appliance never does (one model per worker load)
-REFERENCE = r"""
-import json, sys, llama_cpp
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, n_batch=256, n_threads=2, verbose=False)
-print(json.dumps(llm.create_completion("hello there", max_tokens=8, temperature=0)["choices"][0]["text"]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +32,11 @@ def matrix(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(matrix):
-    """llama-cpp-python itself on every decoder-only file (in a child process: an abort must not take pytest)."""
+    """llama-cpp-python itself on every decoder-only file, one process per model: an abort must not take pytest, and
+    loading several recurrent models one after another in one process changed the second one's output (seen with
+    rwkv6 then rwkv7), which the appliance never does (one model per worker load)."""
     files, _ = matrix
-    texts = {}
-    for arch in tiny_archs.ARCHITECTURES:
-        result = subprocess.run([sys.executable, "-c", REFERENCE, str(files[arch])], capture_output=True, text=True,
-                                timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert result.returncode == 0, (arch, result.stderr[-2000:])
-        texts[arch] = json.loads(result.stdout.strip().splitlines()[-1])
-    return texts
+    return {arch: llama_cpp_python_text(files[arch]) for arch in tiny_archs.ARCHITECTURES}
 
 
 @pytest.fixture(scope="module")

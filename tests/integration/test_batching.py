@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +22,8 @@ from appliance.errors import ApplianceError, TooLong
 from appliance.protocol import Completion, SamplingParams
 from appliance.structured import StructuredOutput
 from tests.support import tiny_archs
-from tests.support.harness import REPO, FakeBoard
+from tests.support.fresh_interpreter import last_json_line, llama_cpp_python_text
+from tests.support.harness import FakeBoard
 
 pytest.importorskip("llama_cpp")
 
@@ -379,29 +378,14 @@ with LlamaCppBackend(EngineSettings(threads=2, context_size=512, batch_size=256,
             texts.update({e.key: e.event.text for e in batch.step() if isinstance(e.event, Completion)})
     print(json.dumps({"slots": info.slots, "texts": [texts.get(1), texts.get(2)]}))
 """
-REFERENCE = r"""
-import json, sys, llama_cpp
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, n_batch=256, n_threads=2, verbose=False)
-print(json.dumps(llm.create_completion("hello there", max_tokens=8, temperature=0)["choices"][0]["text"]))
-"""
-
-
-def _last_json(script: str, path, env) -> object:
-    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
-                            env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("arch", ["gptneox", "chatglm", "mpt", "gemma3", "rwkv7", "t5"])
 def test_other_architectures_batch_or_run_one_at_a_time(arch, tmp_path):
     """Decoder-only attention models batch and give llama-cpp-python's text in every slot; recurrent models (RWKV,
     Mamba) and encoder-decoder ones (T5) get one slot."""
     path = tiny_archs.write(arch, tmp_path / f"{arch}.gguf")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    got = _last_json(BATCHED_TWICE, path, env)
+    got = last_json_line(BATCHED_TWICE, str(path))
     if arch in ("rwkv7", "t5"):
         assert got == {"slots": 1, "texts": [None, None]}
         return
-    expected = _last_json(REFERENCE, path, env)
+    expected = llama_cpp_python_text(path)
     assert got == {"slots": 2, "texts": [expected, expected]}

@@ -7,7 +7,6 @@ checked to have left numpy unloaded (the serial path, which needs ``Llama``, loa
 from __future__ import annotations
 
 import ctypes
-import json
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import pytest
 from appliance.backends.jinja_template import ChatTemplate
 from appliance.backends.llama_model import ContextSettings, GgufModel
 from tests.support import tiny_models
+from tests.support.fresh_interpreter import last_json_line
 from tests.support.harness import REPO
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -151,22 +151,16 @@ _SERVE = textwrap.dedent("""
 """)
 
 
-def _serve_in_a_fresh_interpreter(model: Path, parallel: int) -> dict:
-    out = subprocess.run([sys.executable, "-P", "-c", _SERVE, str(model), str(parallel)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_a_worker_never_loads_numpy_unless_the_model_must_run_through_llama(models_dir, tmp_path):
     """Decoder-only GGUFs decode in a batch, one slot or several, on the C API alone; a recurrent one (RWKV-7) runs
     through ``Llama``, which brings numpy (so the check can fail)."""
-    one, two = (_serve_in_a_fresh_interpreter(models_dir / "tiny-chat.gguf", n) for n in (1, 2))
+    one, two = (last_json_line(_SERVE, str(models_dir / "tiny-chat.gguf"), str(n)) for n in (1, 2))
     assert (one["slots"], two["slots"]) == (1, 2) and one["batch"] and two["batch"]
     for lean in (one, two):
         assert lean["numpy"] is False and lean["stand_in"] is True
     assert len(one["texts"]) == 2 and one["texts"] == two["texts"]  # temperature 0: alone and together alike
     from tests.support import tiny_archs
-    recurrent = _serve_in_a_fresh_interpreter(tiny_archs.write("rwkv7", tmp_path / "rwkv7.gguf"), 2)
+    recurrent = last_json_line(_SERVE, str(tiny_archs.write("rwkv7", tmp_path / "rwkv7.gguf")), "2")
     assert recurrent["slots"] == 1 and recurrent["batch"] is False
     assert recurrent["numpy"] is True and recurrent["stand_in"] is False
 
