@@ -220,6 +220,32 @@ def test_a_step_is_one_graph_whatever_order_the_sequences_joined_in(alone, catal
         assert run.final(key).text == text_alone(alone, PROMPTS[key - 1], max_tokens=60).text
 
 
+def test_a_newcomer_takes_a_sequence_that_keeps_the_busy_ids_consecutive(alone, catalog_path):
+    """With sequences 0 and 1 busy and 3 left longer ago than 2, a newcomer that no free sequence spares any prompt
+    takes 2, not 3: 0, 1 and 3 would be two runs of ids, two graphs a step (none reused by llama.cpp), 0, 1 and 2
+    are one."""
+    import llama_cpp
+
+    with LlamaCppBackend(BATCHED) as fresh:
+        fresh.load(Catalog.load(catalog_path).get("tiny"))
+        run = Run(fresh)
+        for key in range(4):  # sequences 0, 1, 2, 3 in that order (none used before)
+            run.join(key, PROMPTS[key], max_tokens=60)
+        run.batch.leave(3)
+        run.batch.leave(2)  # 3 is now the one left longest ago
+        run.join(4, PROMPTS[4], max_tokens=60)
+        keys = [0, 1, 4]
+        run.until(lambda r: all(any(isinstance(e, Piece) for e in r.events[k]) for k in keys))
+        run.step()  # the first step with all three generating builds the graph the next ones reuse
+        reused = llama_cpp.llama_perf_context(run.batch.ctx).n_reused
+        for _ in range(10):
+            run.step()
+        assert run.batch.keys == keys, "a request ended: pick prompts that run longer"
+        assert llama_cpp.llama_perf_context(run.batch.ctx).n_reused - reused == 10
+        run.until()
+    assert run.final(4).text == text_alone(alone, PROMPTS[4], max_tokens=60).text
+
+
 def test_cancelling_one_request_leaves_the_others_untouched(alone, batched):
     run = Run(batched)
     for key, prompt in enumerate(PROMPTS[:3]):
