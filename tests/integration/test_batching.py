@@ -192,58 +192,57 @@ def test_a_repeated_prompt_joins_a_running_batch_without_being_evaluated(alone, 
         assert run.final(key).text == text_alone(alone, prompt, max_tokens=tokens).text
 
 
-def test_a_step_is_one_graph_whatever_order_the_sequences_joined_in(alone, catalog_path):
-    """llama.cpp splits a batch over per-sequence caches into runs of increasing sequence ids, a graph each. Four
-    requests whose sequences come 1, 2, 3, 0 in the order they joined still decode as one graph a step, the same one
-    every step, which llama.cpp then reuses (its n_reused counter counts each). Filled in join order, each step was
-    two graphs of different shapes, none reused, and the 4-client aggregate ran a quarter slower."""
+@pytest.fixture
+def fresh(catalog_path):
+    """A batch none of whose sequences has been used yet."""
+    with LlamaCppBackend(BATCHED) as backend:
+        backend.load(Catalog.load(catalog_path).get("tiny"))
+        yield Run(backend)
+
+
+def steps_reusing_the_graph(run: Run, steps: int = 10) -> int:
+    """Of ``steps`` steps taken once every request in the batch generates, how many reused the graph of the step
+    before (llama.cpp's n_reused counter): all of them when each step is one graph of the same shape."""
     import llama_cpp
 
-    with LlamaCppBackend(BATCHED) as fresh:  # no sequence has been used: the first free one is taken
-        fresh.load(Catalog.load(catalog_path).get("tiny"))
-        run = Run(fresh)
-        run.join(0, "of and the", max_tokens=1)  # sequence 0
-        run.join(1, PROMPTS[0], max_tokens=60)  # sequence 1 (key k's prompt is PROMPTS[k - 1])
-        run.batch.leave(0)  # sequence 0 is now the one left last: the newcomers take 2, 3 and then 0
-        for key in (2, 3, 4):
-            run.join(key, PROMPTS[key - 1], max_tokens=60)
-        keys = [1, 2, 3, 4]
-        run.until(lambda r: all(any(isinstance(e, Piece) for e in r.events[k]) for k in keys))
-        run.step()  # the first step with all four generating builds the graph the next ones reuse
-        reused = llama_cpp.llama_perf_context(run.batch.ctx).n_reused
-        for _ in range(10):
-            run.step()
-        assert run.batch.keys == keys, "a request ended: pick prompts that run longer"
-        assert llama_cpp.llama_perf_context(run.batch.ctx).n_reused - reused == 10
-        run.until()
-    for key in keys:
-        assert run.final(key).text == text_alone(alone, PROMPTS[key - 1], max_tokens=60).text
+    keys = run.batch.keys
+    run.until(lambda r: all(any(isinstance(e, Piece) for e in r.events[k]) for k in keys))
+    run.step()  # the first step with all of them generating builds the graph the next ones reuse
+    before = llama_cpp.llama_perf_context(run.batch.ctx).n_reused
+    for _ in range(steps):
+        run.step()
+    assert run.batch.keys == keys, "a request ended: pick prompts that run longer"
+    return llama_cpp.llama_perf_context(run.batch.ctx).n_reused - before
 
 
-def test_a_newcomer_takes_a_sequence_that_keeps_the_busy_ids_consecutive(alone, catalog_path):
+def test_a_step_is_one_graph_whatever_order_the_sequences_joined_in(alone, fresh):
+    """llama.cpp splits a batch over per-sequence caches into runs of increasing sequence ids, a graph each. Four
+    requests whose sequences come 1, 2, 3, 0 in the order they joined still decode as one graph a step, the same one
+    every step, which llama.cpp then reuses. Filled in join order, each step was two graphs of different shapes, none
+    reused, and the 4-client aggregate ran a quarter slower."""
+    fresh.join(0, "of and the", max_tokens=1)  # sequence 0
+    fresh.join(1, PROMPTS[0], max_tokens=60)  # sequence 1 (key k's prompt is PROMPTS[k - 1])
+    fresh.batch.leave(0)  # sequence 0 is now the one left last: the newcomers take 2, 3 and then 0
+    for key in (2, 3, 4):
+        fresh.join(key, PROMPTS[key - 1], max_tokens=60)
+    assert steps_reusing_the_graph(fresh) == 10
+    fresh.until()
+    for key in (1, 2, 3, 4):
+        assert fresh.final(key).text == text_alone(alone, PROMPTS[key - 1], max_tokens=60).text
+
+
+def test_a_newcomer_takes_a_sequence_that_keeps_the_busy_ids_consecutive(alone, fresh):
     """With sequences 0 and 1 busy and 3 left longer ago than 2, a newcomer that no free sequence spares any prompt
     takes 2, not 3: 0, 1 and 3 would be two runs of ids, two graphs a step (none reused by llama.cpp), 0, 1 and 2
     are one."""
-    import llama_cpp
-
-    with LlamaCppBackend(BATCHED) as fresh:
-        fresh.load(Catalog.load(catalog_path).get("tiny"))
-        run = Run(fresh)
-        for key in range(4):  # sequences 0, 1, 2, 3 in that order (none used before)
-            run.join(key, PROMPTS[key], max_tokens=60)
-        run.batch.leave(3)
-        run.batch.leave(2)  # 3 is now the one left longest ago
-        run.join(4, PROMPTS[4], max_tokens=60)
-        keys = [0, 1, 4]
-        run.until(lambda r: all(any(isinstance(e, Piece) for e in r.events[k]) for k in keys))
-        run.step()  # the first step with all three generating builds the graph the next ones reuse
-        reused = llama_cpp.llama_perf_context(run.batch.ctx).n_reused
-        for _ in range(10):
-            run.step()
-        assert run.batch.keys == keys, "a request ended: pick prompts that run longer"
-        assert llama_cpp.llama_perf_context(run.batch.ctx).n_reused - reused == 10
-        run.until()
-    assert run.final(4).text == text_alone(alone, PROMPTS[4], max_tokens=60).text
+    for key in range(4):  # sequences 0, 1, 2, 3 in that order
+        fresh.join(key, PROMPTS[key], max_tokens=60)
+    fresh.batch.leave(3)
+    fresh.batch.leave(2)  # 3 is now the one left longest ago
+    fresh.join(4, PROMPTS[4], max_tokens=60)
+    assert steps_reusing_the_graph(fresh) == 10
+    fresh.until()
+    assert fresh.final(4).text == text_alone(alone, PROMPTS[4], max_tokens=60).text
 
 
 def test_cancelling_one_request_leaves_the_others_untouched(alone, batched):
