@@ -15,6 +15,7 @@ A second appliance, started with libgomp's default spin count, shows in the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -102,8 +103,21 @@ class Paths:
     """Each path answers ``call(max_tokens) -> (seconds, completion_tokens, text)``."""
 
     def __init__(self, model: Path, threads: int, context: int, batch: int, workdir: Path) -> None:
+        # whatever has started is stopped if a later part fails to start (a peer server that never answered left
+        # two appliances running before)
+        self._started = contextlib.ExitStack()
+        try:
+            self._start(model, threads, context, batch, workdir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, model: Path, threads: int, context: int, batch: int, workdir: Path) -> None:
+        on_close = self._started.callback
         self.raw_llm = llama_cpp.Llama(str(model), n_ctx=context, n_batch=batch, n_threads=threads, verbose=False)
+        on_close(self.raw_llm.close)
         self.broker = Mosquitto(workdir / "broker", free_port(), persistence=False)
+        on_close(self.broker.stop)
         self.broker.start()
         catalog = workdir / "catalog.toml"
         catalog.write_text(f'[[models]]\nid = "{default_model.MODEL_ID}"\nfile = "{model}"\n'
@@ -111,13 +125,16 @@ class Paths:
         config = {"worker": {"threads": threads, "context_size": context, "batch_size": batch, "max_queue": 4,
                              "request_timeout": 600}, "logging": {"level": "warning"}}
         self.app = new_appliance(workdir, self.broker.port, catalog, default_model.MODEL_ID, config)
+        on_close(self.app.stop)
         self.app.start(timeout=180)
         self.mqtt = MqttRequester(self.broker.host, self.broker.port, self.app.topic("generate"))
+        on_close(self.mqtt.close)
         self.app_http = KeepAlive(self.app.http_url)
         # the same appliance with libgomp's own spin count put back (the service's environment wins over the
         # GOMP_SPINCOUNT=300 it gives its children): what that setting costs on an idle board, in the same run
         self.spinning = new_appliance(workdir, self.broker.port, catalog, default_model.MODEL_ID, config,
                                       shared_board.LIBGOMP_DEFAULT)
+        on_close(self.spinning.stop)
         self.spinning.start(timeout=180)
         self.spinning_http = KeepAlive(self.spinning.http_url)
         self.peer_port = free_port()
@@ -126,8 +143,13 @@ class Paths:
              "--n_threads_batch", str(threads), "--n_ctx", str(context), "--n_batch", str(batch),
              "--port", str(self.peer_port), "--host", "127.0.0.1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        on_close(self._stop_peer)
         _wait_http(f"http://127.0.0.1:{self.peer_port}/v1/models")
         self.peer_http = KeepAlive(f"http://127.0.0.1:{self.peer_port}")
+
+    def _stop_peer(self) -> None:
+        self.peer.terminate()
+        self.peer.wait(30)
 
     def raw(self, n: int):
         t = time.perf_counter()
@@ -155,13 +177,8 @@ class Paths:
         return time.perf_counter() - t, out["usage"]["completion_tokens"], out["choices"][0]["text"]
 
     def close(self) -> None:
-        self.peer.terminate()
-        self.peer.wait(30)
-        self.mqtt.close()
-        self.app.stop()
-        self.spinning.stop()
-        self.broker.stop()
-        self.raw_llm.close()
+        """Stop what started, last first (idempotent)."""
+        self._started.close()
 
 
 def measure(paths: Paths, tokens: int, rounds: int, overhead_calls: int) -> dict:
