@@ -64,8 +64,10 @@ def test_another_account_cannot_cancel_a_request_its_own_cancel_can(shipped, app
     sensor1, sensor2 = _sensor(shipped, "sensor1"), _sensor(shipped, "sensor2")
     generate, cancel = app.topic("generate"), app.topic("cancel")
     mine, theirs = "replies/sensor1/job", "replies/sensor2/job"
-    # long enough to keep sensor2's request queued while its cancels arrive (300 tokens ended first on a loaded CI)
-    sensor1.publish(generate + "/sensor1", {**LONG, "max_tokens": 1500, "id": "job"}, response_topic=mine,
+    # long enough to keep sensor2's request queued while its cancels arrive (300 tokens ended first on a loaded CI),
+    # and fewer chunks than the shipped broker queues for a client (max_queued_messages 1000): with 1500 at 500 tok/s
+    # a test client that fell behind on a loaded CI had its final reply dropped by the broker
+    sensor1.publish(generate + "/sensor1", {**LONG, "max_tokens": 900, "id": "job"}, response_topic=mine,
                     correlation=b"1")
     sensor1.wait_for(lambda m: m.topic == mine)  # generating
     # sensor2 sends a request with the same id (queued behind sensor1's) and cancels "job" under its own name, on
