@@ -161,20 +161,20 @@ class Paths:
         final = self.mqtt.request({"prompt": PROMPT, "max_tokens": n, **PARAMS})
         return time.perf_counter() - t, final["usage"]["completion_tokens"], final["text"]
 
-    def http_path(self, n: int):
+    @staticmethod
+    def _completion(conn: KeepAlive, n: int):
         t = time.perf_counter()
-        out = self.app_http.post("/v1/completions", {"prompt": PROMPT, "max_tokens": n, **PARAMS})
+        out = conn.post("/v1/completions", {"prompt": PROMPT, "max_tokens": n, **PARAMS})
         return time.perf_counter() - t, out["usage"]["completion_tokens"], out["choices"][0]["text"]
+
+    def http_path(self, n: int):
+        return self._completion(self.app_http, n)
 
     def spinning_path(self, n: int):
-        t = time.perf_counter()
-        out = self.spinning_http.post("/v1/completions", {"prompt": PROMPT, "max_tokens": n, **PARAMS})
-        return time.perf_counter() - t, out["usage"]["completion_tokens"], out["choices"][0]["text"]
+        return self._completion(self.spinning_http, n)
 
     def peer_path(self, n: int):
-        t = time.perf_counter()
-        out = self.peer_http.post("/v1/completions", {"prompt": PROMPT, "max_tokens": n, **PARAMS})
-        return time.perf_counter() - t, out["usage"]["completion_tokens"], out["choices"][0]["text"]
+        return self._completion(self.peer_http, n)
 
     def close(self) -> None:
         """Stop what started, last first (idempotent)."""
