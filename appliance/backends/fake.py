@@ -17,6 +17,7 @@ the same time each play their own: a JSON list of steps, played in order::
     ["pieces", 3]             that many pieces: "t1 ", "t2 ", "t3 "
     ["prompt", 1, 4]          prompt evaluation progress: 1 batch of 4
     ["sleep", 0.5]            time passes; a cancel, a pause or a shutdown is noticed meanwhile
+    ["wait_for", "/tmp/go"]   time passes, as in sleep, until that file exists (a test's gate for exact timing)
     ["stall", 5]              the engine hangs and notices nothing (a kill ends it)
     ["threads"]               a piece "threads=N": the thread count the engine was last given
     ["fail", "too_long", "…"] the engine raises the error of that code
@@ -189,6 +190,13 @@ class FakeBackend(Backend):
             case ["sleep", int(seconds) | float(seconds)]:
                 deadline = time.monotonic() + seconds
                 while time.monotonic() < deadline:
+                    if should_stop():
+                        raise _Stop
+                    time.sleep(POLL)
+                    if batched:
+                        yield None
+            case ["wait_for", str(path)]:
+                while not Path(path).exists():
                     if should_stop():
                         raise _Stop
                     time.sleep(POLL)

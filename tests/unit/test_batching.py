@@ -15,6 +15,7 @@ from appliance.backends.probe import MiB
 from appliance.errors import InsufficientMemory
 from appliance.messages import Chunk, Done, Failed, StepReport
 from appliance.supervisor.guard import Guard
+from tests.support.harness import wait_until
 from tests.support.rig import config_with, fake_model
 
 
@@ -86,12 +87,15 @@ def test_streamed_chunks_of_batched_jobs_are_numbered_per_job(rig):
     assert all(isinstance(c, Chunk) for c in a.chunks + b.chunks)
 
 
-def test_what_one_step_produced_for_several_jobs_crosses_the_pipe_as_one_message(rig):
+def test_what_one_step_produced_for_several_jobs_crosses_the_pipe_as_one_message(rig, tmp_path):
     r = rig(worker={"parallel": 2})
     crossed = []
     post = r.scheduler.worker._post
     r.scheduler.worker._post = lambda tagged: (crossed.append(tagged.message), post(tagged))
-    (ja, a), (jb, b) = (r.submit(script(["sleep", 0.2], ["pieces", 3])) for _ in "ab")  # both join, then stream
+    gate = tmp_path / "both-joined"
+    (ja, a), (jb, b) = (r.submit(script(["wait_for", str(gate)], ["pieces", 3])) for _ in "ab")
+    wait_until(lambda: len(r.scheduler.worker.running) == 2, "both jobs in the batch", timeout=10)
+    gate.touch()  # both stream from the same step on (or from the next, if it opens between their turns)
     a.final(), b.final()
     steps = [m.reports for m in crossed if isinstance(m, StepReport)]
     assert steps and all(len(reports) > 1 for reports in steps)  # a lone message goes as it is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -62,6 +63,18 @@ def test_a_sleep_notices_should_stop_and_ends_without_a_completion(fake):
     events = _play(fake, script(["piece", "a"], ["sleep", 5], ["piece", "b"]),
                    should_stop=lambda: time.monotonic() > deadline)
     assert time.monotonic() - started < 2
+    assert events == [Piece("a")]
+
+
+def test_wait_for_plays_on_once_its_file_exists_and_notices_should_stop_meanwhile(fake, tmp_path):
+    gate = tmp_path / "go"
+    threading.Timer(0.2, gate.touch).start()
+    started = time.monotonic()
+    assert [e.text for e in _play(fake, script(["wait_for", str(gate)], ["piece", "a"]))[:-1]] == ["a"]
+    assert time.monotonic() - started >= 0.2
+    deadline = time.monotonic() + 0.1
+    events = _play(fake, script(["piece", "a"], ["wait_for", str(tmp_path / "never")], ["piece", "b"]),
+                   should_stop=lambda: time.monotonic() > deadline)
     assert events == [Piece("a")]
 
 
