@@ -314,6 +314,10 @@ def make_context(model: GgufModel, settings: EngineSettings) -> Any:
                                                   threads=settings.threads, flash_attention=settings.flash_attention))
     params.n_seq_max = slots
     params.kv_unified = False  # each sequence gets n_ctx / n_seq_max cells: a request cannot starve another
+    # a sliding-window layer (Gemma 2 and 3: 5 of 6 layers) keeps its window and a micro-batch of cells per sequence,
+    # as llama-server has it, not the whole context (llama.cpp's default): Gemma-3 270M's 4 x 2048 cells take 144
+    # MiB of KV cache with every cell kept, 84 MiB so; a prefix whose window is gone is not reused (keep_cells)
+    params.swa_full = False
     ctx = llama_cpp.llama_init_from_model(model.model, params)
     if not ctx:
         raise ModelError(f"llama.cpp could not make a context for {slots} sequences of {settings.context_size} "

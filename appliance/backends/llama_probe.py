@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 F16 = 2
 F32 = 4
 MAX_UBATCH = 512  # llama-cpp-python's default n_ubatch; the micro-batch is min(n_batch, this)
+#: sliding-window families (vendor/llama.cpp/src/models/<arch>.cpp): (every n-th layer attends to the whole context,
+#: the window when the GGUF names none); others count every layer at full context, which errs high for any other
+#: sliding-window architecture
+SLIDING_LAYERS = {"gemma2": (2, 4096), "gemma3": (6, 0)}
 
 LLAMA_CPP_ARCHITECTURES = frozenset(  # the list as it reads in llama-arch.cpp
     """
@@ -106,13 +110,25 @@ def step_tokens(settings: EngineSettings) -> int:
     return settings.batch_size + (settings.parallel if settings.parallel > 1 else 0)
 
 
+def kv_cells(arch: Architecture, n_ctx: int, n_ubatch: int) -> int:
+    """KV cells of one sequence over all layers. A sliding-window layer keeps its window and a micro-batch, in
+    multiples of 256 cells (llama_kv_cache_iswa, as the batch context makes it: llama_batch.make_context)."""
+    pattern, default_window = SLIDING_LAYERS.get(arch.name, (0, 0))
+    window = arch.sliding_window or default_window
+    if not pattern or not window:
+        return arch.n_layer * n_ctx
+    sliding = sum(1 for layer in range(arch.n_layer) if layer % pattern < pattern - 1)
+    return (arch.n_layer - sliding) * n_ctx + sliding * (-(-min(n_ctx, window + n_ubatch) // 256) * 256)
+
+
 def llama_footprint(model_id: str, arch: Architecture, weights: int, settings: EngineSettings,
                     margin: int) -> Footprint:
     """What llama.cpp allocates for a model of these sizes (also the model shelf's estimate, with no file at hand)."""
     n_ctx = settings.context_size
     n_ubatch = min(step_tokens(settings), MAX_UBATCH)
     # every slot has a context_size of its own
-    kv = settings.parallel * arch.n_layer * n_ctx * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v) * F16
+    kv = (settings.parallel * kv_cells(arch, n_ctx, n_ubatch) * arch.n_head_kv * (arch.head_dim_k + arch.head_dim_v)
+          * F16)
     compute = (max(arch.n_vocab * n_ubatch, n_ctx * n_ubatch * arch.n_head) * F32
                + n_ubatch * (8 * arch.n_embd + 3 * arch.n_ff) * F32
                + arch.n_vocab * F32  # the output (logits) buffer

@@ -102,6 +102,7 @@ class Architecture:
     n_ff: int
     n_vocab: int
     context_train: int
+    sliding_window: int = 0  # {arch}.attention.sliding_window: the window of the sliding-window layers, 0 if none
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], path: Path) -> Architecture:
@@ -125,4 +126,4 @@ class Architecture:
                    head_dim_k=get("attention.key_length", n_embd // n_head),
                    head_dim_v=get("attention.value_length", n_embd // n_head),
                    n_ff=get("feed_forward_length", 4 * n_embd), n_vocab=n_vocab,
-                   context_train=get("context_length", 0))
+                   context_train=get("context_length", 0), sliding_window=get("attention.sliding_window", 0))

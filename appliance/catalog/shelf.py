@@ -55,9 +55,10 @@ class ShelfModel:
 
 
 def _arch(name: str, layers: int, embd: int, heads: int, kv_heads: int, head_dim: int, ff: int, vocab: int,
-          context: int) -> Architecture:
+          context: int, window: int = 0) -> Architecture:
     return Architecture(name=name, n_layer=layers, n_embd=embd, n_head=heads, n_head_kv=kv_heads,
-                        head_dim_k=head_dim, head_dim_v=head_dim, n_ff=ff, n_vocab=vocab, context_train=context)
+                        head_dim_k=head_dim, head_dim_v=head_dim, n_ff=ff, n_vocab=vocab, context_train=context,
+                        sliding_window=window)
 
 
 def _rwkv7(layers: int, embd: int) -> Architecture:
@@ -97,7 +98,7 @@ MODELS: tuple[ShelfModel, ...] = (
                _rwkv7(32, 2560), _RWKV, note=_RWKV_NOTE),
     ShelfModel("gemma-3-1b-it", "Gemma-3-1B-it", "gemma", 1_000_000_000, "140+ incl. en, es, zh",
                "Gemma Terms of Use (https://ai.google.dev/gemma/terms)", True,
-               _arch("gemma3", 26, 1152, 4, 1, 256, 6912, 262144, 32768), "https://huggingface.co/google/gemma-3-1b-it",
+               _arch("gemma3", 26, 1152, 4, 1, 256, 6912, 262144, 32768, 512), "https://huggingface.co/google/gemma-3-1b-it",
                note="its 262k-token vocabulary makes the logits buffer large: lower worker.batch_size on small boards"),
 )
 

@@ -403,6 +403,85 @@ with LlamaCppBackend(EngineSettings(threads=2, context_size=512, batch_size=256,
             texts.update({e.key: e.event.text for e in batch.step() if isinstance(e.event, Completion)})
     print(json.dumps({"slots": info.slots, "texts": [texts.get(1), texts.get(2)]}))
 """
+# the short prompt after the long one in a fresh batch, and alone in another: its text and prompt progress both
+# times, and the lowest position each sequence of the first batch still holds once the long prompt ran
+SLIDING_WINDOW = r"""
+import json, sys
+from pathlib import Path
+import llama_cpp
+from appliance.backends.base import EngineSettings, GenerationTask, PromptProgress
+from appliance.backends.llama_cpp import LlamaCppBackend
+from appliance.catalog.entry import ModelEntry
+from appliance.protocol import Completion, SamplingParams
+entry = ModelEntry(id="m", path=Path(sys.argv[1]), sha256=None, backend="llama_cpp", template="plain")
+LONG, SHORT = "the cat is on the mat and " * 28, "the cat is on the mat and " * 3 + "a dog barks"
+def run(batch, key, prompt):
+    batch.join(key, GenerationTask(prompt=prompt, messages=None, params=SamplingParams(max_tokens=8, temperature=0)))
+    progress = []
+    while True:
+        for event in batch.step():
+            if isinstance(event.event, PromptProgress):
+                progress.append(event.event.done)
+            if isinstance(event.event, Completion):
+                return {"text": event.event.text, "progress": progress}
+out = {}
+for first in (LONG, None):
+    with LlamaCppBackend(EngineSettings(threads=2, context_size=512, batch_size=16, parallel=2)) as backend:
+        backend.load(entry)
+        batch = backend.batch()
+        if first:
+            run(batch, 1, first)
+            memory = llama_cpp.llama_get_memory(batch.ctx)
+            out["lowest"] = [llama_cpp.llama_memory_seq_pos_min(memory, s) for s in range(2)]
+        out["after" if first else "alone"] = run(batch, 2, SHORT)
+print(json.dumps(out))
+"""
+
+
+def test_a_sliding_window_keeps_only_its_window_and_a_prefix_whose_cells_are_gone_is_evaluated_again(tmp_path):
+    """Gemma 3's sliding-window layers keep a window of cells per sequence, as llama-server's do (Gemma-3 270M: 60 MiB
+    less KV cache at 4 x 2048): after a prompt many windows long the sequence's first cells are gone, and a newcomer
+    sharing only its first words (it takes that sequence: the cells would spare it most of its prompt) is evaluated
+    from its start, as it is alone."""
+    got = last_json_line(SLIDING_WINDOW, str(tiny_archs.write("gemma3", tmp_path / "gemma3.gguf")))
+    assert max(got["lowest"]) > tiny_archs.GEMMA3_WINDOW  # with every cell kept it would be 0
+    assert got["after"] == got["alone"] and got["alone"]["progress"][0] <= 16  # one chunk from the start
+
+
+# llama.cpp's own account of the KV caches the batch context makes (one line per cache: a sliding-window model has
+# two), as cells x layers x sequences
+KV_CELLS = r"""
+import ctypes, json, re, sys
+from pathlib import Path
+import llama_cpp
+from appliance.backends.base import EngineSettings
+from appliance.backends.llama_cpp import LlamaCppBackend
+from appliance.catalog.entry import ModelEntry
+entry = ModelEntry(id="m", path=Path(sys.argv[1]), sha256=None, backend="llama_cpp", template="plain")
+lines = []
+collect = llama_cpp.llama_log_callback(lambda level, text, user: lines.append(text.decode("utf-8", "replace")))
+llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+with LlamaCppBackend(EngineSettings(threads=2, context_size=1024, batch_size=64, parallel=2)) as backend:
+    backend.load(entry)  # makes the batch's context
+sizes = re.findall(r"llama_kv_cache: size = .*?\( *(\d+) cells, *(\d+) layers, *(\d+)/\d+ seqs\)", "".join(lines))
+print(json.dumps(sum(int(c) * int(l) * int(s) for c, l, s in sizes)))
+"""
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma3"])
+def test_the_memory_estimate_counts_the_kv_cells_llama_cpp_makes(arch, tmp_path):
+    """Admission's KV cache is llama.cpp's, window-sized layers included (Gemma 3's tiny file: both layers slide)."""
+    from appliance.backends.llama_probe import LlamaProbe, header
+    from appliance.catalog.gguf_meta import Architecture
+
+    path = tiny_archs.write(arch, tmp_path / f"{arch}.gguf")
+    cells = last_json_line(KV_CELLS, str(path))
+    entry = Catalog.single_file(path).get(arch)
+    shape = Architecture.from_metadata(header(path), path)
+    footprint = LlamaProbe().footprint(entry, EngineSettings(threads=2, context_size=1024, batch_size=64, parallel=2), 0)
+    assert cells > 0 and footprint.kv_cache == cells * shape.n_head_kv * (shape.head_dim_k + shape.head_dim_v) * 2
+
+
 @pytest.mark.parametrize("arch", ["gptneox", "chatglm", "mpt", "gemma3", "rwkv7", "t5"])
 def test_other_architectures_batch_or_run_one_at_a_time(arch, tmp_path):
     """Decoder-only attention models batch and give llama-cpp-python's text in every slot; recurrent models (RWKV,

@@ -212,10 +212,10 @@ def _decode(lib, ctx, tokens: list[int], step: int = 16) -> None:
 
 @pytest.mark.parametrize("full_window", [True, False])
 def test_a_prefix_whose_sliding_window_cells_are_gone_is_not_kept(tmp_path, full_window):
-    """Gemma 3's sliding-window layers: with the cache llama.cpp makes by default (every cell kept, Llama's and the
-    appliance's setting) a shared prefix is kept; with a window-sized cache (llama-server's default) the cells
-    before the prefix's end were overwritten, so keep_prefix keeps nothing instead of a prefix that would attend to
-    cells that are gone."""
+    """Gemma 3's sliding-window layers: with the cache llama.cpp makes by default (every cell kept, Llama's setting)
+    a shared prefix is kept; with a window-sized cache (llama-server's default and the appliance's batch context's)
+    the cells before the prefix's end were overwritten, so keep_prefix keeps nothing instead of a prefix that would
+    attend to cells that are gone."""
     from appliance.backends import llama_lib
     from tests.support import tiny_archs
 
