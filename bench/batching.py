@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.catalog import default_model
+from appliance.catalog import default_model, sha256_file
 from appliance.transports.broker import Mosquitto, free_port
 from bench import shared_board
 from bench.llama_server import LlamaServer
@@ -256,19 +256,25 @@ def main() -> int:
                         help="worker.flash_attention on (llama-server's default), for the appliance and the "
                              "determinism run")
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle CPU window after the runs")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="another GGUF file (default: the embedded default model); its section of --out is "
+                             "batching-<file stem>, beside the default model's")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="appliance-bench-batch-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o777)
-        model = default_model.ensure(workdir / "models")
+        if args.model is None:
+            model, model_id, digest = default_model.ensure(workdir / "models"), default_model.MODEL_ID, \
+                default_model.SHA256
+        else:
+            model, model_id, digest = args.model.resolve(), args.model.stem.lower(), sha256_file(args.model)
         catalog = workdir / "catalog.toml"
-        catalog.write_text(f'[[models]]\nid = "{default_model.MODEL_ID}"\nfile = "{model}"\n'
-                           f'sha256 = "{default_model.SHA256}"\n')
+        catalog.write_text(f'[[models]]\nid = "{model_id}"\nfile = "{model}"\nsha256 = "{digest}"\n')
         broker = Mosquitto(workdir / "broker", free_port(), persistence=False)
         broker.start()
 
         def start(env: dict[str, str]) -> Appliance:
-            return new_appliance(workdir, broker.port, catalog, default_model.MODEL_ID, {
+            return new_appliance(workdir, broker.port, catalog, model_id, {
                 "worker": {"threads": args.threads, "context_size": args.context, "parallel": 4, "max_queue": 8,
                            "request_timeout": 600, "flash_attention": args.flash_attention},
                 "logging": {"level": "warning"}}, env).start(timeout=180)
@@ -304,8 +310,9 @@ def main() -> int:
     mine = rates["appliance"]
     theirs = rates.get("llama-server")
     lines = [
-        "## Continuous batching (issue 18)", "",
-        f"`python -m bench.batching{' --flash-attention' if args.flash_attention else ''}`: {model.name}, "
+        f"## Continuous batching (issue 18){'' if args.model is None else ': ' + model.name}", "",
+        f"`python -m bench.batching{' --flash-attention' if args.flash_attention else ''}"
+        f"{'' if args.model is None else ' --model ' + model.name}`: {model.name}, "
         f"{args.threads} threads, `worker.parallel = 4`, "
         f"`worker.flash_attention = {str(args.flash_attention).lower()}`, context "
         f"{args.context} per slot, {args.tokens}-token generations, over HTTP. Throughput: {args.rounds} rounds, "
@@ -337,7 +344,7 @@ def main() -> int:
     if where:
         lines += ["First differences (batched kernels round differently):", "", *(f"- {w}" for w in where), ""]
     text = "\n".join(lines)
-    replace_section(args.out, "batching", text)
+    replace_section(args.out, "batching" if args.model is None else f"batching-{model_id}", text)
     print(text)
     return 0
 
