@@ -478,7 +478,8 @@ def test_the_memory_estimate_counts_the_kv_cells_llama_cpp_makes(arch, tmp_path)
     cells = last_json_line(KV_CELLS, str(path))
     entry = Catalog.single_file(path).get(arch)
     shape = Architecture.from_metadata(header(path), path)
-    footprint = LlamaProbe().footprint(entry, EngineSettings(threads=2, context_size=1024, batch_size=64, parallel=2), 0)
+    settings = EngineSettings(threads=2, context_size=1024, batch_size=64, parallel=2)  # as KV_CELLS has them
+    footprint = LlamaProbe().footprint(entry, settings, 0)
     assert cells > 0 and footprint.kv_cache == cells * shape.n_head_kv * (shape.head_dim_k + shape.head_dim_v) * 2
 
 
