@@ -88,13 +88,15 @@ def allowed_signers(key: Path) -> str:
 
 
 def appliance_wheel(version: str | None, into: Path) -> Path:
-    """The appliance as a wheel; with ``version`` the wheel is built from a copy that carries that version."""
+    """The appliance as a wheel, built from a copy of the tree (carrying ``version`` when given): pip builds a
+    directory in place, in its build/ and *.egg-info, so two builds of the tree itself at once (a test's bundle and
+    the image built beside the tests) could remove each other's files."""
     with tempfile.TemporaryDirectory() as tmp:
-        source = REPO
+        source = Path(tmp) / "src"
+        shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "dist", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
+            ".mypy_cache"))
         if version and version != __version__:
-            source = Path(tmp) / "src"
-            shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-                ".git", ".venv", "dist", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"))
             init = source / "appliance" / "__init__.py"
             init.write_text(init.read_text().replace(f'__version__ = "{__version__}"', f'__version__ = "{version}"'))
         run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(into),

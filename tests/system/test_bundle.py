@@ -280,3 +280,17 @@ def test_the_default_bundle_carries_the_default_model_and_its_licence(bundle_amd
     assert result.returncode == 0 and body["activated"], result.stderr
     served = tmp_path / "device/opt/current/models" / default_model.FILE_NAME
     assert served.resolve().stat().st_size == default_model.SIZE
+
+
+def test_appliance_wheels_built_at_once_do_not_break_each_other(tmp_path):
+    """`make test` builds bundles in two pytests and the image child at the same time; pip builds a directory in
+    place (build/, *.egg-info), so each build works on a copy of the tree (with the tree itself, 2 of 3 such
+    rounds lost a build: "File exists: 'build/bdist.linux-x86_64/wheel/appliance-0.1.0.dist-info'")."""
+    import concurrent.futures
+
+    outs = [tmp_path / str(i) for i in range(3)]
+    for out in outs:
+        out.mkdir()
+    with concurrent.futures.ThreadPoolExecutor(len(outs)) as pool:
+        wheels = list(pool.map(lambda out: bundles.appliance_wheel(None, out), outs))
+    assert [w.name for w in wheels] == [wheels[0].name] * len(outs)
