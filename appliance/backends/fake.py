@@ -84,7 +84,18 @@ def parse_script(text: str) -> list[list[Any]]:
 
 
 class _Stop(Exception):
-    """should_stop() said yes during a sleep step."""
+    """should_stop() said yes during a sleep or wait_for step."""
+
+
+def _pass_time(until: Callable[[], bool], should_stop: Callable[[], bool], batched: bool) -> Iterator[None]:
+    """Time passes until ``until()``, should_stop looked at every POLL; batched, the other requests take their turns
+    meanwhile (a None each POLL)."""
+    while not until():
+        if should_stop():
+            raise _Stop
+        time.sleep(POLL)
+        if batched:
+            yield None
 
 
 class FakeProbe(Probe):
@@ -189,19 +200,9 @@ class FakeBackend(Backend):
                 yield PromptProgress(done, total)
             case ["sleep", int(seconds) | float(seconds)]:
                 deadline = time.monotonic() + seconds
-                while time.monotonic() < deadline:
-                    if should_stop():
-                        raise _Stop
-                    time.sleep(POLL)
-                    if batched:
-                        yield None
+                yield from _pass_time(lambda: time.monotonic() >= deadline, should_stop, batched)
             case ["wait_for", str(path)]:
-                while not Path(path).exists():
-                    if should_stop():
-                        raise _Stop
-                    time.sleep(POLL)
-                    if batched:
-                        yield None
+                yield from _pass_time(Path(path).exists, should_stop, batched)
             case ["stall", int(seconds) | float(seconds)]:
                 time.sleep(seconds)
             case ["threads"]:
