@@ -106,7 +106,7 @@ class LlamaBatch(SequenceBatch):
         request = self._prepare(task)
         used = {s.seq_id for s in self._sequences.values()}
         free = [i for i in range(self.slots) if i not in used]
-        seq_id = max(free, key=lambda i: (self._worth(self._left.get(i, []), request.tokens),
+        seq_id = max(free, key=lambda i: (self._usable_worth(i, request.tokens),
                                           -_runs(used | {i}), -self._left_at.get(i, -1)))
         tokens, cells = request.tokens, self._left.pop(seq_id, [])
         ready = (tokens != [] and self._ended_prompt.get(seq_id) == tokens == cells[:len(tokens)]
@@ -120,6 +120,13 @@ class LlamaBatch(SequenceBatch):
                 llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)  # whatever the last user left behind
         self._sequences[key] = _Sequence(key, seq_id, request, self._sampler(request), TextStream(request.stops),
                                          fed=kept, position=kept, cells=tokens[:kept], ready=ready)
+
+    def _usable_worth(self, seq_id: int, tokens: list[int]) -> int:
+        """``_worth`` of a free sequence's cells, nothing where a sliding window has since dropped the prefix's own
+        cells (keeping it would fail: the newcomer would be evaluated from its start while a sequence whose prefix
+        still serves went by)."""
+        worth = self._worth(self._left.get(seq_id, []), tokens)
+        return worth if worth and self._model.can_keep(self.ctx, seq_id, worth) else 0
 
     @staticmethod
     def _worth(cells: list[int], tokens: list[int]) -> int:

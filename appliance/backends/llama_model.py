@@ -165,14 +165,18 @@ class GgufModel:
 
     def keep_cells(self, ctx: Any, seq_id: int, n: int) -> bool:
         """Keep the first ``n`` cells of sequence ``seq_id`` for what follows them and remove the rest; False (and
-        nothing kept for sure) when what follows could not attend to them all (a sliding window's cells are gone)
-        or llama.cpp cannot cut the sequence there."""
+        nothing kept for sure) when what follows could not attend to them all (``can_keep``) or llama.cpp cannot cut
+        the sequence there."""
+        return self.can_keep(ctx, seq_id, n) and bool(
+            self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(ctx), seq_id, n, -1))
+
+    def can_keep(self, ctx: Any, seq_id: int, n: int) -> bool:
+        """Whether what follows the first ``n`` cells of sequence ``seq_id`` would find every cell it attends to: a
+        sliding window's cells more than a window behind the sequence's newest are gone (and with them a prefix
+        whose own window they were); an empty sequence has nothing to keep."""
         lib = self._lib
-        memory = lib.llama_get_memory(ctx)
-        lowest = lib.llama_memory_seq_pos_min(memory, seq_id)
-        if lowest < 0 or lowest > max(0, n - lib.llama_model_n_swa(self.model)):
-            return False
-        return bool(lib.llama_memory_seq_rm(memory, seq_id, n, -1))
+        lowest = lib.llama_memory_seq_pos_min(lib.llama_get_memory(ctx), seq_id)
+        return 0 <= lowest <= max(0, n - lib.llama_model_n_swa(self.model))
 
     # -- contexts ----------------------------------------------------------------------------------------------
 

@@ -448,6 +448,43 @@ def test_a_sliding_window_keeps_only_its_window_and_a_prefix_whose_cells_are_gon
     assert got["after"] == got["alone"] and got["alone"]["progress"][0] <= 16  # one chunk from the start
 
 
+# the first two prompts at once (each takes a sequence), then the third: the third's first prompt progress
+CHOOSING = r"""
+import json, sys
+from pathlib import Path
+from appliance.backends.base import EngineSettings, GenerationTask, PromptProgress
+from appliance.backends.llama_cpp import LlamaCppBackend
+from appliance.catalog.entry import ModelEntry
+from appliance.protocol import Completion, SamplingParams
+entry = ModelEntry(id="m", path=Path(sys.argv[1]), sha256=None, backend="llama_cpp", template="plain")
+def run(batch, prompts):
+    progress = {}
+    for key, prompt in prompts.items():
+        params = SamplingParams(max_tokens=8, temperature=0)
+        batch.join(key, GenerationTask(prompt=prompt, messages=None, params=params))
+    while batch.keys:
+        for event in batch.step():
+            if isinstance(event.event, PromptProgress):
+                progress.setdefault(event.key, event.event.done)
+    return progress
+with LlamaCppBackend(EngineSettings(threads=2, context_size=512, batch_size=16, parallel=2)) as backend:
+    backend.load(entry)
+    batch = backend.batch()
+    run(batch, {1: sys.argv[2], 2: sys.argv[3]})
+    print(json.dumps(run(batch, {3: sys.argv[4]})[3]))
+"""
+
+
+def test_a_newcomer_passes_over_a_prefix_its_window_left_for_one_that_still_serves(tmp_path):
+    """Two free sequences share a prefix with a newcomer: one a long one whose first cells the sliding window has
+    dropped (worthless, though the longer match), one a shorter one still whole. The newcomer takes the second and
+    its evaluation starts past the shared part (taking the first, it would start from 0)."""
+    words = "the cat is on the mat and "
+    first_progress = last_json_line(CHOOSING, str(tiny_archs.write("gemma3", tmp_path / "gemma3.gguf")),
+                                    words * 2 + "the dog", words * 28, words * 3 + "a dog barks")
+    assert first_progress > 16, first_progress  # more than one 16-token chunk was already there
+
+
 # llama.cpp's own account of the KV caches the batch context makes (one line per cache: a sliding-window model has
 # two), as cells x layers x sequences
 KV_CELLS = r"""
