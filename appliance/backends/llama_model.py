@@ -175,8 +175,8 @@ class GgufModel:
         sliding window's cells more than a window behind the sequence's newest are gone (and with them a prefix
         whose own window they were); an empty sequence has nothing to keep."""
         lib = self._lib
-        lowest = lib.llama_memory_seq_pos_min(lib.llama_get_memory(ctx), seq_id)
-        return 0 <= lowest <= max(0, n - lib.llama_model_n_swa(self.model))
+        lowest = int(lib.llama_memory_seq_pos_min(lib.llama_get_memory(ctx), seq_id))
+        return 0 <= lowest <= max(0, n - int(lib.llama_model_n_swa(self.model)))
 
     # -- contexts ----------------------------------------------------------------------------------------------
 
