@@ -403,37 +403,46 @@ with LlamaCppBackend(EngineSettings(threads=2, context_size=512, batch_size=256,
             texts.update({e.key: e.event.text for e in batch.step() if isinstance(e.event, Completion)})
     print(json.dumps({"slots": info.slots, "texts": [texts.get(1), texts.get(2)]}))
 """
-# the short prompt after the long one in a fresh batch, and alone in another: its text and prompt progress both
-# times, and the lowest position each sequence of the first batch still holds once the long prompt ran
-SLIDING_WINDOW = r"""
+# the start of the two scripts below: a tiny model's batch of 2 slots, and run(batch, {key: prompt}), which joins
+# them all at once and steps until they end: {key: {"text": ..., "progress": [tokens evaluated, ...]}}
+TWO_SLOTS = r"""
 import json, sys
 from pathlib import Path
-import llama_cpp
 from appliance.backends.base import EngineSettings, GenerationTask, PromptProgress
 from appliance.backends.llama_cpp import LlamaCppBackend
 from appliance.catalog.entry import ModelEntry
 from appliance.protocol import Completion, SamplingParams
 entry = ModelEntry(id="m", path=Path(sys.argv[1]), sha256=None, backend="llama_cpp", template="plain")
-LONG, SHORT = "the cat is on the mat and " * 28, "the cat is on the mat and " * 3 + "a dog barks"
-def run(batch, key, prompt):
-    batch.join(key, GenerationTask(prompt=prompt, messages=None, params=SamplingParams(max_tokens=8, temperature=0)))
-    progress = []
-    while True:
+SETTINGS = EngineSettings(threads=2, context_size=512, batch_size=16, parallel=2)
+def run(batch, prompts):
+    out = {key: {"text": None, "progress": []} for key in prompts}
+    for key, prompt in prompts.items():
+        params = SamplingParams(max_tokens=8, temperature=0)
+        batch.join(key, GenerationTask(prompt=prompt, messages=None, params=params))
+    while batch.keys:
         for event in batch.step():
             if isinstance(event.event, PromptProgress):
-                progress.append(event.event.done)
+                out[event.key]["progress"].append(event.event.done)
             if isinstance(event.event, Completion):
-                return {"text": event.event.text, "progress": progress}
+                out[event.key]["text"] = event.event.text
+    return out
+"""
+
+# the short prompt after the long one in a fresh batch, and alone in another: its text and prompt progress both
+# times, and the lowest position each sequence of the first batch still holds once the long prompt ran
+SLIDING_WINDOW = TWO_SLOTS + r"""
+import llama_cpp
+LONG, SHORT = "the cat is on the mat and " * 28, "the cat is on the mat and " * 3 + "a dog barks"
 out = {}
 for first in (LONG, None):
-    with LlamaCppBackend(EngineSettings(threads=2, context_size=512, batch_size=16, parallel=2)) as backend:
+    with LlamaCppBackend(SETTINGS) as backend:
         backend.load(entry)
         batch = backend.batch()
         if first:
-            run(batch, 1, first)
+            run(batch, {1: first})
             memory = llama_cpp.llama_get_memory(batch.ctx)
             out["lowest"] = [llama_cpp.llama_memory_seq_pos_min(memory, s) for s in range(2)]
-        out["after" if first else "alone"] = run(batch, 2, SHORT)
+        out["after" if first else "alone"] = run(batch, {2: SHORT})[2]
 print(json.dumps(out))
 """
 
@@ -449,29 +458,12 @@ def test_a_sliding_window_keeps_only_its_window_and_a_prefix_whose_cells_are_gon
 
 
 # the first two prompts at once (each takes a sequence), then the third: the third's first prompt progress
-CHOOSING = r"""
-import json, sys
-from pathlib import Path
-from appliance.backends.base import EngineSettings, GenerationTask, PromptProgress
-from appliance.backends.llama_cpp import LlamaCppBackend
-from appliance.catalog.entry import ModelEntry
-from appliance.protocol import Completion, SamplingParams
-entry = ModelEntry(id="m", path=Path(sys.argv[1]), sha256=None, backend="llama_cpp", template="plain")
-def run(batch, prompts):
-    progress = {}
-    for key, prompt in prompts.items():
-        params = SamplingParams(max_tokens=8, temperature=0)
-        batch.join(key, GenerationTask(prompt=prompt, messages=None, params=params))
-    while batch.keys:
-        for event in batch.step():
-            if isinstance(event.event, PromptProgress):
-                progress.setdefault(event.key, event.event.done)
-    return progress
-with LlamaCppBackend(EngineSettings(threads=2, context_size=512, batch_size=16, parallel=2)) as backend:
+CHOOSING = TWO_SLOTS + r"""
+with LlamaCppBackend(SETTINGS) as backend:
     backend.load(entry)
     batch = backend.batch()
     run(batch, {1: sys.argv[2], 2: sys.argv[3]})
-    print(json.dumps(run(batch, {3: sys.argv[4]})[3]))
+    print(json.dumps(run(batch, {3: sys.argv[4]})[3]["progress"][0]))
 """
 
 
