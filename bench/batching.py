@@ -140,6 +140,10 @@ def aggregate(base: str, clients: int, tokens: int) -> float:
     return sum(counts) / seconds
 
 
+def ratios(mine: list[float], theirs: list[float]) -> list[float]:
+    return [a / b for a, b in zip(mine, theirs, strict=True)]
+
+
 @dataclass
 class Rates:
     """One server's single-client and 4-client tok/s, round by round."""
@@ -148,7 +152,7 @@ class Rates:
     four: list[float] = field(default_factory=list)
 
     def ratios(self) -> list[float]:
-        return [f / s for s, f in zip(self.single, self.four, strict=True)]
+        return ratios(self.four, self.single)
 
 
 def alternating_rounds(bases: dict[str, str], tokens: int, rounds: int) -> dict[str, Rates]:
@@ -161,10 +165,6 @@ def alternating_rounds(bases: dict[str, str], tokens: int, rounds: int) -> dict[
             rates[name].single.append(aggregate(base, 1, tokens))
             rates[name].four.append(aggregate(base, 4, tokens))
     return rates
-
-
-def ratios(mine: list[float], theirs: list[float]) -> list[float]:
-    return [a / b for a, b in zip(mine, theirs, strict=True)]
 
 
 def median_range(values: list[float]) -> str:
