@@ -43,7 +43,7 @@ from appliance.status import Status, StatusBoard
 from appliance.tensors import embed_api
 from appliance.tensors.pool import InferencePool
 from appliance.transports.ha_discovery import Discovery, board_model
-from appliance.transports.mqtt_acks import AckBook, StoredReply
+from appliance.transports.mqtt_acks import AckBook, StoredReply, handed_back
 from appliance.transports.mqtt_cancels import EarlyCancels
 from appliance.transports.mqtt_journal import JOURNAL_DIR, Accepted, DeliveryJournal, Ticket
 from appliance.transports.mqtt_reply import MqttReply
@@ -283,8 +283,9 @@ class MqttTransport:
         # the delivery journal keeps the device session's QoS 1 requests (fleet ones are the fleet's to retry)
         journalled = self.journal is not None and client is self.client and (msg.qos > 0 or replayed)
         ticket = Ticket.of(key, bytes(msg.payload)) if journalled else None
-        recalled = self.journal.recall(ticket) if self.journal and ticket and not replayed else None
-        if recalled == "answered" or (recalled == "open" and self.acks.join(key, delivery)):
+        recalled = (handed_back(self.journal.recall, ticket, self.acks, key, delivery)
+                    if self.journal is not None and ticket is not None and not replayed else None)
+        if recalled is not None:
             # handed back after a restart (DUP set or not: mosquitto re-queues from its last save): answered once
             log.info("MQTT: request %r from before the restart handed back (%s, DUP %d)", rid, recalled, msg.dup)
             self.metrics.mqtt_redeliveries.labels("answered" if recalled == "answered" else "in_progress").inc()

@@ -114,8 +114,7 @@ class AckBook:
             if arrived is None or time.monotonic() - arrived >= EARLY_PUBACK_TTL:
                 self._awaiting_puback[reply_mid] = pending
                 return set()
-            acks = self._answer(pending)
-        return self._released(pending, acks)
+        return self._released(pending)
 
     def puback(self, reply_mid: int) -> set[Delivery]:
         """The broker acknowledged one of our publishes; returns the request acks it releases."""
@@ -128,14 +127,17 @@ class AckBook:
                     self._early_pubacks = {m: t for m, t in self._early_pubacks.items()
                                            if now - t < EARLY_PUBACK_TTL}
                 return set()
-            acks = self._answer(pending)
-        return self._released(pending, acks)
+        return self._released(pending)
 
-    def _released(self, answered: Pending, acks: set[Delivery]) -> set[Delivery]:
-        """Outside the lock: the journal records the answer (flushed) before the acks go back to the caller."""
+    def _released(self, answered: Pending) -> set[Delivery]:
+        """The journal records the answer (flushed, outside the lock) while the request is still in progress here,
+        and only then does it leave: a copy of it that the broker hands over meanwhile (on paho's thread, while the
+        publishing thread answers) either joins it, and is acked with it, or finds the journal's answer. Left the
+        other way round, a copy could find it gone from here and still open in the journal, and be answered again."""
         if self._on_answered is not None and answered.ticket is not None:
             self._on_answered(answered.ticket)
-        return acks
+        with self._lock:
+            return self._answer(answered)
 
     def stored(self) -> tuple[int, int]:
         """(answered requests remembered, bytes of their stored replies)."""
@@ -163,3 +165,18 @@ class AckBook:
         entry = self._answered.pop(key, None)
         if entry is not None:
             self._answered_bytes -= len(entry[1].payload)
+
+
+def handed_back(recall: Callable[[Ticket], str | None], ticket: Ticket, book: AckBook, key: Hashable,
+                delivery: Delivery) -> str | None:
+    """A request the broker hands over, which the delivery journal may know from before the restart (``recall``:
+    DeliveryJournal.recall): 'answered' (ack it, answer nothing), 'joined' (added to the request in progress, acked
+    with it), or None (not from before the restart, or never taken up since: the rule of :meth:`AckBook.begin`)."""
+    state = recall(ticket)
+    if state == "open":
+        if book.join(key, delivery):
+            return "joined"
+        # gone from the book since the first look: answered meanwhile on the publishing thread, and a request
+        # leaves the book only once the journal holds its answer (_released), so the journal says so now
+        state = recall(ticket)
+    return "answered" if state == "answered" else None

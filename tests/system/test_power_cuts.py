@@ -16,6 +16,7 @@ in ``make test`` through tests/system/test_install_safety.py, with the release's
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 import shutil
@@ -202,8 +203,15 @@ def cut_during_the_copy(device: CardDevice, update_bundles, version: str, old: s
 #: pulled some are answered, one is running, some wait in the appliance and some in the broker
 REQUESTS = 12
 #: each chunk is a QoS 1 message: what the broker queues for the sensor while it is away (the answers made after the
-#: boot, before it reconnects) must stay under mosquitto's max_queued_messages (1000 in the image)
-MAX_TOKENS = 40
+#: boot, before it reconnects) must stay under mosquitto's max_queued_messages (1000 in the image): 8 x 60 at most
+MAX_TOKENS = 60
+#: the plug is pulled while a request streams, once the sensor has between these many of its chunks (one a token,
+#: about 22 ms each on the twin): far from its end, and long after the answer before it. A cut in the moment between
+#: a final reply reaching the broker and its *answered* record reaching the card gets that request answered a second
+#: time, the one case docs/operations.md ("Power cuts and MQTT requests") leaves to the requester's id matching; this
+#: test is about every other moment. (It used to cut as soon as the broker's save was done, which takes seconds over
+#: SSH on the twin while requests are answered: a moment anywhere in a request. One CI run got one answered twice.)
+CUT_BETWEEN_CHUNKS = (10, MAX_TOKENS - 25)
 
 
 def save_the_broker(device: CardDevice) -> str:
@@ -214,6 +222,16 @@ def save_the_broker(device: CardDevice) -> str:
         "systemctl kill -s USR1 mosquitto; for i in $(seq 200); do now=$(stat -c %y $db 2>/dev/null); "
         "[ -n \"$now\" ] && [ \"$now\" != \"$before\" ] && break; sleep 0.1; done; "
         "[ \"$now\" != \"$before\" ] && sync && echo $now'").strip()
+
+
+def timeline(messages, cut_clock: float) -> str:
+    """The final replies as the sensor got them, in seconds from the cut, with their DUP flag (a broker's own
+    redelivery from its save has it set)."""
+    lines = []
+    for m in messages:
+        if (body := json.loads(m.payload))["type"] != "chunk":
+            lines.append(f"{m.timestamp - cut_clock:+8.2f} s  {body['id']} {body['type']} DUP {int(m.dup)}")
+    return "\n".join(lines)
 
 
 def test_a_power_cut_with_requests_in_flight(serving_device):
@@ -242,12 +260,14 @@ def test_a_power_cut_with_requests_in_flight(serving_device):
         saved = save_the_broker(device)
         assert saved, "mosquitto did not save on SIGUSR1"
 
-        def mid_flight() -> bool:  # one answered at least, and another several chunks into its run
+        def mid_flight() -> bool:  # one answered at least, and another in the middle of its run
             messages = list(sensor.messages)
             finals, chunks = finals_by_id(messages), chunks_by_id(messages)
-            return len(finals) >= 1 and any(n >= 3 and rid not in finals for rid, n in chunks.items())
+            low, high = CUT_BETWEEN_CHUNKS
+            return len(finals) >= 1 and any(low <= n <= high and rid not in finals for rid, n in chunks.items())
 
-        wait_until(mid_flight, "one request answered and another running", 300)
+        wait_until(mid_flight, "one request answered and another in the middle of its run", 300)
+        cut_clock = time.monotonic()
         cut_at = device.cut()
     finally:
         sensor.client.loop_stop()  # its broker is gone with the power: no DISCONNECT to send
@@ -276,13 +296,14 @@ def test_a_power_cut_with_requests_in_flight(serving_device):
     finals = {rid: [f["type"] for f in bodies] for rid, bodies in finals_by_id(before + after).items()}
     assert sorted(finals) == sorted(ids)
     twice = {rid: kinds for rid, kinds in finals.items() if len(kinds) != 1}
-    assert not twice, f"answered more than once: {twice}"
+    assert not twice, f"answered more than once: {twice}\n{timeline(before + after, cut_clock)}"
     assert all(kinds == ["result"] for kinds in finals.values()), finals
     log = device.ssh("sudo journalctl -u appliance -b --no-pager -o cat")
     assert "answering a request accepted before the restart" in log, log[-3000:]
     assert device.journal_errors() == []
-    row = {"cut_at_s": round(cut_at, 1), "answered_before": len(answered_before), "running": sorted(running),
-           "answered_after": len(finals_by_id(after)), "ready_s": round(ready, 1), "fsck": fsck,
+    row = {"cut_at_s": round(cut_at, 1), "answered_before": len(answered_before),
+           "running": {rid: chunks_before[rid] for rid in sorted(running)}, "answered_after": len(finals_by_id(after)),
+           "ready_s": round(ready, 1), "fsck": fsck,
            "journal_answered_again": log.count("answering a request accepted before the restart"),
            "broker_copies_of_answered": log.count("from before the restart handed back (answered")}
     device.cut()

@@ -10,7 +10,7 @@ import stat
 import time
 
 from appliance.transports import mqtt_journal
-from appliance.transports.mqtt_acks import AckBook, StoredReply
+from appliance.transports.mqtt_acks import AckBook, StoredReply, handed_back
 from appliance.transports.mqtt_journal import JOURNAL_DIR, Accepted, DeliveryJournal, Ticket
 
 
@@ -236,3 +236,56 @@ def test_the_ack_book_records_the_answer_before_handing_back_the_acks():
     book.reply_sent(untracked.pending, 11, StoredReply("t", None, b"{}"))
     book.puback(11)
     assert recorded == [ticket]
+
+
+def _open_after_a_restart(tmp_path) -> tuple[DeliveryJournal, Accepted]:
+    before = DeliveryJournal(tmp_path, keep_answered=3600)
+    request = _request(1)
+    before.accepted(request)
+    before.close()
+    journal = DeliveryJournal(tmp_path, keep_answered=3600)
+    assert journal.recall(request.ticket) == "open"
+    return journal, request
+
+
+def test_a_copy_handed_over_while_the_answer_is_being_recorded_joins_the_request(tmp_path):
+    """The broker's copy of a request answered again after a restart comes in on paho's thread just as the publishing
+    thread records the answer: the request is still in the book then, so the copy is acked with it."""
+    journal, request = _open_after_a_restart(tmp_path)
+    copies: list[str | None] = []
+
+    def record(ticket: Ticket) -> None:
+        copies.append(handed_back(journal.recall, ticket, book, "k", ("c", 7, 1)))
+        journal.answered(ticket)
+
+    book = AckBook(on_answered=record)
+    seen = book.begin("k", ("c", 1, 1), redelivery=False)  # the journal's own copy, answered again
+    assert seen.pending is not None
+    seen.pending.ticket = request.ticket
+    assert book.puback(10) == set()  # the PUBACK before the publish call returned: answered on the publishing thread
+    assert book.reply_sent(seen.pending, 10, StoredReply("t", None, b"{}")) == {("c", 1, 1), ("c", 7, 1)}
+    assert copies == ["joined"]
+    assert handed_back(journal.recall, request.ticket, book, "k", ("c", 8, 1)) == "answered"  # a later copy
+    journal.close()
+
+
+def test_a_copy_whose_request_is_answered_between_the_two_looks_is_only_acked(tmp_path):
+    """The journal says 'open', then the publishing thread answers the request whole before the copy can join it:
+    the second look finds the answer, and the copy is not taken for a new request (answered twice)."""
+    journal, request = _open_after_a_restart(tmp_path)
+    book = AckBook(on_answered=journal.answered)
+    seen = book.begin("k", ("c", 1, 1), redelivery=False)
+    assert seen.pending is not None
+    seen.pending.ticket = request.ticket
+    book.reply_sent(seen.pending, 10, StoredReply("t", None, b"{}"))
+    looks: list[str | None] = []
+
+    def recall(ticket: Ticket) -> str | None:
+        looks.append(journal.recall(ticket))
+        if len(looks) == 1:
+            assert book.puback(10) == {("c", 1, 1)}  # answered meanwhile
+        return looks[-1]
+
+    assert handed_back(recall, request.ticket, book, "k", ("c", 7, 1)) == "answered"
+    assert looks == ["open", "answered"]
+    journal.close()
