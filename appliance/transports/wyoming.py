@@ -178,6 +178,9 @@ class _Connection:
                 event = await asyncio.wait_for(read_event(self.reader), IDLE_TIMEOUT if idle else None)
             except TimeoutError:
                 return
+            except ConnectionError:  # a reset (a client closing with replies unread sends one): gone, not finished
+                log.info("Wyoming: a client reset its connection")
+                return
             except WireProblem as exc:
                 log.info("Wyoming: closing a connection that sent garbage: %s", exc)
                 await self.send(Error(text=str(exc), code="bad_request").event())
