@@ -121,12 +121,12 @@ class Service:
             self.supervisor.start()  # first reading before the first request or model load
             self.scheduler.start()
             self.infer.start()
+            if self.config.wyoming.enabled:  # listening before /readyz can answer: its "ready" covers Wyoming too
+                self._start_wyoming()
             if self.config.http.enabled:
                 self._start_http()
             if self.config.mqtt.enabled:
                 self._start_mqtt()
-            if self.config.wyoming.enabled:
-                self._start_wyoming()
         except BaseException:
             self.close()
             raise
